@@ -1,0 +1,384 @@
+"""The comparison report of a bench: results.csv -> results.md, two PNG plots and one self-contained HTML page.
+
+Everything here is a pure function of the per-run rows (one dict per method x seed, the JSON summary
+that `deltatune train --json` prints) plus a small `meta` dict (machine, versions, date, command), so
+the report can be rebuilt from an existing results.csv without training anything:
+
+    rows = read_csv("runs/demo/results.csv")
+    write_report(rows, "runs/demo", meta=read_meta("runs/demo"))
+
+matplotlib is imported only when a plot is drawn, with the non-interactive Agg backend.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import datetime
+import html
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+from deltatune.errors import DataError
+
+# Columns written first to results.csv, in this order; any other scalar key of a summary follows, sorted.
+CSV_COLUMNS = [
+    "method", "seed", "task", "model", "metric", "value", "zero_shot_value",
+    "trainable_params", "total_params", "trainable_pct", "train_seconds",
+    "step_seconds_median", "peak_rss_mb", "max_steps", "out_dir",
+]
+META_FILE = "bench.json"
+ZERO_SHOT = "zero-shot"
+
+
+# ----------------------------------------------------------------------------- rows in and out
+
+def normalize_row(summary: dict, **extra) -> dict:
+    """One results.csv row from a training summary: scalar values only, plus trainable_pct."""
+    row = {k: v for k, v in {**summary, **extra}.items() if v is None or isinstance(v, (str, int, float, bool))}
+    trainable, total = row.get("trainable_params"), row.get("total_params")
+    if isinstance(trainable, (int, float)) and isinstance(total, (int, float)) and total:
+        row["trainable_pct"] = 100.0 * trainable / total
+    return row
+
+
+def write_csv(rows: list[dict], path) -> Path:
+    """Writes one line per run; the known columns first, then every other key the rows carry."""
+    extra = sorted({k for r in rows for k in r} - set(CSV_COLUMNS))
+    columns = [c for c in CSV_COLUMNS if any(c in r for r in rows)] + extra
+    path = Path(path)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: "" if r.get(k) is None else r.get(k) for k in columns})
+    return path
+
+
+def _parse_cell(text: str):
+    if text == "":
+        return None
+    if text in ("True", "False"):
+        return text == "True"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def read_csv(path) -> list[dict]:
+    """The rows of a results.csv, with numbers parsed back to int/float and empty cells to None."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"no results file at {path}; run `deltatune bench --out {path.parent}` first")
+    with path.open(newline="") as f:
+        rows = [{k: _parse_cell(v) for k, v in r.items()} for r in csv.DictReader(f)]
+    if not rows or "method" not in rows[0] or "value" not in rows[0]:
+        raise DataError(f"{path} has no runs (expected columns method, value, ...); was it written by `deltatune bench`?")
+    return rows
+
+
+# ----------------------------------------------------------------------------- aggregation
+
+def _mean_std(values: list) -> tuple[float | None, float | None]:
+    values = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+    if not values:
+        return None, None
+    # Sample standard deviation across seeds; a single seed has no spread to report.
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """One entry per method, in order of first appearance: mean and std across seeds.
+
+    When the runs carry a zero-shot score (retrieval: the untrained backbone), a first entry named
+    "zero-shot" holds it, with no trainable parameters and no timings.
+    """
+    methods: dict[str, list[dict]] = {}
+    for r in rows:
+        methods.setdefault(str(r["method"]), []).append(r)
+    out = []
+    # Every run of one seed scores the same untrained backbone: one zero-shot value per seed.
+    per_seed = {}
+    for r in rows:
+        if r.get("zero_shot_value") is not None:
+            per_seed.setdefault(r.get("seed"), r["zero_shot_value"])
+    zero_shot = _mean_std(list(per_seed.values()))
+    if zero_shot[0] is not None:
+        out.append({"method": ZERO_SHOT, "runs": len(per_seed),
+                    "metric": _first(rows, "metric"), "value": zero_shot[0], "value_std": zero_shot[1],
+                    "trainable_params": 0, "trainable_pct": 0.0})
+    for name, runs in methods.items():
+        entry = {"method": name, "runs": len(runs), "metric": _first(runs, "metric")}
+        for key in ("value", "trainable_params", "trainable_pct", "step_seconds_median", "peak_rss_mb", "train_seconds"):
+            entry[key], entry[key + "_std"] = _mean_std([r.get(key) for r in runs])
+        out.append(entry)
+    return out
+
+
+def _first(rows, key):
+    return next((r[key] for r in rows if r.get(key) not in (None, "")), None)
+
+
+# ----------------------------------------------------------------------------- formatting
+
+def human_count(n) -> str:
+    """22713216 -> '22.7M', 73728 -> '73.7k', 0 -> '0'."""
+    if n is None:
+        return "–"
+    n = float(n)
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g}{unit}" if n / size < 100 else f"{n / size:.0f}{unit}"
+    return f"{n:.0f}"
+
+
+def _pm(mean, std, fmt: str) -> str:
+    if mean is None:
+        return "–"
+    return format(mean, fmt) + (f" ± {format(std, fmt)}" if std is not None else "")
+
+
+def _pct(p) -> str:
+    if p is None:
+        return "–"
+    return f"{p:.0f}%" if p >= 99.5 else f"{p:.3g}%"
+
+
+def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Header and cells of the comparison table, shared by the markdown and the HTML output."""
+    agg = aggregate(rows)
+    metric = _first(rows, "metric") or "value"
+    header = ["method", "runs", metric, "trainable params", "trainable %", "time / step", "peak RSS"]
+    body = []
+    for a in agg:
+        body.append([
+            a["method"],
+            str(a["runs"]),
+            _pm(a["value"], a["value_std"], ".4f"),
+            human_count(a["trainable_params"]),
+            _pct(a["trainable_pct"]),
+            _pm(a.get("step_seconds_median"), a.get("step_seconds_median_std"), ".3f") + (" s" if a.get("step_seconds_median") is not None else ""),
+            _pm(a.get("peak_rss_mb"), a.get("peak_rss_mb_std"), ".0f") + (" MB" if a.get("peak_rss_mb") is not None else ""),
+        ])
+    return header, body
+
+
+def describe_setup(meta: dict) -> str:
+    """One line naming the machine, the versions and the date, e.g. for the header of results.md."""
+    m = meta.get("machine", {})
+    v = meta.get("versions", {})
+    machine = f"{m.get('cpu', 'unknown CPU')} ({m.get('cores', '?')} cores, {m.get('ram_gb', '?')} GB RAM)"
+    versions = ", ".join(f"{k} {v[k]}" for k in ("python", "torch", "transformers", "deltatune") if k in v)
+    return f"Measured on {machine}; {versions}; {meta.get('date', 'undated')}."
+
+
+def markdown(rows: list[dict], meta: dict | None = None) -> str:
+    """results.md: a header line naming the machine and versions, the budget, then the table."""
+    header, body = table(rows)
+    lines = []
+    if meta:
+        lines.append(describe_setup(meta))
+        lines.append("")
+        budget = _budget(rows, meta)
+        if budget:
+            lines += [budget, ""]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "|".join("---" if i == 0 else "--:" for i in range(len(header))) + "|")
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    return "\n".join(lines) + "\n"
+
+
+def _budget(rows: list[dict], meta: dict) -> str:
+    model, task = _first(rows, "model"), _first(rows, "task")
+    seeds = sorted({r.get("seed") for r in rows if r.get("seed") is not None})
+    parts = [f"Model `{model}`, task `{task}`" if model and task else None,
+             f"{meta['max_steps']} steps per run" if meta.get("max_steps") else None,
+             f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} per method (mean ± std)" if seeds else None]
+    parts = [p for p in parts if p]
+    line = ", ".join(parts) + "." if parts else ""
+    if meta.get("command"):
+        line += f" Command: `{meta['command']}`."
+    return line.strip()
+
+
+# ----------------------------------------------------------------------------- plots
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_metric_vs_params(rows: list[dict], path) -> Path:
+    """The metric against the number of trainable parameters (log x), one labelled point per method."""
+    plt = _pyplot()
+    agg = aggregate(rows)
+    metric = _first(rows, "metric") or "value"
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for a in agg:
+        if a["method"] == ZERO_SHOT:
+            ax.axhline(a["value"], color="grey", linestyle="--", linewidth=1)
+            ax.annotate(ZERO_SHOT, (0.01, a["value"]), xycoords=("axes fraction", "data"),
+                        textcoords="offset points", xytext=(0, 3), color="grey", fontsize=8)
+            continue
+        if a["value"] is None or not a["trainable_params"]:
+            continue
+        ax.errorbar(a["trainable_params"], a["value"], yerr=a["value_std"] or 0, fmt="o", capsize=3)
+        ax.annotate(a["method"], (a["trainable_params"], a["value"]), textcoords="offset points",
+                    xytext=(5, 5), fontsize=9)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} vs trainable parameters")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return path
+
+
+def plot_step_time(rows: list[dict], path) -> Path:
+    """Median seconds per training step for each method, as bars with the spread across seeds."""
+    plt = _pyplot()
+    agg = [a for a in aggregate(rows) if a["method"] != ZERO_SHOT and a.get("step_seconds_median") is not None]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    names = [a["method"] for a in agg]
+    ax.bar(names, [a["step_seconds_median"] for a in agg],
+           yerr=[a["step_seconds_median_std"] or 0 for a in agg], capsize=3, color="tab:blue")
+    ax.set_ylabel("seconds per step (median)")
+    ax.set_title("time per training step")
+    ax.grid(True, axis="y", alpha=0.3)
+    plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------- machine and HTML
+
+def machine_info() -> dict:
+    """CPU model, core count and RAM of this machine, python/torch/transformers versions and the date."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        ram_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        ram_gb = None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    versions = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "deltatune"):
+        module = sys.modules.get(name)
+        found = getattr(module, "__version__", None)
+        if found is None:
+            try:
+                from importlib.metadata import version
+
+                found = version(name)
+            except Exception:  # not installed as a distribution (e.g. run from a checkout)
+                continue
+        versions[name] = found
+    return {
+        "machine": {"cpu": cpu, "cores": cores, "ram_gb": ram_gb, "os": platform.platform()},
+        "versions": versions,
+        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+    }
+
+
+def read_meta(out_dir) -> dict:
+    """The bench.json written next to results.csv (machine, versions, command), or {} if there is none."""
+    path = Path(out_dir) / META_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{path} is not valid JSON ({e}); delete it to rebuild the report without it") from e
+
+
+def _data_uri(png: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(png).read_bytes()).decode("ascii")
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}
+table{border-collapse:collapse;margin:1rem 0}th,td{padding:.3rem .7rem;border-bottom:1px solid #ddd}
+td:not(:first-child),th:not(:first-child){text-align:right}th{background:#f4f4f4}
+img{max-width:100%}code,pre{background:#f4f4f4;padding:.1rem .3rem}pre{padding:.6rem;overflow-x:auto}
+dl{display:grid;grid-template-columns:max-content auto;gap:.2rem 1rem}dt{font-weight:600}
+"""
+
+
+def html_page(rows: list[dict], meta: dict, images: dict[str, Path]) -> str:
+    """One self-contained HTML page: the table, the plots embedded as base64, the machine and the command."""
+    esc = html.escape
+    header, body = table(rows)
+    model, task = _first(rows, "model"), _first(rows, "task")
+    title = f"deltatune bench: {model} on {task}"
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title>",
+             f"<style>{_CSS}</style></head><body>", f"<h1>{esc(title)}</h1>",
+             f"<p>{esc(describe_setup(meta))}</p>" if meta else "",
+             "<h2>Results</h2><table><thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr></thead><tbody>"]
+    parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>" for cells in body]
+    parts.append("</tbody></table>")
+    for caption, png in images.items():
+        parts.append(f"<figure><img alt='{esc(caption)}' src='{_data_uri(png)}'><figcaption>{esc(caption)}</figcaption></figure>")
+    m, v = meta.get("machine", {}), meta.get("versions", {})
+    setup = {"CPU": m.get("cpu"), "cores": m.get("cores"), "RAM": f"{m['ram_gb']} GB" if m.get("ram_gb") else None,
+             "OS": m.get("os"), **{k: v[k] for k in v}, "date": meta.get("date")}
+    parts.append("<h2>Setup</h2><dl>" + "".join(f"<dt>{esc(str(k))}</dt><dd>{esc(str(val))}</dd>"
+                                                 for k, val in setup.items() if val is not None) + "</dl>")
+    if meta.get("command"):
+        parts.append(f"<h2>Command</h2><pre>{esc(meta['command'])}</pre>")
+    columns = [c for c in CSV_COLUMNS if any(r.get(c) is not None for r in rows) and c != "out_dir"]
+    parts.append("<details><summary>Every run</summary><table><thead><tr>"
+                 + "".join(f"<th>{esc(c)}</th>" for c in columns) + "</tr></thead><tbody>")
+    parts += ["<tr>" + "".join(f"<td>{esc(_cell(r.get(c)))}</td>" for c in columns) + "</tr>" for r in rows]
+    parts.append("</tbody></table></details></body></html>")
+    return "\n".join(p for p in parts if p)
+
+
+def _cell(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def write_report(rows: list[dict], out_dir, meta: dict | None = None) -> dict[str, Path]:
+    """Writes results.md, metric_vs_params.png, step_time.png and report.html into out_dir; returns their paths."""
+    if not rows:
+        raise DataError("no finished runs to report on; every run of the bench failed (see the messages above)")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = meta or {}
+    paths = {"markdown": out_dir / "results.md"}
+    paths["markdown"].write_text(markdown(rows, meta))
+    paths["metric_plot"] = plot_metric_vs_params(rows, out_dir / "metric_vs_params.png")
+    paths["time_plot"] = plot_step_time(rows, out_dir / "step_time.png")
+    metric = _first(rows, "metric") or "value"
+    images = {f"{metric} vs trainable parameters (log scale); error bars: std across seeds": paths["metric_plot"],
+              "median time per training step": paths["time_plot"]}
+    paths["html"] = out_dir / "report.html"
+    paths["html"].write_text(html_page(rows, meta, images))
+    return paths
