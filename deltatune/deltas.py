@@ -1,0 +1,128 @@
+"""Deltas: the functional forms, each a small nn.Module (He et al. 2022, "Towards a Unified View").
+
+A delta computes a change from what it reads (a site's input or output). How that change meets the
+hidden state is the combine's business (see ``combine.py``), so the same delta serves several methods.
+Deltas that are linear maps also give their weight form (``delta_weight``), which makes merging generic.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
+
+
+class LowRank(nn.Module):
+    """delta(x) = scale * B A dropout(x): A (r, in), B (out, r); B = 0 so training starts at the base model (LoRA, Hu et al. 2021)."""
+
+    def __init__(self, in_features: int, out_features: int, r: int, scale: float, dropout: float = 0.0):
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(r, in_features))
+        self.B = nn.Parameter(torch.zeros(out_features, r))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # loralib's init (METHODS.md §15)
+        self.scale = scale
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x):  # x: (..., in) -> (..., out)
+        return F.linear(F.linear(self.dropout(x), self.A), self.B) * self.scale
+
+    def delta_weight(self) -> torch.Tensor:  # (out, in)
+        return (self.B @ self.A) * self.scale
+
+
+class Bottleneck(nn.Module):
+    """delta(h) = scale * W_up act(W_down h + b_down) + b_up: the adapter of Houlsby et al. 2019 and its kin.
+
+    ``init``: 'houlsby' (both projections N(0, 1e-2) truncated at 2 sigma: near identity),
+    'bert' (N(0, 0.02) down, zero up: exactly identity), 'lora' (kaiming-uniform down, zero up; He et al.'s PA).
+    """
+
+    def __init__(self, d: int, bottleneck: int, activation: str = "relu", init: str = "bert", scale: float = 1.0):
+        super().__init__()
+        self.down = nn.Linear(d, bottleneck)
+        self.up = nn.Linear(bottleneck, d)
+        self.act = ACTIVATIONS[activation]()
+        self.scale = scale
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.bias)
+        if init == "houlsby":
+            for w in (self.down.weight, self.up.weight):
+                nn.init.trunc_normal_(w, std=1e-2, a=-2e-2, b=2e-2)
+        elif init == "bert":
+            nn.init.normal_(self.down.weight, std=0.02)
+            nn.init.zeros_(self.up.weight)
+        elif init == "lora":
+            nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.up.weight)
+        else:
+            raise ValueError(f"unknown init {init!r}")
+
+    def forward(self, h):  # (..., d) -> (..., d)
+        return self.up(self.act(self.down(h))) * self.scale
+
+
+class Scale(nn.Module):
+    """A learned vector l, initialised to ones: the site's tensor is multiplied by it ((IA)^3, Liu et al. 2022)."""
+
+    def __init__(self, features: int):
+        super().__init__()
+        self.l = nn.Parameter(torch.ones(features))
+
+    def forward(self, h):
+        return h * self.l
+
+
+class PrefixTable(nn.Module):
+    """Trainable keys and values prepended to one attention module's (Li & Liang 2021).
+
+    During training the table is reparameterised: P = MLP(P') with a tanh MLP (hidden ``hidden``),
+    which Li & Liang found stabilises optimisation. ``fold()`` computes P once and drops the MLP, so
+    a saved adapter holds only the (length, 2, heads, head_dim) table.
+    """
+
+    def __init__(self, length: int, d_model: int, kv_heads: int, head_dim: int, hidden: int | None):
+        super().__init__()
+        self.length, self.kv_heads, self.head_dim = length, kv_heads, head_dim
+        out = 2 * kv_heads * head_dim
+        if hidden:
+            self.embedding = nn.Parameter(torch.randn(length, d_model))
+            self.mlp = nn.Sequential(nn.Linear(d_model, hidden), nn.Tanh(), nn.Linear(hidden, out))
+            self.table = None
+        else:
+            self.embedding, self.mlp = None, None
+            self.table = nn.Parameter(torch.randn(length, out) * 0.02)
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values, each (kv_heads, length, head_dim). Computed per call: never cached."""
+        flat = self.mlp(self.embedding) if self.mlp is not None else self.table  # (length, 2*kv_heads*head_dim)
+        kv = flat.view(self.length, 2, self.kv_heads, self.head_dim).permute(1, 2, 0, 3)
+        return kv[0], kv[1]
+
+    def folded_state(self) -> dict[str, torch.Tensor]:
+        """The state of the folded form (table only), computed without changing this module."""
+        if self.mlp is None:
+            return {"table": self.table.detach()}
+        with torch.no_grad():
+            return {"table": self.mlp(self.embedding).detach()}
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        if self.mlp is None:
+            return
+        table = self.mlp(self.embedding).detach().clone()
+        self.table = nn.Parameter(table, requires_grad=self.embedding.requires_grad)
+        self.embedding, self.mlp = None, None
+
+
+class SoftPrompt(nn.Module):
+    """``length`` trainable input vectors prepended to the token embeddings (Lester et al. 2021)."""
+
+    def __init__(self, init: torch.Tensor):
+        super().__init__()
+        self.prompt = nn.Parameter(init.detach().clone())  # (length, d)
+
+    def forward(self, batch: int) -> torch.Tensor:  # -> (batch, length, d)
+        return self.prompt.unsqueeze(0).expand(batch, -1, -1)

@@ -1,0 +1,35 @@
+from ..combine import PREFIX_KV
+from ..core import Method, Placement, option, register
+from ..deltas import PrefixTable
+from ..sites import attention_shape
+
+
+@register
+class Prefix(Method):
+    """Trainable key/value prefixes of length l at every attention: K <- [P_K; K], V <- [P_V; V].
+
+    Li & Liang 2021, "Prefix-Tuning: Optimizing Continuous Prompts for Generation", §4.3. During
+    training P = MLP(P') (tanh, hidden 512) per attention module; ``dt.save_adapter`` folds the MLP
+    away and stores only the table. l = 10 (table-to-text; 200 for summarisation). Works with
+    padding, causal masks and generate()'s key/value cache. Not mergeable.
+    """
+
+    name = "prefix"
+    paper = "Li & Liang 2021, Prefix-Tuning"
+    lr = 5e-4
+    identity_at_init = False
+    mergeable = False
+
+    length: int = option(10, min=1)
+    hidden: int = option(512, min=0, help="MLP reparameterisation width; 0 trains the table directly")
+    sites: list = option(["attn.kv"])
+
+    def folded_options(self) -> dict:
+        return {**self.options(), "hidden": 0}
+
+    def placements(self, model):
+        d_model, _, kv_heads, head_dim = attention_shape(model)
+        return [
+            Placement(t, PrefixTable(self.length, d_model, kv_heads, head_dim, self.hidden), PREFIX_KV)
+            for t in self.targets(model, self.sites)
+        ]

@@ -1,0 +1,50 @@
+from ..core import Method, option, register
+from ..errors import ConfigError
+from ..sites import find_backbone, num_layers, resolve
+
+
+def upper_parameters(model, first_trained: int) -> list[str]:
+    """Backbone parameters of blocks >= ``first_trained`` and of the final norms above the blocks.
+
+    Embeddings (including their LayerNorm), poolers and lower blocks are left out.
+    """
+    blocks = resolve(model, "block")
+    trained = [b.name + "." for b in blocks if b.layer >= first_trained]
+    frozen = [b.name + "." for b in blocks if b.layer < first_trained]
+    norms = {f"{t.name}." for t in resolve(model, "ln") if t.layer is None and "embed" not in t.name}
+    prefix, backbone = find_backbone(model)
+    names = []
+    for n, _ in backbone.named_parameters():
+        full = f"{prefix}.{n}" if prefix else n
+        if any(full.startswith(b) for b in trained) or (
+            not any(full.startswith(b) for b in frozen) and any(full.startswith(m) for m in norms)
+        ):
+            names.append(full)
+    return names
+
+
+@register
+class Telly(Method):
+    """Freeze the embeddings, the pooler and the bottom k layers; fine-tune the layers above.
+
+    Shi et al. 2023, "Towards Efficient Fine-tuning of Pre-trained Code Models" (ISSTA), Telly-K.
+    The paper sweeps k in 0..11 on 12 layers and finds k up to 6 as good as full fine-tuning;
+    the default k is half the layers. Frozen lower layers build no autograd graph.
+    """
+
+    name = "telly"
+    paper = "Shi et al. 2023, Telly"
+    lr = 5e-5
+    kind = "selection"
+
+    k: int | None = option(None, min=0, help="number of frozen bottom layers (default: half)")
+
+    def frozen_layers(self, model) -> int:
+        return num_layers(model) // 2 if self.k is None else self.k
+
+    def check(self, model):
+        if self.k is not None and self.k > num_layers(model):
+            raise ConfigError(f"telly: k={self.k} exceeds the model's {num_layers(model)} layers; use 0..{num_layers(model)}")
+
+    def selected(self, model):
+        return upper_parameters(model, self.frozen_layers(model))

@@ -1,0 +1,281 @@
+"""Sites: where a delta meets the model, named the same way on every architecture.
+
+One map per architecture family, shared by every method. Each entry is a regular expression over
+module names *relative to the backbone* (so a classification wrapper or a causal-LM head does not
+change them); the named group ``layer`` gives the block index, used by ``layers=`` filters.
+A site that is not in the map can be given as ``re:<regex>`` over the same relative names.
+
+Sites: ``embed`` (input token embeddings), ``attn.q/k/v/o`` (attention projections), ``ffn.in`` /
+``ffn.out`` (first / last FFN projection), ``ln`` (every LayerNorm/RMSNorm), ``block`` (a whole
+transformer layer) and ``attn.kv`` (the attention module, where prefix keys/values are prepended).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, SiteError
+
+SITES = ("embed", "attn.q", "attn.k", "attn.v", "attn.o", "ffn.in", "ffn.out", "ln", "block", "attn.kv")
+
+_BERT_L = r"encoder\.layer\.(?P<layer>\d+)"
+_GPT2_L = r"h\.(?P<layer>\d+)"
+_LLAMA_L = r"layers\.(?P<layer>\d+)"
+_T5_L = r"(?:encoder|decoder)\.block\.(?P<layer>\d+)"
+_BART_L = r"(?:encoder|decoder)\.layers\.(?P<layer>\d+)"
+_VIT_L = r"layers\.(?P<layer>\d+)"
+
+# family -> site -> regex (full match on the module name relative to the backbone)
+SITE_MAP: dict[str, dict[str, str]] = {
+    "bert": {
+        "embed": r"embeddings\.word_embeddings",
+        "attn.q": _BERT_L + r"\.attention\.self\.query",
+        "attn.k": _BERT_L + r"\.attention\.self\.key",
+        "attn.v": _BERT_L + r"\.attention\.self\.value",
+        "attn.o": _BERT_L + r"\.attention\.output\.dense",
+        "ffn.in": _BERT_L + r"\.intermediate\.dense",
+        "ffn.out": _BERT_L + r"\.output\.dense",
+        "ln": r"embeddings\.LayerNorm|" + _BERT_L + r"\.(?:attention\.)?output\.LayerNorm",
+        "block": _BERT_L,
+        "attn.kv": _BERT_L + r"\.attention\.self",
+    },
+    "gpt2": {
+        # q, k and v share the fused c_attn projection: each site is a slice of its output.
+        "embed": r"wte",
+        "attn.q": _GPT2_L + r"\.attn\.c_attn",
+        "attn.k": _GPT2_L + r"\.attn\.c_attn",
+        "attn.v": _GPT2_L + r"\.attn\.c_attn",
+        "attn.o": _GPT2_L + r"\.attn\.c_proj",
+        "ffn.in": _GPT2_L + r"\.mlp\.c_fc",
+        "ffn.out": _GPT2_L + r"\.mlp\.c_proj",
+        "ln": _GPT2_L + r"\.ln_[12]|ln_f",
+        "block": _GPT2_L,
+        "attn.kv": _GPT2_L + r"\.attn",
+    },
+    "llama": {
+        "embed": r"embed_tokens",
+        "attn.q": _LLAMA_L + r"\.self_attn\.q_proj",
+        "attn.k": _LLAMA_L + r"\.self_attn\.k_proj",
+        "attn.v": _LLAMA_L + r"\.self_attn\.v_proj",
+        "attn.o": _LLAMA_L + r"\.self_attn\.o_proj",
+        "ffn.in": _LLAMA_L + r"\.mlp\.up_proj",
+        "ffn.gate": _LLAMA_L + r"\.mlp\.gate_proj",
+        "ffn.out": _LLAMA_L + r"\.mlp\.down_proj",
+        "ln": _LLAMA_L + r"\.(?:input|post_attention)_layernorm|norm",
+        "block": _LLAMA_L,
+        "attn.kv": _LLAMA_L + r"\.self_attn",
+    },
+    "t5": {
+        # Self- and cross-attention both count as attention sites (as in the T-Few (IA)^3 regex).
+        "embed": r"encoder\.embed_tokens",
+        "attn.q": _T5_L + r"\.layer\.[01]\.(?:SelfAttention|EncDecAttention)\.q",
+        "attn.k": _T5_L + r"\.layer\.[01]\.(?:SelfAttention|EncDecAttention)\.k",
+        "attn.v": _T5_L + r"\.layer\.[01]\.(?:SelfAttention|EncDecAttention)\.v",
+        "attn.o": _T5_L + r"\.layer\.[01]\.(?:SelfAttention|EncDecAttention)\.o",
+        "ffn.in": _T5_L + r"\.layer\.[12]\.DenseReluDense\.wi(?:_1)?",
+        "ffn.out": _T5_L + r"\.layer\.[12]\.DenseReluDense\.wo",
+        "ln": _T5_L + r"\.layer\.\d\.layer_norm|(?:encoder|decoder)\.final_layer_norm",
+        "block": _T5_L,
+        "attn.kv": _T5_L + r"\.layer\.[01]\.(?:SelfAttention|EncDecAttention)",
+    },
+    "bart": {
+        "embed": r"encoder\.embed_tokens",
+        "attn.q": _BART_L + r"\.(?:self_attn|encoder_attn)\.q_proj",
+        "attn.k": _BART_L + r"\.(?:self_attn|encoder_attn)\.k_proj",
+        "attn.v": _BART_L + r"\.(?:self_attn|encoder_attn)\.v_proj",
+        "attn.o": _BART_L + r"\.(?:self_attn|encoder_attn)\.out_proj",
+        "ffn.in": _BART_L + r"\.fc1",
+        "ffn.out": _BART_L + r"\.fc2",
+        "ln": _BART_L + r"\.(?:self_attn|encoder_attn|final)_layer_norm|(?:encoder|decoder)\.layernorm_embedding",
+        "block": _BART_L,
+        "attn.kv": _BART_L + r"\.(?:self_attn|encoder_attn)",
+    },
+    "vit": {
+        "embed": r"embeddings\.patch_embeddings\.projection",
+        "attn.q": _VIT_L + r"\.attention\.q_proj",
+        "attn.k": _VIT_L + r"\.attention\.k_proj",
+        "attn.v": _VIT_L + r"\.attention\.v_proj",
+        "attn.o": _VIT_L + r"\.attention\.o_proj",
+        "ffn.in": _VIT_L + r"\.mlp\.fc1",
+        "ffn.out": _VIT_L + r"\.mlp\.fc2",
+        "ln": _VIT_L + r"\.layernorm_(?:before|after)|layernorm",
+        "block": _VIT_L,
+        "attn.kv": _VIT_L + r"\.attention",
+    },
+}
+
+# Hugging Face model_type -> family. Models with the same module names share a family.
+FAMILY_OF = {
+    "bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "camembert": "bert", "electra": "bert",
+    "gpt2": "gpt2",
+    "llama": "llama", "mistral": "llama", "qwen2": "llama",
+    "t5": "t5", "mt5": "t5",
+    "bart": "bart", "mbart": "bart",
+    "vit": "vit",
+}
+
+_COMPILED: dict[str, re.Pattern] = {}
+
+
+def _regex(pattern: str) -> re.Pattern:
+    if pattern not in _COMPILED:
+        _COMPILED[pattern] = re.compile(pattern)
+    return _COMPILED[pattern]
+
+
+def find_backbone(model: nn.Module) -> tuple[str, nn.Module]:
+    """The pretrained transformer inside ``model``: (its dotted path, the module).
+
+    A Hugging Face ``*For...`` model's backbone is its ``base_model``; a user's wrapper holds one
+    ``PreTrainedModel`` as a submodule. Everything outside the backbone is the task head.
+    """
+    from transformers import PreTrainedModel
+
+    for name, module in model.named_modules():
+        if isinstance(module, PreTrainedModel):
+            base = module.base_model
+            if base is not module:
+                for sub_name, sub in module.named_modules():
+                    if sub is base:
+                        return (f"{name}.{sub_name}" if name else sub_name), base
+            return name, module
+    raise ConfigError(
+        f"{type(model).__name__} holds no Hugging Face PreTrainedModel; deltatune attaches to a "
+        "transformers model or to a module that contains one."
+    )
+
+
+def family_of(model: nn.Module) -> str:
+    """The architecture family of the model's backbone, e.g. 'bert' for MiniLM, 'llama' for SmolLM2."""
+    _, backbone = find_backbone(model)
+    model_type = getattr(backbone.config, "model_type", None)
+    if model_type not in FAMILY_OF:
+        known = ", ".join(sorted(FAMILY_OF))
+        raise ConfigError(
+            f"architecture '{model_type}' has no site map; supported model types: {known}. "
+            "Use 're:<regex>' sites to target modules by name on other architectures."
+        )
+    return FAMILY_OF[model_type]
+
+
+@dataclass(frozen=True)
+class Target:
+    """One module a site resolved to."""
+
+    site: str  # the semantic site name (or 're:...')
+    name: str  # dotted path from the root model
+    module: nn.Module
+    layer: int | None  # block index, if the site is inside a block
+    out_slice: tuple[int, int] | None = None  # for fused projections (GPT-2 c_attn)
+
+
+def _linear_features(module: nn.Module) -> tuple[int, int] | None:
+    """(in_features, out_features) of a Linear or GPT-2 Conv1D, else None."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return module.weight.shape[0], module.weight.shape[1]
+    return None
+
+
+def target_features(target: Target, method: str = "this method") -> tuple[int, int]:
+    """(in, out) features a delta at ``target`` sees: the slice's width for fused projections."""
+    feats = _linear_features(target.module)
+    if feats is None:
+        raise SiteError(
+            f"{method}: site '{target.site}' resolves to {target.name} ({type(target.module).__name__}), "
+            "not a linear projection; choose among attn.q, attn.k, attn.v, attn.o, ffn.in, ffn.out"
+        )
+    if target.out_slice is not None:
+        return feats[0], target.out_slice[1] - target.out_slice[0]
+    return feats
+
+
+def weight_out_in(module: nn.Module) -> torch.Tensor:
+    """The weight as an (out, in) matrix sharing storage with the module (Conv1D stores (in, out))."""
+    if isinstance(module, nn.Linear):
+        return module.weight
+    return module.weight.t()
+
+
+def num_layers(model: nn.Module) -> int:
+    """Number of transformer blocks of the backbone (the encoder's, for encoder-decoders)."""
+    _, backbone = find_backbone(model)
+    cfg = backbone.config
+    for key in ("num_hidden_layers", "n_layer", "num_layers", "encoder_layers"):
+        if getattr(cfg, key, None):
+            return int(getattr(cfg, key))
+    raise ConfigError(f"cannot tell the number of layers of {type(backbone).__name__}")
+
+
+def known_sites(model: nn.Module) -> list[str]:
+    return sorted(SITE_MAP[family_of(model)])
+
+
+def resolve(model: nn.Module, site: str, layers=None) -> list[Target]:
+    """All modules that ``site`` names in ``model``, optionally only in blocks ``layers``.
+
+    Raises SiteError naming the known sites when nothing matches.
+    """
+    prefix, backbone = find_backbone(model)
+    if site.startswith("re:"):
+        pattern = site[3:]
+        try:
+            regex = re.compile(pattern)
+        except re.error as err:
+            raise SiteError(f"site '{site}' is not a valid regular expression: {err}") from None
+    else:
+        family = family_of(model)
+        table = SITE_MAP[family]
+        if site not in table:
+            raise SiteError(
+                f"unknown site '{site}' for {family} models ({type(backbone).__name__}); "
+                f"known sites: {', '.join(sorted(table))}; or use 're:<regex>' over module names"
+            )
+        regex = _regex(table[site])
+    wanted = None if layers is None else set(layers)
+    targets = []
+    for name, module in backbone.named_modules():
+        if not name:
+            continue
+        match = regex.fullmatch(name)
+        if match is None:
+            continue
+        layer = match.groupdict().get("layer")
+        layer = int(layer) if layer is not None else None
+        if wanted is not None and layer not in wanted:
+            continue
+        full = f"{prefix}.{name}" if prefix else name
+        targets.append(Target(site, full, module, layer, _fused_slice(backbone, site, module)))
+    if not targets:
+        where = f" in layers {sorted(wanted)}" if wanted is not None else ""
+        known = ", ".join(sorted(SITE_MAP.get(FAMILY_OF.get(getattr(backbone.config, "model_type", ""), ""), {})))
+        raise SiteError(
+            f"site '{site}' matches no module{where} in {type(backbone).__name__}; "
+            f"known sites: {known or '(none: use re:<regex>)'}"
+        )
+    return targets
+
+
+def _fused_slice(backbone: nn.Module, site: str, module: nn.Module) -> tuple[int, int] | None:
+    """GPT-2 packs q, k, v into one Conv1D of width 3d: the site owns a third of its output."""
+    if type(module).__name__ != "Conv1D" or site not in ("attn.q", "attn.k", "attn.v"):
+        return None
+    width = module.weight.shape[1] // 3
+    start = ("attn.q", "attn.k", "attn.v").index(site) * width
+    return (start, start + width)
+
+
+def attention_shape(model: nn.Module) -> tuple[int, int, int, int]:
+    """(d_model, heads, kv_heads, head_dim) of the backbone's attention, read from its config."""
+    _, backbone = find_backbone(model)
+    cfg = backbone.config
+    d_model = next(getattr(cfg, k) for k in ("hidden_size", "n_embd", "d_model") if getattr(cfg, k, None))
+    heads = next(getattr(cfg, k) for k in ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads")
+                 if getattr(cfg, k, None))
+    head_dim = getattr(cfg, "head_dim", None) or getattr(cfg, "d_kv", None) or d_model // heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    return d_model, heads, kv_heads, head_dim
