@@ -219,8 +219,7 @@ def _require_store(model) -> DeltaStore:
 
 def head_parameter_names(model: nn.Module) -> list[str]:
     """Parameters outside the backbone, except output embeddings and weights tied to the backbone."""
-    prefix, backbone = S.find_backbone(model)
-    inside = {id(p) for p in backbone.parameters()}
+    inside = {id(p) for _, p in S.backbone_parameters(model)}
     out_emb = None
     get = getattr(model, "get_output_embeddings", None)
     if callable(get):
@@ -240,8 +239,7 @@ def head_parameter_names(model: nn.Module) -> list[str]:
 def fingerprint(model: nn.Module, skip: set[str]) -> str:
     """A cheap fingerprint of the frozen base weights: shapes plus a strided sample of each tensor."""
     digest = hashlib.sha256()
-    _, backbone = S.find_backbone(model)
-    for name, p in sorted(backbone.named_parameters(), key=lambda kv: kv[0]):
+    for name, p in sorted(S.backbone_parameters(model), key=lambda kv: kv[0]):
         if name in skip:
             continue
         flat = p.detach().reshape(-1)
@@ -293,7 +291,7 @@ def attach(model: nn.Module, method: str, adapter: str = "default", **options) -
         model.add_module("deltatune", store)
     head = head_parameter_names(model)
     info = Adapter(adapter, config, selected=selected, head=head)
-    info.fingerprint = fingerprint(model, set(_backbone_relative(model, selected)))
+    info.fingerprint = fingerprint(model, set(selected))
     modules = nn.ModuleDict()
     _, backbone = S.find_backbone(model)
     device, dtype = _device_dtype(backbone)
@@ -309,16 +307,10 @@ def attach(model: nn.Module, method: str, adapter: str = "default", **options) -
         _install(store, backbone, entry)
     store.adapters[adapter] = modules
     store.info[adapter] = info
-    for name in selected:
+    for name in selected + head:  # detach puts these back
         info.snapshot[name] = _param(model, name).detach().clone()
     set_active(model, adapter)
     return model
-
-
-def _backbone_relative(model, names):
-    prefix, _ = S.find_backbone(model)
-    cut = len(prefix) + 1 if prefix else 0
-    return [n[cut:] for n in names if not prefix or n.startswith(prefix + ".")]
 
 
 def _device_dtype(module):

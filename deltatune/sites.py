@@ -148,6 +148,17 @@ def find_backbone(model: nn.Module) -> tuple[str, nn.Module]:
     )
 
 
+def backbone_parameters(model: nn.Module):
+    """(name from the root, parameter) for every backbone parameter, deltatune's own excluded.
+
+    (For T5ForConditionalGeneration the backbone is the whole model, deltas included.)
+    """
+    prefix, backbone = find_backbone(model)
+    for n, p in backbone.named_parameters():
+        if not n.startswith("deltatune."):
+            yield (f"{prefix}.{n}" if prefix else n), p
+
+
 def family_of(model: nn.Module) -> str:
     """The architecture family of the model's backbone, e.g. 'bert' for MiniLM, 'llama' for SmolLM2."""
     _, backbone = find_backbone(model)

@@ -1,6 +1,6 @@
 from ..core import Method, option, register
 from ..errors import ConfigError
-from ..sites import find_backbone
+from ..sites import backbone_parameters, find_backbone
 
 
 @register
@@ -19,8 +19,8 @@ class BitFit(Method):
     families = ("bert", "gpt2", "bart", "vit")
 
     def selected(self, model):
-        prefix, backbone = find_backbone(model)
-        names = [f"{prefix}.{n}" if prefix else n for n, _ in backbone.named_parameters() if n.endswith("bias")]
+        names = [n for n, _ in backbone_parameters(model) if n.endswith("bias")]
         if not names:
-            raise ConfigError(f"bitfit: {type(backbone).__name__} has no bias terms; try 'ln' or 'lora'")
+            name = type(find_backbone(model)[1]).__name__
+            raise ConfigError(f"bitfit: {name} has no bias terms; try 'ln' or 'lora'")
         return names

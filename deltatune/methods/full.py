@@ -1,5 +1,5 @@
 from ..core import Method, register
-from ..sites import find_backbone
+from ..sites import backbone_parameters
 
 
 @register
@@ -16,5 +16,4 @@ class Full(Method):
     kind = "selection"
 
     def selected(self, model):
-        prefix, backbone = find_backbone(model)
-        return [f"{prefix}.{n}" if prefix else n for n, _ in backbone.named_parameters()]
+        return [n for n, _ in backbone_parameters(model)]

@@ -1,5 +1,5 @@
 from ..core import Method, option, register
-from ..sites import find_backbone, num_layers, resolve
+from ..sites import num_layers, resolve
 from .telly import upper_parameters
 
 

@@ -1,6 +1,6 @@
 from ..core import Method, option, register
 from ..errors import ConfigError
-from ..sites import find_backbone, num_layers, resolve
+from ..sites import backbone_parameters, num_layers, resolve
 
 
 def upper_parameters(model, first_trained: int) -> list[str]:
@@ -12,10 +12,8 @@ def upper_parameters(model, first_trained: int) -> list[str]:
     trained = [b.name + "." for b in blocks if b.layer >= first_trained]
     frozen = [b.name + "." for b in blocks if b.layer < first_trained]
     norms = {f"{t.name}." for t in resolve(model, "ln") if t.layer is None and "embed" not in t.name}
-    prefix, backbone = find_backbone(model)
     names = []
-    for n, _ in backbone.named_parameters():
-        full = f"{prefix}.{n}" if prefix else n
+    for full, _ in backbone_parameters(model):
         if any(full.startswith(b) for b in trained) or (
             not any(full.startswith(b) for b in frozen) and any(full.startswith(m) for m in norms)
         ):

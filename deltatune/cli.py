@@ -1,0 +1,472 @@
+"""The `deltatune` command line: methods, tasks, train, eval, bench, report, demo.
+
+Each subcommand is one `cmd_*` function; the parser only names flags. Everything heavy (torch, the
+registry, the engine, matplotlib) is imported inside the command that needs it, so `--help` stays fast.
+Every DeltatuneError ends the program with a one-line message and exit code 2, like a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+# The flags `train` and `bench` share, as (flag, type, help). `bench` hands them on to every run
+# unchanged, so both commands read them from this one table. type None = an on/off switch.
+TRAINING_FLAGS = [
+    ("--max-steps", int, "optimizer steps (default: the engine's)"),
+    ("--batch-size", int, "examples per step (default: the engine's)"),
+    ("--lr", float, "learning rate (default: the method's own, see `deltatune methods`)"),
+    ("--max-len", int, "truncate inputs to this many tokens"),
+    ("--eval-every", int, "evaluate on the validation split every N steps"),
+    ("--max-train", int, "use at most N training examples"),
+    ("--max-eval", int, "use at most N validation/test examples"),
+    ("--bf16", None, "train in bfloat16 autocast"),
+    ("--grad-checkpointing", None, "recompute activations in the backward pass to save memory"),
+    ("--resume", None, "continue from the checkpoint in the output directory"),
+]
+
+# `deltatune demo`: the whole comparison on embedded defaults, sized to finish in about ten minutes
+# on 2 CPU cores. Methods missing from the registry are skipped; the last three run when registered.
+DEMO_METHODS = ["full", "lora", "houlsby", "ia3", "prefix", "bitfit", "ln", "telly", "prompt", "pfeiffer", "parallel"]
+DEMO = {"model": "minilm", "task": "code-search", "seeds": "1", "out": "runs/demo",
+        "max-steps": 60, "batch-size": 32, "max-len": 128, "max-train": 2000, "max-eval": 300}
+DEMO_QUICK = {**DEMO, "out": "runs/demo-quick", "max-steps": 2, "batch-size": 8, "max-len": 32,
+              "max-train": 32, "max-eval": 32}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (no usage dump) and exit code 2."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _error(message: str):
+    from deltatune.errors import ConfigError
+
+    return ConfigError(message)
+
+
+# ----------------------------------------------------------------------------- --set KEY=VALUE
+
+def parse_value(text: str):
+    """'16' -> 16, '1e-3' -> 0.001, 'true' -> True, 'none' -> None, 'a,b' -> ['a', 'b'], else the string."""
+    text = text.strip()
+    if "," in text:
+        return [parse_value(part) for part in text.split(",") if part.strip()]
+    lowered = text.lower()
+    if lowered in ("true", "yes", "on"):
+        return True
+    if lowered in ("false", "no", "off"):
+        return False
+    if lowered in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+_KEY = re.compile(r"[A-Za-z_][\w.-]*$")
+
+
+def parse_sets(items: list[str] | None) -> dict:
+    """The method options from repeated `--set KEY=VALUE` flags; a later KEY wins."""
+    options = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not _KEY.match(key) or not value.strip():
+            raise _error(f"--set {item!r}: expected KEY=VALUE, e.g. --set r=16 or --set sites=attn.q,attn.v")
+        options[key] = parse_value(value)
+    return options
+
+
+def _split_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _seeds(text: str) -> list[int]:
+    """'3' -> [0, 1, 2] (a count); '0,7,9' -> exactly those seeds."""
+    try:
+        values = [int(part) for part in _split_list(text)]
+    except ValueError:
+        values = []
+    if not values or (len(values) == 1 and values[0] < 1):
+        raise _error(f"--seeds {text!r}: give a count (--seeds 3 runs seeds 0,1,2) or a list (--seeds 0,7,9)")
+    return list(range(values[0])) if len(values) == 1 else values
+
+
+# ----------------------------------------------------------------------------- checks before loading anything
+
+def _check_method(name: str) -> None:
+    import deltatune as dt
+
+    known = dt.methods()
+    if name not in known:
+        raise _error(f"unknown method {name!r}; known methods: {', '.join(known)}")
+
+
+def _check_task(name: str) -> None:
+    from deltatune.tasks import TASKS
+
+    if name not in TASKS and not name.startswith("hf:") and not Path(name).exists():
+        raise _error(f"unknown task {name!r}; known tasks: {', '.join(TASKS)} "
+                     "(or a .jsonl/.csv file, a directory of train/valid/test files, or hf:<dataset>)")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", text).strip("_") or "run"
+
+
+def _jsonable(value):
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item"):  # numpy / torch scalars
+        return value.item()
+    return str(value)
+
+
+def _print_table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
+    for line in [header, ["-" * w for w in widths], *rows]:
+        print("  ".join(str(cell).ljust(w) for cell, w in zip(line, widths)).rstrip())
+
+
+# ----------------------------------------------------------------------------- commands
+
+def cmd_methods(args) -> int:
+    import deltatune as dt
+
+    infos = [dt.method_info(name) for name in dt.methods()]
+    if args.json:
+        print(json.dumps(infos, default=_jsonable))
+        return 0
+    rows = []
+    for info in infos:
+        sites = (info.get("options") or {}).get("sites")
+        sites = ",".join(sites) if isinstance(sites, (list, tuple)) else (sites or "-")
+        rows.append([info["name"], str(info.get("paper") or "-"), sites,
+                     "yes" if info.get("mergeable") else "no", f"{info['lr']:g}" if info.get("lr") else "-"])
+    _print_table(["method", "paper", "default sites", "mergeable", "default lr"], rows)
+    return 0
+
+
+def _task_summary(name, spec) -> dict:
+    """What the TASKS registry says about a task: its description (a string), or kind/metric/description."""
+    if isinstance(spec, str):
+        return {"name": name, "description": spec}
+    get = spec.get if isinstance(spec, dict) else (lambda key, default=None: getattr(spec, key, default))
+    return {"name": name, "kind": get("kind"), "metric": get("metric"),
+            "description": get("description") or get("summary")}
+
+
+def cmd_tasks(args) -> int:
+    from deltatune.tasks import TASKS
+
+    if args.tasks_command == "show":
+        from deltatune.tasks import load_task
+
+        _check_task(args.name)
+        print(load_task(args.name).card())
+        return 0
+    summaries = [_task_summary(name, spec) for name, spec in TASKS.items()]
+    if args.json:
+        print(json.dumps(summaries, default=_jsonable))
+        return 0
+    columns = [key for key in ("name", "kind", "metric", "description") if any(s.get(key) for s in summaries)]
+    _print_table(["task" if key == "name" else key for key in columns],
+                 [[str(s.get(key) or "-") for key in columns] for s in summaries])
+    return 0
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def cmd_train(args) -> int:
+    import dataclasses
+
+    options = parse_sets(args.set)
+    _check_method(args.method)
+    _check_task(args.task)
+    from deltatune.train import TrainConfig, train
+
+    out = args.out or f"runs/{_slug(args.model)}-{_slug(args.task)}-{_slug(args.method)}-s{args.seed}"
+    config = {"model": args.model, "task": args.task, "method": args.method, "options": options,
+              "seed": args.seed, "out_dir": out}
+    for flag, kind, _ in TRAINING_FLAGS:
+        value = getattr(args, _dest(flag))
+        if value not in (None, False):
+            config[_dest(flag)] = value
+    supported = {f.name for f in dataclasses.fields(TrainConfig)}
+    unsupported = sorted(set(config) - supported)
+    if unsupported:
+        raise _error(f"the engine does not support {', '.join('--' + k.replace('_', '-') for k in unsupported)}")
+    summary = train(TrainConfig(**config))
+    if args.json:
+        print(json.dumps(summary, default=_jsonable), flush=True)
+    else:
+        _print_summary(summary, out)
+    return 0
+
+
+def _print_summary(summary: dict, out) -> None:
+    from deltatune.report import human_count
+
+    trainable, total = summary.get("trainable_params"), summary.get("total_params")
+    share = f" ({100 * trainable / total:.3g}%)" if trainable is not None and total else ""
+    zero = summary.get("zero_shot_value")
+    print(f"{summary.get('method')} on {summary.get('task')} ({summary.get('model')}): "
+          f"{summary.get('metric')} = {summary.get('value'):.4f}"
+          + (f" (zero-shot {zero:.4f})" if isinstance(zero, (int, float)) else ""))
+    print(f"trainable {human_count(trainable)} of {human_count(total)}{share}; "
+          f"{summary.get('train_seconds', 0):.1f} s training, {summary.get('step_seconds_median') or 0:.3f} s/step, "
+          f"peak RSS {summary.get('peak_rss_mb') or 0:.0f} MB")
+    print(f"adapter and metrics.json in {out}")
+
+
+def cmd_eval(args) -> int:
+    from deltatune.errors import AdapterFileError
+
+    if not Path(args.adapter).is_dir():
+        raise AdapterFileError(f"no adapter directory at {args.adapter}; train one with `deltatune train ... --out DIR`")
+    if args.task:
+        _check_task(args.task)
+    from deltatune.train import evaluate
+
+    metrics = evaluate(args.adapter, task=args.task, split=args.split)
+    if args.json:
+        print(json.dumps(metrics, default=_jsonable), flush=True)
+    else:
+        for key, value in metrics.items():
+            print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+    return 0
+
+
+def _method_sets(items: list[str] | None, methods: list[str]) -> dict[str, list[str]]:
+    """`--set KEY=V` goes to every run, `--set METHOD:KEY=V` only to that method's runs."""
+    per_method = {m: [] for m in methods}
+    for item in items or []:
+        scope, sep, rest = item.partition(":")
+        if sep and "=" not in scope:
+            if scope not in per_method:
+                raise _error(f"--set {item!r}: method {scope!r} is not among --methods {','.join(methods)}")
+            parse_sets([rest])  # fail now, not in the middle of the bench
+            per_method[scope].append(rest)
+        else:
+            parse_sets([item])
+            for m in methods:
+                per_method[m].append(item)
+    return per_method
+
+
+def _child_env() -> dict:
+    """The environment of a bench run: this deltatune importable whatever the working directory."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _last_json_line(stdout: str):
+    for line in reversed(stdout.strip().splitlines()):
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError:
+            return None
+        return value if isinstance(value, dict) else None
+    return None
+
+
+def cmd_bench(args) -> int:
+    from deltatune import report
+    from deltatune.errors import TrainingError
+
+    methods = _split_list(args.methods)
+    if not methods:
+        raise _error("--methods is empty; give a comma list such as --methods full,lora,bitfit")
+    for m in methods:
+        _check_method(m)
+    _check_task(args.task)
+    seeds = _seeds(args.seeds)
+    sets = _method_sets(args.set, methods)
+    out = Path(args.out or f"runs/bench-{_slug(args.model)}-{_slug(args.task)}")
+    out.mkdir(parents=True, exist_ok=True)
+
+    shared = []
+    for flag, kind, _ in TRAINING_FLAGS:
+        value = getattr(args, _dest(flag))
+        if kind is None and value:
+            shared.append(flag)
+        elif kind is not None and value is not None:
+            shared += [flag, str(value)]
+    meta = {**report.machine_info(), "command": getattr(args, "command_line", None) or _command_line(),
+            "model": args.model, "task": args.task, "methods": methods, "seeds": seeds, "max_steps": args.max_steps}
+    (out / report.META_FILE).write_text(json.dumps(meta, indent=2))
+
+    # Seeds outside methods: a slow drift of the machine (thermal, other load) then spreads over
+    # every method instead of landing on the last ones.
+    plan = list(itertools.product(seeds, methods))
+    rows, failures = [], []
+    started = time.monotonic()
+    for i, (seed, method) in enumerate(plan, 1):
+        run_dir = out / "runs" / f"{_slug(method)}-s{seed}"
+        command = [sys.executable, "-m", "deltatune", "train", "--model", args.model, "--task", args.task,
+                   "--method", method, "--seed", str(seed), "--out", str(run_dir), "--json", *shared]
+        for item in sets[method]:
+            command += ["--set", item]
+        print(f"[{i}/{len(plan)}] {method} seed {seed}: {shlex.join(command[1:])}", file=sys.stderr, flush=True)
+        # A fresh process per run, so that peak RSS and timings belong to that run alone.
+        proc = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=_child_env())
+        summary = _last_json_line(proc.stdout) if proc.returncode == 0 else None
+        if summary is None:
+            failures.append(f"{method} seed {seed} (exit code {proc.returncode})")
+            print(f"[{i}/{len(plan)}] {method} seed {seed} FAILED with exit code {proc.returncode}",
+                  file=sys.stderr, flush=True)
+            continue
+        rows.append(report.normalize_row(summary, seed=seed, max_steps=args.max_steps, out_dir=str(run_dir)))
+        report.write_csv(rows, out / "results.csv")  # after every run, so an interrupted bench keeps its results
+        print(f"[{i}/{len(plan)}] {method} seed {seed}: {summary.get('metric')} {summary.get('value'):.4f}, "
+              f"{report.human_count(summary.get('trainable_params'))} trainable, "
+              f"{summary.get('step_seconds_median') or 0:.3f} s/step ({time.monotonic() - started:.0f} s so far)",
+              file=sys.stderr, flush=True)
+    paths = report.write_report(rows, out, meta)
+    print(report.markdown(rows, meta))
+    print(f"report: {paths['html']}")
+    print(f"bench took {time.monotonic() - started:.0f} s for {len(rows)} runs", file=sys.stderr)
+    if failures:
+        raise TrainingError(f"{len(failures)} of {len(plan)} runs failed: {'; '.join(failures)}; "
+                            f"the report covers the other {len(rows)} (their messages are above)")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from deltatune import report
+
+    rows = report.read_csv(Path(args.dir) / "results.csv")
+    meta = report.read_meta(args.dir)
+    paths = report.write_report(rows, args.dir, meta)
+    print(report.markdown(rows, meta))
+    print(f"report: {paths['html']}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    import deltatune as dt
+
+    settings = dict(DEMO_QUICK if args.quick else DEMO)
+    if args.out:
+        settings["out"] = args.out
+    known = set(dt.methods())
+    methods = [m for m in DEMO_METHODS if m in known]
+    argv = ["bench", "--methods", ",".join(methods)]
+    for key, value in settings.items():
+        argv += [f"--{key}", str(value)]
+    bench_args = build_parser().parse_args(argv)
+    bench_args.command_line = f"{_command_line()}  (= deltatune {shlex.join(argv)})"
+    return cmd_bench(bench_args)
+
+
+def _command_line() -> str:
+    return "deltatune " + shlex.join(sys.argv[1:])
+
+
+# ----------------------------------------------------------------------------- parser
+
+def _add_training_flags(p) -> None:
+    for flag, kind, help_text in TRAINING_FLAGS:
+        if kind is None:
+            p.add_argument(flag, action="store_true", help=help_text)
+        else:
+            p.add_argument(flag, type=kind, metavar="LR" if kind is float else "N", help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="deltatune", description="Parameter-efficient fine-tuning: every method is a delta "
+                     "at a site, combined in a certain way.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("methods", help="list the registered methods")
+    p.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
+    p.set_defaults(run=cmd_methods)
+
+    p = sub.add_parser("tasks", help="list the tasks, or `tasks show NAME` for one dataset card")
+    p.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
+    tasks_sub = p.add_subparsers(dest="tasks_command", metavar="show")
+    show = tasks_sub.add_parser("show", help="print the dataset card of a task")
+    show.add_argument("name", help="task name (see `deltatune tasks`)")
+    p.set_defaults(run=cmd_tasks)
+
+    p = sub.add_parser("train", help="train one adapter and evaluate it",
+                       description="Train one adapter; writes the adapter and metrics.json to --out.")
+    p.add_argument("--model", required=True, help="minilm, smollm2, tiny-<family>, an HF id or a local path")
+    p.add_argument("--task", required=True, help="a task name (see `deltatune tasks`) or a task directory")
+    p.add_argument("--method", required=True, help="a method name (see `deltatune methods`)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a method option, repeatable: --set r=16 --set sites=attn.q,attn.v")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--out", metavar="DIR", help="output directory (default runs/<model>-<task>-<method>-s<seed>)")
+    p.add_argument("--json", action="store_true", help="end with one JSON line holding the summary")
+    _add_training_flags(p)
+    p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a saved adapter")
+    p.add_argument("--adapter", required=True, metavar="DIR", help="directory written by `deltatune train`")
+    p.add_argument("--task", help="evaluate on this task instead of the one it was trained on")
+    p.add_argument("--split", default="test", choices=["train", "valid", "test"], help="default test")
+    p.add_argument("--json", action="store_true", help="print one JSON line")
+    p.set_defaults(run=cmd_eval)
+
+    p = sub.add_parser("bench", help="compare methods: every method x seed, then results.csv/.md and report.html",
+                       description="Train every method with every seed on the same data and budget, each run "
+                       "in a fresh process, then write results.csv, results.md, plots and report.html.")
+    p.add_argument("--model", required=True)
+    p.add_argument("--task", required=True)
+    p.add_argument("--methods", required=True, help="comma list, e.g. full,lora,bitfit")
+    p.add_argument("--seeds", default="1", help="a count (3 = seeds 0,1,2) or a comma list of seeds (default 1)")
+    p.add_argument("--out", metavar="DIR", help="default runs/bench-<model>-<task>")
+    p.add_argument("--set", action="append", metavar="[METHOD:]KEY=VALUE",
+                   help="a method option for every run, or with METHOD: for that method's runs only")
+    _add_training_flags(p)
+    p.set_defaults(run=cmd_bench)
+
+    p = sub.add_parser("report", help="rebuild results.md, the plots and report.html from DIR/results.csv")
+    p.add_argument("dir", metavar="DIR")
+    p.set_defaults(run=cmd_report)
+
+    p = sub.add_parser("demo", help="the whole comparison on minilm / code-search in about ten minutes")
+    p.add_argument("--quick", action="store_true", help="a tiny budget, for smoke tests")
+    p.add_argument("--out", metavar="DIR", help="default runs/demo (runs/demo-quick with --quick)")
+    p.set_defaults(run=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from deltatune.errors import DeltatuneError
+
+    try:
+        return args.run(args) or 0
+    except DeltatuneError as e:
+        message = " ".join(str(e).split())  # one line, whatever the message
+        print(f"deltatune {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"deltatune {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `deltatune methods | head`: the reader left, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

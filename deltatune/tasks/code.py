@@ -1,0 +1,510 @@
+"""Code-intelligence tasks built from the real CPython standard library that ships with this Python.
+
+Extraction (:func:`extract_corpus`) walks ``sysconfig.get_paths()["stdlib"]`` in sorted order,
+skipping any ``test``/``tests``/``idlelib``/``site-packages``/``__pycache__`` directory and files that
+do not decode or parse, and keeps every function or method (nested ones too) whose code, without
+its docstring, is at most 60 lines and 2,000 characters and has a body besides ``pass``/``...``.
+Function code is the source lines of the ``def`` (what ``ast.get_source_segment(padded=True)``
+returns, decorators excluded) minus the docstring lines, with the ``def`` indentation removed.
+The corpus is cached as JSON under :func:`cache_dir`, keyed by Python version.
+
+Splits are by file: sha256 of the path relative to the stdlib, mod 10, gives train (0-7),
+valid (8) and test (9), so no file contributes to two splits. The tasks are fixed datasets: every
+random choice uses a seed derived from the task name and the function's location.
+
+Tasks and the benchmarks they mirror:
+
+- ``code-search``: CodeSearchNet (Husain et al. 2019) / CodeXGLUE code search: docstring summary -> code.
+- ``docstring-match``: CuBERT function-docstring mismatch (Kanade et al. 2020).
+- ``exception-type``: CuBERT exception classification: the masked type of an ``except`` clause.
+- ``bug-detect``: CuBERT-style synthetic bugs (variable misuse, wrong binary operator, swapped
+  operands; also Allamanis et al. 2018, Vasic et al. 2019).
+- ``code-summarization``: CodeXGLUE code-to-text (Python): code -> docstring summary.
+- ``function-naming``: code2seq method naming (Alon et al. 2019): masked body -> name.
+
+Run ``python -m deltatune.tasks.code`` to print every task's dataset card.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import re
+import sys
+import sysconfig
+import tempfile
+import time
+from collections import Counter
+from functools import lru_cache
+from pathlib import Path
+
+from deltatune.tasks import TaskData
+
+CORPUS_VERSION = 1
+MAX_LINES, MAX_CHARS = 60, 2000
+MIN_DOC_WORDS = 3
+N_EXCEPTION_TYPES = 20
+SKIP_DIRS = frozenset({"test", "tests", "idlelib", "site-packages", "__pycache__"})
+HOLE, NAME_MASK = "__HOLE__", "__NAME__"
+_FUNCS = (ast.FunctionDef, ast.AsyncFunctionDef)
+
+
+def stdlib_root() -> Path:
+    """The standard library directory of the running Python."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def cache_dir() -> Path:
+    """``$DELTATUNE_CACHE``, else the platform cache dir (``~/.cache/deltatune`` on Linux)."""
+    if os.environ.get("DELTATUNE_CACHE"):
+        return Path(os.environ["DELTATUNE_CACHE"])
+    if sys.platform == "win32":
+        return Path(os.environ.get("LOCALAPPDATA", Path.home())) / "deltatune" / "Cache"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "deltatune"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deltatune"
+
+
+def split_of(relpath: str) -> str:
+    """train/valid/test for a file, from the sha256 of its stdlib-relative path (80/10/10)."""
+    bucket = int(hashlib.sha256(relpath.encode()).hexdigest(), 16) % 10
+    return "train" if bucket < 8 else ("valid" if bucket == 8 else "test")
+
+
+# ---------------------------------------------------------------------------------------------
+# Extraction
+# ---------------------------------------------------------------------------------------------
+
+def _walk_statements(body: list[ast.stmt], into_functions: bool):
+    """Yield statements recursively through compound statements (not into nested functions unless asked)."""
+    for node in body:
+        yield node
+        if isinstance(node, _FUNCS) and not into_functions:
+            continue
+        for name in ("body", "orelse", "finalbody"):
+            yield from _walk_statements(getattr(node, name, None) or [], into_functions)
+        for sub in getattr(node, "handlers", None) or []:
+            yield sub
+            yield from _walk_statements(sub.body, into_functions)
+        for case in getattr(node, "cases", None) or []:
+            yield from _walk_statements(case.body, into_functions)
+
+
+def _dotted(node: ast.expr) -> str | None:
+    """``ValueError`` or ``os.error`` for a Name or a dotted attribute chain of names, else None."""
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        base = _dotted(node.value)
+        return f"{base}.{node.attr}" if base else None
+    return None
+
+
+def _replace_cols(line: str, start: int, end: int, text: str) -> str:
+    """Replace UTF-8 byte columns [start, end) of ``line`` (ast offsets are in bytes) by ``text``."""
+    raw = line.encode()
+    return raw[:start].decode() + text + raw[end:].decode()
+
+
+def _function_record(node, lines: list[str], relpath: str) -> dict | None:
+    """The record of one function, or None if it is out of bounds or has nothing but a docstring."""
+    first, last = node.lineno - 1, node.end_lineno  # 0-based slice of the def's lines
+    own = lines[first:last]
+    body = node.body
+    doc, drop = "", range(0)
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+            and isinstance(body[0].value.value, str):
+        ds = body[0]
+        before = own[ds.lineno - 1 - first].encode()[:ds.col_offset].decode(errors="replace")
+        after = own[ds.end_lineno - 1 - first].encode()[ds.end_col_offset:].decode(errors="replace")
+        if before.strip() or after.strip() and not after.strip().startswith("#"):
+            return None  # docstring shares a line with other code: cannot cut it out cleanly
+        if len(body) > 1 and body[1].lineno <= ds.end_lineno:
+            return None
+        text = ast.get_docstring(node) or ""
+        doc = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+        drop = range(ds.lineno - 1 - first, ds.end_lineno - first)
+        body = body[1:]
+    if not body or all(isinstance(s, ast.Pass) or (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant)
+                                                   and s.value.value is Ellipsis) for s in body):
+        return None
+    # except clauses whose innermost function is this one; masked copies are built on `own` lines
+    excepts = []
+    for st in _walk_statements(node.body, into_functions=False):
+        if isinstance(st, ast.ExceptHandler) and st.type is not None and st.type.lineno == st.type.end_lineno:
+            answer = _dotted(st.type)
+            if answer:
+                masked = list(own)
+                i = st.type.lineno - 1 - first
+                masked[i] = _replace_cols(masked[i], st.type.col_offset, st.type.end_col_offset, HOLE)
+                excepts.append([answer, masked])
+    keep = [i for i in range(len(own)) if i not in drop]
+    indent = own[0][: len(own[0]) - len(own[0].lstrip())]
+
+    def render(src_lines: list[str]) -> str:
+        out = [src_lines[i][len(indent):] if src_lines[i].startswith(indent) else src_lines[i] for i in keep]
+        return "\n".join(out).rstrip() + "\n"
+
+    code = render(own)
+    if code.count("\n") > MAX_LINES or len(code) > MAX_CHARS:
+        return None
+    return {"path": relpath, "line": node.lineno, "name": node.name, "doc": doc, "code": code,
+            "excepts": [[answer, render(m)] for answer, m in excepts]}
+
+
+def extract_file(source: str, relpath: str) -> list[dict]:
+    """Records of all in-bounds functions of one module's source (raises SyntaxError if it does not parse)."""
+    tree = ast.parse(source)
+    lines = source.splitlines()
+    records = []
+    for node in _walk_statements(tree.body, into_functions=True):
+        if isinstance(node, _FUNCS):
+            rec = _function_record(node, lines, relpath)
+            if rec and (len(rec["doc"].split()) >= MIN_DOC_WORDS or rec["excepts"]):
+                records.append(rec)
+    return records
+
+
+def _read_source(path: Path) -> str:
+    """Decode a module honouring its coding cookie and BOM (as the interpreter does)."""
+    import io
+    import tokenize
+    raw = path.read_bytes()
+    encoding, _ = tokenize.detect_encoding(io.BytesIO(raw).readline)
+    return raw.decode(encoding)
+
+
+def extract_corpus(root: str | Path | None = None) -> dict:
+    """Extract the function corpus from a stdlib tree (default: this Python's). Deterministic."""
+    root = Path(root) if root else stdlib_root()
+    functions, skipped, n_files = [], [], 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
+        for fn in sorted(filenames):
+            if not fn.endswith(".py"):
+                continue
+            path = Path(dirpath) / fn
+            rel = path.relative_to(root).as_posix()
+            try:
+                records = extract_file(_read_source(path), rel)
+            except (SyntaxError, ValueError, UnicodeDecodeError, LookupError, RecursionError):
+                skipped.append(rel)
+                continue
+            n_files += 1
+            functions.extend(records)
+    functions.sort(key=lambda r: (r["path"], r["line"]))
+    return {"version": CORPUS_VERSION, "python": sys.version.split()[0], "root": str(root),
+            "files": n_files, "unparsable": sorted(skipped), "functions": functions}
+
+
+def cache_file(what: str, root: str | Path | None = None) -> Path:
+    """Cache path for the corpus or a built task, keyed by Python version, stdlib path and this file's code."""
+    root = Path(root) if root else stdlib_root()
+    key = hashlib.sha256(str(root.resolve()).encode() + Path(__file__).read_bytes()).hexdigest()[:10]
+    return cache_dir() / f"stdlib-py{sys.version.split()[0]}-{key}-{what}.json"
+
+
+def _json_cached(path: Path, build) -> dict:
+    """``build()``'s JSON-able result, read from ``path`` if present, else built and written atomically.
+
+    An unreadable cache file is rebuilt; an unwritable cache dir only costs the speed-up.
+    """
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        pass
+    value = build()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(value, f)
+        os.replace(tmp, path)  # atomic: readers never see a half-written file
+    except OSError:
+        pass
+    return value
+
+
+def _timed_extract(root: Path) -> dict:
+    start = time.perf_counter()
+    corpus = extract_corpus(root)
+    corpus["extract_seconds"] = round(time.perf_counter() - start, 2)
+    return corpus
+
+
+@lru_cache(maxsize=4)
+def load_corpus(root: str | None = None) -> dict:
+    """The function corpus, from the JSON cache, extracting and caching it on first use."""
+    root_path = Path(root) if root else stdlib_root()
+    return _json_cached(cache_file("corpus", root_path), lambda: _timed_extract(root_path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic bugs (bug-detect)
+# ---------------------------------------------------------------------------------------------
+
+_OP_GROUPS = [
+    [ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod],
+    [ast.BitAnd, ast.BitOr, ast.BitXor, ast.LShift, ast.RShift],
+    [ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE],
+    [ast.Is, ast.IsNot], [ast.In, ast.NotIn], [ast.And, ast.Or],
+]
+_NON_COMMUTATIVE = (ast.Sub, ast.Div, ast.FloorDiv, ast.Mod, ast.Pow, ast.LShift, ast.RShift,
+                    ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.In, ast.NotIn)
+BUG_KINDS = ("variable-misuse", "wrong-operator", "swapped-operands")
+
+
+def _alternatives(op: ast.AST) -> list[type]:
+    for group in _OP_GROUPS:
+        if type(op) in group:
+            return [o for o in group if o is not type(op)]
+    return []
+
+
+def _bug_sites(fn: ast.AST) -> dict[str, list]:
+    """Where each bug kind can be applied in a parsed function: lists of (node, ...) candidates."""
+    args = fn.args
+    variables = {a.arg for a in args.posonlyargs + args.args + args.kwonlyargs}
+    variables |= {a.arg for a in (args.vararg, args.kwarg) if a}
+    names = [n for n in ast.walk(fn) if isinstance(n, ast.Name)]
+    variables |= {n.id for n in names if isinstance(n.ctx, ast.Store)}
+    uses = [n for n in names if isinstance(n.ctx, ast.Load) and n.id in variables]
+    sites = {"variable-misuse": uses if len(variables) >= 2 else [], "wrong-operator": [], "swapped-operands": []}
+    for node in ast.walk(fn):
+        if isinstance(node, (ast.BinOp, ast.BoolOp)) and _alternatives(node.op):
+            sites["wrong-operator"].append(node)
+        elif isinstance(node, ast.Compare) and len(node.ops) == 1 and _alternatives(node.ops[0]):
+            sites["wrong-operator"].append(node)
+        if isinstance(node, ast.BinOp) and isinstance(node.op, _NON_COMMUTATIVE) \
+                and ast.dump(node.left) != ast.dump(node.right):
+            sites["swapped-operands"].append(node)
+        elif isinstance(node, ast.Compare) and len(node.ops) == 1 and isinstance(node.ops[0], _NON_COMMUTATIVE) \
+                and ast.dump(node.left) != ast.dump(node.comparators[0]):
+            sites["swapped-operands"].append(node)
+    sites["_variables"] = sorted(variables)
+    return sites
+
+
+def inject_bug(code: str, rng: random.Random) -> tuple[str, str] | None:
+    """(buggy code, bug kind) for one function's code, rendered with ``ast.unparse``; None if no bug applies."""
+    tree = ast.parse(code)
+    fn = tree.body[0]
+    sites = _bug_sites(fn)
+    kinds = [k for k in BUG_KINDS if sites[k]]
+    if not kinds:
+        return None
+    kind = rng.choice(kinds)
+    node = rng.choice(sites[kind])
+    if kind == "variable-misuse":
+        node.id = rng.choice([v for v in sites["_variables"] if v != node.id])
+    elif kind == "wrong-operator":
+        if isinstance(node, ast.Compare):
+            node.ops = [rng.choice(_alternatives(node.ops[0]))()]
+        else:
+            node.op = rng.choice(_alternatives(node.op))()
+    elif isinstance(node, ast.BinOp):
+        node.left, node.right = node.right, node.left
+    else:
+        node.left, node.comparators = node.comparators[0], [node.left]
+    return ast.unparse(tree) + "\n", kind
+
+
+# ---------------------------------------------------------------------------------------------
+# Task builders
+# ---------------------------------------------------------------------------------------------
+
+def _documented(corpus: dict) -> list[dict]:
+    """Functions whose docstring summary has 3+ words, deduplicated by code (first occurrence kept)."""
+    seen, out = set(), []
+    for f in corpus["functions"]:
+        if len(f["doc"].split()) >= MIN_DOC_WORDS and f["code"] not in seen:
+            seen.add(f["code"])
+            out.append(f)
+    return out
+
+
+def _origin(f: dict) -> dict:
+    """Where an example comes from: stdlib-relative path, line of the def, function name."""
+    return {"path": f["path"], "line": f["line"], "name": f["name"]}
+
+
+def _by_split(rows: list[dict]) -> dict[str, list[dict]]:
+    out = {"train": [], "valid": [], "test": []}
+    for r in rows:
+        out[split_of(r["path"])].append(r)
+    return out
+
+
+def _source(corpus: dict) -> str:
+    return (f"CPython {corpus['python']} standard library at {corpus['root']} "
+            f"({corpus['files']} modules parsed, {len(corpus['unparsable'])} skipped as unparsable)")
+
+
+_COMMON_NOTES = [
+    "split by module: sha256(stdlib-relative path) % 10 -> train 0-7 / valid 8 / test 9; no file is in two splits",
+    "skipped dirs: test, tests, idlelib, site-packages; functions over 60 lines or 2000 chars "
+    "(without docstring) or with an empty body are skipped; duplicate function bodies keep the first",
+]
+
+
+def _pairs(corpus: dict, name: str) -> TaskData:
+    """code-search and code-summarization: (docstring summary, code without docstring)."""
+    splits = _by_split(_documented(corpus))
+    notes = _COMMON_NOTES + [f"docstring summary = first non-empty docstring line, {MIN_DOC_WORDS}+ words"]
+    if name == "code-search":
+        rows = {s: [{"query": f["doc"], "code": f["code"], **_origin(f)} for f in fs]
+                for s, fs in splits.items()}
+        notes.append("score: each query ranked against its code + 999 seeded distractors (all others if fewer), cosine")
+        return TaskData(name, "retrieval", "mrr", None, rows["train"], rows["valid"], rows["test"],
+                        _source(corpus), notes, ("mrr", "recall@1", "recall@5", "recall@10"))
+    rows = {s: [{"prompt": f["code"], "target": f["doc"], **_origin(f)} for f in fs]
+            for s, fs in splits.items()}
+    notes.append("score: smoothed sentence BLEU-4 x100 averaged over examples (CodeXGLUE code-to-text)")
+    return TaskData(name, "generation", "bleu4", None, rows["train"], rows["valid"], rows["test"],
+                    _source(corpus), notes, ("bleu4", "exact_match"))
+
+
+def _docstring_match(corpus: dict) -> TaskData:
+    """Half of each split's functions keep their docstring (match), half get another function's (mismatch)."""
+    out = {}
+    for split, fs in _by_split(_documented(corpus)).items():
+        rng = random.Random(f"docstring-match:{split}")
+        order = list(range(len(fs)))
+        rng.shuffle(order)
+        negative = set(order[len(fs) // 2:]) if len(fs) > 1 else set()
+        rows = []
+        for i, f in enumerate(fs):
+            doc, label = f["doc"], 1
+            if i in negative:
+                for _ in range(100):  # a random other function with a different summary
+                    other = fs[rng.randrange(len(fs))]["doc"]
+                    if other != f["doc"]:
+                        doc, label = other, 0
+                        break
+            rows.append({"text": doc, "text_pair": f["code"], "label": label, **_origin(f)})
+        out[split] = rows
+    notes = _COMMON_NOTES + ["negatives pair a function with the docstring summary of another function of the same "
+                             "split (different text); labels balanced 50/50 per split (seeded)"]
+    return TaskData("docstring-match", "classification", "accuracy", ["mismatch", "match"],
+                    out["train"], out["valid"], out["test"], _source(corpus), notes, ("accuracy", "macro_f1"))
+
+
+def _mentions(answer: str) -> re.Pattern:
+    """Whole-word mentions of an exception name (``error`` matches ``error`` but not ``os.error``)."""
+    return re.compile(rf"(?<![\w.]){re.escape(answer)}(?!\w)")
+
+
+def _exception_type(corpus: dict) -> TaskData:
+    """One example per ``except X:`` clause; the 20 most frequent types on train are the classes."""
+    seen, rows, masked_more = set(), {"train": [], "valid": [], "test": []}, 0
+    for f in corpus["functions"]:
+        for answer, masked in f["excepts"]:
+            prompt, n = _mentions(answer).subn(HOLE, masked)
+            if (answer, prompt) in seen:
+                continue
+            seen.add((answer, prompt))
+            masked_more += n > 0
+            rows[split_of(f["path"])].append({"text": prompt, "answer": answer, **_origin(f)})
+    counts = Counter(r["answer"] for r in rows["train"])
+    labels = [a for a, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:N_EXCEPTION_TYPES]]
+    index = {a: i for i, a in enumerate(labels)}
+    for split in rows:
+        rows[split] = [{**r, "label": index[r["answer"]]} for r in rows[split] if r["answer"] in index]
+    notes = _COMMON_NOTES + [
+        f"all functions with an `except X:` clause (X a name or dotted name), docstring or not; the clause's "
+        f"type is replaced by {HOLE}; one example per clause; duplicates (same masked code) dropped",
+        f"other mentions of the answer in the function (raise X, another except X, comments) are masked too, so the "
+        f"prompt never names the answer ({masked_more} examples had such mentions)",
+        f"classes: the {N_EXCEPTION_TYPES} most frequent types on train; other types dropped",
+    ]
+    return TaskData("exception-type", "classification", "accuracy", labels, rows["train"], rows["valid"],
+                    rows["test"], _source(corpus), notes, ("accuracy", "macro_f1"))
+
+
+def _bug_detect(corpus: dict) -> TaskData:
+    """Each documented function appears once: as written (correct) or with one seeded synthetic bug (buggy)."""
+    out, kinds = {}, Counter()
+    for split, fs in _by_split(_documented(corpus)).items():
+        candidates = []
+        for f in fs:
+            try:
+                clean = ast.unparse(ast.parse(f["code"])) + "\n"
+                bug = inject_bug(f["code"], random.Random(f"bug-detect:{f['path']}:{f['line']}"))
+            except (SyntaxError, ValueError, RecursionError):
+                continue
+            if bug and bug[0] != clean:
+                candidates.append((f, clean, bug))
+        order = list(range(len(candidates)))
+        random.Random(f"bug-detect:{split}").shuffle(order)
+        buggy = set(order[: len(candidates) // 2])
+        rows = []
+        for i, (f, clean, (bad, kind)) in enumerate(candidates):
+            row = {"text": bad if i in buggy else clean, "label": int(i in buggy),
+                   "bug": kind if i in buggy else "", **_origin(f)}
+            kinds[kind if i in buggy else "correct"] += 1
+            rows.append(row)
+        out[split] = rows
+    notes = _COMMON_NOTES + [
+        "documented functions (docstring removed) where at least one bug kind applies; half per split get one bug, "
+        "chosen with a seed from the function's location among: variable misuse (a variable read replaced by another "
+        "variable of the function), wrong binary operator (within arithmetic/bitwise/comparison/identity/membership/"
+        "boolean groups), swapped operands (non-commutative operators)",
+        "both classes rendered with ast.unparse so formatting and comments do not reveal the label",
+        "bug kinds over all splits: " + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())),
+    ]
+    return TaskData("bug-detect", "classification", "accuracy", ["correct", "buggy"], out["train"], out["valid"],
+                    out["test"], _source(corpus), notes, ("accuracy", "macro_f1"))
+
+
+def _function_naming(corpus: dict) -> TaskData:
+    """Documented non-dunder functions; every whole-word occurrence of the name becomes ``__NAME__``."""
+    rows = {"train": [], "valid": [], "test": []}
+    for f in _documented(corpus):
+        name = f["name"]
+        if name.startswith("__") and name.endswith("__"):
+            continue
+        prompt = re.sub(rf"(?<!\w){re.escape(name)}(?!\w)", NAME_MASK, f["code"])
+        rows[split_of(f["path"])].append({"prompt": prompt, "target": name, **_origin(f)})
+    notes = _COMMON_NOTES + [
+        f"code without docstring; every whole-word occurrence of the name (def line, recursive calls, strings, "
+        f"comments) replaced by {NAME_MASK}; dunder methods (__init__, ...) skipped",
+        "score: exact match, and code2seq subtoken precision/recall/F1 (snake_case/camelCase split, micro-averaged)",
+    ]
+    return TaskData("function-naming", "generation", "exact_match", None, rows["train"], rows["valid"],
+                    rows["test"], _source(corpus), notes, ("exact_match", "subtoken_f1"))
+
+
+_BUILDERS = {
+    "code-search": lambda c: _pairs(c, "code-search"),
+    "docstring-match": _docstring_match,
+    "exception-type": _exception_type,
+    "bug-detect": _bug_detect,
+    "code-summarization": lambda c: _pairs(c, "code-summarization"),
+    "function-naming": _function_naming,
+}
+
+
+@lru_cache(maxsize=None)
+def _built(name: str, root: str | None) -> dict:
+    return _json_cached(cache_file(name, root), lambda: dataclasses.asdict(_BUILDERS[name](load_corpus(root))))
+
+
+def build_task(name: str, root: str | None = None) -> TaskData:
+    """A fresh copy of a built-in task (cached as JSON next to the corpus, and memoized per process)."""
+    if name not in _BUILDERS:
+        raise KeyError(f"unknown task {name!r}; known: {', '.join(_BUILDERS)}")
+    fields = dict(_built(name, root))
+    for split in ("train", "valid", "test"):
+        fields[split] = [dict(r) for r in fields[split]]  # rows hold only str/int values
+    fields["labels"] = list(fields["labels"]) if fields["labels"] is not None else None
+    fields["notes"], fields["metrics"] = list(fields["notes"]), tuple(fields["metrics"])
+    return TaskData(**fields)
+
+
+if __name__ == "__main__":
+    for task in _BUILDERS:
+        print(build_task(task).card(), end="\n\n")

@@ -1,0 +1,652 @@
+"""The one training loop, for every method and every task kind.
+
+    from deltatune.train import TrainConfig, train, evaluate
+    summary = train(TrainConfig(model="minilm", task="code-search", method="lora", out_dir="runs/x"))
+    evaluate("runs/x/best")                    # scores the best adapter on the test split again
+
+Methods change nothing here: ``dt.attach`` freezes the base and the optimizer takes every
+parameter that requires grad. Task kinds differ in three small objectives below (how examples are
+tokenised, the loss, and the predictions the task scores).
+
+``out_dir`` holds ``run.json`` (the TrainConfig, for ``evaluate`` and ``resume``), ``log.jsonl`` (one
+object per step and per evaluation), ``checkpoints/step-N/`` (the latest resumable state, no pickle),
+``best/`` (the best adapter on the validation split) and ``metrics.json`` (what ``train`` returns).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import shutil
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save
+from torch.nn import functional as F
+
+import deltatune as dt
+from deltatune.errors import AdapterFileError, ConfigError, TrainingError
+from deltatune.io import atomic_write_bytes, atomic_write_json
+from deltatune.models import build_task_model, format_prompt
+
+
+@dataclass
+class TrainConfig:
+    model: str = "minilm"  # minilm, smollm2, tiny-bert/-llama/-gpt2, a local folder or a cached HF id
+    task: str = "code-search"  # a task name or data path, see deltatune.tasks.load_task
+    method: str = "lora"
+    options: dict = field(default_factory=dict)  # method options, e.g. {"r": 16, "sites": ["attn.q", "attn.v"]}
+    max_steps: int = 200  # optimizer steps
+    batch_size: int = 32  # examples per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float | None = None  # None: the method's own default (dt.method_info(method)["lr"])
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1  # linear warmup over this share of the steps, then linear decay to 0
+    max_grad_norm: float | None = 1.0  # gradient clipping; None or 0 turns it off
+    eval_every: int = 50  # validate (and checkpoint) every N steps and at the end
+    early_stop_patience: int | None = None  # stop after N validations without improvement
+    seed: int = 0
+    max_len: int = 128  # tokens per input; longer inputs are truncated (with one warning)
+    max_new_tokens: int = 64  # generation tasks: greedy decoding length limit
+    bf16: bool = False  # bfloat16 autocast
+    grad_checkpointing: bool = False  # recompute activations in backward (non-reentrant)
+    deterministic: bool = False  # torch.use_deterministic_algorithms(True, warn_only=True)
+    max_train: int | None = None  # passed to load_task
+    max_eval: int | None = None
+    out_dir: str | None = None  # None: runs/<model>-<task>-<method>-s<seed>
+    resume: bool = False  # continue from the latest checkpoint in out_dir
+    stop_after: int | None = None  # stop (with a checkpoint) after N steps in this call; resume continues
+    log_every: int = 10  # read the loss back from the device every N steps (one sync)
+    json_log: bool = True
+    progress: bool = True
+    device: str | None = None  # None: cuda if available, else cpu
+
+
+# Fields that may differ between a run and its resumption without changing the result.
+_RESUMABLE_CHANGES = {"resume", "stop_after", "log_every", "json_log", "progress", "out_dir", "device"}
+
+
+# ------------------------------------------------------------------------------------ train
+
+
+def train(cfg: TrainConfig, task=None) -> dict:
+    """Train ``cfg.method`` on ``cfg.task`` (or on ``task``, an already loaded TaskData); returns the summary.
+
+    The summary is also written to ``out_dir/metrics.json``. A run cut short by ``stop_after``
+    returns ``{"stopped_at": step, ...}`` instead; ``resume=True`` then finishes it with the same result.
+    """
+    cfg = _resolved(cfg, task)
+    with _deterministic(cfg.deterministic):
+        return _train(cfg, task)
+
+
+def _train(cfg: TrainConfig, task) -> dict:
+    out = Path(cfg.out_dir)
+    checkpoint = _latest_checkpoint(out) if cfg.resume else None
+    _prepare_out_dir(out, cfg, checkpoint)
+    _seed_everything(cfg.seed)
+    task = task or _load_task(cfg)
+    model, tokenizer = build_task_model(cfg.model, task.kind, len(task.labels or []))
+    objective = OBJECTIVES[task.kind](tokenizer, cfg)
+    data = {split: objective.encode(task.split(split), train=split == "train") for split in ("train", "valid", "test")}
+    objective.warn_truncated()
+    log = _Log(out / "log.jsonl" if cfg.json_log else None, keep_until=_step_of(checkpoint))
+    state = {"step": 0, "consumed": 0, "best_value": None, "best_step": None, "bad_evals": 0,
+             "zero_shot_value": None, "train_seconds": 0.0, "step_seconds": []}
+
+    if checkpoint is None and task.kind == "retrieval":  # the pretrained model as it is, before attach
+        zero_shot = _score(model.to(cfg.device), objective, data["test"], task, "test", cfg)
+        state["zero_shot_value"] = zero_shot[task.metric]
+        log.write({"step": 0, "split": "test", "zero_shot": True, **zero_shot})
+    if checkpoint is None:
+        dt.attach(model, cfg.method, **cfg.options)
+    else:
+        dt.load_adapter(model, checkpoint / "adapter")
+    if cfg.grad_checkpointing:
+        _enable_checkpointing(model)
+    model.to(cfg.device)
+    trainable, total = dt.count_parameters(model)
+    names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if checkpoint is not None:
+        state = _load_checkpoint(checkpoint, optimizer, names)
+
+    if _loop(cfg, model, optimizer, names, objective, data, task, state, log, out) == "interrupted":
+        return {"stopped_at": state["step"], "max_steps": cfg.max_steps, "out_dir": str(out),
+                "checkpoint": str(_latest_checkpoint(out))}
+    del model, optimizer  # the test score comes from the saved best adapter, exactly as evaluate() sees it
+    best, _ = _restore(cfg, task, out / "best")
+    test = _score(best.to(cfg.device), objective, data["test"], task, "test", cfg)
+    log.write({"step": state["step"], "split": "test", "best_step": state["best_step"], **test})
+    summary = {
+        "method": cfg.method, "task": task.name, "model": cfg.model, "metric": task.metric,
+        "value": test[task.metric], "zero_shot_value": state["zero_shot_value"],
+        "trainable_params": trainable, "total_params": total, "train_seconds": state["train_seconds"],
+        "step_seconds_median": statistics.median(state["step_seconds"]), "peak_rss_mb": _peak_rss_mb(),
+        "steps": state["step"], "max_steps": cfg.max_steps, "stopped_early": state["step"] < cfg.max_steps,
+        "best_step": state["best_step"], "valid_value": state["best_value"], "seed": cfg.seed, "lr": cfg.lr,
+        "batch_size": cfg.batch_size, "options": cfg.options, "out_dir": str(out), "adapter_dir": str(out / "best"),
+    }
+    summary.update({k: v for k, v in test.items() if k not in summary})
+    atomic_write_json(out / "metrics.json", summary)
+    return summary
+
+
+def _loop(cfg, model, optimizer, names, objective, data, task, state, log, out) -> str:
+    """Optimizer steps from ``state["step"]``: returns "done", "early-stop" or "interrupted" (stop_after)."""
+    order = DataOrder(len(data["train"]), cfg.seed, state["consumed"])
+    stop_at = min(cfg.max_steps, state["step"] + cfg.stop_after) if cfg.stop_after else cfg.max_steps
+    warmup = int(cfg.warmup_ratio * cfg.max_steps)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    bar, shown = _progress(cfg, state["step"]), {}
+    pending = []  # (step, loss tensor, lr) not read back yet: reading syncs with the device
+    started_at, examples = time.perf_counter(), 0
+    model.train()
+    while state["step"] < stop_at:
+        step = state["step"] + 1  # steps count from 1
+        lr = cfg.lr * _lr_factor(step - 1, cfg.max_steps, warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        t0 = time.perf_counter()
+        loss = 0.0
+        for _ in range(cfg.grad_accum):
+            batch = _to(objective.collate([data["train"][i] for i in order.take(cfg.batch_size)]), cfg.device)
+            with _autocast(cfg):
+                micro = objective.loss(model, batch) / cfg.grad_accum
+            micro.backward()
+            loss = loss + micro.detach()
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - t0
+        state.update(step=step, consumed=order.consumed, train_seconds=state["train_seconds"] + seconds)
+        state["step_seconds"].append(seconds)
+        examples += cfg.batch_size * cfg.grad_accum
+        pending.append((step, loss, lr))
+        bar.update()
+
+        validate = step % cfg.eval_every == 0 or step == cfg.max_steps
+        if validate or step % cfg.log_every == 0 or step == stop_at:
+            shown.update({"loss": f"{_read_losses(pending, log, out):.4f}",
+                          "ex/s": f"{examples / (time.perf_counter() - started_at):.1f}"})
+        if validate:
+            value = _validate(cfg, model, objective, data, task, state, log, out)
+            if value is not None:
+                shown[task.metric] = f"{value:.4f}"
+            model.train()
+        bar.set_postfix(shown, refresh=False)
+        if validate or step == stop_at:
+            _save_checkpoint(out, model, optimizer, names, state)
+        if cfg.early_stop_patience is not None and state["bad_evals"] >= cfg.early_stop_patience:
+            bar.close()
+            return "early-stop"
+    bar.close()
+    return "done" if state["step"] == cfg.max_steps else "interrupted"
+
+
+def _validate(cfg, model, objective, data, task, state, log, out) -> float | None:
+    """Score the validation split and keep the best adapter in out/best; returns the metric."""
+    metrics = _score(model, objective, data["valid"], task, "valid", cfg) if data["valid"] else {}
+    log.write({"step": state["step"], "split": "valid", **metrics})
+    value = metrics.get(task.metric)
+    if value is None or state["best_value"] is None or value > state["best_value"]:
+        state.update(best_value=value, best_step=state["step"], bad_evals=0)
+        _replace_dir(out / "best", lambda tmp: dt.save_adapter(model, tmp))
+    else:
+        state["bad_evals"] += 1
+    return value
+
+
+def _read_losses(pending: list, log, out) -> float:
+    """Read the pending losses back in one sync, log them, and stop on the first NaN/Inf."""
+    values = torch.stack([loss for _, loss, _ in pending]).float().tolist()
+    for (step, _, lr), value in zip(pending, values):
+        if not math.isfinite(value):
+            kept = _latest_checkpoint(out)
+            where = f"the last good checkpoint is kept at {kept}" if kept else "no checkpoint was written before it"
+            raise TrainingError(
+                f"the loss became {value} at step {step} (lr {lr:.3g}); {where}. Lower the learning rate "
+                "(--lr) or clip gradients harder (max_grad_norm), then run again (resume=True continues "
+                "from the checkpoint)"
+            )
+        log.write({"step": step, "loss": value, "lr": lr})
+    pending.clear()
+    return values[-1]
+
+
+def _lr_factor(step: int, max_steps: int, warmup: int) -> float:
+    """Linear warmup over ``warmup`` steps, then linear decay to 0 at ``max_steps`` (step counts from 0)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (max_steps - step) / max(1, max_steps - warmup))
+
+
+# ------------------------------------------------------------------------------- evaluation
+
+
+def evaluate(adapter_dir, task=None, split: str = "test") -> dict:
+    """Score a saved adapter on ``split`` of its training task (or of ``task``: a name, path or TaskData).
+
+    The model and task come from the ``run.json`` that ``train`` wrote next to the adapter.
+    """
+    adapter_dir = Path(adapter_dir)
+    found = [p / "run.json" for p in (adapter_dir, *list(adapter_dir.parents)[:3]) if (p / "run.json").is_file()]
+    if not found:
+        raise ConfigError(f"no run.json in {adapter_dir} or its parents: evaluate() needs the model and task "
+                          "that deltatune.train records in out_dir/run.json")
+    cfg = _config_from(json.loads(found[0].read_text()))
+    if task is None or isinstance(task, (str, os.PathLike)):
+        task = _load_task(dataclasses.replace(cfg, task=str(task or cfg.task)))
+    model, tokenizer = _restore(cfg, task, adapter_dir)
+    objective = OBJECTIVES[task.kind](tokenizer, cfg)
+    examples = objective.encode(task.split(split), train=False)
+    objective.warn_truncated()
+    metrics = _score(model.to(cfg.device), objective, examples, task, split, cfg)
+    return {"task": task.name, "split": split, "metric": task.metric, "value": metrics[task.metric], **metrics}
+
+
+def _restore(cfg: TrainConfig, task, adapter_dir: Path):
+    """A fresh task model with the adapter at ``adapter_dir`` loaded: (model, tokenizer)."""
+    model, tokenizer = build_task_model(cfg.model, task.kind, len(task.labels or []))
+    return dt.load_adapter(model, adapter_dir), tokenizer
+
+
+@torch.no_grad()
+def _score(model, objective, examples, task, split, cfg) -> dict:
+    model.eval()
+    with _autocast(cfg):
+        predictions = objective.predict(model, examples, cfg.batch_size, cfg.device)
+    return task.score(predictions, split)
+
+
+# ------------------------------------------------------------------------------- objectives
+
+
+class _Objective:
+    """Tokenising is shared: inputs longer than max_len are truncated and counted for one warning."""
+
+    def __init__(self, tokenizer, cfg: TrainConfig):
+        self.tokenizer, self.max_len, self.cfg = tokenizer, cfg.max_len, cfg
+        self.truncated = self.seen = 0
+
+    def tokens(self, texts: list[str], pairs: list[str] | None = None) -> list[dict]:
+        """One dict of token lists per text (input_ids, attention_mask, and token_type_ids if used)."""
+        if not texts:
+            return []
+        encoded = self.tokenizer(texts, pairs, verbose=False)
+        rows = [dict(zip(encoded.keys(), values)) for values in zip(*encoded.values())]
+        long = [i for i, row in enumerate(rows) if len(row["input_ids"]) > self.max_len]
+        if long:  # tokenise those again with truncation, so that special tokens stay in place
+            again = self.tokenizer([texts[i] for i in long], [pairs[i] for i in long] if pairs else None,
+                                   truncation=True, max_length=self.max_len, verbose=False)
+            for j, i in enumerate(long):
+                rows[i] = {k: again[k][j] for k in again.keys()}
+        self.count(len(long), len(rows))
+        return rows
+
+    def count(self, truncated: int, seen: int) -> None:
+        self.truncated, self.seen = self.truncated + truncated, self.seen + seen
+
+    def warn_truncated(self) -> None:
+        if self.truncated:
+            warnings.warn(f"{self.truncated} of {self.seen} inputs were longer than max_len={self.max_len} "
+                          "tokens and were truncated; raise max_len to keep them whole", stacklevel=3)
+        self.truncated = self.seen = 0
+
+    def pad(self, rows: list[dict], left: bool = False) -> dict:
+        """Stack token lists into (B, T) tensors, padding on the right (or the left, for generate)."""
+        width = max(len(row["input_ids"]) for row in rows)
+        fill = {"input_ids": self.tokenizer.pad_token_id, "labels": -100}
+        out = {}
+        for key in rows[0]:
+            padded = [[fill.get(key, 0)] * (width - len(row[key])) for row in rows]
+            out[key] = torch.tensor([p + row[key] if left else row[key] + p for p, row in zip(padded, rows)])
+        return out
+
+
+class Retrieval(_Objective):
+    """In-batch negatives: each query's code is the positive, the other codes of the batch are negatives."""
+
+    scale = 20.0  # cosine similarity x 20, MiniLM's own training temperature (0.05)
+
+    def encode(self, rows, train):
+        return list(zip(self.tokens([r["query"] for r in rows]), self.tokens([r["code"] for r in rows])))
+
+    def collate(self, examples):
+        return self.pad([q for q, _ in examples]), self.pad([c for _, c in examples])
+
+    def loss(self, model, batch):
+        queries, codes = model(**batch[0]), model(**batch[1])  # (B, d) each, unit length
+        logits = self.scale * queries @ codes.T  # (B, B): row i's positive is column i
+        target = torch.arange(len(logits), device=logits.device)
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+    def predict(self, model, examples, batch_size, device):
+        def embed(rows):
+            return torch.cat([model(**_to(self.pad(rows[i:i + batch_size]), device)).float().cpu()
+                              for i in range(0, len(rows), batch_size)]).numpy()
+
+        return embed([q for q, _ in examples]), embed([c for _, c in examples])
+
+
+class Classification(_Objective):
+    def encode(self, rows, train):
+        pairs = [r.get("text_pair", "") for r in rows] if any("text_pair" in r for r in rows) else None
+        return list(zip(self.tokens([r["text"] for r in rows], pairs), [r["label"] for r in rows]))
+
+    def collate(self, examples):
+        return self.pad([x for x, _ in examples]), torch.tensor([y for _, y in examples])
+
+    def loss(self, model, batch):
+        inputs, labels = batch
+        return F.cross_entropy(model(**inputs).float(), labels)
+
+    def predict(self, model, examples, batch_size, device):
+        rows = [x for x, _ in examples]
+        return [int(i) for start in range(0, len(rows), batch_size)
+                for i in model(**_to(self.pad(rows[start:start + batch_size]), device)).argmax(-1).tolist()]
+
+
+class Generation(_Objective):
+    """Prompt (see models.format_prompt) then target + EOS; the loss counts the target tokens only."""
+
+    def encode(self, rows, train):
+        tok, eos = self.tokenizer, self.tokenizer.eos_token_id
+        prompts = [tok(format_prompt(tok, r["prompt"]), add_special_tokens=False, verbose=False)["input_ids"] for r in rows]
+        if not train:  # the prompt alone, keeping its end when it is too long
+            self.count(sum(len(p) > self.max_len for p in prompts), len(prompts))
+            return [{"input_ids": p[-self.max_len:], "attention_mask": [1] * len(p[-self.max_len:])} for p in prompts]
+        out, truncated = [], 0
+        for prompt, row in zip(prompts, rows):
+            target = tok(row["target"], add_special_tokens=False, verbose=False)["input_ids"] + [eos]
+            truncated += len(prompt) + len(target) > self.max_len
+            # Over-long: the target keeps up to max_len minus (up to half of max_len) of the prompt's end.
+            target = target[: self.max_len - min(len(prompt), self.max_len // 2)]
+            prompt = prompt[len(prompt) - (self.max_len - len(target)):] if len(prompt) + len(target) > self.max_len else prompt
+            out.append({"input_ids": prompt + target, "attention_mask": [1] * (len(prompt) + len(target)),
+                        "labels": [-100] * len(prompt) + target})
+        self.count(truncated, len(rows))
+        return out
+
+    def collate(self, examples):
+        return self.pad(examples)
+
+    def loss(self, model, batch):
+        return model(**batch).loss
+
+    def predict(self, model, examples, batch_size, device):
+        texts = []
+        for start in range(0, len(examples), batch_size):
+            batch = _to(self.pad(examples[start:start + batch_size], left=True), device)
+            out = model.generate(**batch, max_new_tokens=self.cfg.max_new_tokens, do_sample=False,
+                                 pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
+            texts += self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        return [t.strip() for t in texts]
+
+
+OBJECTIVES = {"retrieval": Retrieval, "classification": Classification, "generation": Generation}
+
+
+# ------------------------------------------------------------------------------- data order
+
+
+class DataOrder:
+    """A seeded, resumable order: epoch e is a permutation drawn from a generator seeded with (seed, e).
+
+    Batches run across epoch boundaries, so every batch is full; the position is one integer.
+    """
+
+    def __init__(self, n: int, seed: int, consumed: int = 0):
+        if n == 0:
+            raise ConfigError("the task has no training examples")
+        self.n, self.seed, self.consumed = n, seed, consumed
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            epoch, pos = divmod(self.consumed, self.n)
+            chunk = _permutation(self.n, self.seed, epoch)[pos:pos + k - len(out)]
+            out += chunk
+            self.consumed += len(chunk)
+        return out
+
+
+@lru_cache(maxsize=4)
+def _permutation(n: int, seed: int, epoch: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+
+def _save_checkpoint(out: Path, model, optimizer, names, state) -> None:
+    """checkpoints/step-N/: adapter (unfolded), optimizer + RNG tensors (safetensors), the rest as JSON."""
+    optim = optimizer.state_dict()
+    tensors = {f"optim/{names[i]}/{k}": v for i, s in optim["state"].items() for k, v in s.items() if torch.is_tensor(v)}
+    tensors["rng/torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors.update({f"rng/cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    python, numpy = random.getstate(), np.random.get_state()
+    meta = {
+        **state,
+        "params": list(names),
+        "optim_scalars": {f"{names[i]}/{k}": v for i, s in optim["state"].items() for k, v in s.items() if not torch.is_tensor(v)},
+        "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optim["param_groups"]],
+        "rng_python": [python[0], list(python[1]), python[2]],
+        "rng_numpy": [numpy[0], numpy[1].tolist(), *numpy[2:]],
+    }
+
+    def write(tmp: Path):
+        dt.save_adapter(model, tmp / "adapter", fold=False)
+        atomic_write_bytes(tmp / "trainer.safetensors", save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+        atomic_write_json(tmp / "trainer.json", meta)
+
+    path = _replace_dir(out / "checkpoints" / f"step-{state['step']:06d}", write)
+    for old in _checkpoints(out):
+        if old != path:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(path: Path, optimizer, names) -> dict:
+    """Restore the optimizer and every RNG from ``path``; returns the loop state saved with them."""
+    try:
+        meta = json.loads((path / "trainer.json").read_text())
+        tensors = load_file(path / "trainer.safetensors")
+    except (OSError, ValueError) as err:
+        raise AdapterFileError(f"checkpoint {path} cannot be read ({err}); delete it to resume from an older one") from None
+    if meta["params"] != list(names):
+        raise AdapterFileError(f"checkpoint {path} was written for other trainable parameters than this model has "
+                               f"({len(meta['params'])} vs {len(names)}); was the method or its options changed?")
+    index = {name: i for i, name in enumerate(names)}
+    optim_state = {}
+    for key, value in tensors.items():
+        if key.startswith("optim/"):
+            _, name, k = key.split("/")
+            optim_state.setdefault(index[name], {})[k] = value
+    for key, value in meta.pop("optim_scalars").items():
+        name, k = key.split("/")
+        optim_state.setdefault(index[name], {})[k] = value
+    groups = meta.pop("param_groups")
+    groups[0]["params"] = list(range(len(names)))  # one group, in the order of ``names``
+    optimizer.load_state_dict({"state": optim_state, "param_groups": groups})
+    torch.set_rng_state(tensors["rng/torch"])
+    if torch.cuda.is_available():
+        cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng/cuda")]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+    python, numpy = meta.pop("rng_python"), meta.pop("rng_numpy")
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    np.random.set_state((numpy[0], np.array(numpy[1], dtype=np.uint32), *numpy[2:]))
+    del meta["params"]
+    return meta
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    folder = out / "checkpoints"
+    found = [p for p in folder.iterdir() if re.fullmatch(r"step-\d+", p.name)] if folder.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def _latest_checkpoint(out: Path) -> Path | None:
+    found = _checkpoints(out)
+    return found[-1] if found else None
+
+
+def _step_of(checkpoint: Path | None) -> int:
+    return int(checkpoint.name.split("-")[1]) if checkpoint else 0
+
+
+def _replace_dir(path: Path, write) -> Path:
+    """Build a directory with ``write(tmp)`` next to ``path``, then swap it in by renames."""
+    tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+# ------------------------------------------------------------------------------------ setup
+
+
+def _resolved(cfg: TrainConfig, task) -> TrainConfig:
+    """The config with its defaults filled in: lr, out_dir, device, and the task name of a TaskData."""
+    if cfg.max_steps < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.eval_every < 1 or cfg.log_every < 1:
+        raise ConfigError("max_steps, batch_size, grad_accum, eval_every and log_every must be >= 1, got "
+                          f"{cfg.max_steps}, {cfg.batch_size}, {cfg.grad_accum}, {cfg.eval_every}, {cfg.log_every}")
+    if cfg.stop_after is not None and cfg.stop_after < 1:
+        raise ConfigError(f"stop_after must be >= 1 or None, got {cfg.stop_after}")
+    task_name = task.name if task is not None else cfg.task
+    slug = lambda s: re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(str(s)).stem or str(s)).strip("-")  # noqa: E731
+    return dataclasses.replace(
+        cfg,
+        task=task_name,
+        options=dict(cfg.options),
+        lr=cfg.lr if cfg.lr is not None else dt.method_info(cfg.method)["lr"],
+        out_dir=str(cfg.out_dir or f"runs/{slug(cfg.model)}-{slug(task_name)}-{slug(cfg.method)}-s{cfg.seed}"),
+        device=cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+    )
+
+
+def _config_from(saved: dict) -> TrainConfig:
+    """The TrainConfig of a run.json, on this machine's device."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return _resolved(TrainConfig(**{k: v for k, v in saved.items() if k in names and k != "device"}), None)
+
+
+def _prepare_out_dir(out: Path, cfg: TrainConfig, checkpoint: Path | None) -> None:
+    """A fresh run clears the previous run's state; a resumed one checks that its config is the same."""
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.resume and checkpoint is None:
+        warnings.warn(f"resume=True but {out} holds no checkpoint; starting from step 0", stacklevel=3)
+    if checkpoint is not None and (out / "run.json").is_file():
+        saved = json.loads((out / "run.json").read_text())
+        now = json.loads(json.dumps(dataclasses.asdict(cfg)))
+        changed = sorted(k for k in now if k not in _RESUMABLE_CHANGES and saved.get(k) != now[k])
+        if changed:
+            raise ConfigError(f"cannot resume {out}: {', '.join(f'{k} was {saved.get(k)!r}, now {now[k]!r}' for k in changed)}; "
+                              "use the original settings, or a new out_dir without resume")
+    if checkpoint is None:
+        for stale in ("checkpoints", "best"):
+            shutil.rmtree(out / stale, ignore_errors=True)
+        for stale in ("log.jsonl", "metrics.json"):
+            (out / stale).unlink(missing_ok=True)
+    atomic_write_json(out / "run.json", dataclasses.asdict(cfg))
+
+
+def _load_task(cfg: TrainConfig):
+    from deltatune.tasks import load_task
+
+    return load_task(cfg.task, seed=cfg.seed, max_train=cfg.max_train, max_eval=cfg.max_eval)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # every device
+
+
+@contextlib.contextmanager
+def _deterministic(enabled: bool):
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    if enabled:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+def _enable_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing of every layer of the Hugging Face model inside ``model``.
+
+    Non-reentrant, so that it works whatever requires grad: with a frozen embedding the reentrant
+    variant would see no input requiring grad and drop the gradients of the deltas inside the layer.
+    """
+    from transformers import PreTrainedModel
+
+    hf = next(m for m in model.modules() if isinstance(m, PreTrainedModel))  # the outermost one
+    kwargs = {"use_reentrant": False}
+    if hasattr(hf, "activation_checkpointing_enable"):  # its name since transformers 5.x; the old one warns
+        hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _autocast(cfg: TrainConfig):
+    return torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=cfg.bf16)
+
+
+def _to(batch, device):
+    if isinstance(batch, dict):
+        return {k: v.to(device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to(b, device) for b in batch)
+    return batch.to(device)
+
+
+def _peak_rss_mb() -> float | None:
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux, bytes on macOS
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def _progress(cfg: TrainConfig, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.max_steps, initial=initial, disable=not cfg.progress, file=sys.stderr,
+                unit="step", dynamic_ncols=True, desc=f"{cfg.method} {cfg.task}")
+
+
+class _Log:
+    """log.jsonl: one JSON object per line. On resume, lines after the checkpoint's step are dropped."""
+
+    def __init__(self, path: Path | None, keep_until: int):
+        self.path = path
+        if path is not None and path.exists() and keep_until:
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= keep_until]
+            atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
+
+    def write(self, record: dict) -> None:
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")

@@ -1,0 +1,219 @@
+"""One matrix over the registry x architecture families, on tiny random models.
+
+For every method on every family it supports: identity at init (where the method starts there),
+only delta/head/selected parameters train and each gets a gradient (also after a no_grad eval pass),
+trainable counts match the method's formula, save -> load onto a fresh model reproduces outputs,
+merged equals unmerged, detach restores the original model.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import deltatune as dt
+from deltatune.sites import find_backbone
+
+from . import tiny
+
+CASES = [
+    (m, f) for m in dt.methods() for f in tiny.FAMILIES if f in dt.method_info(m)["families"]
+]
+IDS = [f"{m}-{f}" for m, f in CASES]
+
+
+def _perturb(model, scale=0.05, seed=3):
+    """Stand-in for training: move every trainable parameter away from its init."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def _dims(family):
+    cfg = tiny.config(family)
+    d, ffn, layers = 32, 64, 2
+    kvd = (cfg.num_key_value_heads * (d // cfg.num_attention_heads)) if family == "llama" else d
+    n_attn = 3 * layers if family in ("t5", "bart") else layers
+    n_ffn = 2 * layers if family in ("t5", "bart") else layers
+    return d, ffn, kvd, n_attn, n_ffn, layers
+
+
+def _ln_count(family):
+    d, _, _, _, _, L = _dims(family)
+    return {
+        "bert": (1 + 2 * L) * 2 * d, "gpt2": (2 * L + 1) * 2 * d, "llama": (2 * L + 1) * d,
+        "t5": (2 * L + 1 + 3 * L + 1) * d, "bart": (2 * L + 1 + 3 * L + 1) * 2 * d, "vit": (2 * L + 1) * 2 * d,
+    }[family]
+
+
+def formula(method, family):
+    """Trainable parameters expected from the paper's shapes, by hand (None: checked structurally)."""
+    d, ffn, kvd, n_attn, n_ffn, _ = _dims(family)
+    head = 3 * d + 3 if family in ("bert", "vit") else 0
+    opts = dt.method_info(method)["options"]
+    if method == "lora":
+        r = opts["r"]
+        return head + n_attn * (r * (d + d) + r * (d + kvd))
+    if method == "ia3":
+        return head + n_attn * 2 * kvd + n_ffn * ffn
+    if method == "houlsby":
+        m = opts["bottleneck"]
+        return head + (n_attn + n_ffn) * (2 * d * m + m + d) + _ln_count(family)
+    if method == "pfeiffer":
+        m = d // opts["reduction"]
+        return head + n_ffn * (2 * d * m + m + d)
+    if method == "parallel":
+        m = opts["bottleneck"]
+        return head + n_ffn * (2 * d * m + m + d)
+    if method == "prefix":
+        length, h = opts["length"], opts["hidden"]
+        return head + n_attn * (length * d + d * h + h + h * 2 * kvd + 2 * kvd)
+    if method == "prompt":
+        return head + opts["length"] * d
+    if method == "ln":
+        return head + _ln_count(family)
+    return None
+
+
+@pytest.fixture(params=CASES, ids=IDS)
+def case(request):
+    return request.param
+
+
+def test_identity_at_init(case):
+    method, family = case
+    base, batch = tiny.model(family), tiny.inputs(family)
+    with torch.no_grad():
+        before = tiny.outputs(base, batch)
+        dt.attach(base, method)
+        after = tiny.outputs(base, batch)
+    if dt.method_info(method)["identity_at_init"]:
+        torch.testing.assert_close(after, before, atol=1e-6, rtol=0)
+    else:
+        assert torch.isfinite(after).all()
+        assert after.shape == before.shape
+
+
+def test_trainable_parameters_and_counts(case):
+    method, family = case
+    model = dt.attach(tiny.model(family), method)
+    prefix, backbone = find_backbone(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    deltas = {n for n in trainable if n.startswith("deltatune.")}
+    assert all(p.requires_grad for n, p in model.named_parameters() if n.startswith("deltatune."))
+    backbone_names = {f"{prefix}.{n}" if prefix else n for n, _ in backbone.named_parameters()} - deltas
+    base_trained = trainable & backbone_names
+    info = dt.method_info(method)
+    if info["kind"] == "delta" and method != "houlsby":
+        assert not base_trained, f"{method} trains base parameters {sorted(base_trained)[:3]}"
+        assert deltas
+    n_trainable, n_total = dt.count_parameters(model)
+    assert n_trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    expected = formula(method, family)
+    if expected is not None:
+        assert n_trainable == expected
+    if method == "bitfit":
+        assert base_trained == {n for n in backbone_names if n.endswith("bias")}
+    if method == "full":
+        assert base_trained == backbone_names
+    if method == "telly":  # k defaults to half of the 2 layers: block 0 and the embeddings stay frozen
+        assert base_trained and not any("embed" in n or "wte" in n for n in base_trained)
+        bottom = (".block.0.",) if family == "t5" else (".layer.0.", ".h.0.", ".layers.0.")
+        assert not any(s in n for n in base_trained for s in bottom)
+    assert 0 < n_trainable <= n_total
+
+
+def test_every_trainable_parameter_gets_a_gradient(case):
+    method, family = case
+    model = dt.attach(tiny.model(family), method)
+    model.train()
+    batch = tiny.inputs(family)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.05)
+    # One step first: zero-initialised factors (LoRA's B, adapters' W_up) block their partners' gradient at init.
+    tiny.loss(model, batch).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    model.eval()
+    with torch.no_grad():  # an evaluation pass must not leave stale state behind (litgpt #1287)
+        model(**batch)
+    model.train()
+    tiny.loss(model, batch).backward()
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    # Position/type rows never indexed by the batch legitimately get no gradient under full training.
+    missing = [n for n in missing if not any(s in n for s in ("position", "token_type", "wpe", "relative_attention_bias"))]
+    assert not missing, f"{len(missing)}/{len(names)} trainable parameters got no gradient: {missing[:5]}"
+
+
+def test_save_then_load_onto_fresh_model(case, tmp_path):
+    method, family = case
+    model = dt.attach(tiny.model(family), method)
+    _perturb(model)
+    batch = tiny.inputs(family)
+    with torch.no_grad():
+        want = tiny.outputs(model, batch)
+    dt.save_adapter(model, tmp_path / "a")
+    fresh = dt.load_adapter(tiny.model(family), tmp_path / "a")
+    with torch.no_grad():
+        got = tiny.outputs(fresh, batch)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert not any(f.suffix in (".bin", ".pt", ".pkl") for f in (tmp_path / "a").iterdir())
+
+
+def test_merge_equals_unmerged_and_unmerge_restores(case):
+    method, family = case
+    model = dt.attach(tiny.model(family), method)
+    _perturb(model)
+    batch = tiny.inputs(family)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if not n.startswith("deltatune.")}
+    with torch.no_grad():
+        unmerged = tiny.outputs(model, batch)
+        merged_keys = dt.merge(model)
+        merged = tiny.outputs(model, batch)
+        dt.unmerge(model)
+        again = tiny.outputs(model, batch)
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(again, unmerged, atol=1e-5, rtol=1e-5)
+    if dt.method_info(method)["mergeable"] and dt.method_info(method)["kind"] == "delta":
+        assert merged_keys
+    for n, p in model.named_parameters():
+        if n in weights:
+            torch.testing.assert_close(p.detach(), weights[n], atol=1e-5, rtol=1e-5)
+
+
+def test_detach_restores_the_original_model(case):
+    method, family = case
+    model, batch = tiny.model(family), tiny.inputs(family)
+    keys = list(model.state_dict())
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with torch.no_grad():
+        before = tiny.outputs(model, batch)
+    dt.attach(model, method)
+    _perturb(model)
+    if dt.method_info(method)["mergeable"]:
+        dt.merge(model)  # detach must also undo a merge
+    dt.detach(model)
+    assert list(model.state_dict()) == keys
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert not hasattr(model, "deltatune")
+    with torch.no_grad():
+        after = tiny.outputs(model, batch)
+    torch.testing.assert_close(after, before, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("method", dt.methods())
+def test_bad_options_are_named(method):
+    model = tiny.model("bert")
+    with pytest.raises(dt.DeltatuneError, match="no option 'bogus'.*valid options"):
+        dt.attach(model, method, bogus=1)
+    opts = dt.method_info(method)["options"]
+    if "sites" in opts:
+        with pytest.raises(dt.SiteError, match="known sites"):
+            dt.attach(model, method, sites=["attn.nowhere"])
+    for key, value in opts.items():
+        if isinstance(value, int) and not isinstance(value, bool):
+            with pytest.raises(dt.ConfigError, match=key):
+                dt.attach(model, method, **{key: "many"})
+    assert not hasattr(model, "deltatune"), "a rejected attach must leave the model untouched"
