@@ -1,0 +1,176 @@
+"""The sequence mechanisms (prefix keys/values, prompt tokens) under padding and generation, named
+adapters side by side, gradient checkpointing, and shapes drawn by hypothesis."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import deltatune as dt
+
+from . import tiny
+
+
+def _perturbed(family, method, **opts):
+    model = dt.attach(tiny.model(family), method, **opts)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+@pytest.mark.parametrize("family,pad", [("bert", "right"), ("gpt2", "left"), ("llama", "left"), ("llama", "right"),
+                                        ("t5", "right"), ("bart", "right")])
+def test_padding_does_not_change_real_positions(method, family, pad):
+    """A padded row gives the same outputs at its real tokens as the same row alone, unpadded."""
+    model = _perturbed(family, method)
+    batch = tiny.inputs(family, pad=pad)
+    if family in ("gpt2", "llama"):  # positions counted from the first real token, as generate() does
+        batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    mask = batch["attention_mask"][-1].bool()
+    alone = {k: (v[-1:, mask] if k in ("input_ids", "attention_mask", "position_ids") else v[-1:]) for k, v in batch.items()}
+    with torch.no_grad():
+        padded = model(**batch).logits[-1]
+        single = model(**alone).logits[0]
+    if padded.shape[0] == mask.shape[0]:  # decoder-only: per input position
+        padded = padded[mask]
+    torch.testing.assert_close(padded, single, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt", "lora"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "t5", "bart"])
+def test_generate_with_cache_matches_full_recompute(method, family):
+    model = _perturbed(family, method)
+    batch = tiny.inputs(family, pad="left" if family in ("gpt2", "llama") else "right")
+    batch.pop("decoder_input_ids", None)
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        cached = model.generate(**batch, use_cache=True, **kwargs)
+        uncached = model.generate(**batch, use_cache=False, **kwargs)
+    assert torch.equal(cached, uncached)
+
+
+def test_prefix_changes_generation_and_detach_undoes_it():
+    base = tiny.model("llama")
+    batch = tiny.inputs("llama", pad="left")
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        plain = base.generate(**batch, **kwargs)
+        dt.attach(base, "prefix", hidden=0)
+        with torch.no_grad():
+            for p in base.deltatune.parameters():
+                p.mul_(200.0)
+        tuned = base.generate(**batch, **kwargs)
+        dt.detach(base)
+        back = base.generate(**batch, **kwargs)
+    assert not torch.equal(plain, tuned)
+    assert torch.equal(plain, back)
+    assert base.config._attn_implementation != "deltatune"
+
+
+def test_named_adapters_switch_save_and_load(tmp_path):
+    model = tiny.model("bert")
+    batch = tiny.inputs("bert")
+    with torch.no_grad():
+        base_out = tiny.outputs(model, batch)
+    dt.attach(model, "lora", adapter="a")
+    dt.attach(model, "ia3", adapter="b")
+    assert dt.adapters(model) == ["a", "b"] and dt.active_adapters(model) == ["b"]
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.deltatune.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    # only the active adapter's deltas (and the head) train
+    trainable = {n.split(".")[2] for n, p in model.named_parameters() if p.requires_grad and n.startswith("deltatune.")}
+    assert trainable == {"b"}
+    with torch.no_grad():
+        out_b = tiny.outputs(model, batch)
+        dt.set_active(model, "a")
+        out_a = tiny.outputs(model, batch)
+        dt.set_active(model, "a", "b")
+        out_ab = tiny.outputs(model, batch)
+    assert not torch.allclose(out_a, out_b) and not torch.allclose(out_ab, out_a)
+    dt.save_adapter(model, tmp_path / "a", adapter="a")
+    with pytest.raises(dt.ConfigError, match="adapter=NAME"):
+        dt.save_adapter(model, tmp_path / "x")
+    fresh = dt.load_adapter(tiny.model("bert"), tmp_path / "a")
+    with torch.no_grad():
+        torch.testing.assert_close(tiny.outputs(fresh, batch), out_a, atol=1e-5, rtol=1e-5)
+    dt.detach(model, "a")
+    dt.detach(model, "b")
+    with torch.no_grad():
+        torch.testing.assert_close(tiny.outputs(model, batch), base_out, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["lora", "prefix", "prompt", "houlsby", "parallel", "ia3"])
+def test_gradient_checkpointing_gives_the_same_gradients(method):
+    grads = []
+    for checkpointing in (False, True):
+        model = _perturbed("llama", method)
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        tiny.loss(model, tiny.inputs("llama")).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-5, rtol=1e-4)
+
+
+def test_frozen_lower_layers_build_no_graph():
+    """Below the lowest trainable site nothing requires grad, so autograd records nothing there."""
+    model = dt.attach(tiny.model("bert", layers=4), "lora", layers=[3])
+    seen = []
+    layer0 = model.bert.encoder.layer[0]
+    layer0.register_forward_hook(lambda m, a, out: seen.append(out[0].requires_grad if isinstance(out, tuple) else out.requires_grad))
+    model.train()
+    model(**tiny.inputs("bert"))
+    assert seen == [False]
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    family=st.sampled_from(["bert", "gpt2", "llama"]),
+    heads=st.sampled_from([1, 2, 4]),
+    head_dim=st.sampled_from([4, 8]),
+    r=st.integers(1, 6),
+    alpha=st.floats(0.5, 64),
+    sites=st.lists(st.sampled_from(["attn.q", "attn.k", "attn.v", "attn.o", "ffn.in", "ffn.out"]), min_size=1, max_size=3, unique=True),
+)
+def test_lora_any_shape(family, heads, head_dim, r, alpha, sites):
+    hidden = heads * head_dim
+    model = tiny.model(family, hidden=hidden, heads=heads, ffn=2 * hidden)
+    batch = tiny.inputs(family)
+    with torch.no_grad():
+        before = tiny.outputs(model, batch)
+        dt.attach(model, "lora", r=r, alpha=alpha, sites=sites)
+        torch.testing.assert_close(tiny.outputs(model, batch), before, atol=1e-6, rtol=0)
+        for p in model.deltatune.parameters():
+            p.add_(0.05)
+        unmerged = tiny.outputs(model, batch)
+        dt.merge(model)
+        torch.testing.assert_close(tiny.outputs(model, batch), unmerged, atol=1e-4, rtol=1e-4)
+    n_delta = sum(p.numel() for p in model.deltatune.parameters())
+    from deltatune.sites import resolve, target_features
+
+    expected = sum(r * sum(target_features(t)) for s in sites for t in resolve(model, s))
+    assert n_delta == expected
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    method=st.sampled_from(["lora", "ia3", "houlsby", "pfeiffer", "parallel", "prefix", "prompt", "telly", "lightweight"]),
+    key=st.sampled_from(["r", "alpha", "bottleneck", "reduction", "scale", "length", "hidden", "k", "mode", "sites", "layers", "dropout"]),
+    value=st.one_of(st.integers(-5, 100), st.floats(allow_nan=True), st.text(max_size=5), st.none(),
+                    st.lists(st.integers(-2, 5), max_size=3), st.booleans()),
+)
+def test_any_options_raise_only_deltatune_errors(method, key, value):
+    model = tiny.model("bert")
+    try:
+        dt.attach(model, method, **{key: value})
+    except dt.DeltatuneError:
+        assert not hasattr(model, "deltatune")
