@@ -27,6 +27,7 @@ from .core import (
     unmerge,
 )
 from .errors import AdapterFileError, ConfigError, DataError, DeltatuneError, SiteError, TrainingError
+from . import io
 from .io import load_adapter, read_adapter, save_adapter
 from .sites import SITES, family_of, known_sites
 
