@@ -30,14 +30,19 @@ __all__ = ["TASKS", "TaskData", "load_task"]
 
 TASKS: dict[str, str] = {
     "code-search": "retrieve a stdlib function from its docstring summary (CodeSearchNet / CodeXGLUE code search; MRR)",
-    "docstring-match": "does this docstring summary belong to this function? (CuBERT function-docstring mismatch; accuracy)",
-    "exception-type": "predict the exception type masked as __HOLE__ in an except clause (CuBERT exception classification; accuracy)",
-    "bug-detect": "is this function correct or does it carry a synthetic bug: variable misuse, wrong operator, swapped operands (CuBERT-style; accuracy)",
+    "docstring-match": "does this docstring summary belong to this function? "
+                       "(CuBERT function-docstring mismatch; accuracy)",
+    "exception-type": "predict the exception type masked as __HOLE__ in an except clause "
+                      "(CuBERT exception classification; accuracy)",
+    "bug-detect": "is this function correct or does it carry a synthetic bug: variable misuse, wrong operator, "
+                  "swapped operands (CuBERT-style; accuracy)",
     "code-summarization": "write the docstring summary line of a function (CodeXGLUE code-to-text; smoothed BLEU-4)",
-    "function-naming": "predict a function's name, masked as __NAME__ (code2seq method naming; exact match, subtoken F1)",
+    "function-naming": "predict a function's name, masked as __NAME__ "
+                       "(code2seq method naming; exact match, subtoken F1)",
 }
 
-_TEXT_FIELDS = {"retrieval": ("query", "code"), "classification": ("text", "text_pair"), "generation": ("prompt", "target")}
+_TEXT_FIELDS = {"retrieval": ("query", "code"), "classification": ("text", "text_pair"),
+                "generation": ("prompt", "target")}
 
 
 @dataclass
@@ -75,10 +80,12 @@ class TaskData:
         rows = self.split(split)
         if self.kind == "retrieval":
             if not (isinstance(predictions, (tuple, list)) and len(predictions) == 2):
-                raise DataError(f"{self.name}: retrieval predictions must be a pair (query_emb, code_emb) of (N, D) arrays")
+                raise DataError(f"{self.name}: retrieval predictions must be a pair (query_emb, code_emb) "
+                                f"of (N, D) arrays")
             q, c = predictions
             if len(q) != len(rows) or len(c) != len(rows):
-                raise DataError(f"{self.name}/{split}: got {len(q)} query and {len(c)} code embeddings for {len(rows)} examples")
+                raise DataError(f"{self.name}/{split}: got {len(q)} query and {len(c)} code embeddings "
+                                f"for {len(rows)} examples")
             return _m.retrieval_scores(q, c)
         if len(predictions) != len(rows):
             raise DataError(f"{self.name}/{split}: got {len(predictions)} predictions for {len(rows)} examples")

@@ -30,6 +30,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import random
@@ -38,6 +39,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+import tokenize
 from collections import Counter
 from functools import lru_cache
 from pathlib import Path
@@ -159,7 +161,7 @@ def _function_record(node, lines: list[str], relpath: str) -> dict | None:
 def extract_file(source: str, relpath: str) -> list[dict]:
     """Records of all in-bounds functions of one module's source (raises SyntaxError if it does not parse)."""
     tree = ast.parse(source)
-    lines = source.splitlines()
+    lines = re.split(r"\r\n|\r|\n", source)  # ast's line breaks only (str.splitlines also breaks on \f etc.)
     records = []
     for node in _walk_statements(tree.body, into_functions=True):
         if isinstance(node, _FUNCS):
@@ -171,8 +173,6 @@ def extract_file(source: str, relpath: str) -> list[dict]:
 
 def _read_source(path: Path) -> str:
     """Decode a module honouring its coding cookie and BOM (as the interpreter does)."""
-    import io
-    import tokenize
     raw = path.read_bytes()
     encoding, _ = tokenize.detect_encoding(io.BytesIO(raw).readline)
     return raw.decode(encoding)
@@ -191,7 +191,7 @@ def extract_corpus(root: str | Path | None = None) -> dict:
             rel = path.relative_to(root).as_posix()
             try:
                 records = extract_file(_read_source(path), rel)
-            except (SyntaxError, ValueError, UnicodeDecodeError, LookupError, RecursionError):
+            except (OSError, SyntaxError, ValueError, UnicodeDecodeError, LookupError, RecursionError):
                 skipped.append(rel)
                 continue
             n_files += 1
@@ -266,38 +266,35 @@ def _alternatives(op: ast.AST) -> list[type]:
 
 
 def _bug_sites(fn: ast.AST) -> dict[str, list]:
-    """Where each bug kind can be applied in a parsed function: lists of (node, ...) candidates."""
+    """Candidate nodes for each bug kind in a parsed function (one walk), plus its variable names."""
     args = fn.args
     variables = {a.arg for a in args.posonlyargs + args.args + args.kwonlyargs}
     variables |= {a.arg for a in (args.vararg, args.kwarg) if a}
-    names = [n for n in ast.walk(fn) if isinstance(n, ast.Name)]
-    variables |= {n.id for n in names if isinstance(n.ctx, ast.Store)}
-    uses = [n for n in names if isinstance(n.ctx, ast.Load) and n.id in variables]
-    sites = {"variable-misuse": uses if len(variables) >= 2 else [], "wrong-operator": [], "swapped-operands": []}
+    loads, operators, swaps = [], [], []
     for node in ast.walk(fn):
-        if isinstance(node, (ast.BinOp, ast.BoolOp)) and _alternatives(node.op):
-            sites["wrong-operator"].append(node)
-        elif isinstance(node, ast.Compare) and len(node.ops) == 1 and _alternatives(node.ops[0]):
-            sites["wrong-operator"].append(node)
-        if isinstance(node, ast.BinOp) and isinstance(node.op, _NON_COMMUTATIVE) \
-                and ast.dump(node.left) != ast.dump(node.right):
-            sites["swapped-operands"].append(node)
-        elif isinstance(node, ast.Compare) and len(node.ops) == 1 and isinstance(node.ops[0], _NON_COMMUTATIVE) \
-                and ast.dump(node.left) != ast.dump(node.comparators[0]):
-            sites["swapped-operands"].append(node)
-    sites["_variables"] = sorted(variables)
-    return sites
+        if isinstance(node, ast.Name):
+            if isinstance(node.ctx, ast.Store):
+                variables.add(node.id)
+            elif isinstance(node.ctx, ast.Load):
+                loads.append(node)
+        elif isinstance(node, (ast.BinOp, ast.BoolOp)):
+            if _alternatives(node.op):
+                operators.append(node)
+            if isinstance(node.op, _NON_COMMUTATIVE) and ast.dump(node.left) != ast.dump(node.right):
+                swaps.append(node)
+        elif isinstance(node, ast.Compare) and len(node.ops) == 1:
+            if _alternatives(node.ops[0]):
+                operators.append(node)
+            if isinstance(node.ops[0], _NON_COMMUTATIVE) and ast.dump(node.left) != ast.dump(node.comparators[0]):
+                swaps.append(node)
+    uses = [n for n in loads if n.id in variables] if len(variables) >= 2 else []
+    return {"variable-misuse": uses, "wrong-operator": operators, "swapped-operands": swaps,
+            "_variables": sorted(variables)}
 
 
-def inject_bug(code: str, rng: random.Random) -> tuple[str, str] | None:
-    """(buggy code, bug kind) for one function's code, rendered with ``ast.unparse``; None if no bug applies."""
-    tree = ast.parse(code)
-    fn = tree.body[0]
-    sites = _bug_sites(fn)
-    kinds = [k for k in BUG_KINDS if sites[k]]
-    if not kinds:
-        return None
-    kind = rng.choice(kinds)
+def _apply_bug(sites: dict[str, list], rng: random.Random) -> str:
+    """Mutate one seeded site of a seeded applicable kind in place; return the kind."""
+    kind = rng.choice([k for k in BUG_KINDS if sites[k]])
     node = rng.choice(sites[kind])
     if kind == "variable-misuse":
         node.id = rng.choice([v for v in sites["_variables"] if v != node.id])
@@ -310,6 +307,16 @@ def inject_bug(code: str, rng: random.Random) -> tuple[str, str] | None:
         node.left, node.right = node.right, node.left
     else:
         node.left, node.comparators = node.comparators[0], [node.left]
+    return kind
+
+
+def inject_bug(code: str, rng: random.Random) -> tuple[str, str] | None:
+    """(buggy code, bug kind) for one function's code, rendered with ``ast.unparse``; None if no bug applies."""
+    tree = ast.parse(code)
+    sites = _bug_sites(tree.body[0])
+    if not any(sites[k] for k in BUG_KINDS):
+        return None
+    kind = _apply_bug(sites, rng)
     return ast.unparse(tree) + "\n", kind
 
 
@@ -429,24 +436,23 @@ def _bug_detect(corpus: dict) -> TaskData:
     """Each documented function appears once: as written (correct) or with one seeded synthetic bug (buggy)."""
     out, kinds = {}, Counter()
     for split, fs in _by_split(_documented(corpus)).items():
-        candidates = []
+        candidates = []  # (function, its parsed tree, bug sites) where some bug applies
         for f in fs:
             try:
-                clean = ast.unparse(ast.parse(f["code"])) + "\n"
-                bug = inject_bug(f["code"], random.Random(f"bug-detect:{f['path']}:{f['line']}"))
+                tree = ast.parse(f["code"])
             except (SyntaxError, ValueError, RecursionError):
                 continue
-            if bug and bug[0] != clean:
-                candidates.append((f, clean, bug))
+            sites = _bug_sites(tree.body[0])
+            if any(sites[k] for k in BUG_KINDS):
+                candidates.append((f, tree, sites))
         order = list(range(len(candidates)))
         random.Random(f"bug-detect:{split}").shuffle(order)
         buggy = set(order[: len(candidates) // 2])
         rows = []
-        for i, (f, clean, (bad, kind)) in enumerate(candidates):
-            row = {"text": bad if i in buggy else clean, "label": int(i in buggy),
-                   "bug": kind if i in buggy else "", **_origin(f)}
-            kinds[kind if i in buggy else "correct"] += 1
-            rows.append(row)
+        for i, (f, tree, sites) in enumerate(candidates):
+            kind = _apply_bug(sites, random.Random(f"bug-detect:{f['path']}:{f['line']}")) if i in buggy else ""
+            rows.append({"text": ast.unparse(tree) + "\n", "label": int(i in buggy), "bug": kind, **_origin(f)})
+            kinds[kind or "correct"] += 1
         out[split] = rows
     notes = _COMMON_NOTES + [
         "documented functions (docstring removed) where at least one bug kind applies; half per split get one bug, "

@@ -191,8 +191,8 @@ def split_rows(rows: list[dict], fractions=(0.8, 0.1, 0.1)) -> tuple[list[dict],
     """Deterministic 80/10/10 split: order by content hash, cut by counts, restore file order."""
     n = len(rows)
     n_eval = max(1, round(n * fractions[1])) if n >= 3 else 0
-    key = [hashlib.sha256(json.dumps({k: v for k, v in r.items() if k != "_where"}, sort_keys=True).encode()).hexdigest()
-           for r in rows]
+    key = [hashlib.sha256(json.dumps({k: v for k, v in r.items() if k != "_where"}, sort_keys=True).encode())
+           .hexdigest() for r in rows]
     order = sorted(range(n), key=lambda i: (key[i], i))
     valid, test = set(order[:n_eval]), set(order[n_eval:2 * n_eval])
     return ([r for i, r in enumerate(rows) if i not in valid and i not in test],
@@ -217,7 +217,8 @@ def assemble(name: str, kind: str, splits: dict[str, list[dict]], labels: list[s
     for rows in splits.values():
         for r in rows:
             r.pop("_where", None)
-    return TaskData(name, kind, metric, labels, splits["train"], splits["valid"], splits["test"], source, notes, metrics)
+    return TaskData(name, kind, metric, labels, splits["train"], splits["valid"], splits["test"],
+                    source, notes, metrics)
 
 
 def _find(directory: Path, stems: tuple[str, ...]) -> Path | None:
@@ -250,7 +251,7 @@ def load_path(path: str | Path, labels: list[str] | None = None) -> TaskData:
                 raise DataError(f"{files[s]}: holds {k} columns but {files['train']} holds {kind} columns; "
                                 f"all split files must have the same columns")
         splits = {s: _clean(rows, kind, files[s]) for s, rows in raw.items()}
-        notes = [f"splits from files: " + ", ".join(f"{s}={f.name}" for s, f in files.items() if f)]
+        notes = ["splits from files: " + ", ".join(f"{s}={f.name}" for s, f in files.items() if f)]
         if "valid" in splits and "test" not in splits:
             splits["test"] = splits.pop("valid")
         if "test" in splits and "valid" not in splits:
@@ -288,7 +289,8 @@ def _hf_rows(ds, where: str, label_names: list[str] | None) -> tuple[str, list[d
         return kind, [{k: row[k] for k in keep} | {"_where": f"{where}, row {i}"} for i, row in enumerate(ds)], None
     if "label" not in cols:
         raise DataError(f"{where}: no 'label' column (found columns: {', '.join(sorted(cols))}); "
-                        f"accepted column sets: {ACCEPTED}, or GLUE-style sentence/sentence1+sentence2/question+sentence")
+                        f"accepted column sets: {ACCEPTED}, or GLUE-style sentence / sentence1+sentence2 / "
+                        f"question+sentence")
     pair = next(((a, b) for a, b in HF_TEXT_COLUMNS if a in cols and (b is None or b in cols)), None)
     if pair is None:
         raise DataError(f"{where}: no text column (found columns: {', '.join(sorted(cols))}); expected one of "
@@ -349,10 +351,11 @@ def load_hf(spec: str, labels: list[str] | None = None) -> TaskData:
     elif valid_name:
         train, valid = carve(mapped["train"], seed=f"valid:hf:{spec}")
         splits = {"train": train, "valid": valid, "test": mapped[valid_name]}
-        notes.append(f"test labels hidden or absent (GLUE): {valid_name} is the test split; valid = seeded 10% of train")
+        notes.append(f"test labels hidden or absent (GLUE): {valid_name} is the test split; "
+                     f"valid = seeded 10% of train")
     else:
         train, valid, test = split_rows(mapped["train"])
         splits = {"train": train, "valid": valid, "test": test}
         notes.append("only a train split: split 80/10/10 by content hash")
-    return assemble(local.name if local.exists() else spec.replace("/", "-"), kind, splits, names if labels is None else labels,
-                    f"Hugging Face dataset {spec}", notes)
+    name = local.name if local.exists() else spec.replace("/", "-")
+    return assemble(name, kind, splits, names if labels is None else labels, f"Hugging Face dataset {spec}", notes)
