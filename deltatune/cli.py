@@ -241,18 +241,23 @@ def _print_summary(summary: dict, out) -> None:
 def cmd_eval(args) -> int:
     from deltatune.errors import AdapterFileError
 
-    if not Path(args.adapter).is_dir():
-        raise AdapterFileError(f"no adapter directory at {args.adapter}; train one with `deltatune train ... --out DIR`")
+    adapter = Path(args.adapter)
+    if not adapter.is_dir():
+        raise AdapterFileError(f"no adapter directory at {adapter}; train one with `deltatune train ... --out DIR`")
+    if not (adapter / "adapter.safetensors").is_file() and (adapter / "best" / "adapter.safetensors").is_file():
+        adapter = adapter / "best"  # a run directory: its best adapter on the validation split
     if args.task:
         _check_task(args.task)
     from deltatune.train import evaluate
 
-    metrics = evaluate(args.adapter, task=args.task, split=args.split)
+    metrics = evaluate(adapter, task=args.task, split=args.split)
     if args.json:
         print(json.dumps(metrics, default=_jsonable), flush=True)
     else:
+        print(f"{metrics.get('task')} {metrics.get('split')}: {metrics.get('metric')} = {metrics.get('value'):.4f}")
         for key, value in metrics.items():
-            print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+            if key not in ("task", "split", "metric", "value", metrics.get("metric")):
+                print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
     return 0
 
 
@@ -328,7 +333,7 @@ def cmd_bench(args) -> int:
                    "--method", method, "--seed", str(seed), "--out", str(run_dir), "--json", *shared]
         for item in sets[method]:
             command += ["--set", item]
-        print(f"[{i}/{len(plan)}] {method} seed {seed}: {shlex.join(command[1:])}", file=sys.stderr, flush=True)
+        print(f"[{i}/{len(plan)}] {method} seed {seed}: deltatune {shlex.join(command[3:])}", file=sys.stderr, flush=True)
         # A fresh process per run, so that peak RSS and timings belong to that run alone.
         proc = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=_child_env())
         summary = _last_json_line(proc.stdout) if proc.returncode == 0 else None
@@ -424,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a saved adapter")
-    p.add_argument("--adapter", required=True, metavar="DIR", help="directory written by `deltatune train`")
+    p.add_argument("--adapter", required=True, metavar="DIR",
+                   help="an adapter directory, or the --out of `deltatune train` (then its best/ adapter)")
     p.add_argument("--task", help="evaluate on this task instead of the one it was trained on")
     p.add_argument("--split", default="test", choices=["train", "valid", "test"], help="default test")
     p.add_argument("--json", action="store_true", help="print one JSON line")

@@ -41,6 +41,8 @@ ZERO_SHOT = "zero-shot"
 def normalize_row(summary: dict, **extra) -> dict:
     """One results.csv row from a training summary: scalar values only, plus trainable_pct."""
     row = {k: v for k, v in {**summary, **extra}.items() if v is None or isinstance(v, (str, int, float, bool))}
+    if isinstance(summary.get("options"), dict):  # the method options of the run, readable in one cell
+        row["options"] = json.dumps(summary["options"], sort_keys=True)
     trainable, total = row.get("trainable_params"), row.get("total_params")
     if isinstance(trainable, (int, float)) and isinstance(total, (int, float)) and total:
         row["trainable_pct"] = 100.0 * trainable / total

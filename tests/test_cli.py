@@ -1,0 +1,169 @@
+"""The command line, end to end: `--set` parsing, the registry listings, errors (one line, exit code 2),
+`train --json` on a tiny model, and `report DIR` on synthetic rows."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import deltatune as dt
+from deltatune import cli, report
+
+ROOT = Path(__file__).resolve().parent.parent
+REQUIRED_KEYS = {"method", "task", "model", "metric", "value", "trainable_params", "total_params",
+                 "train_seconds", "step_seconds_median", "peak_rss_mb"}
+
+
+def run(capsys, *argv):
+    """main(argv) -> (exit code, stdout, stderr); argparse's own exits count too."""
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ----------------------------------------------------------------------------- --set
+
+@pytest.mark.parametrize("text, value", [
+    ("16", 16), ("-3", -3), ("0.1", 0.1), ("1e-3", 1e-3), ("true", True), ("False", False),
+    ("none", None), ("attn.q", "attn.q"), ("attn.q,attn.v", ["attn.q", "attn.v"]),
+    ("4,8", [4, 8]), ("ffn.out,", ["ffn.out"]), (" 7 ", 7),
+])
+def test_parse_value(text, value):
+    assert cli.parse_value(text) == value
+    assert type(cli.parse_value(text)) is type(value)
+
+
+def test_parse_sets_later_key_wins():
+    assert cli.parse_sets(["r=16", "sites=attn.q,attn.v", "alpha=32", "r=8", "bias=false"]) == {
+        "r": 8, "sites": ["attn.q", "attn.v"], "alpha": 32, "bias": False}
+    assert cli.parse_sets(None) == {}
+
+
+@pytest.mark.parametrize("bad", ["r16", "=16", "r=", "1r=2", "r x=1"])
+def test_bad_set_is_one_line_exit_2(capsys, bad):
+    code, out, err = run(capsys, "train", "--model", "tiny-bert", "--task", "code-search", "--method", "lora",
+                         "--set", bad)
+    assert code == 2
+    assert err.count("\n") == 1 and "KEY=VALUE" in err and repr(bad) in err
+    assert "Traceback" not in err
+
+
+def test_seeds_count_or_list():
+    assert cli._seeds("3") == [0, 1, 2]
+    assert cli._seeds("0,7,9") == [0, 7, 9]
+
+
+# ----------------------------------------------------------------------------- listings and errors
+
+def test_help_is_fast_and_lists_every_command():
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "deltatune", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0
+    for command in ("methods", "tasks", "train", "eval", "bench", "report", "demo"):
+        assert command in proc.stdout
+    assert time.monotonic() - start < 10
+
+
+def test_unknown_command_is_one_line(capsys):
+    code, out, err = run(capsys, "frobnicate")
+    assert code == 2 and err.count("\n") == 1 and "methods" in err
+
+
+def test_methods_json_lists_the_registry(capsys):
+    code, out, err = run(capsys, "methods", "--json")
+    assert code == 0
+    listed = json.loads(out)
+    assert [m["name"] for m in listed] == dt.methods()
+    for entry in listed:
+        assert {"name", "paper", "options", "lr", "mergeable"} <= set(entry)
+
+
+def test_methods_table_has_a_row_per_method(capsys):
+    code, out, err = run(capsys, "methods")
+    assert code == 0
+    names = [line.split()[0] for line in out.splitlines()[2:]]
+    assert names == dt.methods()
+
+
+def test_tasks_lists_and_shows_a_card(capsys):
+    from deltatune.tasks import TASKS
+
+    code, out, err = run(capsys, "tasks", "--json")
+    assert code == 0 and [t["name"] for t in json.loads(out)] == list(TASKS)
+    code, out, err = run(capsys, "tasks", "show", "code-search")
+    assert code == 0 and out.strip()
+
+
+@pytest.mark.parametrize("flag, value, listed", [
+    ("--method", "no-such-method", "lora"),
+    ("--task", "no-such-task", "code-search"),
+])
+def test_unknown_method_or_task_lists_the_choices(capsys, flag, value, listed):
+    argv = {"--model": "tiny-bert", "--task": "code-search", "--method": "lora", flag: value}
+    code, out, err = run(capsys, "train", *[x for kv in argv.items() for x in kv])
+    assert code == 2
+    assert err.count("\n") == 1 and value in err and listed in err and "Traceback" not in err
+
+
+def test_unknown_model_lists_the_choices(capsys, tmp_path):
+    code, out, err = run(capsys, "train", "--model", "no-such-model", "--task", "code-search", "--method", "lora",
+                         "--max-steps", "1", "--max-train", "8", "--max-eval", "8", "--out", str(tmp_path))
+    assert code == 2
+    assert err.count("\n") == 1 and "no-such-model" in err and "minilm" in err and "Traceback" not in err
+
+
+def test_bench_rejects_scoped_set_for_a_method_not_benched(capsys, tmp_path):
+    code, out, err = run(capsys, "bench", "--model", "tiny-bert", "--task", "code-search", "--methods", "lora",
+                         "--set", "bitfit:r=4", "--out", str(tmp_path))
+    assert code == 2 and "bitfit" in err
+
+
+def test_eval_missing_adapter_dir(capsys, tmp_path):
+    code, out, err = run(capsys, "eval", "--adapter", str(tmp_path / "nowhere"))
+    assert code == 2 and "no adapter directory" in err
+
+
+# ----------------------------------------------------------------------------- report DIR
+
+def test_report_rebuilds_from_results_csv(capsys, tmp_path):
+    rows = [report.normalize_row({"method": m, "task": "code-search", "model": "tiny-bert", "metric": "ndcg@10",
+                                  "value": v, "trainable_params": p, "total_params": 1000, "train_seconds": 1.0,
+                                  "step_seconds_median": 0.1, "peak_rss_mb": 300.0}, seed=0)
+            for m, v, p in [("full", 0.5, 1000), ("lora", 0.4, 20)]]
+    report.write_csv(rows, tmp_path / "results.csv")
+    code, out, err = run(capsys, "report", str(tmp_path))
+    assert code == 0, err
+    assert "| lora |" in out and str(tmp_path / "report.html") in out
+    for name in ("results.md", "metric_vs_params.png", "step_time.png", "report.html"):
+        assert (tmp_path / name).is_file()
+
+
+def test_report_without_results_is_exit_2(capsys, tmp_path):
+    code, out, err = run(capsys, "report", str(tmp_path))
+    assert code == 2 and "deltatune bench" in err
+
+
+# ----------------------------------------------------------------------------- the engine, for real
+
+def test_train_json_last_line_then_eval(capsys, tmp_path):
+    out_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "deltatune", "train", "--model", "tiny-bert", "--task",
+                           "code-search", "--method", "lora", "--set", "r=2", "--max-steps", "3",
+                           "--batch-size", "4", "--max-train", "16", "--max-eval", "8", "--out", str(out_dir),
+                           "--json"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert REQUIRED_KEYS <= set(summary)
+    assert summary["method"] == "lora" and 0 < summary["trainable_params"] < summary["total_params"]
+    assert (out_dir / "metrics.json").is_file()
+
+    code, out, err = run(capsys, "eval", "--adapter", str(out_dir), "--json")  # the run dir: its best/ adapter
+    assert code == 0, err
+    metrics = json.loads(out.strip().splitlines()[-1])
+    assert metrics["metric"] == summary["metric"] and metrics["split"] == "test"
