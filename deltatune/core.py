@@ -34,7 +34,7 @@ def register(cls):
     """Class decorator: make a Method available by its ``name`` to the API, the CLI and the tests."""
     if not cls.name or cls.name in REGISTRY:
         raise ValueError(f"method name {cls.name!r} is empty or already registered")
-    REGISTRY[cls.name] = dataclass(cls) if not dataclasses.is_dataclass(cls) or "__dataclass_fields__" not in cls.__dict__ else cls
+    REGISTRY[cls.name] = dataclass(cls)
     return REGISTRY[cls.name]
 
 
@@ -96,15 +96,43 @@ class Method:
         return self.options()
 
 
-def _type_ok(value, annotation) -> bool:
-    hint = annotation if not isinstance(annotation, str) else {"int": int, "float": float, "bool": bool, "str": str}.get(annotation)
-    if hint is None:
-        return True  # composite annotations are checked by the method's own ``check``
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, hint)
+_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "list": list}
+
+
+def _check_value(method: str, key: str, value, f) -> object:
+    """Validate one option against its annotation and metadata; returns the normalised value."""
+    text = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", None) or str(f.type)
+    names = [t.strip() for t in text.split("|")]
+    if value is None:
+        if "None" in names:
+            return None
+        raise ConfigError(f"{method}: option '{key}' cannot be None")
+    want = _TYPES.get(next(t for t in names if t != "None"), object)
+    if want is list and isinstance(value, str):
+        value = [v for v in value.split(",") if v]
+    if want is list and isinstance(value, tuple):
+        value = list(value)
+    ok = (
+        isinstance(value, (int, float)) and not isinstance(value, bool) if want is float
+        else isinstance(value, int) and not isinstance(value, bool) if want is int
+        else isinstance(value, want)
+    )
+    if not ok:
+        raise ConfigError(f"{method}: option '{key}' must be {text}, got {type(value).__name__} {value!r}")
+    if want is float and value != value:
+        raise ConfigError(f"{method}: option '{key}' must be a number, got NaN")
+    meta = f.metadata
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(f"{method}: option '{key}' must be one of {meta['choices']}, got {value!r}")
+    if meta.get("min") is not None and value < meta["min"]:
+        raise ConfigError(f"{method}: option '{key}' must be >= {meta['min']}, got {value!r}")
+    if meta.get("max") is not None and value > meta["max"]:
+        raise ConfigError(f"{method}: option '{key}' must be <= {meta['max']}, got {value!r}")
+    if key.endswith("sites") and not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{method}: option '{key}' must be a list of site names, got {value!r}")
+    if key == "layers" and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
+        raise ConfigError(f"{method}: option 'layers' must be a list of block indices >= 0, got {value!r}")
+    return value
 
 
 def build_method(name: str, options: dict) -> Method:
@@ -115,30 +143,9 @@ def build_method(name: str, options: dict) -> Method:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(options) - set(fields))
     if unknown:
-        valid = ", ".join(f"{k}={fields[k].default!r}" if fields[k].default is not dataclasses.MISSING else k for k in fields)
+        valid = ", ".join(f"{k}={v!r}" for k, v in cls().options().items())
         raise ConfigError(f"method '{name}' has no option {', '.join(map(repr, unknown))}; valid options: {valid}")
-    for key, value in options.items():
-        f, meta = fields[key], fields[key].metadata
-        if value is None and f.default is None:
-            continue
-        if isinstance(value, str) and "list" in str(f.type):
-            value = options[key] = [v for v in value.split(",") if v]
-        if isinstance(value, tuple):
-            value = options[key] = list(value)
-        if "list" in str(f.type):
-            if not isinstance(value, list):
-                raise ConfigError(f"{name}: option '{key}' must be a list, got {type(value).__name__} {value!r}")
-        elif not _type_ok(value, f.type):
-            raise ConfigError(f"{name}: option '{key}' must be {f.type}, got {type(value).__name__} {value!r}")
-        if meta.get("choices") and value not in meta["choices"]:
-            raise ConfigError(f"{name}: option '{key}' must be one of {meta['choices']}, got {value!r}")
-        if meta.get("min") is not None and value < meta["min"]:
-            raise ConfigError(f"{name}: option '{key}' must be >= {meta['min']}, got {value!r}")
-        if meta.get("max") is not None and value > meta["max"]:
-            raise ConfigError(f"{name}: option '{key}' must be <= {meta['max']}, got {value!r}")
-    layers = options.get("layers")
-    if layers is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
-        raise ConfigError(f"{name}: option 'layers' must be a list of block indices >= 0, got {layers!r}")
+    options = {key: _check_value(name, key, value, fields[key]) for key, value in options.items()}
     return cls(**options)
 
 
@@ -279,6 +286,8 @@ def attach(model: nn.Module, method: str, adapter: str = "default", **options) -
     config.check(model)
     placements = config.placements(model)  # may raise before anything is changed
     selected = config.selected(model)
+    if not placements and not selected:
+        raise ConfigError(f"method '{method}' placed no delta and selected no parameter; check its sites/layers options")
     if store is not None and selected and any(set(a.selected) & set(selected) for a in store.info.values()):
         raise ConfigError(
             f"method '{method}' trains base parameters that another attached adapter already trains; "
