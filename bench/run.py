@@ -1,0 +1,752 @@
+#!/usr/bin/env python
+"""Side-by-side speed and memory benchmark: deltatune vs Hugging Face peft vs AdapterHub adapters.
+
+Every (size, config, library) cell runs in its own fresh subprocess, so its peak RSS
+(`ru_maxrss`) is its own. Rounds are round-robin: each round runs every cell once, the order
+rotated between rounds, and a cell's result is the median over rounds of its per-process median
+step time, so drift of a shared machine hits all cells alike.
+
+    .venv/bin/python bench/run.py --quick                 # smoke test, a few minutes
+    .venv/bin/python bench/run.py                         # the full run (quiet machine!)
+    .venv/bin/python bench/run.py --sizes bert-base --configs 'full,telly,lora*'
+
+Environments (`bash bench/setup_peers.sh` makes the peer ones):
+    main      .venv                  torch baselines and deltatune
+    peft      .venv-peers/peft       peft, same transformers as main
+    adapters  .venv-peers/adapters   adapters, which pins its own (older) transformers
+The `full` and `infer-base` baselines run in every environment; each row's ratio is taken
+against the baseline of its own environment, so a different transformers version under
+`adapters` does not count for or against it.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import fnmatch
+import json
+import math
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULT_TAG = "BENCH_RESULT "
+
+# ---------------------------------------------------------------------------------------------
+# Model shapes: fresh random-init models from a config, nothing downloaded.
+# ---------------------------------------------------------------------------------------------
+SIZES = {
+    "minilm": dict(family="bert", config=dict(
+        num_hidden_layers=6, hidden_size=384, num_attention_heads=12, intermediate_size=1536)),
+    "bert-base": dict(family="bert", config=dict(
+        num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072)),
+    "smollm2": dict(family="llama", config=dict(
+        num_hidden_layers=30, hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
+        intermediate_size=1536, vocab_size=49152, max_position_embeddings=2048,
+        tie_word_embeddings=True, pad_token_id=0)),
+}
+
+# Module names per family, written so each peer targets the same matrices as deltatune's sites.
+# peft takes a string target_modules as a full-match regex over module names.
+BERT_LAYER = r".*\.encoder\.layer\.\d+"
+TARGETS = {
+    "bert": dict(
+        qv=["query", "value"],
+        all_linear=BERT_LAYER + r"\.(attention\.self\.(query|key|value)|attention\.output\.dense"
+                   r"|intermediate\.dense|output\.dense)",
+        ia3=BERT_LAYER + r"\.(attention\.self\.(key|value)|output\.dense)",
+        ia3_ff=BERT_LAYER + r"\.output\.dense",  # scales the FFN activation, i.e. its input
+        ln=["LayerNorm"],
+    ),
+    "llama": dict(
+        qv=["q_proj", "v_proj"],
+        all_linear=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        ia3=["k_proj", "v_proj", "down_proj"],
+        ia3_ff=["down_proj"],
+        ln=["input_layernorm", "post_attention_layernorm", "norm"],
+    ),
+}
+
+LORA_R, LORA_ALPHA = 8, 16
+N_VIRTUAL = 20          # prefix length and prompt length
+PREFIX_MLP = 512        # hidden size of the prefix reparametrization MLP (Li & Liang 2021, sec. 4.3)
+BN_REDUCTION = 16       # bottleneck adapters: hidden / 16
+
+# ---------------------------------------------------------------------------------------------
+# Configurations. kind: train (forward+backward+AdamW step) or infer (forward, inference_mode).
+# libs: which libraries implement it; "torch" runs plain transformers in every environment
+# listed in `envs` (the full-FT and base-forward baselines), others run in their own env.
+# ---------------------------------------------------------------------------------------------
+CONFIGS = {
+    "full":          dict(kind="train", libs=["torch"], envs=["main", "peft", "adapters"],
+                          about="full fine-tuning, all parameters (ratio baseline)"),
+    "floor":         dict(kind="train", libs=["torch"], about="base frozen, head trainable, "
+                          "activation gradients through every layer (cost floor)"),
+    "floor+20tok":   dict(kind="train", libs=["torch"], extra_tokens=N_VIRTUAL,
+                          about="floor at seq+20 tokens: what prompt tuning's extra tokens cost"),
+    "lora-qv":       dict(kind="train", libs=["deltatune", "peft", "adapters"],
+                          about="LoRA r=8 on query, value"),
+    "lora-all":      dict(kind="train", libs=["deltatune", "peft", "adapters"],
+                          about="LoRA r=8 on every linear layer of every block"),
+    "ia3":           dict(kind="train", libs=["deltatune", "peft", "adapters"],
+                          about="(IA)^3: scale keys, values, FFN activations"),
+    "prefix":        dict(kind="train", libs=["deltatune", "peft", "adapters"],
+                          about="prefix tuning, 20 key/value prefixes, MLP reparametrization"),
+    "prompt":        dict(kind="train", libs=["deltatune", "peft", "adapters"],
+                          skip=[("adapters", "llama")], about="prompt tuning, 20 soft tokens"),
+    "pfeiffer":      dict(kind="train", libs=["deltatune", "adapters"],
+                          about="Pfeiffer bottleneck adapter after the FFN (adapters: seq_bn)"),
+    "houlsby":       dict(kind="train", libs=["deltatune", "adapters"],
+                          about="Houlsby adapters after attention and FFN (adapters: double_seq_bn)"),
+    "parallel":      dict(kind="train", libs=["deltatune", "adapters"], default=False,
+                          about="scaled parallel adapter at the FFN (adapters: par_bn)"),
+    "bitfit":        dict(kind="train", libs=["deltatune"], skip=[("deltatune", "llama")],
+                          about="BitFit: biases only (Llama has none)"),
+    "ln":            dict(kind="train", libs=["deltatune", "peft"], about="LayerNorm tuning"),
+    "telly":         dict(kind="train", libs=["deltatune"],
+                          about="top 2 blocks trainable (k = n_layers - 2 frozen)"),
+    "lora-qv+compile":  dict(kind="train", libs=["deltatune"], compile=True, eager="lora-qv",
+                             about="lora-qv under torch.compile"),
+    "ia3+compile":      dict(kind="train", libs=["deltatune"], compile=True, eager="ia3",
+                             about="ia3 under torch.compile"),
+    "pfeiffer+compile": dict(kind="train", libs=["deltatune"], compile=True, eager="pfeiffer",
+                             about="pfeiffer under torch.compile"),
+    "houlsby+compile":  dict(kind="train", libs=["deltatune"], compile=True, eager="houlsby",
+                             about="houlsby under torch.compile"),
+    "infer-base":    dict(kind="infer", libs=["torch"], envs=["main", "peft", "adapters"],
+                          about="forward only, no adapter (inference baseline)"),
+    "infer-lora":    dict(kind="infer", libs=["deltatune", "peft", "adapters"], method="lora-qv",
+                          about="forward only, LoRA (q, v) unmerged"),
+    "infer-lora-merged": dict(kind="infer", libs=["deltatune", "peft", "adapters"],
+                              method="lora-qv", merge=True,
+                              about="forward only, LoRA (q, v) merged into the weights"),
+}
+LIB_ENV = {"deltatune": "main", "peft": "peft", "adapters": "adapters"}
+
+# ---------------------------------------------------------------------------------------------
+# deltatune side: config -> (method, options), option names as dt.method_info(method)["options"]
+# spells them (checked before attaching). A callable option is computed from the model config.
+# Where deltatune's default differs from what the peers run, the option is set to match them.
+# ---------------------------------------------------------------------------------------------
+ALL_LINEAR_SITES = {
+    "bert": ["attn.q", "attn.k", "attn.v", "attn.o", "ffn.in", "ffn.out"],
+    "llama": ["attn.q", "attn.k", "attn.v", "attn.o", "ffn.gate", "ffn.in", "ffn.out"],
+}
+DELTATUNE = {
+    "lora-qv":  ("lora", dict(r=LORA_R, alpha=LORA_ALPHA, dropout=0.0, sites=["attn.q", "attn.v"])),
+    "lora-all": ("lora", dict(r=LORA_R, alpha=LORA_ALPHA, dropout=0.0,
+                              sites=lambda cfg: ALL_LINEAR_SITES[cfg.model_type])),
+    "ia3":      ("ia3", dict()),  # keys, values, and the FFN activation (input of ffn.out)
+    "prefix":   ("prefix", dict(length=N_VIRTUAL, hidden=PREFIX_MLP)),
+    "prompt":   ("prompt", dict(length=N_VIRTUAL)),
+    "pfeiffer": ("pfeiffer", dict(reduction=BN_REDUCTION)),
+    # adapters' double_seq_bn sizes the bottleneck by reduction factor and leaves LayerNorms frozen
+    "houlsby":  ("houlsby", dict(bottleneck=lambda cfg: cfg.hidden_size // BN_REDUCTION, train_ln=False)),
+    "parallel": ("parallel", dict(bottleneck=lambda cfg: cfg.hidden_size // BN_REDUCTION)),
+    "bitfit":   ("bitfit", dict()),
+    "ln":       ("ln", dict()),
+    "telly":    ("telly", dict(k=lambda cfg: cfg.num_hidden_layers - 2)),  # top 2 blocks train
+}
+
+
+# =============================================================================================
+# Worker: one cell, one process.
+# =============================================================================================
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def build_model(size: str, seed: int):
+    import torch
+    import transformers
+    spec = SIZES[size]
+    torch.manual_seed(seed)
+    if spec["family"] == "bert":
+        cfg = transformers.BertConfig(**spec["config"], num_labels=2, attn_implementation="sdpa")
+        model = transformers.BertForSequenceClassification(cfg)
+    else:
+        cfg = transformers.LlamaConfig(**spec["config"], num_labels=2, attn_implementation="sdpa")
+        model = transformers.LlamaForSequenceClassification(cfg)
+    return model, cfg
+
+
+def attach_torch(model, config: str):
+    """Plain-torch baselines: full FT, or the frozen-base floor."""
+    if config == "full":
+        return model
+    backbone = model.base_model  # .bert / .model
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    if config.startswith("floor"):
+        # Make the embedding output require grad so backward runs through every block
+        # (activation gradients only, no weight gradients): the cheapest any adapter can be.
+        def needs_grad(_module, _inp, out):
+            return out.requires_grad_(True)
+        model.get_input_embeddings().register_forward_hook(needs_grad)
+    return model
+
+
+def attach_peft(model, config: str, family: str):
+    import peft
+    t = TARGETS[family]
+    task = "SEQ_CLS"
+    if config in ("lora-qv", "lora-all"):
+        cfg = peft.LoraConfig(task_type=task, r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
+                              target_modules=t["qv"] if config == "lora-qv" else t["all_linear"])
+    elif config == "ia3":
+        cfg = peft.IA3Config(task_type=task, target_modules=t["ia3"], feedforward_modules=t["ia3_ff"])
+    elif config == "prefix":
+        cfg = peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=N_VIRTUAL,
+                                      prefix_projection=True, encoder_hidden_size=PREFIX_MLP)
+    elif config == "prompt":
+        cfg = peft.PromptTuningConfig(task_type=task, num_virtual_tokens=N_VIRTUAL)
+    elif config == "ln":
+        cfg = peft.LNTuningConfig(task_type=task, target_modules=t["ln"])
+    else:
+        raise SystemExit(f"bench: no peft configuration for {config!r}")
+    return peft.get_peft_model(model, cfg)
+
+
+def attach_adapters(model, config: str, family: str):
+    import adapters
+    a = adapters
+    if config == "lora-qv":
+        cfg = a.LoRAConfig(r=LORA_R, alpha=LORA_ALPHA, dropout=0.0, attn_matrices=["q", "v"])
+    elif config == "lora-all":
+        # adapters cannot put LoRA on the attention output projection (nor on Llama's gate_proj).
+        cfg = a.LoRAConfig(r=LORA_R, alpha=LORA_ALPHA, dropout=0.0, attn_matrices=["q", "k", "v"],
+                           intermediate_lora=True, output_lora=True)
+    elif config == "ia3":
+        cfg = a.IA3Config()
+    elif config == "prefix":
+        cfg = a.PrefixTuningConfig(prefix_length=N_VIRTUAL, bottleneck_size=PREFIX_MLP)
+    elif config == "prompt":
+        cfg = a.PromptTuningConfig(prompt_length=N_VIRTUAL)
+    elif config == "pfeiffer":
+        cfg = a.SeqBnConfig(reduction_factor=BN_REDUCTION)
+    elif config == "houlsby":
+        cfg = a.DoubleSeqBnConfig(reduction_factor=BN_REDUCTION, non_linearity="relu")  # default swish
+    elif config == "parallel":
+        cfg = a.ParBnConfig(reduction_factor=BN_REDUCTION)
+    else:
+        raise SystemExit(f"bench: no adapters configuration for {config!r}")
+    adapters.init(model)
+    model.add_adapter("bench", config=cfg)
+    model.train_adapter("bench")  # freezes the backbone; the classifier head stays trainable
+    return model
+
+
+def attach_deltatune(model, config: str, cfg):
+    import deltatune as dt
+    method, options = DELTATUNE[config]
+    known = dt.method_info(method)["options"]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise SystemExit(f"bench: deltatune method {method!r} has no option(s) {unknown} "
+                         f"(known: {sorted(known)}); update DELTATUNE in bench/run.py")
+    options = {k: v(cfg) if callable(v) else v for k, v in options.items()}
+    return dt.attach(model, method, **options)
+
+
+def merge_lora(model, lib: str):
+    if lib == "deltatune":
+        import deltatune as dt
+        dt.merge(model)
+    elif lib == "peft":
+        model.merge_adapter()  # merged in place, LoRA layers kept (like dt.merge; can unmerge)
+    elif lib == "adapters":
+        model.merge_adapter("bench")
+    return model
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "peft", "adapters", "deltatune"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def worker(job: dict) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(job["threads"])
+    lib, config, size = job["lib"], job["config"], job["size"]
+    spec = CONFIGS[config]
+    family = SIZES[size]["family"]
+    if lib == "peft":
+        import peft  # noqa: F401  (imported before the baseline RSS reading, like the others)
+    elif lib == "adapters":
+        import adapters  # noqa: F401
+    elif lib == "deltatune":
+        import deltatune  # noqa: F401
+    import transformers  # noqa: F401
+    rss_import = rss_mb()
+
+    model, cfg = build_model(size, job["seed"])
+    method = spec.get("method", spec.get("eager", config))
+    if lib == "torch":
+        model = attach_torch(model, config)
+    elif lib == "peft":
+        model = attach_peft(model, method, family)
+    elif lib == "adapters":
+        model = attach_adapters(model, method, family)
+    else:
+        model = attach_deltatune(model, method, cfg)
+
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    seq = job["seq"] + spec.get("extra_tokens", 0)
+    gen = torch.Generator().manual_seed(job["seed"])
+    ids = torch.randint(1, cfg.vocab_size, (job["batch"], seq), generator=gen)
+    mask = torch.ones_like(ids)
+    labels = torch.randint(0, 2, (job["batch"],), generator=gen)
+
+    result = dict(job, trainable=trainable, total=total, rss_import_mb=rss_import, versions=versions())
+
+    if spec["kind"] == "infer":
+        model.eval()
+        if spec.get("merge"):
+            merge_lora(model, lib)
+
+        def step():
+            with torch.inference_mode():
+                return model(input_ids=ids, attention_mask=mask).logits
+    else:
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4)
+        if spec.get("compile"):
+            model = torch.compile(model)
+
+        def step(check=False):
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            loss = F.cross_entropy(logits, labels)
+            loss.backward()
+            if check:  # every trainable tensor must receive a non-zero gradient
+                result["grads_nonzero"] = sum(
+                    1 for p in params if p.grad is not None and bool(p.grad.abs().sum() > 0))
+                result["grads_expected"] = len(params)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.detach()
+
+    losses = []
+    t0 = time.perf_counter()
+    out = step()
+    result["first_step_s"] = time.perf_counter() - t0  # includes compilation under compile
+    for i in range(job["warmup"]):
+        last = i == job["warmup"] - 1
+        # Check gradients after at least one update: LoRA's B and a bottleneck's up-projection
+        # start at zero, so their partners get zero gradient on the very first step.
+        out = step(check=True) if (last and spec["kind"] == "train") else step()
+    if spec["kind"] == "train":
+        losses.append(float(out))
+    times = []
+    for _ in range(job["steps"]):
+        t0 = time.perf_counter()
+        out = step()
+        times.append(time.perf_counter() - t0)
+    if spec["kind"] == "train":
+        losses.append(float(out))
+    result.update(step_s=statistics.median(times), times=times, losses=losses,
+                  loss_finite=all(math.isfinite(x) for x in losses), peak_rss_mb=rss_mb())
+    return result
+
+
+# =============================================================================================
+# Driver
+# =============================================================================================
+def env_python(env: str, peers_dir: Path) -> Path:
+    if env == "main":
+        main = ROOT / ".venv/bin/python"
+        return main if main.exists() else Path(sys.executable)
+    return peers_dir / env / "bin/python"
+
+
+def plan(args) -> list[dict]:
+    wanted = [c.strip() for c in args.configs.split(",")] if args.configs else None
+    libs = set(args.libs.split(",")) if args.libs else None
+    jobs = []
+    for size in args.sizes.split(","):
+        if size not in SIZES:
+            raise SystemExit(f"bench: unknown size {size!r}; known: {', '.join(SIZES)}")
+        for name, spec in CONFIGS.items():
+            if wanted is None:
+                if not spec.get("default", True):
+                    continue
+            elif not any(fnmatch.fnmatchcase(name, w) or w == "all" for w in wanted):
+                continue
+            for lib in spec["libs"]:
+                if (lib, SIZES[size]["family"]) in spec.get("skip", []):
+                    continue
+                envs = spec.get("envs", ["main"]) if lib == "torch" else [LIB_ENV[lib]]
+                for env in envs:
+                    if libs and lib not in libs and not (lib == "torch" and env in libs):
+                        continue
+                    jobs.append(dict(size=size, config=name, lib=lib, env=env,
+                                     batch=args.batch, seq=args.seq, steps=args.steps,
+                                     warmup=args.warmup, threads=args.threads, seed=args.seed))
+    if wanted:
+        unknown = [w for w in wanted if w != "all" and not any(
+            fnmatch.fnmatchcase(n, w) for n in CONFIGS)]
+        if unknown:
+            raise SystemExit(f"bench: unknown config(s) {unknown}; known: {', '.join(CONFIGS)}")
+    return jobs
+
+
+def run_job(job: dict, args) -> dict:
+    py = env_python(job["env"], args.peers_dir)
+    if not py.exists():
+        return dict(job, error=f"no python at {py}; run bash bench/setup_peers.sh")
+    env = dict(os.environ, OMP_NUM_THREADS=str(job["threads"]), MKL_NUM_THREADS=str(job["threads"]),
+               TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error",
+               PYTHONPATH=str(ROOT) if job["env"] == "main" else "")
+    cmd = [str(py), str(Path(__file__).resolve()), "--worker", json.dumps(job)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout,
+                              cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return dict(job, error=f"timed out after {args.timeout}s")
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG):])
+    tail = [l for l in proc.stderr.strip().splitlines() if l.strip()][-1:] or ["(no output)"]
+    return dict(job, error=f"exit {proc.returncode}: {tail[0][:300]}", stderr=proc.stderr[-4000:])
+
+
+def key(r: dict) -> tuple:
+    return (r["size"], r["config"], r["lib"], r["env"])
+
+
+def aggregate(results: list[dict]) -> dict:
+    """(size, config, lib, env) -> summary with the median over rounds of per-process medians."""
+    cells: dict = {}
+    for r in results:
+        cells.setdefault(key(r), []).append(r)
+    out = {}
+    for k, rs in cells.items():
+        ok = [r for r in rs if "error" not in r]
+        if not ok:
+            out[k] = dict(error=rs[-1]["error"])
+            continue
+        meds = [r["step_s"] for r in ok]
+        med = statistics.median(meds)
+        out[k] = dict(
+            step_s=med, rounds=len(ok), spread=(max(meds) - min(meds)) / med if med else 0.0,
+            peak_rss_mb=statistics.median(r["peak_rss_mb"] for r in ok),
+            rss_import_mb=statistics.median(r["rss_import_mb"] for r in ok),
+            trainable=ok[0]["trainable"], total=ok[0]["total"],
+            first_step_s=statistics.median(r["first_step_s"] for r in ok),
+            loss_finite=all(r.get("loss_finite", True) for r in ok),
+            losses=ok[-1].get("losses"), grads=(ok[-1].get("grads_nonzero"),
+                                                ok[-1].get("grads_expected")),
+            versions=ok[0]["versions"], errors=len(rs) - len(ok),
+            **{k: ok[0][k] for k in ("batch", "seq", "steps", "warmup", "threads", "seed")})
+    return out
+
+
+def lib_label(lib: str, env: str) -> str:
+    return lib if lib != "torch" or env == "main" else f"torch ({env} env)"
+
+
+def build_rows(cells: dict, sizes: list[str]) -> list[dict]:
+    rows = []
+    for (size, config, lib, env), c in cells.items():
+        spec = CONFIGS[config]
+        base_name = "full" if spec["kind"] == "train" else "infer-base"
+        base = cells.get((size, base_name, "torch", env)) or cells.get((size, base_name, "torch", "main"))
+        row = dict(size=size, config=config, lib=lib, env=env, kind=spec["kind"], cell=c)
+        if "error" not in c:
+            if base and "error" not in base:
+                row["x_base"] = c["step_s"] / base["step_s"]
+            if lib == "deltatune" and spec.get("compile"):
+                eager = cells.get((size, spec["eager"], "deltatune", "main"))
+                if eager and "error" not in eager:
+                    row["compile_speedup"] = eager["step_s"] / c["step_s"]
+            elif lib == "deltatune":
+                for peer in ("peft", "adapters"):
+                    p = cells.get((size, config, peer, peer))
+                    if p and "error" not in p:
+                        row["vs_" + peer] = c["step_s"] / p["step_s"]
+        rows.append(row)
+    order = {n: i for i, n in enumerate(CONFIGS)}
+    libs = {"torch": 0, "deltatune": 1, "peft": 2, "adapters": 3}
+    envs = {"main": 0, "peft": 1, "adapters": 2}
+    rows.sort(key=lambda r: (sizes.index(r["size"]), r["kind"] != "train", order[r["config"]],
+                             libs[r["lib"]], envs[r["env"]]))
+    return rows
+
+
+def fmt_params(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e4 else str(n)
+
+
+def table(rows: list[dict], kind: str) -> list[str]:
+    ref = "× full FT" if kind == "train" else "× base"
+    head = ["size", "config", "library", "step (s)", "spread", ref, "vs peft", "vs adapters",
+            "peak RSS (MB)", "trainable"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if r["kind"] != kind:
+            continue
+        c = r["cell"]
+        label = lib_label(r["lib"], r["env"])
+        if "error" in c:
+            lines.append(f"| {r['size']} | {r['config']} | {label} | failed: {c['error'][:120]} |"
+                         + " |" * (len(head) - 4))
+            continue
+        ratio = lambda k: f"{r[k]:.2f}×" if k in r else ""  # noqa: E731
+        extra = f" (compiled {r['compile_speedup']:.2f}× faster)" if "compile_speedup" in r else ""
+        ok = "" if c["loss_finite"] else " NaN!"
+        lines.append(
+            f"| {r['size']} | {r['config']} | {label} | {c['step_s']:.4f}{extra}{ok} | "
+            f"{100 * c['spread']:.0f}% | {ratio('x_base')} | {ratio('vs_peft')} | "
+            f"{ratio('vs_adapters')} | {c['peak_rss_mb']:.0f} | {fmt_params(c['trainable'])} |")
+    return lines
+
+
+def goals(rows: list[dict], cells: dict) -> list[str]:
+    """The targets deltatune sets itself; each line says met / not met / not measured."""
+    out = []
+    yes = lambda b: "met" if b else "**not met**"  # noqa: E731
+    shared = [r for r in rows if r["lib"] == "deltatune" and ("vs_peft" in r or "vs_adapters" in r)]
+    for r in shared:
+        c = r["cell"]
+        for peer in ("peft", "adapters"):
+            if "vs_" + peer not in r:
+                continue
+            p = cells[(r["size"], r["config"], peer, peer)]
+            speed = r["vs_" + peer] <= 0.95
+            mem = c["peak_rss_mb"] <= p["peak_rss_mb"]
+            # memory above each environment's own post-import RSS, which differs by library
+            mem_net = c["peak_rss_mb"] - c["rss_import_mb"] <= p["peak_rss_mb"] - p["rss_import_mb"]
+            out.append(f"- {r['size']} {r['config']} vs {peer}: step {r['vs_' + peer]:.2f}× "
+                       f"(≤ 0.95× {yes(speed)}); peak RSS {c['peak_rss_mb']:.0f} vs "
+                       f"{p['peak_rss_mb']:.0f} MB ({yes(mem)}; above import baseline: {yes(mem_net)})")
+    if not shared:
+        out.append("- deltatune vs peers: not measured (no deltatune rows with a peer row)")
+    for r in rows:
+        if r["lib"] != "deltatune" or "error" in r["cell"]:
+            continue
+        if r["config"] == "telly" and "x_base" in r:
+            n = SIZES[r["size"]]["config"]["num_hidden_layers"]
+            speedup = 1 / r["x_base"]
+            out.append(f"- {r['size']} telly (top 2 of {n} trainable): {speedup:.2f}× faster than "
+                       f"full FT (≥ 2.5× {yes(speedup >= 2.5)}"
+                       f"{'' if n == 12 else '; the goal is stated for 12 layers'})")
+        if r["config"] == "infer-lora" and "x_base" in r:
+            over = r["x_base"] - 1
+            out.append(f"- {r['size']} unmerged LoRA inference: {100 * over:+.1f}% over base "
+                       f"(≤ 5% {yes(over <= 0.05)})")
+        if r["config"] == "infer-lora-merged" and "x_base" in r:
+            over = r["x_base"] - 1
+            out.append(f"- {r['size']} merged LoRA inference: {100 * over:+.1f}% over base "
+                       f"(≤ 2% {yes(over <= 0.02)})")
+        if r["config"] == "prompt":
+            floor = cells.get((r["size"], "floor+20tok", "torch", "main"))
+            if floor and "error" not in floor:
+                x = r["cell"]["step_s"] / floor["step_s"]
+                out.append(f"- {r['size']} prompt tuning: {x:.2f}× the frozen floor at seq+20 tokens "
+                           f"(≤ 1.00× {yes(x <= 1.0)})")
+    return out
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        mem_kb = int(next(l for l in Path("/proc/meminfo").read_text().splitlines()
+                          if l.startswith("MemTotal")).split()[1])
+        ram = f"{mem_kb / 1024 / 1024:.1f} GiB"
+    except (OSError, StopIteration):
+        ram = "?"
+    return dict(cpu=cpu, cores=os.cpu_count(), ram=ram, os=platform.platform())
+
+
+def settings(cells: dict) -> str:
+    """The run settings, read from the results themselves (a merged report may mix runs)."""
+    def values(name):
+        return "/".join(str(v) for v in sorted({c[name] for c in cells.values() if name in c}))
+    return (f"`torch.set_num_threads({values('threads')})`, batch {values('batch')}, sequence "
+            f"{values('seq')}, {values('warmup')} warm-up + {values('steps')} timed steps per process, "
+            f"{values('rounds')} round(s), seed {values('seed')}")
+
+
+def report(rows, cells, results, started, elapsed, command) -> str:
+    m = machine()
+    env_versions = {}
+    for (size, config, lib, env), c in cells.items():
+        if "versions" in c:
+            env_versions.setdefault(env, c["versions"])
+    lines = [
+        "# Performance: deltatune vs peft vs adapters",
+        "",
+        f"Generated by `bench/run.py` on {started:%Y-%m-%d %H:%M} ({elapsed / 60:.0f} min).",
+        "",
+        "```",
+        *sorted({r["command"] for r in results if "command" in r} | {command}),
+        "```",
+        "",
+        f"- Machine: {m['cpu']}, {m['cores']} cores, {m['ram']} RAM ({m['os']})",
+        "- Settings: " + settings(cells),
+    ]
+    for env, v in sorted(env_versions.items()):
+        lines.append(f"- `{env}` environment: " + ", ".join(f"{k} {v[k]}" for k in v))
+    lines += [
+        "",
+        "Step time: median over rounds of each process's median step "
+        "(forward + backward + AdamW step + zero_grad; inference: forward under "
+        "`torch.inference_mode`). Each round runs every row once, in a fresh process, order rotated. "
+        "*spread*: (max − min) / median of the per-round medians, a noise gauge. "
+        "*× full FT* / *× base*: against the plain-torch baseline of the same environment. "
+        "*vs peft* / *vs adapters*: deltatune's time over the peer's for the same method "
+        "(below 1 is faster). Peak RSS: `ru_maxrss` of the row's own process.",
+        "",
+        "## Training",
+        "",
+        *table(rows, "train"),
+        "",
+        "## Inference",
+        "",
+        *table(rows, "infer"),
+        "",
+        "## Goals",
+        "",
+        *goals(rows, cells),
+        "",
+        "## Notes",
+        "",
+        "- Models are random-init from a config (`minilm`: BERT 6×384, 12 heads, FFN 1536; "
+        "`bert-base`: 12×768, FFN 3072; `smollm2`: Llama 30×576, 9 heads / 3 KV heads, FFN 1536, "
+        "vocab 49152), with a 2-way classification head (cross-entropy) that every method trains.",
+        f"- LoRA: r={LORA_R}, alpha={LORA_ALPHA}, no dropout. Prefix: {N_VIRTUAL} tokens, MLP "
+        f"reparametrization of width {PREFIX_MLP} (peft `prefix_projection=True`, adapters' default). "
+        f"Prompt: {N_VIRTUAL} random-init soft tokens. Bottleneck adapters: reduction factor {BN_REDUCTION}.",
+        "- Coverage differs where a peer cannot reach a matrix: adapters' LoRA has no attention-output "
+        "(nor Llama gate_proj) LoRA, so its `lora-all` adapts fewer matrices (see *trainable*); "
+        "adapters' (IA)^3 scales the FFN's first projection output (before the activation), peft and "
+        "the paper scale the activation itself; adapters has no prompt tuning for Llama; peft has no "
+        "bottleneck adapters.",
+        "- Peak RSS includes the interpreter and imported libraries; the import baseline differs by "
+        "environment (" + ", ".join(
+            f"{env} ≈ {statistics.median(c['rss_import_mb'] for k, c in cells.items() if k[3] == env and 'rss_import_mb' in c):.0f} MB"
+            for env in sorted({k[3] for k, c in cells.items() if "rss_import_mb" in c})) +
+        "), so the memory goal is also checked above that baseline.",
+        "- Trainable parameters and gradient check per row (non-zero gradient tensors / trainable "
+        "tensors, after one update) and loss (first timed / last):",
+        "",
+    ]
+    for r in rows:
+        c = r["cell"]
+        if "error" in c or r["kind"] != "train":
+            continue
+        g = c["grads"]
+        losses = "/".join(f"{x:.3f}" for x in (c["losses"] or []))
+        lines.append(f"  - {r['size']} {r['config']} {lib_label(r['lib'], r['env'])}: "
+                     f"{c['trainable']:,} of {c['total']:,}; grads {g[0]}/{g[1]}; loss {losses}")
+    compiled = [r for r in rows if "compile_speedup" in r]
+    if compiled:
+        lines += ["", "- torch.compile (compile time excluded from step medians; first step includes it):"]
+        for r in compiled:
+            lines.append(f"  - {r['size']} {r['config']}: {r['compile_speedup']:.2f}× faster than eager; "
+                         f"first step {r['cell']['first_step_s']:.1f} s")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="configs: " + ", ".join(
+                                     n + ("" if s.get("default", True) else " (not default)")
+                                     for n, s in CONFIGS.items()))
+    ap.add_argument("--sizes", default="minilm,bert-base,smollm2")
+    ap.add_argument("--configs", default=None, help="comma-separated names or globs; 'all' "
+                    "includes the non-default ones")
+    ap.add_argument("--libs", default=None, help="restrict to these of torch,deltatune,peft,adapters")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--timeout", type=int, default=1800, help="seconds per process")
+    ap.add_argument("--quick", action="store_true", help="smoke test: 1 round, 3 steps, minilm only")
+    ap.add_argument("--out", default="docs/performance.md")
+    ap.add_argument("--json", default=None, help="raw results (default runs/bench-<time>.json)")
+    ap.add_argument("--merge", default=None, help="comma-separated raw JSON files of earlier runs "
+                    "to report together with this one (--rounds 0: only rebuild the report)")
+    ap.add_argument("--peers-dir", type=Path, default=ROOT / ".venv-peers")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.worker:
+        print(RESULT_TAG + json.dumps(worker(json.loads(args.worker))), flush=True)
+        return 0
+    if args.quick:
+        args.rounds, args.steps, args.warmup, args.sizes = 1, 3, 2, "minilm"
+    args.warmup = max(args.warmup, 2)  # the gradient check runs after one optimizer update
+
+    jobs = plan(args) if args.rounds > 0 else []
+    command = "python bench/run.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    started = datetime.datetime.now()
+    results = []
+    for path in filter(None, (args.merge or "").split(",")):
+        results += [r for r in json.loads(Path(path).read_text())
+                    if key(r) not in {key(j) for j in jobs}]  # this run's rows win
+    print(f"bench: {len(jobs)} rows × {args.rounds} round(s); {len(results)} results merged", flush=True)
+    failed = set()
+    t_start = time.perf_counter()
+    for rnd in range(args.rounds):
+        shift = (rnd * len(jobs)) // args.rounds  # rotate the order so no row always runs first
+        order = jobs[shift:] + jobs[:shift]
+        for i, job in enumerate(order):
+            if key(job) in failed:
+                continue
+            r = run_job(job, args)
+            r["round"], r["command"] = rnd, command
+            results.append(r)
+            status = f"error: {r['error']}" if "error" in r else (
+                f"{r['step_s']:.4f} s  rss {r['peak_rss_mb']:.0f} MB  trainable {r['trainable']:,}")
+            print(f"  [{rnd + 1}/{args.rounds} {i + 1}/{len(order)}] {job['size']:9s} "
+                  f"{job['config']:18s} {lib_label(job['lib'], job['env']):22s} {status}", flush=True)
+            if "error" in r:
+                failed.add(key(job))  # an error is structural; don't repeat it every round
+        done = time.perf_counter() - t_start
+        print(f"bench: round {rnd + 1} done, {done / 60:.1f} min so far, "
+              f"about {done / (rnd + 1) * (args.rounds - rnd - 1) / 60:.0f} min to go", flush=True)
+    elapsed = time.perf_counter() - t_start
+    if not results:
+        raise SystemExit("bench: nothing ran and nothing merged")
+    sizes = [s for s in SIZES if any(r["size"] == s for r in results)]
+
+    cells = aggregate(results)
+    rows = build_rows(cells, sizes)
+    print("\n" + "\n".join(table(rows, "train")) + "\n\n" + "\n".join(table(rows, "infer")))
+    print("\nGoals:\n" + "\n".join(goals(rows, cells)))
+    out = ROOT / args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report(rows, cells, results, started, elapsed, command))
+    raw = Path(args.json) if args.json else ROOT / "runs" / f"bench-{started:%Y%m%d-%H%M%S}.json"
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    raw.write_text(json.dumps(results, indent=1))
+    print(f"\nbench: wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out} and {raw}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
