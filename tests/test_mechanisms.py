@@ -113,7 +113,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(method):
         model = _perturbed("llama", method)
         model.train()
         if checkpointing:
-            model.activation_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False}) if hasattr(model, "activation_checkpointing_enable") else model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         tiny.loss(model, tiny.inputs("llama")).backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
     assert grads[0].keys() == grads[1].keys()
