@@ -74,7 +74,8 @@ class TrainConfig:
 
 
 # Fields that may differ between a run and its resumption without changing the result.
-_RESUMABLE_CHANGES = {"resume", "stop_after", "log_every", "json_log", "progress", "out_dir", "device"}
+# lr and max_grad_norm may change too: the way to go on after a NaN loss.
+_RESUMABLE_CHANGES = {"resume", "stop_after", "log_every", "json_log", "progress", "out_dir", "device", "lr", "max_grad_norm"}
 
 
 # ------------------------------------------------------------------------------------ train
@@ -100,7 +101,7 @@ def _train(cfg: TrainConfig, task) -> dict:
     model, tokenizer = build_task_model(cfg.model, task.kind, len(task.labels or []))
     objective = OBJECTIVES[task.kind](tokenizer, cfg)
     data = {split: objective.encode(task.split(split), train=split == "train") for split in ("train", "valid", "test")}
-    objective.warn_truncated()
+    objective.warn_truncated(stacklevel=3)  # at the caller of train()
     log = _Log(out / "log.jsonl" if cfg.json_log else None, keep_until=_step_of(checkpoint))
     state = {"step": 0, "consumed": 0, "best_value": None, "best_step": None, "bad_evals": 0,
              "zero_shot_value": None, "train_seconds": 0.0, "step_seconds": []}
@@ -149,51 +150,56 @@ def _loop(cfg, model, optimizer, names, objective, data, task, state, log, out) 
     stop_at = min(cfg.max_steps, state["step"] + cfg.stop_after) if cfg.stop_after else cfg.max_steps
     warmup = int(cfg.warmup_ratio * cfg.max_steps)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    bar, shown = _progress(cfg, state["step"]), {}
+    shown = {}  # the progress bar's postfix
     pending = []  # (step, loss tensor, lr) not read back yet: reading syncs with the device
-    started_at, examples = time.perf_counter(), 0
+    examples, seconds_here = 0, 0.0  # for examples/s in this call
     model.train()
-    while state["step"] < stop_at:
-        step = state["step"] + 1  # steps count from 1
-        lr = cfg.lr * _lr_factor(step - 1, cfg.max_steps, warmup)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        t0 = time.perf_counter()
-        loss = 0.0
-        for _ in range(cfg.grad_accum):
-            batch = _to(objective.collate([data["train"][i] for i in order.take(cfg.batch_size)]), cfg.device)
-            with _autocast(cfg):
-                micro = objective.loss(model, batch) / cfg.grad_accum
-            micro.backward()
-            loss = loss + micro.detach()
-        if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        seconds = time.perf_counter() - t0
-        state.update(step=step, consumed=order.consumed, train_seconds=state["train_seconds"] + seconds)
-        state["step_seconds"].append(seconds)
-        examples += cfg.batch_size * cfg.grad_accum
-        pending.append((step, loss, lr))
-        bar.update()
+    with _progress(cfg, state["step"]) as bar:
+        while state["step"] < stop_at:
+            step = state["step"] + 1  # steps count from 1
+            lr = cfg.lr * _lr_factor(step - 1, cfg.max_steps, warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            t0 = time.perf_counter()
+            loss = _step(cfg, model, optimizer, params, objective, data["train"], order)
+            seconds = time.perf_counter() - t0
+            state.update(step=step, consumed=order.consumed, train_seconds=state["train_seconds"] + seconds)
+            state["step_seconds"].append(seconds)
+            examples, seconds_here = examples + cfg.batch_size * cfg.grad_accum, seconds_here + seconds
+            pending.append((step, loss, lr))
+            bar.update()
 
-        validate = step % cfg.eval_every == 0 or step == cfg.max_steps
-        if validate or step % cfg.log_every == 0 or step == stop_at:
-            shown.update({"loss": f"{_read_losses(pending, log, out):.4f}",
-                          "ex/s": f"{examples / (time.perf_counter() - started_at):.1f}"})
-        if validate:
-            value = _validate(cfg, model, objective, data, task, state, log, out)
-            if value is not None:
-                shown[task.metric] = f"{value:.4f}"
-            model.train()
-        bar.set_postfix(shown, refresh=False)
-        if validate or step == stop_at:
-            _save_checkpoint(out, model, optimizer, names, state)
-        if cfg.early_stop_patience is not None and state["bad_evals"] >= cfg.early_stop_patience:
-            bar.close()
-            return "early-stop"
-    bar.close()
+            validate = step % cfg.eval_every == 0 or step == cfg.max_steps
+            if validate or step % cfg.log_every == 0 or step == stop_at:
+                shown.update({"loss": f"{_read_losses(pending, log, out):.4f}",
+                              "ex/s": f"{examples / seconds_here:.1f}"})
+            if validate:
+                value = _validate(cfg, model, objective, data, task, state, log, out)
+                if value is not None:
+                    shown[task.metric] = f"{value:.4f}"
+                model.train()
+            bar.set_postfix(shown, refresh=False)
+            if validate or step == stop_at:
+                _save_checkpoint(out, model, optimizer, names, state)
+            if cfg.early_stop_patience is not None and state["bad_evals"] >= cfg.early_stop_patience:
+                return "early-stop"
     return "done" if state["step"] == cfg.max_steps else "interrupted"
+
+
+def _step(cfg, model, optimizer, params, objective, examples, order) -> torch.Tensor:
+    """One optimizer step over grad_accum micro-batches; the loss stays on the device (no sync)."""
+    loss = 0.0
+    for _ in range(cfg.grad_accum):
+        batch = _to(objective.collate([examples[i] for i in order.take(cfg.batch_size)]), cfg.device)
+        with _autocast(cfg):
+            micro = objective.loss(model, batch) / cfg.grad_accum
+        micro.backward()
+        loss = loss + micro.detach()
+    if cfg.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
 
 
 def _validate(cfg, model, objective, data, task, state, log, out) -> float | None:
@@ -218,8 +224,8 @@ def _read_losses(pending: list, log, out) -> float:
             where = f"the last good checkpoint is kept at {kept}" if kept else "no checkpoint was written before it"
             raise TrainingError(
                 f"the loss became {value} at step {step} (lr {lr:.3g}); {where}. Lower the learning rate "
-                "(--lr) or clip gradients harder (max_grad_norm), then run again (resume=True continues "
-                "from the checkpoint)"
+                "(lr) or clip gradients harder (max_grad_norm), then run again; with resume=True the run "
+                "goes on from that checkpoint"
             )
         log.write({"step": step, "loss": value, "lr": lr})
     pending.clear()
@@ -239,9 +245,12 @@ def _lr_factor(step: int, max_steps: int, warmup: int) -> float:
 def evaluate(adapter_dir, task=None, split: str = "test") -> dict:
     """Score a saved adapter on ``split`` of its training task (or of ``task``: a name, path or TaskData).
 
-    The model and task come from the ``run.json`` that ``train`` wrote next to the adapter.
+    The model and task come from the ``run.json`` that ``train`` wrote next to the adapter. An
+    ``out_dir`` of ``train`` stands for its ``best`` adapter.
     """
     adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter.safetensors").exists() and (adapter_dir / "best").is_dir():
+        adapter_dir = adapter_dir / "best"
     found = [p / "run.json" for p in (adapter_dir, *list(adapter_dir.parents)[:3]) if (p / "run.json").is_file()]
     if not found:
         raise ConfigError(f"no run.json in {adapter_dir} or its parents: evaluate() needs the model and task "
@@ -252,7 +261,7 @@ def evaluate(adapter_dir, task=None, split: str = "test") -> dict:
     model, tokenizer = _restore(cfg, task, adapter_dir)
     objective = OBJECTIVES[task.kind](tokenizer, cfg)
     examples = objective.encode(task.split(split), train=False)
-    objective.warn_truncated()
+    objective.warn_truncated(stacklevel=2)
     metrics = _score(model.to(cfg.device), objective, examples, task, split, cfg)
     return {"task": task.name, "split": split, "metric": task.metric, "value": metrics[task.metric], **metrics}
 
@@ -299,10 +308,10 @@ class _Objective:
     def count(self, truncated: int, seen: int) -> None:
         self.truncated, self.seen = self.truncated + truncated, self.seen + seen
 
-    def warn_truncated(self) -> None:
+    def warn_truncated(self, stacklevel: int) -> None:
         if self.truncated:
             warnings.warn(f"{self.truncated} of {self.seen} inputs were longer than max_len={self.max_len} "
-                          "tokens and were truncated; raise max_len to keep them whole", stacklevel=3)
+                          "tokens and were truncated; raise max_len to keep them whole", stacklevel=stacklevel + 1)
         self.truncated = self.seen = 0
 
     def pad(self, rows: list[dict], left: bool = False) -> dict:
@@ -533,15 +542,19 @@ def _resolved(cfg: TrainConfig, task) -> TrainConfig:
     if cfg.stop_after is not None and cfg.stop_after < 1:
         raise ConfigError(f"stop_after must be >= 1 or None, got {cfg.stop_after}")
     task_name = task.name if task is not None else cfg.task
-    slug = lambda s: re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(str(s)).stem or str(s)).strip("-")  # noqa: E731
     return dataclasses.replace(
         cfg,
         task=task_name,
         options=dict(cfg.options),
         lr=cfg.lr if cfg.lr is not None else dt.method_info(cfg.method)["lr"],
-        out_dir=str(cfg.out_dir or f"runs/{slug(cfg.model)}-{slug(task_name)}-{slug(cfg.method)}-s{cfg.seed}"),
+        out_dir=str(cfg.out_dir or f"runs/{_slug(cfg.model)}-{_slug(task_name)}-{_slug(cfg.method)}-s{cfg.seed}"),
         device=cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"),
     )
+
+
+def _slug(text: str) -> str:
+    """A file-name-safe short form: 'data/my task.jsonl' -> 'my-task'."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(text).stem or text).strip("-")
 
 
 def _config_from(saved: dict) -> TrainConfig:
@@ -554,7 +567,7 @@ def _prepare_out_dir(out: Path, cfg: TrainConfig, checkpoint: Path | None) -> No
     """A fresh run clears the previous run's state; a resumed one checks that its config is the same."""
     out.mkdir(parents=True, exist_ok=True)
     if cfg.resume and checkpoint is None:
-        warnings.warn(f"resume=True but {out} holds no checkpoint; starting from step 0", stacklevel=3)
+        warnings.warn(f"resume=True but {out} holds no checkpoint; starting from step 0", stacklevel=4)
     if checkpoint is not None and (out / "run.json").is_file():
         saved = json.loads((out / "run.json").read_text())
         now = json.loads(json.dumps(dataclasses.asdict(cfg)))
