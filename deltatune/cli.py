@@ -1,8 +1,9 @@
 """The `deltatune` command line: methods, tasks, train, eval, bench, report, demo.
 
-Each subcommand is one `cmd_*` function; the parser only names flags. Everything heavy (torch, the
-registry, the engine, matplotlib) is imported inside the command that needs it, so `--help` stays fast.
-Every DeltatuneError ends the program with a one-line message and exit code 2, like a usage error.
+Each subcommand is one `cmd_*` function; the parser only names flags. The engine (transformers) and
+the report (matplotlib) are imported inside the commands that need them, so `--help` costs no more
+than importing the package. Every DeltatuneError ends the program with a one-line message and exit
+code 2, like a usage error.
 """
 
 from __future__ import annotations
@@ -16,7 +17,11 @@ import shlex
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
+
+import deltatune as dt
+from deltatune.errors import AdapterFileError, ConfigError, DeltatuneError, TrainingError
 
 EXIT_USAGE = 2
 
@@ -51,12 +56,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
-def _error(message: str):
-    from deltatune.errors import ConfigError
-
-    return ConfigError(message)
-
-
 # ----------------------------------------------------------------------------- --set KEY=VALUE
 
 def parse_value(text: str):
@@ -89,7 +88,7 @@ def parse_sets(items: list[str] | None) -> dict:
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep or not _KEY.match(key) or not value.strip():
-            raise _error(f"--set {item!r}: expected KEY=VALUE, e.g. --set r=16 or --set sites=attn.q,attn.v")
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set r=16 or --set sites=attn.q,attn.v")
         options[key] = parse_value(value)
     return options
 
@@ -105,26 +104,28 @@ def _seeds(text: str) -> list[int]:
     except ValueError:
         values = []
     if not values or (len(values) == 1 and values[0] < 1):
-        raise _error(f"--seeds {text!r}: give a count (--seeds 3 runs seeds 0,1,2) or a list (--seeds 0,7,9)")
+        raise ConfigError(f"--seeds {text!r}: give a count (--seeds 3 runs seeds 0,1,2) or a list (--seeds 0,7,9)")
     return list(range(values[0])) if len(values) == 1 else values
 
 
 # ----------------------------------------------------------------------------- checks before loading anything
 
-def _check_method(name: str) -> None:
-    import deltatune as dt
+def _check_method(name: str, options: dict | None = None) -> None:
+    """An unknown method or a bad option fails here, before a model or a dataset is loaded."""
+    from deltatune.core import build_method
 
     known = dt.methods()
     if name not in known:
-        raise _error(f"unknown method {name!r}; known methods: {', '.join(known)}")
+        raise ConfigError(f"unknown method {name!r}; known methods: {', '.join(known)}")
+    build_method(name, options or {})  # raises ConfigError naming the option and the valid ones
 
 
 def _check_task(name: str) -> None:
     from deltatune.tasks import TASKS
 
     if name not in TASKS and not name.startswith("hf:") and not Path(name).exists():
-        raise _error(f"unknown task {name!r}; known tasks: {', '.join(TASKS)} "
-                     "(or a .jsonl/.csv file, a directory of train/valid/test files, or hf:<dataset>)")
+        raise ConfigError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)} "
+                          "(or a .jsonl/.csv file, a directory of train/valid/test files, or hf:<dataset>)")
 
 
 def _slug(text: str) -> str:
@@ -148,8 +149,6 @@ def _print_table(header: list[str], rows: list[list[str]]) -> None:
 # ----------------------------------------------------------------------------- commands
 
 def cmd_methods(args) -> int:
-    import deltatune as dt
-
     infos = [dt.method_info(name) for name in dt.methods()]
     if args.json:
         print(json.dumps(infos, default=_jsonable))
@@ -200,7 +199,7 @@ def cmd_train(args) -> int:
     import dataclasses
 
     options = parse_sets(args.set)
-    _check_method(args.method)
+    _check_method(args.method, options)
     _check_task(args.task)
     from deltatune.train import TrainConfig, train
 
@@ -214,7 +213,7 @@ def cmd_train(args) -> int:
     supported = {f.name for f in dataclasses.fields(TrainConfig)}
     unsupported = sorted(set(config) - supported)
     if unsupported:
-        raise _error(f"the engine does not support {', '.join('--' + k.replace('_', '-') for k in unsupported)}")
+        raise ConfigError(f"the engine does not support {', '.join('--' + k.replace('_', '-') for k in unsupported)}")
     summary = train(TrainConfig(**config))
     if args.json:
         print(json.dumps(summary, default=_jsonable), flush=True)
@@ -239,8 +238,6 @@ def _print_summary(summary: dict, out) -> None:
 
 
 def cmd_eval(args) -> int:
-    from deltatune.errors import AdapterFileError
-
     adapter = Path(args.adapter)
     if not adapter.is_dir():
         raise AdapterFileError(f"no adapter directory at {adapter}; train one with `deltatune train ... --out DIR`")
@@ -268,11 +265,9 @@ def _method_sets(items: list[str] | None, methods: list[str]) -> dict[str, list[
         scope, sep, rest = item.partition(":")
         if sep and "=" not in scope:
             if scope not in per_method:
-                raise _error(f"--set {item!r}: method {scope!r} is not among --methods {','.join(methods)}")
-            parse_sets([rest])  # fail now, not in the middle of the bench
+                raise ConfigError(f"--set {item!r}: method {scope!r} is not among --methods {','.join(methods)}")
             per_method[scope].append(rest)
         else:
-            parse_sets([item])
             for m in methods:
                 per_method[m].append(item)
     return per_method
@@ -298,16 +293,18 @@ def _last_json_line(stdout: str):
 
 def cmd_bench(args) -> int:
     from deltatune import report
-    from deltatune.errors import TrainingError
 
     methods = _split_list(args.methods)
     if not methods:
-        raise _error("--methods is empty; give a comma list such as --methods full,lora,bitfit")
+        raise ConfigError("--methods is empty; give a comma list such as --methods full,lora,bitfit")
+    sets = _method_sets(args.set, methods)
     for m in methods:
-        _check_method(m)
+        try:
+            _check_method(m, parse_sets(sets[m]))
+        except ConfigError as e:
+            raise ConfigError(f"{e} (--set {m}:KEY=VALUE sets an option for {m} runs only)") from None
     _check_task(args.task)
     seeds = _seeds(args.seeds)
-    sets = _method_sets(args.set, methods)
     out = Path(args.out or f"runs/bench-{_slug(args.model)}-{_slug(args.task)}")
     out.mkdir(parents=True, exist_ok=True)
 
@@ -370,8 +367,6 @@ def cmd_report(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    import deltatune as dt
-
     settings = dict(DEMO_QUICK if args.quick else DEMO)
     if args.out:
         settings["out"] = args.out
@@ -421,7 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True, help="a task name (see `deltatune tasks`) or a task directory")
     p.add_argument("--method", required=True, help="a method name (see `deltatune methods`)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="a method option, repeatable: --set r=16 --set sites=attn.q,attn.v")
+                   help="a method option, repeatable: --set r=16 --set sites=attn.q,attn.v "
+                   "(numbers, true/false and none are parsed; a comma makes a list: layers=5,)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--out", metavar="DIR", help="output directory (default runs/<model>-<task>-<method>-s<seed>)")
     p.add_argument("--json", action="store_true", help="end with one JSON line holding the summary")
@@ -462,8 +458,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from deltatune.errors import DeltatuneError
-
+    # Library warnings (e.g. truncated inputs) as one line each instead of file:line plus source;
+    # restored on the way out, since tests call main() inside their own process.
+    previous_format = warnings.formatwarning
+    warnings.formatwarning = lambda message, *_, **__: f"deltatune {args.command}: warning: {message}\n"
     try:
         return args.run(args) or 0
     except DeltatuneError as e:
@@ -476,3 +474,5 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `deltatune methods | head`: the reader left, nothing is wrong
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    finally:
+        warnings.formatwarning = previous_format

@@ -118,6 +118,19 @@ def test_unknown_model_lists_the_choices(capsys, tmp_path):
     assert err.count("\n") == 1 and "no-such-model" in err and "minilm" in err and "Traceback" not in err
 
 
+def test_unknown_option_lists_the_valid_ones_before_loading_anything(capsys, tmp_path):
+    code, out, err = run(capsys, "train", "--model", "no-such-model", "--task", "code-search", "--method", "lora",
+                         "--set", "rank=4", "--out", str(tmp_path))
+    assert code == 2 and "'rank'" in err and "r=8" in err  # the option, not the model, is reported
+
+
+def test_bench_checks_every_option_before_the_first_run(capsys, tmp_path):
+    code, out, err = run(capsys, "bench", "--model", "tiny-bert", "--task", "code-search", "--methods", "lora,bitfit",
+                         "--set", "r=4", "--out", str(tmp_path))
+    assert code == 2 and "bitfit" in err and "--set bitfit:KEY=VALUE" in err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_bench_rejects_scoped_set_for_a_method_not_benched(capsys, tmp_path):
     code, out, err = run(capsys, "bench", "--model", "tiny-bert", "--task", "code-search", "--methods", "lora",
                          "--set", "bitfit:r=4", "--out", str(tmp_path))
