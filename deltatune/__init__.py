@@ -26,7 +26,7 @@ from .core import (
     set_active,
     unmerge,
 )
-from .errors import AdapterFileError, ConfigError, DataError, DeltatuneError, SiteError, TrainingError
+from .errors import AdapterFileError, ConfigError, DataError, DeltatuneError, SiteError, StorageError, TrainingError
 from . import io
 from .io import load_adapter, read_adapter, save_adapter
 from .sites import SITES, family_of, known_sites
@@ -44,4 +44,5 @@ __all__ = [
     "save_adapter", "load_adapter", "read_adapter", "set_active", "active_adapters", "adapters",
     "register", "option", "Method", "Placement", "SITES", "family_of", "known_sites",
     "DeltatuneError", "ConfigError", "SiteError", "AdapterFileError", "DataError", "TrainingError",
+    "StorageError",
 ]

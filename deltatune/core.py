@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -267,14 +268,24 @@ def _key(target: S.Target, suffix: str) -> str:
     return key + suffix
 
 
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")
+
+
+def check_adapter_name(name) -> str:
+    """Adapter names are plain words: they key modules and tensors, and come from files, so never a path."""
+    if not isinstance(name, str) or not _ADAPTER_NAME.fullmatch(name):
+        raise ConfigError(f"adapter name must be 1 to 64 letters, digits, '_' or '-' (no '.', '/' or spaces), "
+                          f"got {name!r}")
+    return name
+
+
 def attach(model: nn.Module, method: str, adapter: str = "default", **options) -> nn.Module:
     """Freeze the base model and add a trainable ``method`` delta named ``adapter``; returns ``model``.
 
     The new adapter becomes the active one. Options are validated before the model is touched.
     """
     config = build_method(method, options)
-    if not isinstance(adapter, str) or not adapter or "." in adapter:
-        raise ConfigError(f"adapter name must be a non-empty string without '.', got {adapter!r}")
+    check_adapter_name(adapter)
     family = S.family_of(model)
     if config.families and family not in config.families:
         raise ConfigError(

@@ -23,3 +23,7 @@ class DataError(DeltatuneError, ValueError):
 
 class TrainingError(DeltatuneError, RuntimeError):
     """Training cannot go on (for example a NaN loss)."""
+
+
+class StorageError(DeltatuneError, OSError):
+    """Writing to disk failed (disk full, no permission, read-only); the previous files are kept."""

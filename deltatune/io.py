@@ -7,6 +7,7 @@ for people and other tools). Tensor names: ``delta.<site key>.<param>`` for delt
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -17,26 +18,50 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
 from . import core, sites
-from .errors import AdapterFileError, ConfigError, DeltatuneError
+from .errors import AdapterFileError, ConfigError, DeltatuneError, StorageError
 
 FORMAT, VERSION = "deltatune.adapter", 1
 WEIGHTS, CONFIG = "adapter.safetensors", "adapter_config.json"
 
 
+_CAUSES = {  # errno -> the cause and its fix, in words
+    errno.ENOSPC: "the disk is full (no space left on device); free some space",
+    errno.EDQUOT: "the disk quota is exceeded; free some space",
+    errno.EROFS: "the file system is read-only; choose another directory",
+    errno.EACCES: "permission denied; choose a directory you can write to",
+    errno.EPERM: "permission denied; choose a directory you can write to",
+    errno.EFBIG: "the file is larger than this system allows",
+}
+
+
+def storage_error(err: OSError, path) -> StorageError:
+    """A StorageError naming ``path`` and the cause of ``err`` in words ("the disk is full ...")."""
+    if isinstance(err, StorageError):
+        return err
+    return StorageError(f"cannot write {path}: {_CAUSES.get(err.errno) or err.strerror or err}")
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash at any moment leaves the old file or the new one."""
+    """Write ``data`` to ``path`` so that a crash at any moment leaves the old file or the new one.
+
+    A failed write (a full disk, say) removes its temporary file, keeps the old file and raises
+    :class:`StorageError`, naming the path and the cause.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as err:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise storage_error(err, path) from err
         raise
     try:  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -161,6 +186,10 @@ def _check_config(file, config) -> None:
         raise AdapterFileError(
             f"{file}: method '{config['method']}' is not registered here; known: {', '.join(sorted(core.REGISTRY))}"
         )
+    try:  # the name comes from the file: a plain word, never a path
+        core.check_adapter_name(config["adapter"])
+    except ConfigError as err:
+        raise AdapterFileError(f"{file}: config field 'adapter': {err}") from None
 
 
 def load_adapter(model, path, adapter: str | None = None, check_base: bool = True):
