@@ -36,8 +36,8 @@ from safetensors.torch import load_file, save
 from torch.nn import functional as F
 
 import deltatune as dt
-from deltatune.errors import AdapterFileError, ConfigError, TrainingError
-from deltatune.io import atomic_write_bytes, atomic_write_json
+from deltatune.errors import AdapterFileError, ConfigError, StorageError, TrainingError
+from deltatune.io import atomic_write_bytes, atomic_write_json, storage_error
 from deltatune.models import build_task_model, format_prompt
 
 
@@ -93,23 +93,26 @@ def train(cfg: TrainConfig, task=None) -> dict:
 
 
 def _train(cfg: TrainConfig, task) -> dict:
+    # Data, model and method are all checked before out_dir is touched: a bad input leaves the
+    # previous run in out_dir as it was.
     out = Path(cfg.out_dir)
     checkpoint = _latest_checkpoint(out) if cfg.resume else None
-    _prepare_out_dir(out, cfg, checkpoint)
+    _check_resumable(out, cfg, checkpoint)
     _seed_everything(cfg.seed)
     task = task or _load_task(cfg)
     model, tokenizer = build_task_model(cfg.model, task.kind, len(task.labels or []))
     objective = OBJECTIVES[task.kind](tokenizer, cfg)
     data = {split: objective.encode(task.split(split), train=split == "train") for split in ("train", "valid", "test")}
     objective.warn_truncated(stacklevel=3)  # at the caller of train()
-    log = _Log(out / "log.jsonl" if cfg.json_log else None, keep_until=_step_of(checkpoint))
     state = {"step": 0, "consumed": 0, "best_value": None, "best_step": None, "bad_evals": 0,
              "zero_shot_value": None, "train_seconds": 0.0, "step_seconds": []}
 
+    zero_shot = None
     if checkpoint is None and task.kind == "retrieval":  # the pretrained model as it is, before attach
+        with torch.random.fork_rng(devices=[]):  # a method that does not fit fails before the scoring
+            dt.detach(dt.attach(model, cfg.method, **cfg.options))
         zero_shot = _score(model.to(cfg.device), objective, data["test"], task, "test", cfg)
         state["zero_shot_value"] = zero_shot[task.metric]
-        log.write({"step": 0, "split": "test", "zero_shot": True, **zero_shot})
     if checkpoint is None:
         dt.attach(model, cfg.method, **cfg.options)
     else:
@@ -122,6 +125,10 @@ def _train(cfg: TrainConfig, task) -> dict:
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if checkpoint is not None:
         state = _load_checkpoint(checkpoint, optimizer, names)
+    _prepare_out_dir(out, cfg, checkpoint)
+    log = _Log(out / "log.jsonl" if cfg.json_log else None, keep_until=_step_of(checkpoint))
+    if zero_shot is not None:
+        log.write({"step": 0, "split": "test", "zero_shot": True, **zero_shot})
 
     if _loop(cfg, model, optimizer, names, objective, data, task, state, log, out) == "interrupted":
         return {"stopped_at": state["step"], "max_steps": cfg.max_steps, "out_dir": str(out),
@@ -208,8 +215,13 @@ def _validate(cfg, model, objective, data, task, state, log, out) -> float | Non
     log.write({"step": state["step"], "split": "valid", **metrics})
     value = metrics.get(task.metric)
     if value is None or state["best_value"] is None or value > state["best_value"]:
+        try:
+            _replace_dir(out / "best", lambda tmp: dt.save_adapter(model, tmp))
+        except StorageError as err:
+            raise StorageError(f"the best adapter of step {state['step']} was not saved: {err}. {out / 'best'} keeps "
+                               "the previous best and the last checkpoint is intact; once that is fixed, run "
+                               "again with resume") from None
         state.update(best_value=value, best_step=state["step"], bad_evals=0)
-        _replace_dir(out / "best", lambda tmp: dt.save_adapter(model, tmp))
     else:
         state["bad_evals"] += 1
     return value
@@ -255,7 +267,7 @@ def evaluate(adapter_dir, task=None, split: str = "test") -> dict:
     if not found:
         raise ConfigError(f"no run.json in {adapter_dir} or its parents: evaluate() needs the model and task "
                           "that deltatune.train records in out_dir/run.json")
-    cfg = _config_from(json.loads(found[0].read_text()))
+    cfg = _config_from(_read_run_json(found[0]), found[0])
     if task is None or isinstance(task, (str, os.PathLike)):
         task = _load_task(dataclasses.replace(cfg, task=str(task or cfg.task)))
     model, tokenizer = _restore(cfg, task, adapter_dir)
@@ -462,30 +474,53 @@ def _save_checkpoint(out: Path, model, optimizer, names, state) -> None:
         atomic_write_bytes(tmp / "trainer.safetensors", save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
         atomic_write_json(tmp / "trainer.json", meta)
 
-    path = _replace_dir(out / "checkpoints" / f"step-{state['step']:06d}", write)
-    for old in _checkpoints(out):
+    try:
+        path = _replace_dir(out / "checkpoints" / f"step-{state['step']:06d}", write)
+    except StorageError as err:
+        kept = _latest_checkpoint(out)
+        where = f"the last good checkpoint is kept at {kept}" if kept else "no earlier checkpoint exists"
+        raise StorageError(f"the checkpoint of step {state['step']} was not saved: {err}. {where}; once that is "
+                           "fixed, run again with resume") from None
+    for old in _checkpoints(out):  # only once the new one is complete
         if old != path:
             shutil.rmtree(old, ignore_errors=True)
 
 
 def _load_checkpoint(path: Path, optimizer, names) -> dict:
-    """Restore the optimizer and every RNG from ``path``; returns the loop state saved with them."""
+    """Restore the optimizer and every RNG from ``path``; returns the loop state saved with them.
+
+    The files are data (safetensors and JSON, never pickle); anything malformed in them is an
+    AdapterFileError naming the checkpoint.
+    """
     try:
         meta = json.loads((path / "trainer.json").read_text())
         tensors = load_file(path / "trainer.safetensors")
     except (OSError, ValueError) as err:
         raise AdapterFileError(f"checkpoint {path} cannot be read ({err}); delete it to resume from an older one") from None
+    try:
+        return _restore_trainer(path, meta, tensors, optimizer, names)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
+        raise AdapterFileError(f"checkpoint {path} is damaged ({type(err).__name__}: {err}); delete it to resume "
+                               "from an older one, or train again without resume") from None
+
+
+def _restore_trainer(path: Path, meta: dict, tensors: dict, optimizer, names) -> dict:
+    if not isinstance(meta, dict) or meta.get("step") != _step_of(path) or not isinstance(meta.get("consumed"), int):
+        raise ValueError(f"trainer.json does not describe step {_step_of(path)}")
     if meta["params"] != list(names):
         raise AdapterFileError(f"checkpoint {path} was written for other trainable parameters than this model has "
                                f"({len(meta['params'])} vs {len(names)}); was the method or its options changed?")
     index = {name: i for i, name in enumerate(names)}
+    params = optimizer.param_groups[0]["params"]
     optim_state = {}
     for key, value in tensors.items():
         if key.startswith("optim/"):
-            _, name, k = key.split("/")
+            name, k = key[len("optim/"):].rsplit("/", 1)
+            if value.dim() and value.shape != params[index[name]].shape:  # exp_avg, exp_avg_sq; "step" is a scalar
+                raise ValueError(f"'{key}' has shape {list(value.shape)}, the parameter {list(params[index[name]].shape)}")
             optim_state.setdefault(index[name], {})[k] = value
     for key, value in meta.pop("optim_scalars").items():
-        name, k = key.split("/")
+        name, k = key.rsplit("/", 1)
         optim_state.setdefault(index[name], {})[k] = value
     groups = meta.pop("param_groups")
     groups[0]["params"] = list(range(len(names)))  # one group, in the order of ``names``
@@ -518,17 +553,35 @@ def _step_of(checkpoint: Path | None) -> int:
 
 
 def _replace_dir(path: Path, write) -> Path:
-    """Build a directory with ``write(tmp)`` next to ``path``, then swap it in by renames."""
+    """Build a directory with ``write(tmp)`` next to ``path``, then swap it in by renames.
+
+    A write that fails (a full disk) removes the partial copy and leaves ``path`` as it was. A
+    crash between the two renames leaves ``.NAME.old`` and no ``NAME``; _recover_dir puts it back.
+    """
     tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
+    _recover_dir(path)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
+    try:
+        tmp.mkdir(parents=True)
+        write(tmp)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise storage_error(err, tmp) from err
+        raise
     if path.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def _recover_dir(path: Path) -> None:
+    """Undo a crash between the two renames of _replace_dir: the previous ``path`` comes back."""
+    old = path.with_name(f".{path.name}.old")
+    if not path.exists() and old.is_dir():
+        os.replace(old, path)
 
 
 # ------------------------------------------------------------------------------------ setup
@@ -541,6 +594,11 @@ def _resolved(cfg: TrainConfig, task) -> TrainConfig:
                           f"{cfg.max_steps}, {cfg.batch_size}, {cfg.grad_accum}, {cfg.eval_every}, {cfg.log_every}")
     if cfg.stop_after is not None and cfg.stop_after < 1:
         raise ConfigError(f"stop_after must be >= 1 or None, got {cfg.stop_after}")
+    if cfg.lr is not None and not (math.isfinite(cfg.lr) and cfg.lr >= 0):
+        raise ConfigError(f"lr must be a finite number >= 0, got {cfg.lr}")
+    if cfg.max_len < 2 or cfg.max_new_tokens < 1 or not 0 <= cfg.warmup_ratio <= 1:
+        raise ConfigError(f"max_len must be >= 2, max_new_tokens >= 1 and warmup_ratio in [0, 1], got "
+                          f"{cfg.max_len}, {cfg.max_new_tokens}, {cfg.warmup_ratio}")
     task_name = task.name if task is not None else cfg.task
     return dataclasses.replace(
         cfg,
@@ -557,24 +615,48 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(text).stem or text).strip("-")
 
 
-def _config_from(saved: dict) -> TrainConfig:
+def _read_run_json(path: Path) -> dict:
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # ValueError: malformed JSON or bytes that are not UTF-8
+        raise ConfigError(f"{path} cannot be read ({err}); it is written by deltatune.train") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path} must hold a JSON object (a TrainConfig), got {type(saved).__name__}")
+    return saved
+
+
+def _config_from(saved: dict, path: Path) -> TrainConfig:
     """The TrainConfig of a run.json, on this machine's device."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return _resolved(TrainConfig(**{k: v for k, v in saved.items() if k in names and k != "device"}), None)
+    try:
+        return _resolved(TrainConfig(**{k: v for k, v in saved.items() if k in names and k != "device"}), None)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{path} holds invalid settings ({err})") from None
 
 
-def _prepare_out_dir(out: Path, cfg: TrainConfig, checkpoint: Path | None) -> None:
-    """A fresh run clears the previous run's state; a resumed one checks that its config is the same."""
-    out.mkdir(parents=True, exist_ok=True)
+def _check_resumable(out: Path, cfg: TrainConfig, checkpoint: Path | None) -> None:
+    """A resumed run must have the settings of the run it continues; checked before anything is loaded."""
     if cfg.resume and checkpoint is None:
         warnings.warn(f"resume=True but {out} holds no checkpoint; starting from step 0", stacklevel=4)
     if checkpoint is not None and (out / "run.json").is_file():
-        saved = json.loads((out / "run.json").read_text())
+        saved = _read_run_json(out / "run.json")
         now = json.loads(json.dumps(dataclasses.asdict(cfg)))
         changed = sorted(k for k in now if k not in _RESUMABLE_CHANGES and saved.get(k) != now[k])
         if changed:
             raise ConfigError(f"cannot resume {out}: {', '.join(f'{k} was {saved.get(k)!r}, now {now[k]!r}' for k in changed)}; "
                               "use the original settings, or a new out_dir without resume")
+
+
+def _prepare_out_dir(out: Path, cfg: TrainConfig, checkpoint: Path | None) -> None:
+    """A fresh run clears the previous run's state (its inputs are checked by now); run.json records cfg."""
+    out.mkdir(parents=True, exist_ok=True)
+    _recover_dir(out / "best")
+    for folder in (out, out / "checkpoints"):  # what writes cut short by a crash left: .NAME.tmp, .NAME.XXXX.tmp
+        for stale in folder.glob(".*.tmp") if folder.is_dir() else ():
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    for old in _checkpoints(out) if checkpoint is not None else ():  # one a crash was removing when it struck
+        if old != checkpoint:
+            shutil.rmtree(old)
     if checkpoint is None:
         for stale in ("checkpoints", "best"):
             shutil.rmtree(out / stale, ignore_errors=True)
@@ -656,10 +738,21 @@ class _Log:
     def __init__(self, path: Path | None, keep_until: int):
         self.path = path
         if path is not None and path.exists() and keep_until:
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= keep_until]
+            kept = [line for line in path.read_text().splitlines() if _logged_step(line) <= keep_until]
             atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
 
     def write(self, record: dict) -> None:
         if self.path is not None:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with self.path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as err:
+                raise storage_error(err, self.path) from err
+
+
+def _logged_step(line: str) -> float:
+    """The step of a log line; a line cut short by a crash mid-append counts as after every checkpoint."""
+    try:
+        return json.loads(line).get("step", 0)
+    except (ValueError, AttributeError):
+        return math.inf
