@@ -67,19 +67,28 @@ def load_backbone(name: str, kind: str | None = None):
 def _from_pretrained(path, kind: str | None, name: str):
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+    # local_files_only: this machine reaches no hub; a folder or the HF cache is all there is.
+    # trust_remote_code=False: a model folder is data, its Python files never run (and no prompt asks).
+    local = dict(local_files_only=True, trust_remote_code=False)
     try:
-        # local_files_only: this machine reaches no hub; a folder or the HF cache is all there is.
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        config = AutoConfig.from_pretrained(path, **local)
     except OSError as e:
         raise ConfigError(
             f"model {name!r} is neither a local folder nor in the Hugging Face cache, and no model hub "
             f"is reachable from here. Use one of the named models {', '.join(NAMED)}, or a folder "
             f"holding config.json and the weights ({e.__class__.__name__}: {str(e).splitlines()[0]})"
         ) from None
+    except ValueError as e:  # custom code, an unknown model_type, a malformed config.json
+        raise ConfigError(f"model {name!r} cannot be loaded: {str(e).splitlines()[0]}") from None
     kind = kind or ("lm" if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.architectures or ()) else "base")
     auto = AutoModelForCausalLM if kind == "lm" else AutoModel
-    model = auto.from_pretrained(path, config=config, dtype=torch.float32, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    try:
+        model = auto.from_pretrained(path, config=config, dtype=torch.float32, **local)
+        tokenizer = AutoTokenizer.from_pretrained(path, **local)
+    except Exception as e:  # missing or damaged weights, a pickle the weights-only loader refused, a bad tokenizer
+        why = ("a weights file is a pickle holding more than tensors, which is never unpickled; convert it to "
+               "safetensors" if type(e).__name__ == "UnpicklingError" else f"{type(e).__name__}: {str(e).splitlines()[0]}")
+        raise ConfigError(f"model {name!r} cannot be loaded from {path}: {why}") from None
     if tokenizer.pad_token is None:  # decoder tokenizers often have none; padding is masked anyway
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
