@@ -172,6 +172,10 @@ def map_labels(splits: dict[str, list[dict]], labels: list[str] | None) -> list[
                                 f"0..K-1 (or use class-name strings)")
             r["label"] = i
         return [str(k) for k in range(max(ints) + 1)]
+    odd = next((r for r, i in zip(rows, ints) if i is None and not isinstance(r["label"], str)), None)
+    if odd is not None:
+        raise DataError(f"{odd['_where']}: label {odd['label']!r} is neither an int class index nor a class name; "
+                        f"use ints 0..K-1 or class-name strings")
     bad = next((r for r in rows if not isinstance(r["label"], str)), None)
     if bad is not None:
         raise DataError(f"{bad['_where']}: label {bad['label']!r} mixes with string labels; use either class-name "
