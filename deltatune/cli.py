@@ -208,7 +208,7 @@ def cmd_train(args) -> int:
               "seed": args.seed, "out_dir": out}
     for flag, kind, _ in TRAINING_FLAGS:
         value = getattr(args, _dest(flag))
-        if value not in (None, False):
+        if value is not None and value is not False:  # `not in (None, False)` would drop a 0 (0 == False)
             config[_dest(flag)] = value
     supported = {f.name for f in dataclasses.fields(TrainConfig)}
     unsupported = sorted(set(config) - supported)
