@@ -153,8 +153,12 @@ def read_adapter(path) -> tuple[dict, dict]:
         raise AdapterFileError(f"{file} is not a readable safetensors file (truncated or corrupted?): {err}") from None
     try:
         config = json.loads(meta["deltatune"])
-    except (KeyError, json.JSONDecodeError):
+    except KeyError:
         raise AdapterFileError(f"{file} carries no deltatune config in its metadata; was it written by dt.save_adapter?") from None
+    except (ValueError, RecursionError) as err:  # malformed JSON, or nested deeper than the parser goes
+        raise AdapterFileError(f"{file}: the deltatune config in its metadata is not valid JSON ({type(err).__name__})") from None
+    if not isinstance(config, dict):
+        raise AdapterFileError(f"{file}: the deltatune config in its metadata must be a JSON object")
     _check_config(file, config)
     expected = config["tensors"]
     missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
@@ -190,6 +194,14 @@ def _check_config(file, config) -> None:
         core.check_adapter_name(config["adapter"])
     except ConfigError as err:
         raise AdapterFileError(f"{file}: config field 'adapter': {err}") from None
+    try:  # options are checked as data here, so that none can clash with attach()'s own arguments
+        core.build_method(config["method"], config["options"])
+    except ConfigError as err:
+        raise AdapterFileError(f"{file}: cannot rebuild the adapter: {err}") from None
+    for key, shape in config["tensors"].items():
+        if not (isinstance(shape, list) and all(isinstance(n, int) and not isinstance(n, bool) for n in shape)):
+            raise AdapterFileError(f"{file}: config field 'tensors' must map names to shapes (lists of ints), "
+                                   f"got {key!r}: {shape!r}")
 
 
 def load_adapter(model, path, adapter: str | None = None, check_base: bool = True):

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch.nn import functional as F
 
@@ -495,7 +496,7 @@ def _load_checkpoint(path: Path, optimizer, names) -> dict:
     try:
         meta = json.loads((path / "trainer.json").read_text())
         tensors = load_file(path / "trainer.safetensors")
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError, SafetensorError) as err:
         raise AdapterFileError(f"checkpoint {path} cannot be read ({err}); delete it to resume from an older one") from None
     try:
         return _restore_trainer(path, meta, tensors, optimizer, names)
@@ -618,7 +619,7 @@ def _slug(text: str) -> str:
 def _read_run_json(path: Path) -> dict:
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:  # ValueError: malformed JSON or bytes that are not UTF-8
+    except (OSError, ValueError, RecursionError) as err:  # malformed or too deeply nested JSON, not UTF-8
         raise ConfigError(f"{path} cannot be read ({err}); it is written by deltatune.train") from None
     if not isinstance(saved, dict):
         raise ConfigError(f"{path} must hold a JSON object (a TrainConfig), got {type(saved).__name__}")

@@ -19,3 +19,15 @@ def record(section: str, value) -> None:
     data = json.loads(path.read_text()) if path.exists() else {}
     data[section] = value
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def count(section: str, n: int = 1) -> None:
+    """Add ``n`` to the counter ``section`` (bad inputs tried, hypothesis examples run)."""
+    path = os.environ.get("DELTATUNE_FIGURES")
+    if not path:
+        return
+    path = Path(path)
+    data = json.loads(path.read_text()) if path.exists() else {}
+    counts = data.setdefault("counts", {})
+    counts[section] = counts.get(section, 0) + n
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

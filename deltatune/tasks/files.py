@@ -72,6 +72,9 @@ def read_rows(path: str | Path) -> list[tuple[int, dict]]:
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}, line {n}: malformed JSON ({e.msg} at column {e.colno}); "
                                 f"each line must hold one JSON object") from None
+            except RecursionError:
+                raise DataError(f"{path}, line {n}: JSON nested too deeply to read; each line must hold one flat "
+                                f"JSON object") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}, line {n}: expected a JSON object with columns {ACCEPTED}, "
                                 f"got {type(row).__name__}")
