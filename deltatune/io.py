@@ -110,10 +110,12 @@ def adapter_tensors(model, adapter: str | None = None, fold: bool = True) -> tup
         for pname, t in state.items():
             tensors[f"delta.{key}.{pname}"] = t
     params = dict(model.named_parameters(remove_duplicate=False))
-    for pname in info.selected:
-        tensors[f"base.{pname}"] = params[pname]
-    for pname in info.head:
-        tensors[f"head.{pname}"] = params[pname]
+    seen = set()  # tied weights (T5's shared/embed_tokens, GPT-2's wte/lm_head) are saved once, under the first name
+    for kind, names in (("base", info.selected), ("head", info.head)):
+        for pname in names:
+            if id(params[pname]) not in seen:
+                seen.add(id(params[pname]))
+                tensors[f"{kind}.{pname}"] = params[pname]
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     options = info.method.folded_options() if fold else info.method.options()
     config = {
