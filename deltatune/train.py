@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save
 from torch.nn import functional as F
 
 import deltatune as dt
-from deltatune.errors import AdapterFileError, ConfigError, StorageError, TrainingError
+from deltatune.errors import AdapterFileError, ConfigError, DataError, StorageError, TrainingError
 from deltatune.io import atomic_write_bytes, atomic_write_json, storage_error
 from deltatune.models import build_task_model, format_prompt
 
@@ -101,6 +101,9 @@ def _train(cfg: TrainConfig, task) -> dict:
     _check_resumable(out, cfg, checkpoint)
     _seed_everything(cfg.seed)
     task = task or _load_task(cfg)
+    if not task.train:
+        raise DataError(f"task {task.name} has no training examples"
+                        + (f" (max_train={cfg.max_train})" if cfg.max_train is not None else ""))
     model, tokenizer = build_task_model(cfg.model, task.kind, len(task.labels or []))
     objective = OBJECTIVES[task.kind](tokenizer, cfg)
     data = {split: objective.encode(task.split(split), train=split == "train") for split in ("train", "valid", "test")}
