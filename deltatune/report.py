@@ -30,7 +30,7 @@ from deltatune.errors import DataError
 CSV_COLUMNS = [
     "method", "seed", "task", "model", "metric", "value", "zero_shot_value",
     "trainable_params", "total_params", "trainable_pct", "train_seconds",
-    "step_seconds_median", "peak_rss_mb", "max_steps", "out_dir",
+    "step_seconds_median", "peak_rss_mb", "run_seconds", "cpu_seconds", "max_steps", "out_dir",
 ]
 META_FILE = "bench.json"
 ZERO_SHOT = "zero-shot"
@@ -203,9 +203,11 @@ def _budget(rows: list[dict], meta: dict) -> str:
     seeds = sorted({r.get("seed") for r in rows if r.get("seed") is not None})
     parts = [f"Model `{model}`, task `{task}`" if model and task else None,
              f"{meta['max_steps']} steps per run" if meta.get("max_steps") else None,
-             f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} per method (mean ± std)" if seeds else None]
+             ("1 seed per method" if len(seeds) == 1 else f"{len(seeds)} seeds per method (mean ± std)") if seeds else None]
     parts = [p for p in parts if p]
     line = ", ".join(parts) + "." if parts else ""
+    if meta.get("wall_seconds"):
+        line += f" {len(rows)} runs took {meta['wall_seconds'] / 60:.1f} min in all."
     if meta.get("command"):
         line += f" Command: `{meta['command']}`."
     return line.strip()

@@ -148,6 +148,14 @@ def test_eval_missing_adapter_dir(capsys, tmp_path):
     assert code == 2 and "no adapter directory" in err
 
 
+def test_demo_runs_registered_methods_on_a_bench_budget():
+    assert set(cli.DEMO_METHODS) <= set(dt.methods())
+    for quick in (False, True):
+        args = cli.build_parser().parse_args(cli.demo_argv(quick, out="somewhere"))
+        assert args.run is cli.cmd_bench and args.out == "somewhere" and args.batch_size in (8, 32)
+        assert args.max_len <= 128 and args.seeds == "1"
+
+
 # ----------------------------------------------------------------------------- report DIR
 
 def test_report_rebuilds_from_results_csv(capsys, tmp_path):
@@ -186,3 +194,24 @@ def test_train_json_last_line_then_eval(capsys, tmp_path):
     assert code == 0, err
     metrics = json.loads(out.strip().splitlines()[-1])
     assert metrics["metric"] == summary["metric"] and metrics["split"] == "test"
+
+
+def test_bench_end_to_end_then_report_rebuilds_it(capsys, tmp_path):
+    code, out, err = run(capsys, "bench", "--model", "tiny-bert", "--task", "code-search", "--methods", "lora,bitfit",
+                         "--seeds", "1", "--max-steps", "2", "--batch-size", "4", "--max-train", "8", "--max-eval", "8",
+                         "--set", "lora:r=2", "--out", str(tmp_path))
+    assert code == 0, err
+    rows = report.read_csv(tmp_path / "results.csv")
+    assert [(r["method"], r["seed"]) for r in rows] == [("lora", 0), ("bitfit", 0)]
+    assert json.loads(rows[0]["options"]) == {"r": 2} and rows[1]["options"] == "{}"
+    assert all(r["run_seconds"] > 0 and r["max_steps"] == 2 for r in rows)
+    meta = json.loads((tmp_path / "bench.json").read_text())
+    assert meta["command"].startswith("deltatune bench --model tiny-bert") and meta["machine"]["cores"] >= 1
+    md = (tmp_path / "results.md").read_text()
+    assert md.startswith("Measured on ") and "| zero-shot |" in md and "| bitfit |" in md
+    assert md in out and str(tmp_path / "report.html") in out
+    assert "data:image/png;base64," in (tmp_path / "report.html").read_text()
+
+    (tmp_path / "results.md").unlink()
+    code, out, err = run(capsys, "report", str(tmp_path))
+    assert code == 0 and (tmp_path / "results.md").read_text() == md
