@@ -158,21 +158,13 @@ def cmd_methods(args) -> int:
         return 0
     rows = []
     for info in infos:
-        sites = (info.get("options") or {}).get("sites")
-        sites = ",".join(sites) if isinstance(sites, (list, tuple)) else (sites or "-")
-        rows.append([info["name"], str(info.get("paper") or "-"), sites,
-                     "yes" if info.get("mergeable") else "no", f"{info['lr']:g}" if info.get("lr") else "-"])
+        # `sites`, plus any other *sites option, e.g. (IA)^3's input_sites.
+        sites = "; ".join(",".join(value) + ("" if key == "sites" else f" ({key})")
+                          for key, value in info["options"].items() if key.endswith("sites") and value)
+        rows.append([info["name"], info["paper"], sites or "-", "yes" if info["mergeable"] else "no",
+                     f"{info['lr']:g}"])
     _print_table(["method", "paper", "default sites", "mergeable", "default lr"], rows)
     return 0
-
-
-def _task_summary(name, spec) -> dict:
-    """What the TASKS registry says about a task: its description (a string), or kind/metric/description."""
-    if isinstance(spec, str):
-        return {"name": name, "description": spec}
-    get = spec.get if isinstance(spec, dict) else (lambda key, default=None: getattr(spec, key, default))
-    return {"name": name, "kind": get("kind"), "metric": get("metric"),
-            "description": get("description") or get("summary")}
 
 
 def cmd_tasks(args) -> int:
@@ -184,13 +176,10 @@ def cmd_tasks(args) -> int:
         _check_task(args.name)
         print(load_task(args.name).card())
         return 0
-    summaries = [_task_summary(name, spec) for name, spec in TASKS.items()]
     if args.json:
-        print(json.dumps(summaries, default=_jsonable))
+        print(json.dumps([{"name": name, "description": text} for name, text in TASKS.items()]))
         return 0
-    columns = [key for key in ("name", "kind", "metric", "description") if any(s.get(key) for s in summaries)]
-    _print_table(["task" if key == "name" else key for key in columns],
-                 [[str(s.get(key) or "-") for key in columns] for s in summaries])
+    _print_table(["task", "description"], [[name, text] for name, text in TASKS.items()])
     return 0
 
 
