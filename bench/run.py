@@ -294,6 +294,7 @@ def worker(job: dict) -> dict:
     rss_import = rss_mb()
 
     model, cfg = build_model(size, job["seed"])
+    rss_model = rss_mb()  # base weights allocated, modeling code imported, in every environment
     method = spec.get("method", spec.get("eager", config))
     if lib == "torch":
         model = attach_torch(model, config)
@@ -312,7 +313,8 @@ def worker(job: dict) -> dict:
     mask = torch.ones_like(ids)
     labels = torch.randint(0, 2, (job["batch"],), generator=gen)
 
-    result = dict(job, trainable=trainable, total=total, rss_import_mb=rss_import, versions=versions())
+    result = dict(job, trainable=trainable, total=total, rss_import_mb=rss_import,
+                  rss_model_mb=rss_model, versions=versions())
 
     if spec["kind"] == "infer":
         model.eval()
@@ -377,6 +379,9 @@ def env_python(env: str, peers_dir: Path) -> Path:
 def plan(args) -> list[dict]:
     wanted = [c.strip() for c in args.configs.split(",")] if args.configs else None
     libs = set(args.libs.split(",")) if args.libs else None
+    if libs and libs - {"torch", *LIB_ENV}:
+        raise SystemExit(f"bench: unknown libraries {sorted(libs - {'torch', *LIB_ENV})}; "
+                         f"known: torch, {', '.join(LIB_ENV)}")
     jobs = []
     for size in args.sizes.split(","):
         if size not in SIZES:
@@ -392,7 +397,9 @@ def plan(args) -> list[dict]:
                     continue
                 envs = spec.get("envs", ["main"]) if lib == "torch" else [LIB_ENV[lib]]
                 for env in envs:
-                    if libs and lib not in libs and not (lib == "torch" and env in libs):
+                    # a library brings the torch baselines of its own environment along
+                    if libs and lib not in libs and not (
+                            lib == "torch" and env in {LIB_ENV[l] for l in libs if l in LIB_ENV}):
                         continue
                     jobs.append(dict(size=size, config=name, lib=lib, env=env,
                                      batch=args.batch, seq=args.seq, steps=args.steps,
@@ -446,13 +453,15 @@ def aggregate(results: list[dict]) -> dict:
             step_s=med, rounds=len(ok), spread=(max(meds) - min(meds)) / med if med else 0.0,
             peak_rss_mb=statistics.median(r["peak_rss_mb"] for r in ok),
             rss_import_mb=statistics.median(r["rss_import_mb"] for r in ok),
+            # what attaching and training cost above the built base model
+            net_mb=statistics.median(r["peak_rss_mb"] - r.get("rss_model_mb", r["rss_import_mb"]) for r in ok),
             trainable=ok[0]["trainable"], total=ok[0]["total"],
             first_step_s=statistics.median(r["first_step_s"] for r in ok),
             loss_finite=all(r.get("loss_finite", True) for r in ok),
             losses=ok[-1].get("losses"), grads=(ok[-1].get("grads_nonzero"),
                                                 ok[-1].get("grads_expected")),
             versions=ok[0]["versions"], errors=len(rs) - len(ok),
-            **{k: ok[0][k] for k in ("batch", "seq", "steps", "warmup", "threads", "seed")})
+            **{name: ok[0][name] for name in ("batch", "seq", "steps", "warmup", "threads", "seed")})
     return out
 
 
@@ -495,7 +504,7 @@ def fmt_params(n: int) -> str:
 def table(rows: list[dict], kind: str) -> list[str]:
     ref = "× full FT" if kind == "train" else "× base"
     head = ["size", "config", "library", "step (s)", "spread", ref, "vs peft", "vs adapters",
-            "peak RSS (MB)", "trainable"]
+            "peak RSS (MB)", "net (MB)", "trainable"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if r["kind"] != kind:
@@ -507,12 +516,14 @@ def table(rows: list[dict], kind: str) -> list[str]:
                          + " |" * (len(head) - 4))
             continue
         ratio = lambda k: f"{r[k]:.2f}×" if k in r else ""  # noqa: E731
-        extra = f" (compiled {r['compile_speedup']:.2f}× faster)" if "compile_speedup" in r else ""
+        extra = f" ({r['compile_speedup']:.2f}× eager speed)" if "compile_speedup" in r else ""
+        spread = f"{100 * c['spread']:.0f}%" if c["rounds"] > 1 else "–"
         ok = "" if c["loss_finite"] else " NaN!"
         lines.append(
             f"| {r['size']} | {r['config']} | {label} | {c['step_s']:.4f}{extra}{ok} | "
-            f"{100 * c['spread']:.0f}% | {ratio('x_base')} | {ratio('vs_peft')} | "
-            f"{ratio('vs_adapters')} | {c['peak_rss_mb']:.0f} | {fmt_params(c['trainable'])} |")
+            f"{spread} | {ratio('x_base')} | {ratio('vs_peft')} | "
+            f"{ratio('vs_adapters')} | {c['peak_rss_mb']:.0f} | {c['net_mb']:.0f} | "
+            f"{fmt_params(c['trainable'])} |")
     return lines
 
 
@@ -520,7 +531,8 @@ def goals(rows: list[dict], cells: dict) -> list[str]:
     """The targets deltatune sets itself; each line says met / not met / not measured."""
     out = []
     yes = lambda b: "met" if b else "**not met**"  # noqa: E731
-    shared = [r for r in rows if r["lib"] == "deltatune" and ("vs_peft" in r or "vs_adapters" in r)]
+    shared = [r for r in rows if r["lib"] == "deltatune" and r["kind"] == "train"
+              and ("vs_peft" in r or "vs_adapters" in r)]
     for r in shared:
         c = r["cell"]
         for peer in ("peft", "adapters"):
@@ -529,11 +541,11 @@ def goals(rows: list[dict], cells: dict) -> list[str]:
             p = cells[(r["size"], r["config"], peer, peer)]
             speed = r["vs_" + peer] <= 0.95
             mem = c["peak_rss_mb"] <= p["peak_rss_mb"]
-            # memory above each environment's own post-import RSS, which differs by library
-            mem_net = c["peak_rss_mb"] - c["rss_import_mb"] <= p["peak_rss_mb"] - p["rss_import_mb"]
+            mem_net = c["net_mb"] <= p["net_mb"]
             out.append(f"- {r['size']} {r['config']} vs {peer}: step {r['vs_' + peer]:.2f}× "
                        f"(≤ 0.95× {yes(speed)}); peak RSS {c['peak_rss_mb']:.0f} vs "
-                       f"{p['peak_rss_mb']:.0f} MB ({yes(mem)}; above import baseline: {yes(mem_net)})")
+                       f"{p['peak_rss_mb']:.0f} MB ({yes(mem)}); net {c['net_mb']:.0f} vs "
+                       f"{p['net_mb']:.0f} MB ({yes(mem_net)})")
     if not shared:
         out.append("- deltatune vs peers: not measured (no deltatune rows with a peer row)")
     for r in rows:
@@ -595,7 +607,8 @@ def report(rows, cells, results, started, elapsed, command) -> str:
     lines = [
         "# Performance: deltatune vs peft vs adapters",
         "",
-        f"Generated by `bench/run.py` on {started:%Y-%m-%d %H:%M} ({elapsed / 60:.0f} min).",
+        f"Generated by `bench/run.py` on {started:%Y-%m-%d %H:%M} "
+        + (f"({elapsed / 60:.0f} min)." if elapsed else "from earlier raw results (`--merge`)."),
         "",
         "```",
         *sorted({r["command"] for r in results if "command" in r} | {command}),
@@ -606,6 +619,13 @@ def report(rows, cells, results, started, elapsed, command) -> str:
     ]
     for env, v in sorted(env_versions.items()):
         lines.append(f"- `{env}` environment: " + ", ".join(f"{k} {v[k]}" for k in v))
+    if any(c.get("rounds", 0) < 3 or c.get("steps", 0) < 10 for c in cells.values()):
+        lines += ["", "> **Smoke run, not a measurement**: fewer than 3 rounds or 10 timed steps. "
+                  "Run `bench/run.py` without `--quick` on a quiet machine for numbers to quote."]
+    noisy = [c["spread"] for c in cells.values() if c.get("rounds", 0) > 1]
+    if noisy and statistics.median(noisy) > 0.10:
+        lines += ["", f"> **Noisy machine**: the median spread across rounds is "
+                  f"{100 * statistics.median(noisy):.0f}%; ratios within that margin are not findings."]
     lines += [
         "",
         "Step time: median over rounds of each process's median step "
@@ -614,7 +634,8 @@ def report(rows, cells, results, started, elapsed, command) -> str:
         "*spread*: (max − min) / median of the per-round medians, a noise gauge. "
         "*× full FT* / *× base*: against the plain-torch baseline of the same environment. "
         "*vs peft* / *vs adapters*: deltatune's time over the peer's for the same method "
-        "(below 1 is faster). Peak RSS: `ru_maxrss` of the row's own process.",
+        "(below 1 is faster). Peak RSS: `ru_maxrss` of the row's own process; *net*: peak RSS "
+        "minus the RSS once the base model is built (what attaching and training cost).",
         "",
         "## Training",
         "",
@@ -636,16 +657,18 @@ def report(rows, cells, results, started, elapsed, command) -> str:
         f"- LoRA: r={LORA_R}, alpha={LORA_ALPHA}, no dropout. Prefix: {N_VIRTUAL} tokens, MLP "
         f"reparametrization of width {PREFIX_MLP} (peft `prefix_projection=True`, adapters' default). "
         f"Prompt: {N_VIRTUAL} random-init soft tokens. Bottleneck adapters: reduction factor {BN_REDUCTION}.",
-        "- Coverage differs where a peer cannot reach a matrix: adapters' LoRA has no attention-output "
-        "(nor Llama gate_proj) LoRA, so its `lora-all` adapts fewer matrices (see *trainable*); "
-        "adapters' (IA)^3 scales the FFN's first projection output (before the activation), peft and "
-        "the paper scale the activation itself; adapters has no prompt tuning for Llama; peft has no "
-        "bottleneck adapters.",
+        "- Where the libraries differ in what they train (see *trainable* and the list below): "
+        "adapters' LoRA has no attention-output LoRA (nor Llama `gate_proj`), so its `lora-all` "
+        "adapts fewer matrices; adapters' (IA)^3 scales the output of the FFN's first projection "
+        "on BERT (before the activation) and of `down_proj` on Llama, where peft, deltatune and the "
+        "paper scale the FFN activation (the input of the last projection); deltatune's prefix has "
+        "one reparametrization MLP per layer, the peers one shared MLP for all layers; adapters has "
+        "no prompt tuning for Llama; peft has no bottleneck adapters.",
         "- Peak RSS includes the interpreter and imported libraries; the import baseline differs by "
         "environment (" + ", ".join(
             f"{env} ≈ {statistics.median(c['rss_import_mb'] for k, c in cells.items() if k[3] == env and 'rss_import_mb' in c):.0f} MB"
             for env in sorted({k[3] for k, c in cells.items() if "rss_import_mb" in c})) +
-        "), so the memory goal is also checked above that baseline.",
+        "), so the memory goal is also checked on *net* memory (above the built base model).",
         "- Trainable parameters and gradient check per row (non-zero gradient tensors / trainable "
         "tensors, after one update) and loss (first timed / last):",
         "",
@@ -662,7 +685,7 @@ def report(rows, cells, results, started, elapsed, command) -> str:
     if compiled:
         lines += ["", "- torch.compile (compile time excluded from step medians; first step includes it):"]
         for r in compiled:
-            lines.append(f"  - {r['size']} {r['config']}: {r['compile_speedup']:.2f}× faster than eager; "
+            lines.append(f"  - {r['size']} {r['config']}: {r['compile_speedup']:.2f}× the eager speed; "
                          f"first step {r['cell']['first_step_s']:.1f} s")
     return "\n".join(lines) + "\n"
 
@@ -729,7 +752,7 @@ def main(argv=None):
         done = time.perf_counter() - t_start
         print(f"bench: round {rnd + 1} done, {done / 60:.1f} min so far, "
               f"about {done / (rnd + 1) * (args.rounds - rnd - 1) / 60:.0f} min to go", flush=True)
-    elapsed = time.perf_counter() - t_start
+    elapsed = time.perf_counter() - t_start if jobs else None
     if not results:
         raise SystemExit("bench: nothing ran and nothing merged")
     sizes = [s for s in SIZES if any(r["size"] == s for r in results)]
@@ -741,10 +764,12 @@ def main(argv=None):
     out = ROOT / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report(rows, cells, results, started, elapsed, command))
-    raw = Path(args.json) if args.json else ROOT / "runs" / f"bench-{started:%Y%m%d-%H%M%S}.json"
-    raw.parent.mkdir(parents=True, exist_ok=True)
-    raw.write_text(json.dumps(results, indent=1))
-    print(f"\nbench: wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out} and {raw}")
+    print(f"\nbench: wrote {out}")
+    if jobs:  # the raw per-process results, to --merge later
+        raw = Path(args.json) if args.json else ROOT / "runs" / f"bench-{started:%Y%m%d-%H%M%S}.json"
+        raw.parent.mkdir(parents=True, exist_ok=True)
+        raw.write_text(json.dumps(results, indent=1))
+        print(f"bench: raw results in {raw}")
     return 0
 
 
