@@ -63,13 +63,18 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         if isinstance(err, OSError):
             raise storage_error(err, path) from err
         raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path) -> None:
+    """Make the renames in directory ``path`` durable (a power cut after this keeps them); best effort."""
+    try:
+        dir_fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    except OSError:
+    except OSError:  # not possible on every platform or file system
         pass
 
 
@@ -227,6 +232,9 @@ def load_adapter(model, path, adapter: str | None = None, check_base: bool = Tru
         core.attach(model, config["method"], adapter=name, **config["options"])
     except DeltatuneError as err:
         raise AdapterFileError(f"{path}: cannot rebuild the adapter: {err}") from None
+    except (RuntimeError, MemoryError) as err:  # options that ask for more memory than there is (r=2**40)
+        raise AdapterFileError(f"{path}: cannot rebuild the adapter from its options {config['options']}: "
+                               f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}") from None
     try:
         store = core.store_of(model)
         info = store.info[name]

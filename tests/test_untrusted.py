@@ -182,6 +182,22 @@ def test_attach_refuses_path_like_adapter_names(name):
         dt.attach(tiny.model("bert"), "lora", adapter=name)
 
 
+@pytest.mark.parametrize("options", [{"r": 2**40}, {"r": 2**40, "sites": ["attn.q", "attn.k", "attn.v", "ffn.in"]}])
+def test_options_asking_for_more_memory_than_there_is(tmp_path, options):
+    model = dt.attach(tiny.model("bert"), "lora")
+    dt.save_adapter(model, tmp_path / "a")
+    file = tmp_path / "a" / WEIGHTS
+    with safe_open(str(file), framework="pt") as f:
+        config = json.loads(f.metadata()["deltatune"])
+    config["options"].update(options)
+    save_file(load_file(str(file)), str(file), metadata={"deltatune": json.dumps(config)})
+    fresh = tiny.model("bert")
+    with pytest.raises(dt.AdapterFileError, match="cannot rebuild the adapter from its options"):
+        dt.load_adapter(fresh, tmp_path / "a")
+    assert not hasattr(fresh, "deltatune")
+    figures.count("oversized options in adapter files")
+
+
 def test_options_in_a_file_cannot_clash_with_attach_arguments(tmp_path):
     model = dt.attach(tiny.model("bert"), "lora")
     dt.save_adapter(model, tmp_path / "a")
@@ -341,8 +357,10 @@ def test_a_model_folder_runs_no_code(tmp_path, capsys, make):
 
 FIELDS = ["format", "format_version", "adapter", "method", "options", "folded", "base", "tensors"]
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False) | st.text(max_size=12),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False) | st.text(max_size=12)
+    | st.just([]) | st.just({}),
+    lambda inner: st.lists(inner, min_size=1, max_size=4) | st.dictionaries(st.text(max_size=8), inner, min_size=1,
+                                                                              max_size=4),
     max_leaves=12)
 
 
