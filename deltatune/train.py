@@ -38,7 +38,7 @@ from torch.nn import functional as F
 
 import deltatune as dt
 from deltatune.errors import AdapterFileError, ConfigError, DataError, StorageError, TrainingError
-from deltatune.io import atomic_write_bytes, atomic_write_json, storage_error
+from deltatune.io import atomic_write_bytes, atomic_write_json, fsync_dir, storage_error
 from deltatune.models import build_task_model, format_prompt
 
 
@@ -577,6 +577,7 @@ def _replace_dir(path: Path, write) -> Path:
         shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)
     os.replace(tmp, path)
+    fsync_dir(path.parent)
     shutil.rmtree(old, ignore_errors=True)
     return path
 
@@ -755,8 +756,11 @@ class _Log:
 
 
 def _logged_step(line: str) -> float:
-    """The step of a log line; a line cut short by a crash mid-append counts as after every checkpoint."""
+    """When a log line was written, as a step: the final test score (written after the last checkpoint,
+    with its step) and a line cut short by a crash mid-append count as after every checkpoint."""
     try:
-        return json.loads(line).get("step", 0)
+        record = json.loads(line)
+        final = record.get("split") == "test" and not record.get("zero_shot")
+        return math.inf if final else record.get("step", 0)
     except (ValueError, AttributeError):
         return math.inf

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from deltatune.io import read_adapter
-from deltatune.train import _latest_checkpoint
+from deltatune.train import TrainConfig, _latest_checkpoint, train
 
 from . import figures
 from .crashpoint import ForkServer, run_process
@@ -49,10 +49,10 @@ def assert_recoverable(out: Path) -> None:
         read_adapter(best)
 
 
-def assert_same_run(ref: Path, out: Path) -> None:
+def assert_same_run(ref: Path, out: Path, steps: int = STEPS) -> None:
     files = lambda root: sorted(str(p.relative_to(root)) for p in root.rglob("*"))  # noqa: E731
     assert files(out) == files(ref)  # the same files: no temporary or stale copies left behind
-    for sub in ("best", f"checkpoints/step-{STEPS:06d}/adapter"):
+    for sub in ("best", f"checkpoints/step-{steps:06d}/adapter"):
         a, b = load_file(ref / sub / "adapter.safetensors"), load_file(out / sub / "adapter.safetensors")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
     log = lambda root: [json.loads(line) for line in (root / "log.jsonl").read_text().splitlines()]  # noqa: E731
@@ -87,6 +87,42 @@ def crash_and_resume(server, task, root: Path, method: str, kills: int, seed: st
         assert_recoverable(out)
     assert_same_run(root / "ref", out)
     return {"kills": len(landed), "kill_points": landed, "ops_per_run": ref["ops"]}
+
+
+# ------------------------------------------------------------------ what a kill leaves, set up by hand
+
+def _config(task, out, **over) -> TrainConfig:
+    base = dict(model="tiny-bert", task=str(task), method="lora", max_steps=4, eval_every=2, batch_size=8, max_len=32,
+                lr=0.01, out_dir=str(out), progress=False)
+    return TrainConfig(**{**base, **over})
+
+
+def test_resume_after_the_last_write_or_a_torn_log_line_changes_nothing(task, tmp_path):
+    out = tmp_path / "run"
+    first = train(_config(task, out))
+    log = (out / "log.jsonl").read_text()
+    (out / "metrics.json").unlink()  # killed after the final test score was logged, before metrics.json
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": 0.12')  # and a line cut short by a kill in the middle of an append
+    again = train(_config(task, out, resume=True))
+    assert (out / "log.jsonl").read_text() == log and again["value"] == first["value"]
+
+
+def test_the_leftovers_of_a_kill_are_cleaned_up_on_resume(task, tmp_path):
+    ref = tmp_path / "ref"
+    train(_config(task, ref))
+    out = tmp_path / "run"
+    train(_config(task, out, stop_after=2))
+    # A kill between the two renames that swap best/ in, inside a checkpoint write, inside an atomic
+    # file write, and while an older checkpoint was being removed:
+    os.replace(out / "best", out / ".best.old")
+    (out / ".best.tmp").mkdir()
+    (out / ".best.tmp" / "adapter.safetensors").write_bytes(b"half")
+    (out / "checkpoints" / ".step-000004.tmp").mkdir()
+    (out / ".run.json.x1y2.tmp").write_text("{")
+    (out / "checkpoints" / "step-000001").mkdir()
+    train(_config(task, out, resume=True))
+    assert_same_run(ref, out, steps=4)
 
 
 FAST = ["lora", "bitfit", "prefix"]  # a low-rank delta, a selection method, a training-only reparameterisation
