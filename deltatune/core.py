@@ -319,6 +319,12 @@ def attach(model: nn.Module, method: str, adapter: str = "default", **options) -
         key = _key(pl.target, pl.suffix)
         if key in modules:
             raise ConfigError(f"{method}: two deltas at {pl.target.name}; give them distinct suffixes")
+        for name, shared in getattr(pl.delta, "shared", {}).items():  # e.g. the prefix MLP of all layers
+            skey = f"shared~{name}"
+            if skey not in modules:
+                modules[skey] = shared.to(device=device, dtype=dtype)
+            elif modules[skey] is not shared:
+                raise ConfigError(f"{method}: two different shared modules named '{name}'")
         pl.delta.to(device=device, dtype=dtype)
         modules[key] = pl.delta
         entry = Entry(adapter, key, pl.delta, pl.combine, pl.target.module,
@@ -508,8 +514,11 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 def fold(model: nn.Module) -> None:
     """Drop training-only reparameterisations (the prefix MLP), keeping what they compute."""
     store = _require_store(model)
-    for info in store.info.values():
+    for name, info in store.info.items():
         for e in info.entries:
             if hasattr(e.delta, "fold"):
                 e.delta.fold()
+        for key in [k for k in store.adapters[name] if k.startswith("shared~")]:
+            del store.adapters[name][key]
+        info.method = build_method(info.method.name, info.method.folded_options())
     set_active(model, *store.active)

@@ -75,46 +75,63 @@ class Scale(nn.Module):
         return h * self.l
 
 
+class PrefixReparam(nn.Module):
+    """P = MLP(P') for every attention module at once (Li & Liang 2021, §4.3): one embedding P'
+    (length, d) and one tanh MLP whose output holds every layer's prefix keys and values.
+
+    Shared by the adapter's PrefixTables (registered once, in the adapter's container) and used
+    only during training: folding turns each layer's slice into a plain table.
+    """
+
+    def __init__(self, length: int, d_model: int, hidden: int, sites: int, width: int):
+        super().__init__()
+        self.length, self.sites, self.width = length, sites, width
+        self.embedding = nn.Parameter(torch.randn(length, d_model))
+        self.mlp = nn.Sequential(nn.Linear(d_model, hidden), nn.Tanh(), nn.Linear(hidden, sites * width))
+
+    def forward(self) -> torch.Tensor:  # -> (sites, length, width)
+        return self.mlp(self.embedding).view(self.length, self.sites, self.width).transpose(0, 1)
+
+    def folded_state(self) -> dict:
+        return {}  # nothing of it is kept once folded
+
+
 class PrefixTable(nn.Module):
     """Trainable keys and values prepended to one attention module's (Li & Liang 2021).
 
-    During training the table is reparameterised: P = MLP(P') with a tanh MLP (hidden ``hidden``),
-    which Li & Liang found stabilises optimisation. ``fold()`` computes P once and drops the MLP, so
-    a saved adapter holds only the (length, 2, heads, head_dim) table.
+    Either a plain (length, 2 * kv_heads * head_dim) table, or, during training, slice ``index`` of
+    a shared ``PrefixReparam``. ``fold()`` computes the slice once and drops the reparameterisation,
+    so a saved adapter holds only the tables.
     """
 
-    def __init__(self, length: int, d_model: int, kv_heads: int, head_dim: int, hidden: int | None):
+    def __init__(self, length: int, kv_heads: int, head_dim: int, reparam: PrefixReparam | None = None, index: int = 0):
         super().__init__()
-        self.length, self.kv_heads, self.head_dim = length, kv_heads, head_dim
-        out = 2 * kv_heads * head_dim
-        if hidden:
-            self.embedding = nn.Parameter(torch.randn(length, d_model))
-            self.mlp = nn.Sequential(nn.Linear(d_model, hidden), nn.Tanh(), nn.Linear(hidden, out))
-            self.table = None
-        else:
-            self.embedding, self.mlp = None, None
-            self.table = nn.Parameter(torch.randn(length, out) * 0.02)
+        self.length, self.kv_heads, self.head_dim, self.index = length, kv_heads, head_dim, index
+        object.__setattr__(self, "reparam", reparam)  # not a submodule: the adapter registers it once
+        self.shared = {"prefix": reparam} if reparam is not None else {}
+        self.table = None if reparam is not None else nn.Parameter(torch.randn(length, 2 * kv_heads * head_dim) * 0.02)
+
+    def flat(self) -> torch.Tensor:  # (length, 2 * kv_heads * head_dim)
+        return self.table if self.reparam is None else self.reparam()[self.index]
 
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values, each (kv_heads, length, head_dim). Computed per call: never cached."""
-        flat = self.mlp(self.embedding) if self.mlp is not None else self.table  # (length, 2*kv_heads*head_dim)
-        kv = flat.view(self.length, 2, self.kv_heads, self.head_dim).permute(1, 2, 0, 3)
+        kv = self.flat().view(self.length, 2, self.kv_heads, self.head_dim).permute(1, 2, 0, 3)
         return kv[0], kv[1]
 
     def folded_state(self) -> dict[str, torch.Tensor]:
         """The state of the folded form (table only), computed without changing this module."""
-        if self.mlp is None:
-            return {"table": self.table.detach()}
         with torch.no_grad():
-            return {"table": self.mlp(self.embedding).detach()}
+            return {"table": self.flat().detach()}
 
     @torch.no_grad()
     def fold(self) -> None:
-        if self.mlp is None:
+        if self.reparam is None:
             return
-        table = self.mlp(self.embedding).detach().clone()
-        self.table = nn.Parameter(table, requires_grad=self.embedding.requires_grad)
-        self.embedding, self.mlp = None, None
+        requires_grad = self.reparam.embedding.requires_grad
+        self.table = nn.Parameter(self.flat().detach().clone(), requires_grad=requires_grad)
+        object.__setattr__(self, "reparam", None)
+        self.shared = {}
 
 
 class SoftPrompt(nn.Module):

@@ -68,7 +68,8 @@ def formula(method, family):
         return head + n_ffn * (2 * d * m + m + d)
     if method == "prefix":
         length, h = opts["length"], opts["hidden"]
-        return head + n_attn * (length * d + d * h + h + h * 2 * kvd + 2 * kvd)
+        # one embedding and one MLP whose output holds every attention's keys and values (Li & Liang)
+        return head + length * d + d * h + h + h * n_attn * 2 * kvd + n_attn * 2 * kvd
     if method == "prompt":
         return head + opts["length"] * d
     if method == "ln":

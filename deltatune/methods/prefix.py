@@ -1,6 +1,6 @@
 from ..combine import PREFIX_KV
 from ..core import Method, Placement, option, register
-from ..deltas import PrefixTable
+from ..deltas import PrefixReparam, PrefixTable
 from ..sites import attention_shape
 
 
@@ -9,7 +9,7 @@ class Prefix(Method):
     """Trainable key/value prefixes of length l at every attention: K <- [P_K; K], V <- [P_V; V].
 
     Li & Liang 2021, "Prefix-Tuning: Optimizing Continuous Prompts for Generation", §4.3. During
-    training P = MLP(P') (tanh, hidden 512) per attention module; ``dt.save_adapter`` folds the MLP
+    training P = MLP(P') (tanh, hidden 512), one MLP producing every layer's prefix as in the paper; ``dt.save_adapter`` folds the MLP
     away and stores only the table. l = 10 (table-to-text; 200 for summarisation). Works with
     padding, causal masks and generate()'s key/value cache. Not mergeable.
     """
@@ -29,7 +29,8 @@ class Prefix(Method):
 
     def placements(self, model):
         d_model, _, kv_heads, head_dim = attention_shape(model)
-        return [
-            Placement(t, PrefixTable(self.length, d_model, kv_heads, head_dim, self.hidden), PREFIX_KV)
-            for t in self.targets(model, self.sites)
-        ]
+        targets = self.targets(model, self.sites)
+        width = 2 * kv_heads * head_dim
+        reparam = PrefixReparam(self.length, d_model, self.hidden, len(targets), width) if self.hidden else None
+        return [Placement(t, PrefixTable(self.length, kv_heads, head_dim, reparam, i), PREFIX_KV)
+                for i, t in enumerate(targets)]
