@@ -15,4 +15,5 @@ test-fast: setup
 	$(PY) -m pytest -m "not slow"
 
 bench: setup
+	bash bench/setup_peers.sh
 	$(PY) bench/run.py
