@@ -487,7 +487,7 @@ def _save_checkpoint(out: Path, model, optimizer, names, state) -> None:
                            "fixed, run again with resume") from None
     for old in _checkpoints(out):  # only once the new one is complete
         if old != path:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove_dir(old)
 
 
 def _load_checkpoint(path: Path, optimizer, names) -> dict:
@@ -574,7 +574,6 @@ def _replace_dir(path: Path, write) -> Path:
             raise storage_error(err, tmp) from err
         raise
     if path.exists():
-        shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)
     os.replace(tmp, path)
     fsync_dir(path.parent)
@@ -583,10 +582,22 @@ def _replace_dir(path: Path, write) -> Path:
 
 
 def _recover_dir(path: Path) -> None:
-    """Undo a crash between the two renames of _replace_dir: the previous ``path`` comes back."""
+    """Undo a crash between the two renames of _replace_dir (the previous ``path`` comes back), or
+    finish the removal of the previous version that a crash cut short."""
     old = path.with_name(f".{path.name}.old")
     if not path.exists() and old.is_dir():
         os.replace(old, path)
+    elif old.exists():
+        shutil.rmtree(old)
+
+
+def _remove_dir(path: Path) -> None:
+    """Remove a directory such that a crash midway never leaves part of it under its own name."""
+    if path.is_dir():
+        doomed = path.with_name(f".{path.name}.del.tmp")
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.replace(path, doomed)
+        shutil.rmtree(doomed)
 
 
 # ------------------------------------------------------------------------------------ setup
@@ -659,12 +670,12 @@ def _prepare_out_dir(out: Path, cfg: TrainConfig, checkpoint: Path | None) -> No
     for folder in (out, out / "checkpoints"):  # what writes cut short by a crash left: .NAME.tmp, .NAME.XXXX.tmp
         for stale in folder.glob(".*.tmp") if folder.is_dir() else ():
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-    for old in _checkpoints(out) if checkpoint is not None else ():  # one a crash was removing when it struck
+    for old in _checkpoints(out) if checkpoint is not None else ():  # superseded, when a crash struck first
         if old != checkpoint:
-            shutil.rmtree(old)
+            _remove_dir(old)
     if checkpoint is None:
         for stale in ("checkpoints", "best"):
-            shutil.rmtree(out / stale, ignore_errors=True)
+            _remove_dir(out / stale)
         for stale in ("log.jsonl", "metrics.json"):
             (out / stale).unlink(missing_ok=True)
     atomic_write_json(out / "run.json", dataclasses.asdict(cfg))
