@@ -242,6 +242,7 @@ def plot_metric_vs_params(rows: list[dict], path) -> Path:
         ax.annotate(a["method"], (a["trainable_params"], a["value"]), textcoords="offset points",
                     xytext=(5, 5), fontsize=9)
     ax.set_xscale("log")
+    ax.margins(x=0.12, y=0.1)  # room for the labels right of the outermost points
     ax.set_xlabel("trainable parameters (log scale)")
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} vs trainable parameters")
