@@ -113,6 +113,8 @@ def _check_value(method: str, key: str, value, f) -> object:
         value = [v for v in value.split(",") if v]
     if want is list and isinstance(value, tuple):
         value = list(value)
+    if want is list and isinstance(value, int) and not isinstance(value, bool):
+        value = [value]  # layers=3 means [3]
     ok = (
         isinstance(value, (int, float)) and not isinstance(value, bool) if want is float
         else isinstance(value, int) and not isinstance(value, bool) if want is int

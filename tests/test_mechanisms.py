@@ -176,3 +176,9 @@ def test_any_options_raise_only_deltatune_errors(method, key, value):
         dt.attach(model, method, **{key: value})
     except dt.DeltatuneError:
         assert not hasattr(model, "deltatune")
+
+
+def test_a_single_layer_index_is_a_list():
+    model = dt.attach(tiny.model("bert"), "lora", layers=1)
+    keys = list(model.deltatune.adapters["default"].keys())
+    assert keys and all(":layer:1:" in k for k in keys)
