@@ -40,7 +40,7 @@ def methods() -> list[str]:
 
 
 __all__ = [
-    "methods", "method_info", "attach", "detach", "merge", "unmerge", "fold", "count_parameters",
+    "io", "methods", "method_info", "attach", "detach", "merge", "unmerge", "fold", "count_parameters",
     "save_adapter", "load_adapter", "read_adapter", "set_active", "active_adapters", "adapters",
     "register", "option", "Method", "Placement", "SITES", "family_of", "known_sites",
     "DeltatuneError", "ConfigError", "SiteError", "AdapterFileError", "DataError", "TrainingError",

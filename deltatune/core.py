@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
-import typing
 from dataclasses import dataclass, field
 from typing import ClassVar
 

@@ -1,4 +1,4 @@
-from ..core import Method, option, register
+from ..core import Method, register
 from ..errors import ConfigError
 from ..sites import backbone_parameters, find_backbone
 
