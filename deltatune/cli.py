@@ -73,12 +73,9 @@ def parse_value(text: str):
         return False
     if lowered in ("none", "null"):
         return None
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
+    from .report import number_or_text
+
+    return number_or_text(text)
 
 
 _KEY = re.compile(r"[A-Za-z_][\w.-]*$")

@@ -62,17 +62,22 @@ def write_csv(rows: list[dict], path) -> Path:
     return path
 
 
-def _parse_cell(text: str):
-    if text == "":
-        return None
-    if text in ("True", "False"):
-        return text == "True"
+def number_or_text(text: str):
+    """'16' -> 16, '1e-3' -> 0.001, anything else stays the string (shared with the CLI's --set)."""
     for kind in (int, float):
         try:
             return kind(text)
         except ValueError:
             pass
     return text
+
+
+def _parse_cell(text: str):
+    if text == "":
+        return None
+    if text in ("True", "False"):
+        return text == "True"
+    return number_or_text(text)
 
 
 def read_csv(path) -> list[dict]:
