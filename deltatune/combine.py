@@ -44,6 +44,8 @@ class Parallel(Combine):
     mergeable = True  # when the delta is linear (has delta_weight)
 
     def apply(self, out, x, entry):
+        if hasattr(entry.delta, "add_to"):  # a delta with a fused form of out + delta(x)
+            return _on_slice(out, entry.out_slice, lambda seg: entry.delta.add_to(seg, x))
         return _on_slice(out, entry.out_slice, lambda seg: seg + entry.delta(x).to(seg.dtype))
 
     def merge(self, module, entry):

@@ -25,7 +25,7 @@ from torch import nn
 from . import sites as S
 from .combine import Combine
 from .errors import ConfigError
-from .mechanisms import ModuleHooks, PromptHooks, install_prefix_attention, uninstall_prefix_attention
+from .mechanisms import FrozenBelow, ModuleHooks, PassClock, PromptHooks, install_prefix_attention, uninstall_prefix_attention
 
 REGISTRY: dict[str, type["Method"]] = {}
 
@@ -69,6 +69,8 @@ class Method:
     kind: ClassVar[str] = "delta"  # 'delta' (adds modules) or 'selection' (trains base parameters)
 
     layers: list | None = option(None, help="only these block indices (default: all)")
+    frozen_dropout: bool = option(False, help="keep dropout on in the frozen blocks below the lowest trained "
+                                  "one (default: they run in eval mode, a fixed feature extractor)")
 
     # -- what a method defines
     def placements(self, model: nn.Module) -> list[Placement]:
@@ -184,6 +186,7 @@ class Entry:
     target_module: nn.Module
     source_module: nn.Module | None
     out_slice: tuple | None
+    layer: int | None = None  # block index of the site (None: outside the blocks)
     merged: bool = False
     live: bool = True
     stash: object = None
@@ -198,6 +201,7 @@ class Adapter:
     head: list = field(default_factory=list)  # head parameter names
     snapshot: dict = field(default_factory=dict)  # original values of selected parameters (for detach)
     fingerprint: str = ""
+    lowest: int = 0  # blocks below this one hold nothing this adapter trains (see FrozenBelow)
 
 
 class DeltaStore(nn.Module):
@@ -212,6 +216,8 @@ class DeltaStore(nn.Module):
         object.__setattr__(self, "active", set())
         object.__setattr__(self, "requires_grad", {})  # original requires_grad of base params
         object.__setattr__(self, "prefix_modules", [])
+        object.__setattr__(self, "frozen", None)  # FrozenBelow, for single-stack backbones
+        object.__setattr__(self, "clock", None)  # PassClock, once a delta is shared across layers
 
 
 def store_of(model: nn.Module) -> DeltaStore | None:
@@ -322,22 +328,39 @@ def attach(model: nn.Module, method: str, adapter: str = "default", **options) -
             raise ConfigError(f"{method}: two deltas at {pl.target.name}; give them distinct suffixes")
         for name, shared in getattr(pl.delta, "shared", {}).items():  # e.g. the prefix MLP of all layers
             skey = f"shared~{name}"
+            if store.clock is None:
+                object.__setattr__(store, "clock", PassClock(backbone, lambda: _begin_pass(store)))
             if skey not in modules:
                 modules[skey] = shared.to(device=device, dtype=dtype)
             elif modules[skey] is not shared:
                 raise ConfigError(f"{method}: two different shared modules named '{name}'")
         pl.delta.to(device=device, dtype=dtype)
         modules[key] = pl.delta
+        layers = [t.layer for t in (pl.target, pl.source) if t is not None]
         entry = Entry(adapter, key, pl.delta, pl.combine, pl.target.module,
-                      pl.source.module if pl.source else None, pl.target.out_slice)
+                      pl.source.module if pl.source else None, pl.target.out_slice,
+                      None if None in layers else min(layers))
         info.entries.append(entry)
         _install(store, backbone, entry)
     store.adapters[adapter] = modules
     store.info[adapter] = info
+    if store.frozen is None and not getattr(backbone.config, "is_encoder_decoder", False):
+        blocks = [(t.layer, t.module) for t in S.resolve(model, "block")]
+        object.__setattr__(store, "frozen", FrozenBelow(backbone, blocks))
+    if store.frozen is not None:
+        info.lowest = _lowest_block(store.frozen, config, info.entries, [_param(model, n) for n in selected])
     for name in selected + head:  # detach puts these back
         info.snapshot[name] = _param(model, name).detach().clone()
     set_active(model, adapter)
     return model
+
+
+def _begin_pass(store: DeltaStore) -> None:
+    """At the start of a forward pass: let the active adapters' shared modules compute their output."""
+    for name in store.active:
+        for key, module in store.adapters[name].items():
+            if key.startswith("shared~") and hasattr(module, "begin_pass"):
+                module.begin_pass()
 
 
 def _device_dtype(module):
@@ -389,10 +412,26 @@ def set_active(model: nn.Module, *adapters: str) -> None:
             p.requires_grad_(True)
 
 
+def _lowest_block(frozen: FrozenBelow, config: Method, entries: list, params: list) -> int:
+    """The lowest block an adapter trains; 0 when it trains anything at or below the first block."""
+    if config.frozen_dropout:
+        return 0
+    layers = [e.layer for e in entries]
+    for p in params:
+        if id(p) in frozen.input_params:
+            return 0
+        layers.append(frozen.layer_of_param.get(id(p), len(frozen.blocks)))  # others sit above the blocks
+    if not layers or None in layers:
+        return 0
+    return min(layers)
+
+
 def _refresh(store: DeltaStore) -> None:
     for info in store.info.values():
         for e in info.entries:
             e.live = e.adapter in store.active and not e.merged
+    if store.frozen is not None:
+        store.frozen.set(min((store.info[a].lowest for a in store.active), default=0))
     for hooks in store.hooks.values():
         hooks.refresh(store.active)
     if store.prompt_hooks is not None:
@@ -491,6 +530,9 @@ def detach(model: nn.Module, adapter: str | None = None) -> nn.Module:
             uninstall_prefix_attention(S.find_backbone(model)[1])
         if store.prompt_hooks is not None:
             store.prompt_hooks.remove()
+        for part in (store.frozen, store.clock):
+            if part is not None:
+                part.remove()
         requires = store.requires_grad
         del model.deltatune
         for n, p in model.named_parameters():

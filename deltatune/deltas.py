@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .mechanisms import PassClock
+
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
 
 
@@ -31,6 +33,17 @@ class LowRank(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:  # (out, in)
         return (self.B @ self.A) * self.scale
+
+    def add_to(self, out, x):
+        """out + delta(x) with the scale and the sum fused into one addmm (in place when no graph is
+        recorded): the unfused form costs two extra passes over ``out``, most of LoRA's overhead."""
+        h = F.linear(self.dropout(x), self.A)
+        if out.dtype != h.dtype or not out.is_contiguous():  # autocast, or a fused projection's slice
+            return out + (F.linear(h, self.B) * self.scale).to(out.dtype)
+        flat, h = out.view(-1, out.shape[-1]), h.reshape(-1, h.shape[-1])
+        if torch.is_grad_enabled():
+            return torch.addmm(flat, h, self.B.t(), alpha=self.scale).view(out.shape)
+        return flat.addmm_(h, self.B.t(), alpha=self.scale).view(out.shape)
 
 
 class Bottleneck(nn.Module):
@@ -88,9 +101,20 @@ class PrefixReparam(nn.Module):
         self.length, self.sites, self.width = length, sites, width
         self.embedding = nn.Parameter(torch.randn(length, d_model))
         self.mlp = nn.Sequential(nn.Linear(d_model, hidden), nn.Tanh(), nn.Linear(hidden, sites * width))
+        self.memo = None  # ((pass, grad mode), output) of the current forward pass
 
-    def forward(self) -> torch.Tensor:  # -> (sites, length, width)
-        return self.mlp(self.embedding).view(self.length, self.sites, self.width).transpose(0, 1)
+    def forward(self, memo: bool = True) -> torch.Tensor:  # -> (sites, length, width)
+        # One evaluation (and one graph) per forward pass, shared by every layer; recomputed when
+        # a new pass starts, the grad mode differs or the parameters changed in place (a step).
+        key = (PassClock.now, torch.is_grad_enabled(), tuple(p._version for p in self.parameters()))
+        if memo and self.memo is not None and self.memo[0] == key:
+            return self.memo[1]
+        out = self.mlp(self.embedding).view(self.length, self.sites, self.width).transpose(0, 1)
+        self.memo = (key, out) if memo else None
+        return out
+
+    def begin_pass(self) -> None:
+        self()
 
     def folded_state(self) -> dict:
         return {}  # nothing of it is kept once folded
@@ -111,8 +135,8 @@ class PrefixTable(nn.Module):
         self.shared = {"prefix": reparam} if reparam is not None else {}
         self.table = None if reparam is not None else nn.Parameter(torch.randn(length, 2 * kv_heads * head_dim) * 0.02)
 
-    def flat(self) -> torch.Tensor:  # (length, 2 * kv_heads * head_dim)
-        return self.table if self.reparam is None else self.reparam()[self.index]
+    def flat(self, memo: bool = True) -> torch.Tensor:  # (length, 2 * kv_heads * head_dim)
+        return self.table if self.reparam is None else self.reparam(memo)[self.index]
 
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values, each (kv_heads, length, head_dim). Computed per call: never cached."""
@@ -122,14 +146,14 @@ class PrefixTable(nn.Module):
     def folded_state(self) -> dict[str, torch.Tensor]:
         """The state of the folded form (table only), computed without changing this module."""
         with torch.no_grad():
-            return {"table": self.flat().detach()}
+            return {"table": self.flat(memo=False).detach()}
 
     @torch.no_grad()
     def fold(self) -> None:
         if self.reparam is None:
             return
         requires_grad = self.reparam.embedding.requires_grad
-        self.table = nn.Parameter(self.flat().detach().clone(), requires_grad=requires_grad)
+        self.table = nn.Parameter(self.flat(memo=False).detach().clone(), requires_grad=requires_grad)
         object.__setattr__(self, "reparam", None)
         self.shared = {}
 

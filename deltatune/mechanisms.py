@@ -18,7 +18,10 @@ import sys
 import torch
 from torch.nn import functional as F
 
-ATTN_NAME = "deltatune"
+# Attention implementation names under which prefix_attention is registered, by the mask each
+# needs: sdpa takes a boolean mask, or none at all when every position is visible (then its fast
+# kernels run); eager attention adds a float mask.
+ATTN_NAMES = {"sdpa": "deltatune", "eager": "deltatune_eager"}
 
 
 class ModuleHooks:
@@ -117,17 +120,17 @@ def prefix_attention(module, query, key, value, attention_mask, **kwargs):
 
 def install_prefix_attention(backbone) -> None:
     """Route the backbone's attention through ``prefix_attention``; remember the original."""
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    if ATTN_NAME not in ALL_ATTENTION_FUNCTIONS:
-        ALL_ATTENTION_FUNCTIONS.register(ATTN_NAME, prefix_attention)
-        # A materialised mask that prefix positions can be prepended to.
-        ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, eager_mask)
+    for name, mask in ((ATTN_NAMES["sdpa"], sdpa_mask), (ATTN_NAMES["eager"], eager_mask)):
+        if name not in ALL_ATTENTION_FUNCTIONS:
+            ALL_ATTENTION_FUNCTIONS.register(name, prefix_attention)
+            ALL_MASK_ATTENTION_FUNCTIONS.register(name, mask)
     for cfg in _configs(backbone):
-        if cfg._attn_implementation != ATTN_NAME:
-            cfg._deltatune_base_attn = cfg._attn_implementation or "eager"
-            cfg._attn_implementation = ATTN_NAME
+        if cfg._attn_implementation not in ATTN_NAMES.values():
+            cfg._deltatune_base_attn = base = cfg._attn_implementation or "eager"
+            cfg._attn_implementation = ATTN_NAMES["eager" if base == "eager" else "sdpa"]
 
 
 def uninstall_prefix_attention(backbone) -> None:
@@ -215,3 +218,73 @@ class PromptHooks:
     def remove(self):
         for h in self.handles:
             h.remove()
+
+
+# ---------------------------------------------------------------- forward passes
+
+class PassClock:
+    """Numbers the backbone's forward passes and calls ``begin`` as each one starts, before any
+    block runs: a delta shared by all layers (the prefix MLP) is then computed once per pass rather
+    than once per layer, outside every block, so an activation checkpoint's recomputation of a
+    block records exactly what its forward recorded."""
+
+    now = 0
+
+    def __init__(self, backbone, begin):
+        self.begin = begin
+        self.handle = backbone.register_forward_pre_hook(self._start)
+
+    def _start(self, module, args):
+        PassClock.now += 1
+        self.begin()
+
+    def remove(self):
+        self.handle.remove()
+
+
+# ---------------------------------------------------------------- frozen lower part
+
+class FrozenBelow:
+    """Runs the backbone's frozen lower part (input embeddings and every block below the lowest
+    one an active adapter trains) in eval mode, also while the model trains.
+
+    Nothing there needs a gradient, so autograd records nothing; what still costs is dropout, about
+    a quarter of a training-mode forward on CPU. Without it those layers are a fixed feature
+    extractor: the same features at every step, which are also the features embedding recycling
+    caches. A method's ``frozen_dropout=True`` keeps plain training-mode behaviour.
+    """
+
+    def __init__(self, backbone, blocks):
+        self.backbone = backbone
+        self.blocks = blocks  # [(layer, module)] of the backbone's one stack of blocks
+        block_ids = {id(m) for _, m in blocks}
+        first = next((name for name, child in backbone.named_children()
+                      if any(id(m) in block_ids for m in child.modules())), None)
+        self.inputs = []  # children before the stack that holds the blocks: embeddings, their dropout
+        for name, child in backbone.named_children():
+            if name == first:
+                break
+            self.inputs.append(child)
+        self.input_params = {id(p) for m in self.inputs for p in m.parameters()}
+        self.layer_of_param = {id(p): layer for layer, m in blocks for p in m.parameters()}
+        self.modules: list = []
+        self.handle = backbone.register_forward_pre_hook(self._pre)
+
+    def set(self, lowest: int) -> None:
+        """Blocks below ``lowest`` (0: none) and the input embeddings are the frozen part."""
+        now = self.inputs + [m for layer, m in self.blocks if layer < lowest] if lowest > 0 else []
+        keep = {id(m) for m in now}
+        for m in self.modules:
+            if id(m) not in keep:  # no longer frozen: back to the backbone's mode
+                m.train(self.backbone.training)
+        self.modules = now
+
+    def _pre(self, module, args):
+        if module.training:
+            for m in self.modules:
+                if m.training:
+                    m.train(False)
+
+    def remove(self) -> None:
+        self.set(0)
+        self.handle.remove()

@@ -182,3 +182,103 @@ def test_a_single_layer_index_is_a_list():
     model = dt.attach(tiny.model("bert"), "lora", layers=1)
     keys = list(model.deltatune.adapters["default"].keys())
     assert keys and all(":layer:1:" in k for k in keys)
+
+
+def _dropout_bert(layers=4):
+    """A tiny BERT with dropout on, to tell train-mode from eval-mode layers."""
+    import transformers as T
+    cfg = tiny.config("bert", layers=layers)
+    cfg.hidden_dropout_prob = cfg.attention_probs_dropout_prob = 0.5
+    torch.manual_seed(0)
+    return T.BertForSequenceClassification(cfg)
+
+
+@pytest.mark.parametrize("method,opts,lowest", [
+    ("telly", dict(k=3), 3), ("lora", dict(layers=[2, 3]), 2), ("ln", dict(layers=[1]), 1),
+    ("lora", {}, 0), ("prompt", {}, 0), ("bitfit", {}, 0), ("telly", dict(k=3, frozen_dropout=True), 0),
+])
+def test_frozen_lower_part_runs_in_eval_mode(method, opts, lowest):
+    """Blocks below the lowest trained one (and the embeddings) run without dropout while training;
+    the trained part keeps it; so the frozen part's output is the same at every step."""
+    model = dt.attach(_dropout_bert(), method, **opts)
+    model.train()
+    seen = {}
+    for i, layer in enumerate(model.bert.encoder.layer):
+        layer.register_forward_hook(lambda m, a, out, i=i: seen.setdefault(i, []).append(out[0] if isinstance(out, tuple) else out))
+    batch = tiny.inputs("bert")
+    model(**batch)
+    model(**batch)
+    modes = [layer.training for layer in model.bert.encoder.layer]
+    assert modes == [i >= lowest for i in range(4)]
+    assert model.bert.embeddings.training == (lowest == 0)
+    assert model.dropout.training  # the head is never touched
+    for i in range(4):
+        same = torch.equal(seen[i][0], seen[i][1])
+        assert same == (i < lowest), f"layer {i}"
+
+
+def test_frozen_lower_part_follows_the_active_adapters_and_detach():
+    model = dt.attach(_dropout_bert(), "telly", k=3)
+    dt.attach(model, "lora", adapter="all")  # every layer
+    model.train()
+    batch = tiny.inputs("bert")
+    model(**batch)
+    assert all(layer.training for layer in model.bert.encoder.layer)  # lora trains layer 0
+    dt.set_active(model, "default")
+    model(**batch)
+    assert [layer.training for layer in model.bert.encoder.layer] == [False, False, False, True]
+    dt.set_active(model, "default", "all")
+    assert all(layer.training for layer in model.bert.encoder.layer)
+    dt.set_active(model, "default")
+    model(**batch)
+    dt.detach(model)
+    assert all(m.training for m in model.modules())
+    assert not model.bert._forward_pre_hooks
+
+
+def test_frozen_lower_part_keeps_gradients_exact():
+    """With dropout off, the eval-mode frozen part changes nothing: same loss and gradients as the
+    same selection trained with frozen_dropout=True."""
+    grads = []
+    for keep in (False, True):
+        model = dt.attach(tiny.model("bert", layers=4), "telly", k=2, frozen_dropout=keep)
+        model.train()
+        tiny.loss(model, tiny.inputs("bert")).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=0, atol=0)
+
+
+def test_prefix_mlp_runs_once_per_pass_and_never_serves_stale_values():
+    model = dt.attach(tiny.model("llama", layers=3), "prefix", length=4)
+    reparam = model.deltatune.adapters["default"]["shared~prefix"]
+    calls = []
+    reparam.mlp.register_forward_hook(lambda *a: calls.append(1))
+    model.train()
+    batch = tiny.inputs("llama")
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    tiny.loss(model, batch).backward()
+    assert len(calls) == 1  # one MLP evaluation serves the three layers
+    tiny.loss(model, batch).backward()  # gradient accumulation: a second graph, no error
+    opt.step()
+    with torch.no_grad():
+        after_step = tiny.outputs(model, batch)
+        table = reparam(memo=False)
+    torch.testing.assert_close(reparam(), table)  # no forward since the step: recomputed, not stale
+    dt.fold(model)  # folding uses the updated MLP
+    with torch.no_grad():
+        torch.testing.assert_close(tiny.outputs(model, batch), after_step)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_lora_fused_add_equals_the_plain_formula(grad):
+    from deltatune.deltas import LowRank
+    delta = LowRank(6, 5, r=3, scale=1.5)
+    torch.nn.init.normal_(delta.B)
+    out, x = torch.randn(2, 4, 5), torch.randn(2, 4, 6)
+    want = out + (x @ delta.A.T @ delta.B.T) * 1.5
+    with torch.set_grad_enabled(grad):
+        got = delta.add_to(out.clone(), x)
+    torch.testing.assert_close(got, want)
+    assert got.requires_grad == grad
