@@ -661,9 +661,12 @@ def report(rows, cells, results, started, elapsed, command) -> str:
         "adapters' LoRA has no attention-output LoRA (nor Llama `gate_proj`), so its `lora-all` "
         "adapts fewer matrices; adapters' (IA)^3 scales the output of the FFN's first projection "
         "on BERT (before the activation) and of `down_proj` on Llama, where peft, deltatune and the "
-        "paper scale the FFN activation (the input of the last projection); deltatune's prefix has "
-        "one reparametrization MLP per layer, the peers one shared MLP for all layers; adapters has "
+        "paper scale the FFN activation (the input of the last projection); adapters has "
         "no prompt tuning for Llama; peft has no bottleneck adapters.",
+        "- deltatune runs the frozen blocks below the lowest trained one (telly's k lower layers) and the "
+        "embeddings in eval mode while training (no dropout there: `frozen_dropout=False`, the default); "
+        "plain training-mode behaviour is `frozen_dropout=True`. No other row is affected: their "
+        "lowest trained site is in the first block.",
         "- Peak RSS includes the interpreter and imported libraries; the import baseline differs by "
         "environment (" + ", ".join(
             f"{env} ≈ {statistics.median(c['rss_import_mb'] for k, c in cells.items() if k[3] == env and 'rss_import_mb' in c):.0f} MB"
