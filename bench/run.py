@@ -162,6 +162,15 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
+def cpu_ticks() -> tuple[int, int] | None:
+    """(steal, total) jiffies of all CPUs from /proc/stat: time the hypervisor gave to other guests."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
 def build_model(size: str, seed: int):
     import torch
     import transformers
@@ -242,9 +251,10 @@ def attach_adapters(model, config: str, family: str):
     return model
 
 
-def attach_deltatune(model, config: str, cfg):
+def attach_deltatune(model, config: str, cfg, **overrides):
     import deltatune as dt
     method, options = DELTATUNE[config]
+    options = {**options, **overrides}
     known = dt.method_info(method)["options"]
     unknown = sorted(set(options) - set(known))
     if unknown:
@@ -355,10 +365,14 @@ def worker(job: dict) -> dict:
     if spec["kind"] == "train":
         losses.append(float(out))
     times = []
+    ticks0 = cpu_ticks()
     for _ in range(job["steps"]):
         t0 = time.perf_counter()
         out = step()
         times.append(time.perf_counter() - t0)
+    ticks1 = cpu_ticks()
+    if ticks0 and ticks1 and ticks1[1] > ticks0[1]:  # share of CPU time stolen during the timed steps
+        result["steal"] = (ticks1[0] - ticks0[0]) / (ticks1[1] - ticks0[1])
     if spec["kind"] == "train":
         losses.append(float(out))
     result.update(step_s=statistics.median(times), times=times, losses=losses,
@@ -619,9 +633,20 @@ def report(rows, cells, results, started, elapsed, command) -> str:
     ]
     for env, v in sorted(env_versions.items()):
         lines.append(f"- `{env}` environment: " + ", ".join(f"{k} {v[k]}" for k in v))
-    if any(c.get("rounds", 0) < 3 or c.get("steps", 0) < 10 for c in cells.values()):
-        lines += ["", "> **Smoke run, not a measurement**: fewer than 3 rounds or 10 timed steps. "
-                  "Run `bench/run.py` without `--quick` on a quiet machine for numbers to quote."]
+    light = sorted({k[0] for k, c in cells.items() if c.get("rounds", 0) < 3 or c.get("steps", 0) < 10},
+                   key=list(SIZES).index)
+    if light:
+        every = len(light) == len({k[0] for k in cells})
+        lines += ["", f"> **{'Smoke run' if every else 'Lighter run for ' + ', '.join(light)}**: fewer than "
+                  "3 rounds or 10 timed steps per process" + ("" if every else " for these sizes")
+                  + "; treat those ratios as indications. Run `bench/run.py` without `--quick` on a "
+                  "quiet machine for numbers to quote."]
+    steal = sorted(r["steal"] for r in results if "steal" in r)
+    if steal:
+        lines += ["", f"> **CPU steal** (time the hypervisor gave to other guests, from /proc/stat, during "
+                  f"the timed steps): median {100 * statistics.median(steal):.0f}%, max {100 * steal[-1]:.0f}% "
+                  f"over {len(steal)} processes. Steal comes and goes within seconds, so it moves rows "
+                  "measured at different moments; in-process ratios (`bench/ab.py`, below) are immune to it."]
     noisy = [c["spread"] for c in cells.values() if c.get("rounds", 0) > 1]
     if noisy and statistics.median(noisy) > 0.10:
         lines += ["", f"> **Noisy machine**: the median spread across rounds is "
@@ -690,6 +715,9 @@ def report(rows, cells, results, started, elapsed, command) -> str:
         for r in compiled:
             lines.append(f"  - {r['size']} {r['config']}: {r['compile_speedup']:.2f}× the eager speed; "
                          f"first step {r['cell']['first_step_s']:.1f} s")
+    findings = ROOT / "bench" / "findings.md"  # hand-written, from bench/ab.py profiling runs
+    if findings.exists():
+        lines += ["", findings.read_text().rstrip()]
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,122 @@
+#!/usr/bin/env python
+"""In-process A/B: alternate steps of several configurations in ONE process, for precise ratios.
+
+`bench/run.py` gives each row its own process (clean peak memory, the published table); this tool
+is for profiling and optimising: every configuration lives in the same process, their steps are
+interleaved (A B C A B C ...), so drift and noise hit them alike and ratios of a few percent
+show up. Configurations are `lib:config` with lib one of torch, dt (deltatune), peft, adapters and config
+a `bench/run.py` config name; run it with a peer environment's python to compare with that peer:
+
+    PYTHONPATH=. .venv-peers/peft/bin/python bench/ab.py torch:floor dt:lora-qv peft:lora-qv
+    .venv/bin/python bench/ab.py --kind infer torch:infer-base dt:lora-qv dt:lora-qv:merged
+    .venv/bin/python bench/ab.py --size bert-base torch:full dt:telly dt:telly:frozen_dropout=true
+    .venv/bin/python bench/ab.py --profile dt:prefix      # torch.profiler's top operators too
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run as bench  # noqa: E402  (bench/run.py: model shapes and each library's attach)
+
+
+def build(spec: str, size: str, kind: str):
+    import torch
+    lib, config, *flags = spec.split(":")
+    overrides = dict(f.split("=", 1) for f in flags if "=" in f)  # dt:telly:frozen_dropout=true
+    model, cfg = bench.build_model(size, 0)
+    family = bench.SIZES[size]["family"]
+    if lib == "torch":
+        model = bench.attach_torch(model, config)
+    elif lib == "peft":
+        model = bench.attach_peft(model, config, family)
+    elif lib == "adapters":
+        model = bench.attach_adapters(model, config, family)
+    elif lib == "dt":
+        from deltatune.report import number_or_text
+        options = {k: {"true": True, "false": False}.get(v.lower(), number_or_text(v)) for k, v in overrides.items()}
+        model = bench.attach_deltatune(model, config, cfg, **options)
+    else:
+        raise SystemExit(f"ab: unknown library {lib!r} in {spec!r}; use torch, dt, peft or adapters")
+    if kind == "infer":
+        model.eval()
+        if "merged" in flags:
+            bench.merge_lora(model, "deltatune" if lib == "dt" else lib)
+        opt = None
+    else:
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    return (torch.compile(model) if "compile" in flags else model), opt, cfg
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("specs", nargs="+", help="lib:config[:merged][:compile][:option=value...]; the first is the reference")
+    ap.add_argument("--size", default="minilm", choices=list(bench.SIZES))
+    ap.add_argument("--kind", default="train", choices=["train", "infer"])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--profile", action="store_true", help="print torch.profiler's top operators per config")
+    args = ap.parse_args(argv)
+
+    import torch
+    import torch.nn.functional as F
+    torch.set_num_threads(args.threads)
+    built = {s: build(s, args.size, args.kind) for s in args.specs}
+    vocab = next(iter(built.values()))[2].vocab_size
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, vocab, (args.batch, args.seq), generator=gen)
+    mask = torch.ones_like(ids)
+    labels = torch.randint(0, 2, (args.batch,), generator=gen)
+
+    def stepper(model, opt):
+        if opt is None:
+            def step():
+                with torch.inference_mode():
+                    model(input_ids=ids, attention_mask=mask)
+        else:
+            def step():
+                F.cross_entropy(model(input_ids=ids, attention_mask=mask).logits, labels).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        return step
+
+    steps = {s: stepper(m, o) for s, (m, o, _) in built.items()}
+    for spec, step in steps.items():  # warm-up (compiles), one update so zero-initialised deltas are live
+        t0 = time.perf_counter()
+        step(), step()
+        if spec.endswith(":compile") or ":compile:" in spec:
+            print(f"  {spec}: first two steps (compilation) {time.perf_counter() - t0:.0f} s", flush=True)
+    times = {s: [] for s in steps}
+    ticks0 = bench.cpu_ticks()
+    for _ in range(args.rounds):
+        for s, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[s].append(time.perf_counter() - t0)
+    ticks1 = bench.cpu_ticks()
+    steal = f", CPU steal {100 * (ticks1[0] - ticks0[0]) / max(1, ticks1[1] - ticks0[1]):.0f}%" if ticks0 and ticks1 else ""
+    ref = statistics.median(times[args.specs[0]])
+    print(f"{args.size}, {args.kind}, batch {args.batch}, seq {args.seq}, {args.threads} threads, "
+          f"median of {args.rounds} interleaved steps{steal}:")
+    for s in args.specs:
+        med = statistics.median(times[s])
+        print(f"  {s:28s} {1e3 * med:9.1f} ms  {med / ref:6.3f}x  (spread {100 * (max(times[s]) - min(times[s])) / med:.0f}%)")
+    if args.profile:
+        from torch.profiler import profile
+        for s, step in steps.items():
+            with profile() as prof:
+                step()
+            print(f"\n{s}:\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
