@@ -31,12 +31,14 @@ import resource
 import shlex
 import statistics
 import subprocess
+import tempfile
+import threading
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULT_TAG = "BENCH_RESULT "
+RESULT_TAG, READY_TAG, STEP_TAG = "BENCH_RESULT ", "BENCH_READY", "BENCH_STEP "
 
 # ---------------------------------------------------------------------------------------------
 # Model shapes: fresh random-init models from a config, nothing downloaded.
@@ -364,15 +366,17 @@ def worker(job: dict) -> dict:
         out = step(check=True) if (last and spec["kind"] == "train") else step()
     if spec["kind"] == "train":
         losses.append(float(out))
+    # Lockstep: the driver asks each process of a group for one step in turn, so whatever slows
+    # the machine (other guests' CPU steal, above all) hits every row of the group alike.
+    print(READY_TAG, flush=True)
     times = []
-    ticks0 = cpu_ticks()
-    for _ in range(job["steps"]):
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
         t0 = time.perf_counter()
         out = step()
         times.append(time.perf_counter() - t0)
-    ticks1 = cpu_ticks()
-    if ticks0 and ticks1 and ticks1[1] > ticks0[1]:  # share of CPU time stolen during the timed steps
-        result["steal"] = (ticks1[0] - ticks0[0]) / (ticks1[1] - ticks0[1])
+        print(f"{STEP_TAG}{times[-1]}", flush=True)
     if spec["kind"] == "train":
         losses.append(float(out))
     result.update(step_s=statistics.median(times), times=times, losses=losses,
@@ -426,24 +430,103 @@ def plan(args) -> list[dict]:
     return jobs
 
 
-def run_job(job: dict, args) -> dict:
-    py = env_python(job["env"], args.peers_dir)
-    if not py.exists():
-        return dict(job, error=f"no python at {py}; run bash bench/setup_peers.sh")
-    env = dict(os.environ, OMP_NUM_THREADS=str(job["threads"]), MKL_NUM_THREADS=str(job["threads"]),
-               TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error",
-               PYTHONPATH=str(ROOT) if job["env"] == "main" else "")
-    cmd = [str(py), str(Path(__file__).resolve()), "--worker", json.dumps(job)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout,
-                              cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        return dict(job, error=f"timed out after {args.timeout}s")
-    for line in proc.stdout.splitlines():
-        if line.startswith(RESULT_TAG):
-            return json.loads(line[len(RESULT_TAG):])
-    tail = [l for l in proc.stderr.strip().splitlines() if l.strip()][-1:] or ["(no output)"]
-    return dict(job, error=f"exit {proc.returncode}: {tail[0][:300]}", stderr=proc.stderr[-4000:])
+class Row:
+    """One row's worker process: built and warmed up, then timed one step at a time on request."""
+
+    def __init__(self, job: dict, args):
+        self.job, self.result, self.proc = job, None, None
+        py = env_python(job["env"], args.peers_dir)
+        if not py.exists():
+            self.result = dict(job, error=f"no python at {py}; run bash bench/setup_peers.sh")
+            return
+        env = dict(os.environ, OMP_NUM_THREADS=str(job["threads"]), MKL_NUM_THREADS=str(job["threads"]),
+                   TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error",
+                   PYTHONPATH=str(ROOT) if job["env"] == "main" else "")
+        self.stderr = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen([str(py), str(Path(__file__).resolve()), "--worker", json.dumps(job)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
+                                     text=True, env=env, cwd=ROOT)
+        self.watchdog = threading.Timer(args.timeout, self.proc.kill)  # a hung row fails, the run goes on
+        self.watchdog.start()
+        self.expect(READY_TAG)  # built and warmed up before the next row starts: no overlap
+
+    def expect(self, tag: str) -> str | None:
+        """The next protocol line starting with ``tag`` (other output is skipped); None if the row died."""
+        if self.result is not None:
+            return None
+        for line in self.proc.stdout:
+            if line.startswith(tag):
+                return line[len(tag):].strip()
+        self.fail()
+        return None
+
+    def step(self) -> None:
+        if self.result is None:
+            self.proc.stdin.write("step\n")
+            self.proc.stdin.flush()
+            self.expect(STEP_TAG)
+
+    def finish(self) -> dict:
+        if self.result is None:
+            self.proc.stdin.write("done\n")
+            self.proc.stdin.flush()
+            text = self.expect(RESULT_TAG)
+            if text is not None:
+                self.result = json.loads(text)
+                self.proc.wait()
+        if self.proc is not None:
+            self.watchdog.cancel()
+        return self.result
+
+    def fail(self) -> None:
+        self.watchdog.cancel()
+        self.proc.kill()
+        self.proc.wait()
+        self.stderr.seek(0)
+        err = self.stderr.read()
+        tail = [l for l in err.strip().splitlines() if l.strip()][-1:] or ["(no output)"]
+        self.result = dict(self.job, error=f"exit {self.proc.returncode}: {tail[0][:300]}", stderr=err[-4000:])
+
+
+def groups_of(jobs: list[dict]) -> list[list[dict]]:
+    """Each config with the rows its ratios need, to be timed together: the config in every
+    library, the baseline of each environment involved (full FT / base forward), the frozen floor
+    (and floor+20tok for prompt), and for a compiled config its eager twin."""
+    by_key = {key(j): j for j in jobs}
+    refs = {"full", "floor", "floor+20tok", "infer-base"}
+    groups = []
+    for (size, config) in dict.fromkeys((j["size"], j["config"]) for j in jobs):
+        spec = CONFIGS[config]
+        if config in refs and any(j["size"] == size and j["config"] not in refs for j in jobs):
+            continue  # measured inside the other groups
+        rows = [j for j in jobs if (j["size"], j["config"]) == (size, config)]
+        base = "full" if spec["kind"] == "train" else "infer-base"
+        wanted = [(size, base, "torch", env) for env in dict.fromkeys(j["env"] for j in rows)]
+        if spec["kind"] == "train" and config not in refs:
+            wanted.append((size, "floor", "torch", "main"))
+        if config == "prompt":
+            wanted.append((size, "floor+20tok", "torch", "main"))
+        if spec.get("eager"):
+            wanted.append((size, spec["eager"], "deltatune", "main"))
+        extra = [by_key[k] if k in by_key else dict(rows[0], config=k[1], lib=k[2], env=k[3])
+                 for k in dict.fromkeys(wanted) if k not in {key(r) for r in rows}]
+        groups.append(rows + extra)
+    return groups
+
+
+def run_group(group: list[dict], args) -> list[dict]:
+    """Start the group's rows one after another, then time them in lockstep, order rotated per step."""
+    rows = [Row(job, args) for job in group]
+    ticks0 = cpu_ticks()
+    for s in range(group[0]["steps"]):
+        for row in rows[s % len(rows):] + rows[:s % len(rows)]:
+            row.step()
+    ticks1 = cpu_ticks()
+    results = [row.finish() for row in rows]
+    for r in results:
+        if ticks0 and ticks1 and ticks1[1] > ticks0[1]:
+            r["steal"] = (ticks1[0] - ticks0[0]) / (ticks1[1] - ticks0[1])
+    return results
 
 
 def key(r: dict) -> tuple:
@@ -464,7 +547,7 @@ def aggregate(results: list[dict]) -> dict:
         meds = [r["step_s"] for r in ok]
         med = statistics.median(meds)
         out[k] = dict(
-            step_s=med, rounds=len(ok), spread=(max(meds) - min(meds)) / med if med else 0.0,
+            step_s=med, processes=len(ok), rounds=len({r.get("round") for r in ok}), spread=(max(meds) - min(meds)) / med if med else 0.0,
             peak_rss_mb=statistics.median(r["peak_rss_mb"] for r in ok),
             rss_import_mb=statistics.median(r["rss_import_mb"] for r in ok),
             # what attaching and training cost above the built base model
@@ -483,25 +566,45 @@ def lib_label(lib: str, env: str) -> str:
     return lib if lib != "torch" or env == "main" else f"torch ({env} env)"
 
 
-def build_rows(cells: dict, sizes: list[str]) -> list[dict]:
+def paired(results: list[dict], a: tuple, b: tuple) -> float | None:
+    """a's step time over b's, from steps timed side by side: in a lockstep group the i-th steps of
+    all rows ran within one rotation, so each pair of i-th steps saw the same machine. The median
+    over all pairs of every group and round that timed both rows."""
+    by_group: dict = {}
+    for r in results:
+        if "error" not in r and "group" in r:
+            by_group.setdefault((r["group"], r["round"]), {})[key(r)] = r["times"]
+    ratios = [x / y for g in by_group.values() if a in g and b in g for x, y in zip(g[a], g[b])]
+    return statistics.median(ratios) if ratios else None
+
+
+def build_rows(cells: dict, sizes: list[str], results: list[dict]) -> list[dict]:
+    def ratio(a, b):  # paired when both were timed together, else the ratio of the cells' medians
+        if b not in cells or "error" in cells[b]:
+            return None
+        return paired(results, a, b) or cells[a]["step_s"] / cells[b]["step_s"]
+
     rows = []
-    for (size, config, lib, env), c in cells.items():
+    for k, c in cells.items():
+        size, config, lib, env = k
         spec = CONFIGS[config]
         base_name = "full" if spec["kind"] == "train" else "infer-base"
-        base = cells.get((size, base_name, "torch", env)) or cells.get((size, base_name, "torch", "main"))
+        base = next((b for b in ((size, base_name, "torch", env), (size, base_name, "torch", "main"))
+                     if b in cells), None)
         row = dict(size=size, config=config, lib=lib, env=env, kind=spec["kind"], cell=c)
         if "error" not in c:
-            if base and "error" not in base:
-                row["x_base"] = c["step_s"] / base["step_s"]
+            found = {"x_base": ratio(k, base) if base else None}
             if lib == "deltatune" and spec.get("compile"):
-                eager = cells.get((size, spec["eager"], "deltatune", "main"))
-                if eager and "error" not in eager:
-                    row["compile_speedup"] = eager["step_s"] / c["step_s"]
+                eager = ratio((size, spec["eager"], "deltatune", "main"), k)
+                found["compile_speedup"] = eager
             elif lib == "deltatune":
                 for peer in ("peft", "adapters"):
-                    p = cells.get((size, config, peer, peer))
-                    if p and "error" not in p:
-                        row["vs_" + peer] = c["step_s"] / p["step_s"]
+                    found["vs_" + peer] = ratio(k, (size, config, peer, peer))
+            if spec["kind"] == "train" and config not in ("full", "floor"):
+                found["x_floor"] = ratio(k, (size, "floor", "torch", "main"))
+            if config == "prompt" and lib == "deltatune":
+                found["x_floor_tok"] = ratio(k, (size, "floor+20tok", "torch", "main"))
+            row.update({name: v for name, v in found.items() if v is not None})
         rows.append(row)
     order = {n: i for i, n in enumerate(CONFIGS)}
     libs = {"torch": 0, "deltatune": 1, "peft": 2, "adapters": 3}
@@ -531,7 +634,7 @@ def table(rows: list[dict], kind: str) -> list[str]:
             continue
         ratio = lambda k: f"{r[k]:.2f}×" if k in r else ""  # noqa: E731
         extra = f" ({r['compile_speedup']:.2f}× eager speed)" if "compile_speedup" in r else ""
-        spread = f"{100 * c['spread']:.0f}%" if c["rounds"] > 1 else "–"
+        spread = f"{100 * c['spread']:.0f}%" if c["processes"] > 1 else "–"
         ok = "" if c["loss_finite"] else " NaN!"
         lines.append(
             f"| {r['size']} | {r['config']} | {label} | {c['step_s']:.4f}{extra}{ok} | "
@@ -556,10 +659,13 @@ def goals(rows: list[dict], cells: dict) -> list[str]:
             speed = r["vs_" + peer] <= 0.95
             mem = c["peak_rss_mb"] <= p["peak_rss_mb"]
             mem_net = c["net_mb"] <= p["net_mb"]
+            peer_row = next(x for x in rows if (x["size"], x["config"], x["lib"]) == (r["size"], r["config"], peer))
+            floor = (f"; above the frozen floor: deltatune {r['x_floor']:.2f}×, {peer} {peer_row['x_floor']:.2f}×"
+                     if "x_floor" in r and "x_floor" in peer_row else "")
             out.append(f"- {r['size']} {r['config']} vs {peer}: step {r['vs_' + peer]:.2f}× "
                        f"(≤ 0.95× {yes(speed)}); peak RSS {c['peak_rss_mb']:.0f} vs "
                        f"{p['peak_rss_mb']:.0f} MB ({yes(mem)}); net {c['net_mb']:.0f} vs "
-                       f"{p['net_mb']:.0f} MB ({yes(mem_net)})")
+                       f"{p['net_mb']:.0f} MB ({yes(mem_net)}){floor}")
     if not shared:
         out.append("- deltatune vs peers: not measured (no deltatune rows with a peer row)")
     for r in rows:
@@ -579,12 +685,10 @@ def goals(rows: list[dict], cells: dict) -> list[str]:
             over = r["x_base"] - 1
             out.append(f"- {r['size']} merged LoRA inference: {100 * over:+.1f}% over base "
                        f"(≤ 2% {yes(over <= 0.02)})")
-        if r["config"] == "prompt":
-            floor = cells.get((r["size"], "floor+20tok", "torch", "main"))
-            if floor and "error" not in floor:
-                x = r["cell"]["step_s"] / floor["step_s"]
-                out.append(f"- {r['size']} prompt tuning: {x:.2f}× the frozen floor at seq+20 tokens "
-                           f"(≤ 1.00× {yes(x <= 1.0)})")
+        if r["config"] == "prompt" and "x_floor_tok" in r:
+            x = r["x_floor_tok"]
+            out.append(f"- {r['size']} prompt tuning: {x:.2f}× the frozen floor at seq+20 tokens "
+                       f"(≤ 1.00× {yes(x <= 1.005)})")
     return out
 
 
@@ -633,31 +737,37 @@ def report(rows, cells, results, started, elapsed, command) -> str:
     ]
     for env, v in sorted(env_versions.items()):
         lines.append(f"- `{env}` environment: " + ", ".join(f"{k} {v[k]}" for k in v))
-    light = sorted({k[0] for k, c in cells.items() if c.get("rounds", 0) < 3 or c.get("steps", 0) < 10},
+    light = sorted({k[0] for k, c in cells.items() if c.get("steps", 0) < 10},
                    key=list(SIZES).index)
     if light:
         every = len(light) == len({k[0] for k in cells})
         lines += ["", f"> **{'Smoke run' if every else 'Lighter run for ' + ', '.join(light)}**: fewer than "
-                  "3 rounds or 10 timed steps per process" + ("" if every else " for these sizes")
+                  "10 timed steps per process" + ("" if every else " for these sizes")
                   + "; treat those ratios as indications. Run `bench/run.py` without `--quick` on a "
                   "quiet machine for numbers to quote."]
     steal = sorted(r["steal"] for r in results if "steal" in r)
     if steal:
         lines += ["", f"> **CPU steal** (time the hypervisor gave to other guests, from /proc/stat, during "
                   f"the timed steps): median {100 * statistics.median(steal):.0f}%, max {100 * steal[-1]:.0f}% "
-                  f"over {len(steal)} processes. Steal comes and goes within seconds, so it moves rows "
-                  "measured at different moments; in-process ratios (`bench/ab.py`, below) are immune to it."]
-    noisy = [c["spread"] for c in cells.values() if c.get("rounds", 0) > 1]
+                  f"over {len(steal)} processes. It comes and goes within seconds, as does the rest of this "
+                  "machine's drift, so it moves rows measured at different moments; ratios of steps taken "
+                  "side by side (the lockstep groups here, `bench/ab.py` below) are far less exposed."]
+    noisy = [c["spread"] for c in cells.values() if c.get("processes", 0) > 1]
     if noisy and statistics.median(noisy) > 0.10:
-        lines += ["", f"> **Noisy machine**: the median spread across rounds is "
-                  f"{100 * statistics.median(noisy):.0f}%; ratios within that margin are not findings."]
+        lines += ["", f"> **Noisy machine**: the median spread between processes timing the same row is "
+                  f"{100 * statistics.median(noisy):.0f}%: step times of different groups within that margin "
+                  "are not findings. The ratios pair steps taken side by side and are steadier, but on "
+                  "this machine still resolve only about ±5 %."]
     lines += [
         "",
-        "Step time: median over rounds of each process's median step "
-        "(forward + backward + AdamW step + zero_grad; inference: forward under "
-        "`torch.inference_mode`). Each round runs every row once, in a fresh process, order rotated. "
-        "*spread*: (max − min) / median of the per-round medians, a noise gauge. "
-        "*× full FT* / *× base*: against the plain-torch baseline of the same environment. "
+        "Step time: median of each process's timed steps, median over the processes that timed "
+        "the row (forward + backward + AdamW step + zero_grad; inference: forward under "
+        "`torch.inference_mode`). Rows run in lockstep groups: a config in every library with the "
+        "baselines its ratios need, each row in its own process, one step each in turn "
+        "(see bench/README.md). *spread*: (max − min) / median of the row's per-process medians "
+        "(baselines are timed in several groups), a noise gauge. "
+        "Ratios are medians of per-step ratios between rows of the same group: "
+        "*× full FT* / *× base* against the plain-torch baseline of the same environment; "
         "*vs peft* / *vs adapters*: deltatune's time over the peer's for the same method "
         "(below 1 is faster). Peak RSS: `ru_maxrss` of the row's own process; *net*: peak RSS "
         "minus the RSS once the base model is built (what attaching and training cost).",
@@ -738,7 +848,7 @@ def main(argv=None):
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--timeout", type=int, default=1800, help="seconds per process")
+    ap.add_argument("--timeout", type=int, default=3600, help="seconds per worker process")
     ap.add_argument("--quick", action="store_true", help="smoke test: 1 round, 3 steps, minilm only")
     ap.add_argument("--out", default="docs/performance.md")
     ap.add_argument("--json", default=None, help="raw results (default runs/bench-<time>.json)")
@@ -762,24 +872,28 @@ def main(argv=None):
     for path in filter(None, (args.merge or "").split(",")):
         results += [r for r in json.loads(Path(path).read_text())
                     if key(r) not in {key(j) for j in jobs}]  # this run's rows win
-    print(f"bench: {len(jobs)} rows × {args.rounds} round(s); {len(results)} results merged", flush=True)
+    groups = groups_of(jobs)
+    print(f"bench: {len(jobs)} rows in {len(groups)} lockstep groups × {args.rounds} round(s); "
+          f"{len(results)} results merged", flush=True)
     failed = set()
     t_start = time.perf_counter()
     for rnd in range(args.rounds):
-        shift = (rnd * len(jobs)) // args.rounds  # rotate the order so no row always runs first
-        order = jobs[shift:] + jobs[:shift]
-        for i, job in enumerate(order):
-            if key(job) in failed:
+        shift = (rnd * len(groups)) // args.rounds  # rotate the order so no group always runs first
+        order = groups[shift:] + groups[:shift]
+        for i, group in enumerate(order):
+            group = [j for j in group if key(j) not in failed]
+            if not group:
                 continue
-            r = run_job(job, args)
-            r["round"], r["command"] = rnd, command
-            results.append(r)
-            status = f"error: {r['error']}" if "error" in r else (
-                f"{r['step_s']:.4f} s  rss {r['peak_rss_mb']:.0f} MB  trainable {r['trainable']:,}")
-            print(f"  [{rnd + 1}/{args.rounds} {i + 1}/{len(order)}] {job['size']:9s} "
-                  f"{job['config']:18s} {lib_label(job['lib'], job['env']):22s} {status}", flush=True)
-            if "error" in r:
-                failed.add(key(job))  # an error is structural; don't repeat it every round
+            name = f"{group[0]['size']}/{group[0]['config']}"
+            for r in run_group(group, args):
+                r["round"], r["command"], r["group"] = rnd, command, name
+                results.append(r)
+                status = f"error: {r['error']}" if "error" in r else (
+                    f"{r['step_s']:.4f} s  rss {r['peak_rss_mb']:.0f} MB  trainable {r['trainable']:,}")
+                print(f"  [{rnd + 1}/{args.rounds} {i + 1}/{len(order)}] {r['size']:9s} "
+                      f"{r['config']:18s} {lib_label(r['lib'], r['env']):22s} {status}", flush=True)
+                if "error" in r:
+                    failed.add(key(r))  # an error is structural; don't repeat it every round
         done = time.perf_counter() - t_start
         print(f"bench: round {rnd + 1} done, {done / 60:.1f} min so far, "
               f"about {done / (rnd + 1) * (args.rounds - rnd - 1) / 60:.0f} min to go", flush=True)
@@ -789,7 +903,7 @@ def main(argv=None):
     sizes = [s for s in SIZES if any(r["size"] == s for r in results)]
 
     cells = aggregate(results)
-    rows = build_rows(cells, sizes)
+    rows = build_rows(cells, sizes, results)
     print("\n" + "\n".join(table(rows, "train")) + "\n\n" + "\n".join(table(rows, "infer")))
     print("\nGoals:\n" + "\n".join(goals(rows, cells)))
     out = ROOT / args.out

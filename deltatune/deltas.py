@@ -38,7 +38,7 @@ class LowRank(nn.Module):
         """out + delta(x) with the scale and the sum fused into one addmm (in place when no graph is
         recorded): the unfused form costs two extra passes over ``out``, most of LoRA's overhead."""
         h = F.linear(self.dropout(x), self.A)
-        if out.dtype != h.dtype or not out.is_contiguous():  # autocast, or a fused projection's slice
+        if not out.dtype == h.dtype == self.B.dtype or not out.is_contiguous():  # autocast; a fused slice
             return out + (F.linear(h, self.B) * self.scale).to(out.dtype)
         flat, h = out.view(-1, out.shape[-1]), h.reshape(-1, h.shape[-1])
         if torch.is_grad_enabled():
@@ -101,7 +101,7 @@ class PrefixReparam(nn.Module):
         self.length, self.sites, self.width = length, sites, width
         self.embedding = nn.Parameter(torch.randn(length, d_model))
         self.mlp = nn.Sequential(nn.Linear(d_model, hidden), nn.Tanh(), nn.Linear(hidden, sites * width))
-        self.memo = None  # ((pass, grad mode), output) of the current forward pass
+        self.memo = None  # ((pass, grad mode, parameter versions), output) of the current pass
 
     def forward(self, memo: bool = True) -> torch.Tensor:  # -> (sites, length, width)
         # One evaluation (and one graph) per forward pass, shared by every layer; recomputed when
@@ -139,7 +139,8 @@ class PrefixTable(nn.Module):
         return self.table if self.reparam is None else self.reparam(memo)[self.index]
 
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values, each (kv_heads, length, head_dim). Computed per call: never cached."""
+        """Keys and values, each (kv_heads, length, head_dim); from the reparameterisation's output
+        of this forward pass (see PrefixReparam), never from an earlier one."""
         kv = self.flat().view(self.length, 2, self.kv_heads, self.head_dim).permute(1, 2, 0, 3)
         return kv[0], kv[1]
 

@@ -282,3 +282,16 @@ def test_lora_fused_add_equals_the_plain_formula(grad):
         got = delta.add_to(out.clone(), x)
     torch.testing.assert_close(got, want)
     assert got.requires_grad == grad
+
+
+def test_lora_fused_add_under_bf16_autocast_matches_the_plain_formula():
+    from deltatune.deltas import LowRank
+    delta = LowRank(6, 5, r=3, scale=1.5)
+    torch.nn.init.normal_(delta.B)
+    x = torch.randn(2, 4, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = torch.nn.functional.linear(x, torch.randn(5, 6))
+        got = delta.add_to(out, x)
+        want = out + (delta(x)).to(out.dtype)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want)
