@@ -460,17 +460,24 @@ class Row:
         self.fail()
         return None
 
-    def step(self) -> None:
-        if self.result is None:
-            self.proc.stdin.write("step\n")
+    def ask(self, command: str, tag: str) -> str | None:
+        """Send a command; the answer's text, or None if the row has died (then it is failed)."""
+        if self.result is not None:
+            return None
+        try:
+            self.proc.stdin.write(command + "\n")
             self.proc.stdin.flush()
-            self.expect(STEP_TAG)
+        except BrokenPipeError:
+            self.fail()
+            return None
+        return self.expect(tag)
+
+    def step(self) -> None:
+        self.ask("step", STEP_TAG)
 
     def finish(self) -> dict:
         if self.result is None:
-            self.proc.stdin.write("done\n")
-            self.proc.stdin.flush()
-            text = self.expect(RESULT_TAG)
+            text = self.ask("done", RESULT_TAG)
             if text is not None:
                 self.result = json.loads(text)
                 self.proc.wait()
