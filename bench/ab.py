@@ -30,22 +30,18 @@ def build(spec: str, size: str, kind: str):
     overrides = dict(f.split("=", 1) for f in flags if "=" in f)  # dt:telly:frozen_dropout=true
     model, cfg = bench.build_model(size, 0)
     family = bench.SIZES[size]["family"]
-    if lib == "torch":
-        model = bench.attach_torch(model, config)
-    elif lib == "peft":
-        model = bench.attach_peft(model, config, family)
-    elif lib == "adapters":
-        model = bench.attach_adapters(model, config, family)
-    elif lib == "dt":
+    libs = {"torch": "torch", "dt": "deltatune", "peft": "peft", "adapters": "adapters"}
+    if lib not in libs:
+        raise SystemExit(f"ab: unknown library {lib!r} in {spec!r}; use torch, dt, peft or adapters")
+    options = {}
+    if overrides:  # deltatune options, parsed like the CLI's --set
         from deltatune.report import number_or_text
         options = {k: {"true": True, "false": False}.get(v.lower(), number_or_text(v)) for k, v in overrides.items()}
-        model = bench.attach_deltatune(model, config, cfg, **options)
-    else:
-        raise SystemExit(f"ab: unknown library {lib!r} in {spec!r}; use torch, dt, peft or adapters")
+    model = bench.attach(model, cfg, libs[lib], config, family, **options)
     if kind == "infer":
         model.eval()
         if "merged" in flags:
-            bench.merge_lora(model, "deltatune" if lib == "dt" else lib)
+            bench.merge_lora(model, libs[lib])
         opt = None
     else:
         model.train()

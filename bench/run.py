@@ -266,6 +266,17 @@ def attach_deltatune(model, config: str, cfg, **overrides):
     return dt.attach(model, method, **options)
 
 
+def attach(model, cfg, lib: str, config: str, family: str, **overrides):
+    """One library's version of ``config`` on ``model`` (torch: the plain baselines)."""
+    if lib == "torch":
+        return attach_torch(model, config)
+    if lib == "peft":
+        return attach_peft(model, config, family)
+    if lib == "adapters":
+        return attach_adapters(model, config, family)
+    return attach_deltatune(model, config, cfg, **overrides)
+
+
 def merge_lora(model, lib: str):
     if lib == "deltatune":
         import deltatune as dt
@@ -308,14 +319,7 @@ def worker(job: dict) -> dict:
     model, cfg = build_model(size, job["seed"])
     rss_model = rss_mb()  # base weights allocated, modeling code imported, in every environment
     method = spec.get("method", spec.get("eager", config))
-    if lib == "torch":
-        model = attach_torch(model, config)
-    elif lib == "peft":
-        model = attach_peft(model, method, family)
-    elif lib == "adapters":
-        model = attach_adapters(model, method, family)
-    else:
-        model = attach_deltatune(model, method, cfg)
+    model = attach(model, cfg, lib, config if lib == "torch" else method, family)
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
