@@ -45,6 +45,49 @@ def test_large_split_uses_999_seeded_distractors():
     assert m.retrieval_scores(q, q)["mrr"] == 1.0
 
 
+def test_every_score_names_its_candidate_pool():
+    rng = np.random.default_rng(2)
+    small = m.retrieval_scores(rng.normal(size=(656, 8)), rng.normal(size=(656, 8)))
+    assert small["pool"] == 656 and small["pool_protocol"] == "whole-split"
+    big = rng.normal(size=(1200, 8))
+    out = m.retrieval_scores(big, big)
+    assert out["pool"] == 1000 and out["pool_protocol"] == "1-in-1000"
+    whole = m.retrieval_scores(big, big, n_distractors=None)
+    assert whole["pool"] == 1200 and whole["pool_protocol"] == "whole-split"
+    same = np.ones((1200, 4))  # every candidate ties: rank = pool, so MRR = 1 / pool
+    assert m.retrieval_scores(same, same, n_distractors=None)["mrr"] == pytest.approx(1 / 1200)
+    assert m.retrieval_scores(same, same, n_distractors=99) == pytest.approx(
+        {"mrr": 1 / 100, "recall@1": 0.0, "recall@5": 0.0, "recall@10": 0.0, "pool": 100, "pool_protocol": "1-in-100"})
+    assert m.retrieval_scores(np.zeros((0, 4)), np.zeros((0, 4)))["pool"] == 0
+
+
+def test_identical_queries_are_not_penalised():
+    # rows 0 and 1 have the same query (the same text, so the same embedding): code 0 and code 1 both
+    # answer it. The query is closest to code 1, then code 0, then code 2.
+    codes = np.array([[1.0, 0.2], [1.0, 0.0], [0.0, 1.0]])
+    queries = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    plain = m.retrieval_scores(queries, codes)
+    assert plain["mrr"] == pytest.approx((1 / 2 + 1 + 1) / 3)  # row 0 loses to its twin's code
+    grouped = m.retrieval_scores(queries, codes, groups=["read it", "read it", "write it"])
+    assert grouped["mrr"] == 1.0 and grouped["recall@1"] == 1.0
+    # a wrong code above both right ones still counts once, against the best right one
+    codes2 = np.array([[1.0, 0.3], [1.0, 0.5], [1.0, 0.0]])
+    queries2 = np.array([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    assert m.retrieval_scores(queries2, codes2)["mrr"] == pytest.approx((1 / 2 + 1 / 3 + 1) / 3)
+    out = m.retrieval_scores(queries2, codes2, groups=["a", "a", "b"])
+    assert out["mrr"] == pytest.approx((1 / 2 + 1 / 2 + 1) / 3)  # code 2 beats code 0, the best of a's codes
+    # the same rule in the sampled 1-in-k protocol: duplicated queries (pairs) all score 1
+    rng = np.random.default_rng(3)
+    base = rng.normal(size=(300, 16))
+    q = np.repeat(base, 2, axis=0)  # rows 2k and 2k+1 share a query
+    c = q + 1e-3 * rng.normal(size=q.shape)
+    assert m.retrieval_scores(q, c, n_distractors=550)["mrr"] < 0.9  # the twin is drawn 92% of the time
+    out = m.retrieval_scores(q, c, n_distractors=550, groups=np.arange(600) // 2)
+    assert out["mrr"] == 1.0 and out["pool"] == 551
+    with pytest.raises(ValueError, match="groups"):
+        m.retrieval_scores(q, c, groups=[0, 1])
+
+
 def test_retrieval_accepts_torch_and_checks_shapes():
     t = torch.randn(20, 8, dtype=torch.bfloat16)
     assert m.retrieval_scores(t, t.clone())["mrr"] == 1.0
@@ -91,6 +134,32 @@ def test_bleu_no_overlap_and_empty():
     assert m.smoothed_bleu4([], []) == 0.0
 
 
+def test_bleu_tokens_match_codexglue_normalisation():
+    # CodeXGLUE's bleu.py runs NIST normalisation after splitting punctuation: "_" is its own token
+    assert m.bleu_tokens("Return the module_name.") == ["return", "the", "module", "_", "name", "."]
+    assert m.bleu_tokens("__init__") == ["_", "_", "init", "_", "_"]
+    # numbers: punctuation is split first, so "3.10" and "3-4" become three tokens each
+    assert m.bleu_tokens("Use v3.10, not 3-4!") == ["use", "v3", ".", "10", ",", "not", "3", "-", "4", "!"]
+    assert m.bleu_tokens("Don't split: a+b (x/y)") == ["don", "'", "t", "split", ":", "a", "+", "b", "(", "x",
+                                                        "/", "y", ")"]
+    assert m.bleu_tokens("Écrire les données") == ["écrire", "les", "données"]
+
+
+def test_bleu_underscore_changes_the_score_by_hand():
+    # reference: return the module _ name .  (6 tokens); hypothesis: return module name (3 tokens)
+    # unigrams 3/3; bigrams (0+1)/(2+1); trigrams (0+1)/(1+1); 4-grams (0+1)/(0+1);
+    # brevity penalty exp(1 - (6 + 1) / (3 + 1)) = exp(-0.75)
+    got = m.sentence_bleu4("Return the module_name.", "return module name")
+    assert got == pytest.approx((1 * 1 / 3 * 1 / 2 * 1) ** 0.25 * math.exp(-0.75))
+    assert 100 * got == pytest.approx(30.18, abs=0.01)  # 37.81 when module_name was one token
+    # with the identifier written the same way on both sides, the split costs nothing
+    assert m.sentence_bleu4("Set module_name", "set module_name") == pytest.approx(1.0)
+    # "module_name" vs "module name": 3 vs 2 tokens; unigrams 2/2, bigrams (0+1)/(1+1),
+    # trigrams and 4-grams (0+1)/(0+1); penalty exp(1 - 4/3)
+    got = m.sentence_bleu4("module_name", "module name")
+    assert got == pytest.approx((1 / 2) ** 0.25 * math.exp(1 - 4 / 3))
+
+
 def test_bleu_averages_sentences():
     refs, hyps = ["a b c d", "a b c d"], ["a b c d", "x y z w"]
     assert m.smoothed_bleu4(refs, hyps) == pytest.approx(50.0, abs=1e-6)
@@ -105,9 +174,17 @@ def test_exact_match_strips_whitespace():
 def test_split_subtokens():
     assert m.split_subtokens("getFileName") == ["get", "file", "name"]
     assert m.split_subtokens("get_file_path") == ["get", "file", "path"]
-    assert m.split_subtokens("HTTPServer_v2") == ["http", "server", "v", "2"]
+    assert m.split_subtokens("HTTPServer_v2") == ["http", "server", "v2"]  # digits stay, as in code2seq
     assert m.split_subtokens("__init__") == ["init"]
     assert m.split_subtokens("getURL") == ["get", "url"]
+    assert m.split_subtokens("utf_8_decode") == ["utf", "8", "decode"]
+    assert m.split_subtokens("get file-name()") == ["get", "file", "name"]  # free text from a model
+
+
+def test_split_subtokens_keeps_unicode_letters():
+    assert m.split_subtokens("écrire_données") == ["écrire", "données"]
+    assert m.split_subtokens("lireÉtat") == ["lire", "état"]
+    assert m.split_subtokens("größe_ändern") == ["größe", "ändern"]
 
 
 def test_subtoken_f1_by_hand():
@@ -118,6 +195,14 @@ def test_subtoken_f1_by_hand():
     assert m.subtoken_prf(["get_file_name"], ["getFileName"])["subtoken_f1"] == 1.0
 
 
+def test_subtokens_that_join_to_the_reference_are_fully_right():
+    # code2seq: "getfilename" is one subtoken, but it joins to the same string as get|file|name
+    out = m.subtoken_prf(["getFileName", "get_name"], ["getfilename", "name"])
+    # example 1: tp 3 (the reference's subtokens); example 2: tp 1 (name), fn 1 (get)
+    assert out["subtoken_precision"] == 1.0 and out["subtoken_recall"] == pytest.approx(4 / 5)
+    assert m.subtoken_prf(["écrire_données"], ["écriredonnées"])["subtoken_f1"] == 1.0
+
+
 def test_subtoken_f1_is_micro_averaged():
     # tp = 2, fp = 1, fn = 4 summed over both examples -> P 2/3, R 1/3, F1 4/9
     out = m.subtoken_prf(["get_name", "a_b_c_d"], ["get_name", "x"])
@@ -126,9 +211,14 @@ def test_subtoken_f1_is_micro_averaged():
     assert out["subtoken_f1"] == pytest.approx(4 / 9)
 
 
-def test_subtoken_counts_repeats_as_a_multiset():
+def test_subtokens_count_by_set_membership():
+    # code2seq checks each predicted subtoken for membership in the reference (and vice versa),
+    # so a repeated subtoken counts each time it is predicted
     out = m.subtoken_prf(["get"], ["get_get"])
-    assert out["subtoken_precision"] == 0.5 and out["subtoken_recall"] == 1.0
+    assert out["subtoken_precision"] == 1.0 and out["subtoken_recall"] == 1.0
+    # reference a|b|a, prediction a|c: tp 1 (a), fp 1 (c), fn 1 (b; a is in the prediction)
+    out = m.subtoken_prf(["a_b_a"], ["a_c"])
+    assert out["subtoken_precision"] == 0.5 and out["subtoken_recall"] == 0.5
 
 
 # --- properties -----------------------------------------------------------------------------
@@ -159,6 +249,7 @@ def test_subtoken_scores_stay_in_range(pairs):
 def test_retrieval_scores_stay_in_range(n, d, seed):
     rng = np.random.default_rng(seed)
     out = m.retrieval_scores(rng.normal(size=(n, d)), rng.normal(size=(n, d)))
+    assert out.pop("pool") == n and out.pop("pool_protocol") == "whole-split"
     assert all(0.0 <= v <= 1.0 for v in out.values())
     assert out["recall@1"] <= out["recall@5"] <= out["recall@10"]
     assert out["mrr"] >= 1 / n - 1e-12
