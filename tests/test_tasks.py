@@ -86,6 +86,104 @@ def test_code_is_deduplicated_and_bounded(tasks):
     assert len(pairs) == len(set(pairs))
 
 
+def test_near_duplicates_match_pairwise_jaccard():
+    # random identifier sets with planted near-copies, checked against every pair
+    rng = random.Random(0)
+    vocab = [f"v{i}" for i in range(40)] + ["self", "x"] * 10
+    functions = []
+    for i in range(300):
+        if functions and rng.random() < 0.3:  # a near-copy of an earlier function: drop or add an identifier
+            ids = set(rng.choice(functions)["ids"])
+            ids.symmetric_difference_update({rng.choice(vocab)})
+        else:
+            ids = set(rng.sample(vocab, rng.randint(1, 12)))
+        functions.append({"path": f"m{i}.py", "ids": sorted(ids or {"x"})})
+    rank = [code.SPLITS.index(code.split_of(f["path"])) for f in functions]
+    expected = {}
+    for i, a in enumerate(functions):
+        best = None
+        for j, b in enumerate(functions):
+            if rank[j] < rank[i]:
+                A, B = set(a["ids"]), set(b["ids"])
+                jac = len(A & B) / len(A | B)
+                if jac >= 0.8 and (best is None or jac > best[0]):
+                    best = (jac, j)
+        if best:
+            expected[i] = best[1]
+    found = code.near_duplicates(functions)
+    assert found == expected and len(found) > 10
+    assert all(rank[j] < rank[i] for i, j in found.items())
+
+
+def test_near_duplicates_do_not_cross_the_splits(tasks, corpus):
+    functions = corpus["functions"]
+    ids = {(f["path"], f["line"]): set(f["ids"]) for f in functions}
+    lzma = {f["name"]: f for f in functions if f["path"] == "lzma.py"}
+    bz2 = {f["name"]: f for f in functions if f["path"] == "bz2.py"}
+    assert code.split_of("lzma.py") == "test" and code.split_of("bz2.py") == "train"
+    a, b = set(lzma["close"]["ids"]), set(bz2["close"]["ids"])
+    assert len(a & b) / len(a | b) >= 0.8  # the review's example: lzma.close is a near-copy of bz2.close
+    dropped = {(functions[i]["path"], functions[i]["line"]) for i in code.near_duplicates(functions)}
+    assert (lzma["close"]["path"], lzma["close"]["line"]) in dropped
+    train_codes = {f["code"] for f in functions if code.split_of(f["path"]) == "train"}
+    for name, data in tasks.items():
+        for split in ("valid", "test"):
+            for r in data.split(split):
+                assert (r["path"], r["line"]) not in dropped, (name, r["path"], r["name"])
+                assert ids[(r["path"], r["line"])]  # every record carries its identifier set
+        assert not [r for r in data.test if (r["path"], r["name"]) == ("lzma.py", "close")], name
+        if name in ("code-search", "code-summarization"):
+            field = "code" if name == "code-search" else "prompt"
+            assert not train_codes & {r[field] for s in ("valid", "test") for r in data.split(s)}
+        card = data.card()
+        assert "near-duplicates across splits dropped" in card and "Jaccard >= 0.8" in card
+
+
+def test_queries_seen_in_an_earlier_split_are_dropped(tasks):
+    for name, field in (("code-search", "query"), ("code-summarization", "target")):
+        data = tasks[name]
+        key = {s: {" ".join(r[field].lower().split()) for r in data.split(s)} for s in SPLITS}
+        assert not key["train"] & key["valid"] and not key["train"] & key["test"] and not key["valid"] & key["test"]
+        assert re.search(r"summary \(case and spacing ignored\) is a summary in an earlier split is dropped: "
+                         r"valid \d+, test \d+", data.card())
+
+
+def test_identical_queries_in_a_split_count_all_their_codes(tasks):
+    data = tasks["code-search"]
+    queries = [r["query"] for r in data.test]
+    repeated = len(queries) - len(set(queries))
+    assert repeated > 0  # the stdlib has them ("Return the ..." summaries shared by several functions)
+    # a model that embeds each query text and each code as the same vector: codes of an identical
+    # query tie exactly, so only the group rule can give it a perfect score
+    vec = {q: v for q, v in zip(sorted(set(queries)), np.random.default_rng(0).normal(size=(len(set(queries)), 16)))}
+    emb = np.stack([vec[q] for q in queries])
+    out = data.score((emb, emb))
+    assert out["mrr"] == 1.0 and out["recall@1"] == 1.0
+    assert out["pool"] == len(data.test) and out["pool_protocol"] == "whole-split"
+    assert f"test {len(data.test)} candidates" in data.card()
+
+
+def test_retrieval_pool_is_1_in_1000_on_a_large_split():
+    rows = [{"query": f"query {i}", "code": f"code {i}"} for i in range(1200)]
+    data = TaskData("big", "retrieval", "mrr", None, rows[:10], rows[:10], rows, metrics=("mrr",))
+    emb = np.random.default_rng(0).normal(size=(1200, 8))
+    out = data.score((emb, emb))
+    assert out["pool"] == 1000 and out["pool_protocol"] == "1-in-1000" and out["mrr"] == 1.0
+    assert "test 1000 candidates" in data.card()
+    data.retrieval_pool = None
+    assert data.score((emb, emb))["pool"] == 1200 and "test 1200 candidates" in data.card()
+    data.retrieval_pool = 1
+    with pytest.raises(DataError, match="retrieval_pool"):
+        data.score((emb, emb))
+
+
+def test_cache_key_carries_the_tasks_version(monkeypatch):
+    before = code.cache_file("code-search")
+    assert f"-v{code.TASKS_VERSION}-" in before.name and code.TASKS_VERSION >= 2
+    monkeypatch.setattr(code, "TASKS_VERSION", code.TASKS_VERSION + 1)
+    assert code.cache_file("code-search") != before
+
+
 def test_code_keeps_the_def_and_drops_the_docstring(tasks, corpus):
     for _, r in rows_of(tasks["code-search"]):
         assert r["code"].startswith(("def ", "async def "))

@@ -10,7 +10,8 @@
 
 Every split is a list of dicts. Shapes by ``kind``:
 
-- ``"retrieval"``: ``{"query", "code"}``; ``score((query_emb, code_emb))`` -> mrr, recall@1/5/10.
+- ``"retrieval"``: ``{"query", "code"}``; ``score((query_emb, code_emb))`` -> mrr, recall@1/5/10, and the
+  candidate pool: ``pool`` (candidates per query) and ``pool_protocol`` ("1-in-1000" or "whole-split").
 - ``"classification"``: ``{"text", "label"}`` (+ ``"text_pair"``); ``score(pred_ids or logits)`` -> accuracy, macro_f1.
 - ``"generation"``: ``{"prompt", "target"}``; ``score(list_of_strings)`` -> exact_match (+ bleu4 or subtoken_f1).
 
@@ -50,7 +51,10 @@ class TaskData:
     """One task's splits plus what is needed to describe and score it.
 
     ``metric`` is the main metric (a key of the dict :meth:`score` returns); ``metrics`` lists every
-    key :meth:`score` returns; ``source`` and ``notes`` feed the dataset card.
+    metric :meth:`score` returns; ``source`` and ``notes`` feed the dataset card. ``retrieval_pool``
+    is how many candidates a retrieval query is ranked against: 1000 (its code + 999 seeded
+    distractors from the split, CodeSearchNet) where the split is larger, else the whole split;
+    None ranks against the whole split always.
     """
 
     name: str
@@ -63,6 +67,7 @@ class TaskData:
     source: str = ""
     notes: list[str] = field(default_factory=list)
     metrics: tuple[str, ...] = ()
+    retrieval_pool: int | None = 1000
 
     def split(self, split: str) -> list[dict]:
         """The examples of ``split`` ("train", "valid" or "test"; "validation" is accepted)."""
@@ -76,6 +81,11 @@ class TaskData:
 
         retrieval: ``(query_emb, code_emb)`` arrays/tensors of shape (N, D); classification: N class
         ids, or (N, K) logits; generation: N strings.
+
+        Retrieval scores say which candidate pool they used (``pool``, ``pool_protocol``, see
+        :func:`deltatune.metrics.retrieval_scores`); examples with the same query text (spacing
+        ignored) are each other's right answers, so a repeated query is not penalised for ranking
+        its twin's code first.
         """
         rows = self.split(split)
         if self.kind == "retrieval":
@@ -86,7 +96,11 @@ class TaskData:
             if len(q) != len(rows) or len(c) != len(rows):
                 raise DataError(f"{self.name}/{split}: got {len(q)} query and {len(c)} code embeddings "
                                 f"for {len(rows)} examples")
-            return _m.retrieval_scores(q, c)
+            pool = self.retrieval_pool
+            if pool is not None and (isinstance(pool, bool) or not isinstance(pool, int) or pool < 2):
+                raise DataError(f"{self.name}: retrieval_pool must be an int >= 2 or None (whole split), got {pool!r}")
+            return _m.retrieval_scores(q, c, n_distractors=None if pool is None else pool - 1,
+                                       groups=[" ".join(str(r["query"]).split()) for r in rows])
         if len(predictions) != len(rows):
             raise DataError(f"{self.name}/{split}: got {len(predictions)} predictions for {len(rows)} examples")
         if self.kind == "classification":
@@ -121,6 +135,15 @@ class TaskData:
                 nlines = mean(v.count("\n") + 1 for v in vals) if vals else 0
                 cols.append(f"{chars:>8.0f} / {nlines:<5.1f}".ljust(len(f"avg {f} chars/lines")))
             lines.append(f"{split:<8} {len(rows):>8}  " + "  ".join(cols))
+        if self.kind == "retrieval":
+            sizes = {s: len(self.split(s)) for s in ("valid", "test")}
+            pools = {s: n if self.retrieval_pool is None or n <= self.retrieval_pool else self.retrieval_pool
+                     for s, n in sizes.items()}
+            rule = ("every code of the split" if self.retrieval_pool is None else
+                    f"its code + {self.retrieval_pool - 1} seeded distractors from the split, or every code of a "
+                    f"split of {self.retrieval_pool} or fewer")
+            lines.append(f"retrieval pool: each query ranked against {rule}: valid {pools['valid']}, "
+                         f"test {pools['test']} candidates; identical queries count all their codes as right")
         if self.labels:
             lines.append("label balance:")
             for split in ("train", "valid", "test"):

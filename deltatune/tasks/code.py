@@ -6,11 +6,19 @@ do not decode or parse, and keeps every function or method (nested ones too) who
 its docstring, is at most 60 lines and 2,000 characters and has a body besides ``pass``/``...``.
 Function code is the source lines of the ``def`` (what ``ast.get_source_segment(padded=True)``
 returns, decorators excluded) minus the docstring lines, with the ``def`` indentation removed.
-The corpus is cached as JSON under :func:`cache_dir`, keyed by Python version.
+The corpus and the built tasks are cached as JSON under :func:`cache_dir`, keyed by Python version,
+stdlib path, :data:`TASKS_VERSION` and this file's code.
 
 Splits are by file: sha256 of the path relative to the stdlib, mod 10, gives train (0-7),
 valid (8) and test (9), so no file contributes to two splits. The tasks are fixed datasets: every
 random choice uses a seed derived from the task name and the function's location.
+
+Near-copies do cross files (``lzma.close`` and ``bz2.close``), so a valid or test function whose
+identifier set has Jaccard similarity >= 0.8 with a function of an earlier split (train before
+valid before test) is dropped from every task (:func:`near_duplicates`, exact, by prefix
+filtering), and a valid or test docstring summary that occurs in an earlier split is dropped from
+the tasks that predict or retrieve by it (code-search, code-summarization). Identical queries
+within a code-search split stay; the score counts each one's codes as right answers.
 
 Tasks and the benchmarks they mirror:
 
@@ -41,18 +49,22 @@ import tempfile
 import time
 import tokenize
 from collections import Counter
+from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
 
 from deltatune.tasks import TaskData
 
-CORPUS_VERSION = 1
+CORPUS_VERSION = 2  # records carry "ids" (their identifier set)
+TASKS_VERSION = 2  # part of every cache key: bump when extraction or any task's construction changes
+NEAR_DUP_JACCARD = 0.8
 MAX_LINES, MAX_CHARS = 60, 2000
 MIN_DOC_WORDS = 3
 N_EXCEPTION_TYPES = 20
 SKIP_DIRS = frozenset({"test", "tests", "idlelib", "site-packages", "__pycache__"})
 HOLE, NAME_MASK = "__HOLE__", "__NAME__"
 _FUNCS = (ast.FunctionDef, ast.AsyncFunctionDef)
+SPLITS = ("train", "valid", "test")  # also the precedence order: a near-copy is kept in the earliest
 
 
 def stdlib_root() -> Path:
@@ -158,6 +170,33 @@ def _function_record(node, lines: list[str], relpath: str) -> dict | None:
             "excepts": [[answer, render(m)] for answer, m in excepts]}
 
 
+def identifiers(node: ast.AST) -> list[str]:
+    """The sorted identifier set of a function (decorators excluded): its name, and every variable,
+    attribute, parameter, keyword argument, imported name, nested def/class and ``except ... as``
+    name in its signature and body. Strings, numbers and comments are not identifiers."""
+    names = {node.name}
+    parts = [node.args, *([node.returns] if node.returns else []), *node.body]
+    for part in parts:
+        for n in ast.walk(part):
+            if isinstance(n, ast.Name):
+                names.add(n.id)
+            elif isinstance(n, ast.Attribute):
+                names.add(n.attr)
+            elif isinstance(n, ast.arg):
+                names.add(n.arg)
+            elif isinstance(n, ast.keyword) and n.arg:
+                names.add(n.arg)
+            elif isinstance(n, (*_FUNCS, ast.ClassDef)):
+                names.add(n.name)
+            elif isinstance(n, ast.alias):
+                names.add(n.asname or n.name)
+            elif isinstance(n, (ast.Global, ast.Nonlocal)):
+                names.update(n.names)
+            elif isinstance(n, (ast.ExceptHandler, ast.MatchAs, ast.MatchStar)) and n.name:
+                names.add(n.name)
+    return sorted(names)
+
+
 def extract_file(source: str, relpath: str) -> list[dict]:
     """Records of all in-bounds functions of one module's source (raises SyntaxError if it does not parse)."""
     tree = ast.parse(source)
@@ -167,7 +206,7 @@ def extract_file(source: str, relpath: str) -> list[dict]:
         if isinstance(node, _FUNCS):
             rec = _function_record(node, lines, relpath)
             if rec and (len(rec["doc"].split()) >= MIN_DOC_WORDS or rec["excepts"]):
-                records.append(rec)
+                records.append({**rec, "ids": identifiers(node)})
     return records
 
 
@@ -205,7 +244,7 @@ def cache_file(what: str, root: str | Path | None = None) -> Path:
     """Cache path for the corpus or a built task, keyed by Python version, stdlib path and this file's code."""
     root = Path(root) if root else stdlib_root()
     key = hashlib.sha256(str(root.resolve()).encode() + Path(__file__).read_bytes()).hexdigest()[:10]
-    return cache_dir() / f"stdlib-py{sys.version.split()[0]}-{key}-{what}.json"
+    return cache_dir() / f"stdlib-py{sys.version.split()[0]}-v{TASKS_VERSION}-{key}-{what}.json"
 
 
 def _json_cached(path: Path, build) -> dict:
@@ -321,17 +360,85 @@ def inject_bug(code: str, rng: random.Random) -> tuple[str, str] | None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Near-duplicates across splits
+# ---------------------------------------------------------------------------------------------
+
+def near_duplicates(functions: list[dict], threshold: float = NEAR_DUP_JACCARD) -> dict[int, int]:
+    """Index of each valid/test function with a near-copy in an earlier split -> index of that copy.
+
+    A near-copy has identifier-set Jaccard similarity >= ``threshold`` (records' ``"ids"``); the
+    earlier split is train for a valid function and train or valid for a test one; among several
+    copies the most similar (then the first) is named. Exact, not sampled: prefix filtering
+    (Chaudhuri et al. 2006; Bayardo et al. 2007) orders identifiers from rare to common, and two
+    sets with Jaccard >= t share an identifier among the first |S| - ceil(t |S|) + 1 of each, so
+    only pairs sharing such a prefix identifier are compared.
+    """
+    num, den = Fraction(str(threshold)).as_integer_ratio()
+    sets = [frozenset(f["ids"]) for f in functions]
+    freq = Counter(t for s in sets for t in s)
+    prefix = [sorted(s, key=lambda t: (freq[t], t))[: len(s) - -(-num * len(s) // den) + 1] for s in sets]
+    rank = [SPLITS.index(split_of(f["path"])) for f in functions]
+    index: dict[str, list[int]] = {}  # identifier -> earlier-split functions with it in their prefix
+    found = {}
+    for level in range(len(SPLITS)):
+        members = [i for i, r in enumerate(rank) if r == level]
+        for i in members if level else []:
+            best = None
+            for j in sorted({j for t in prefix[i] for j in index.get(t, ())}):
+                common = len(sets[i] & sets[j])
+                union = len(sets[i]) + len(sets[j]) - common
+                if den * common >= num * union and (best is None or common * best[1] > best[0] * union):
+                    best = (common, union, j)
+            if best:
+                found[i] = best[2]
+        for i in members:
+            for t in prefix[i]:
+                index.setdefault(t, []).append(i)
+    return found
+
+
+def _without_near_copies(corpus: dict) -> tuple[list[dict], dict[str, str]]:
+    """The corpus functions minus valid/test near-copies, and "path:line" -> "path:line" of each dropped one's copy."""
+    functions = corpus["functions"]
+    dups = near_duplicates(functions)
+    where = {i: f"{functions[i]['path']}:{functions[i]['line']}" for i in (*dups, *dups.values())}
+    return [f for i, f in enumerate(functions) if i not in dups], {where[i]: where[j] for i, j in dups.items()}
+
+
+def _split_counts(before: list[dict], after: list[dict]) -> str:
+    """ "valid 3, test 7": how many of ``before`` (functions or rows) per split are not in ``after``."""
+    kept = Counter(split_of(r["path"]) for r in after)
+    gone = Counter(split_of(r["path"]) for r in before)
+    return ", ".join(f"{s} {gone[s] - kept[s]}" for s in SPLITS[1:])
+
+
+# ---------------------------------------------------------------------------------------------
 # Task builders
 # ---------------------------------------------------------------------------------------------
 
+def _first_per_code(functions: list[dict]) -> list[dict]:
+    """Documented functions (3+ word summary), one per distinct code: the copy in the earliest split, else the first."""
+    documented = [f for f in functions if len(f["doc"].split()) >= MIN_DOC_WORDS]
+    keep = {}
+    for f in sorted(documented, key=lambda f: SPLITS.index(split_of(f["path"]))):  # stable: path order within
+        keep.setdefault(f["code"], id(f))
+    return [f for f in documented if keep[f["code"]] == id(f)]
+
+
 def _documented(corpus: dict) -> list[dict]:
-    """Functions whose docstring summary has 3+ words, deduplicated by code (first occurrence kept)."""
-    seen, out = set(), []
-    for f in corpus["functions"]:
-        if len(f["doc"].split()) >= MIN_DOC_WORDS and f["code"] not in seen:
-            seen.add(f["code"])
-            out.append(f)
-    return out
+    """Functions whose docstring summary has 3+ words, without valid/test near-copies of an earlier split's
+    functions, deduplicated by code (a copy in an earlier split kept first)."""
+    return _first_per_code(_without_near_copies(corpus)[0])
+
+
+def _near_copy_note(corpus: dict, all_fs: list[dict] | None = None, kept: list[dict] | None = None) -> str:
+    """The card's line on near-duplicates: the rule, and how many functions it dropped from this task per split."""
+    if all_fs is None:
+        all_fs, kept = _first_per_code(corpus["functions"]), _documented(corpus)
+    return (f"near-duplicates across splits dropped: a valid/test function whose identifier set (names, attributes, "
+            f"parameters; no strings or comments) has Jaccard >= {NEAR_DUP_JACCARD} with a function of an earlier "
+            f"split (train < valid < test) is left out; of the functions this task is built from, that dropped "
+            f"{_split_counts(all_fs, kept)}")
 
 
 def _origin(f: dict) -> dict:
@@ -354,23 +461,50 @@ def _source(corpus: dict) -> str:
 _COMMON_NOTES = [
     "split by module: sha256(stdlib-relative path) % 10 -> train 0-7 / valid 8 / test 9; no file is in two splits",
     "skipped dirs: test, tests, idlelib, site-packages; functions over 60 lines or 2000 chars "
-    "(without docstring) or with an empty body are skipped; duplicate function bodies keep the first",
+    "(without docstring) or with an empty body are skipped; of identical function bodies one is kept (train's copy "
+    "first, then valid's, then the first by path)",
 ]
 
 
+def _query_key(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
 def _pairs(corpus: dict, name: str) -> TaskData:
-    """code-search and code-summarization: (docstring summary, code without docstring)."""
-    splits = _by_split(_documented(corpus))
-    notes = _COMMON_NOTES + [f"docstring summary = first non-empty docstring line, {MIN_DOC_WORDS}+ words"]
+    """code-search and code-summarization: (docstring summary, code without docstring).
+
+    A valid or test function whose summary (lower-cased, whitespace collapsed) is also the summary
+    of a function in an earlier split is dropped: its query or target was seen in training.
+    """
+    documented = _documented(corpus)
+    splits = _by_split(documented)
+    seen, dropped = set(), Counter()
+    for split in SPLITS:
+        keys = {_query_key(f["doc"]) for f in splits[split]}
+        kept = [f for f in splits[split] if _query_key(f["doc"]) not in seen]
+        dropped[split] = len(splits[split]) - len(kept)
+        splits[split] = kept
+        seen |= keys
+    notes = _COMMON_NOTES + [
+        f"docstring summary = first non-empty docstring line, {MIN_DOC_WORDS}+ words",
+        _near_copy_note(corpus),
+        f"a valid/test function whose summary (case and spacing ignored) is a summary in an earlier split is dropped: "
+        f"valid {dropped['valid']}, test {dropped['test']}",
+    ]
     if name == "code-search":
         rows = {s: [{"query": f["doc"], "code": f["code"], **_origin(f)} for f in fs]
                 for s, fs in splits.items()}
-        notes.append("score: each query ranked against its code + 999 seeded distractors (all others if fewer), cosine")
+        repeats = {s: len(r) - len({" ".join(q["query"].split()) for q in r}) for s, r in rows.items()}
+        notes.append("score: cosine ranking of each query's code among the split's codes (see retrieval pool below; "
+                     "every score names its pool)")
+        notes.append(f"identical queries within a split are kept (valid {repeats['valid']}, test {repeats['test']} "
+                     f"repeats) and all their codes count as right answers: a query ranks by the first of them")
         return TaskData(name, "retrieval", "mrr", None, rows["train"], rows["valid"], rows["test"],
                         _source(corpus), notes, ("mrr", "recall@1", "recall@5", "recall@10"))
     rows = {s: [{"prompt": f["code"], "target": f["doc"], **_origin(f)} for f in fs]
             for s, fs in splits.items()}
-    notes.append("score: smoothed sentence BLEU-4 x100 averaged over examples (CodeXGLUE code-to-text)")
+    notes.append("score: smoothed sentence BLEU-4 x100 averaged over examples, tokenised as CodeXGLUE code-to-text's "
+                 "bleu.py (with its NIST normalisation, which splits _)")
     return TaskData(name, "generation", "bleu4", None, rows["train"], rows["valid"], rows["test"],
                     _source(corpus), notes, ("bleu4", "exact_match"))
 
@@ -394,7 +528,8 @@ def _docstring_match(corpus: dict) -> TaskData:
                         break
             rows.append({"text": doc, "text_pair": f["code"], "label": label, **_origin(f)})
         out[split] = rows
-    notes = _COMMON_NOTES + ["negatives pair a function with the docstring summary of another function of the same "
+    notes = _COMMON_NOTES + [_near_copy_note(corpus),
+                             "negatives pair a function with the docstring summary of another function of the same "
                              "split (different text); labels balanced 50/50 per split (seeded)"]
     return TaskData("docstring-match", "classification", "accuracy", ["mismatch", "match"],
                     out["train"], out["valid"], out["test"], _source(corpus), notes, ("accuracy", "macro_f1"))
@@ -408,7 +543,9 @@ def _mentions(answer: str) -> re.Pattern:
 def _exception_type(corpus: dict) -> TaskData:
     """One example per ``except X:`` clause; the 20 most frequent types on train are the classes."""
     seen, rows, masked_more = set(), {"train": [], "valid": [], "test": []}, 0
-    for f in corpus["functions"]:
+    functions = _without_near_copies(corpus)[0]
+    with_excepts = [f for f in corpus["functions"] if f["excepts"]]
+    for f in functions:
         for answer, masked in f["excepts"]:
             prompt, n = _mentions(answer).subn(HOLE, masked)
             if (answer, prompt) in seen:
@@ -422,6 +559,7 @@ def _exception_type(corpus: dict) -> TaskData:
     for split in rows:
         rows[split] = [{**r, "label": index[r["answer"]]} for r in rows[split] if r["answer"] in index]
     notes = _COMMON_NOTES + [
+        _near_copy_note(corpus, with_excepts, [f for f in functions if f["excepts"]]),
         f"all functions with an `except X:` clause (X a name or dotted name), docstring or not; the clause's "
         f"type is replaced by {HOLE}; one example per clause; duplicates (same masked code) dropped",
         f"other mentions of the answer in the function (raise X, another except X, comments) are masked too, so the "
@@ -455,6 +593,7 @@ def _bug_detect(corpus: dict) -> TaskData:
             kinds[kind or "correct"] += 1
         out[split] = rows
     notes = _COMMON_NOTES + [
+        _near_copy_note(corpus),
         "documented functions (docstring removed) where at least one bug kind applies; half per split get one bug, "
         "chosen with a seed from the function's location among: variable misuse (a variable read replaced by another "
         "variable of the function), wrong binary operator (within arithmetic/bitwise/comparison/identity/membership/"
@@ -476,9 +615,11 @@ def _function_naming(corpus: dict) -> TaskData:
         prompt = re.sub(rf"(?<!\w){re.escape(name)}(?!\w)", NAME_MASK, f["code"])
         rows[split_of(f["path"])].append({"prompt": prompt, "target": name, **_origin(f)})
     notes = _COMMON_NOTES + [
+        _near_copy_note(corpus),
         f"code without docstring; every whole-word occurrence of the name (def line, recursive calls, strings, "
         f"comments) replaced by {NAME_MASK}; dunder methods (__init__, ...) skipped",
-        "score: exact match, and code2seq subtoken precision/recall/F1 (snake_case/camelCase split, micro-averaged)",
+        "score: exact match, and code2seq subtoken precision/recall/F1 (snake_case/camelCase split, set membership, "
+        "a prediction whose subtokens join to the reference's is fully right; micro-averaged)",
     ]
     return TaskData("function-naming", "generation", "exact_match", None, rows["train"], rows["valid"],
                     rows["test"], _source(corpus), notes, ("exact_match", "subtoken_f1"))
