@@ -7,79 +7,23 @@ for people and other tools). Tensor names: ``delta.<site key>.<param>`` for delt
 """
 from __future__ import annotations
 
-import errno
 import json
+import math
 import os
-import tempfile
+import stat
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
-from . import core, sites
-from .errors import AdapterFileError, ConfigError, DeltatuneError, StorageError
+from . import registry, sites, store as core
+from .errors import AdapterFileError, ConfigError, DeltatuneError
+# The durable-storage helpers live in storage.py; imported here so that io.atomic_write_* keep working.
+from .storage import atomic_write_bytes, atomic_write_json, fsync_dir, storage_error  # noqa: F401
 
 FORMAT, VERSION = "deltatune.adapter", 1
 WEIGHTS, CONFIG = "adapter.safetensors", "adapter_config.json"
-
-
-_CAUSES = {  # errno -> the cause and its fix, in words
-    errno.ENOSPC: "the disk is full (no space left on device); free some space",
-    errno.EDQUOT: "the disk quota is exceeded; free some space",
-    errno.EROFS: "the file system is read-only; choose another directory",
-    errno.EACCES: "permission denied; choose a directory you can write to",
-    errno.EPERM: "permission denied; choose a directory you can write to",
-    errno.EFBIG: "the file is larger than this system allows",
-}
-
-
-def storage_error(err: OSError, path) -> StorageError:
-    """A StorageError naming ``path`` and the cause of ``err`` in words ("the disk is full ...")."""
-    if isinstance(err, StorageError):
-        return err
-    return StorageError(f"cannot write {path}: {_CAUSES.get(err.errno) or err.strerror or err}")
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash at any moment leaves the old file or the new one.
-
-    A failed write (a full disk, say) removes its temporary file, keeps the old file and raises
-    :class:`StorageError`, naming the path and the cause.
-    """
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(err, OSError):
-            raise storage_error(err, path) from err
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path) -> None:
-    """Make the renames in directory ``path`` durable (a power cut after this keeps them); best effort."""
-    try:
-        dir_fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:  # not possible on every platform or file system
-        pass
-
-
-def atomic_write_json(path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def base_identity(model) -> dict:
@@ -91,13 +35,14 @@ def base_identity(model) -> dict:
         "family": sites.family_of(model),
         "hidden_size": d_model,
         "num_layers": sites.num_layers(model),
+        "dtype": _name(next(backbone.parameters()).dtype),
     }
 
 
 def _one_adapter(store, adapter):
     if adapter is not None:
-        if adapter not in store.info:
-            raise ConfigError(f"no adapter named '{adapter}'; attached adapters: {sorted(store.info)}")
+        if adapter not in store.records:
+            raise ConfigError(f"no adapter named '{adapter}'; attached adapters: {sorted(store.records)}")
         return adapter
     if len(store.active) != 1:
         raise ConfigError(f"{len(store.active)} adapters are active ({sorted(store.active)}); pass adapter=NAME")
@@ -106,9 +51,9 @@ def _one_adapter(store, adapter):
 
 def adapter_tensors(model, adapter: str | None = None, fold: bool = True) -> tuple[dict, dict]:
     """(tensors, config) of one adapter, as they are saved."""
-    store = core._require_store(model)
+    store = core.require_store(model)
     name = _one_adapter(store, adapter)
-    info = store.info[name]
+    info = store.records[name]
     tensors = {}
     for key, delta in store.adapters[name].items():
         state = delta.folded_state() if fold and hasattr(delta, "folded_state") else delta.state_dict()
@@ -136,8 +81,12 @@ def adapter_tensors(model, adapter: str | None = None, fold: bool = True) -> tup
     return tensors, config
 
 
-def save_adapter(model, path, adapter: str | None = None, fold: bool = True) -> Path:
-    """Save one adapter to directory ``path`` (atomically). ``fold=False`` keeps training-only parts."""
+def save_adapter(model, path, adapter: str | None = None, fold: bool = True, format: str = "deltatune") -> Path:
+    """Save one adapter to directory ``path`` (atomically). ``fold=False`` keeps training-only parts.
+    ``format="peft"`` writes the Hugging Face PEFT format instead (see deltatune.interop.peft)."""
+    if format != "deltatune":
+        from .interop import peft
+        return peft.save(model, path, adapter, format)
     tensors, config = adapter_tensors(model, adapter, fold)
     path = Path(path)
     blob = st_save(tensors, metadata={"deltatune": json.dumps(config, sort_keys=True)})
@@ -146,18 +95,71 @@ def save_adapter(model, path, adapter: str | None = None, fold: bool = True) -> 
     return path
 
 
+# What deltatune writes: the parameters of floating-point models. Anything else (complex, integer, bool,
+# float8) is refused before it is read, so the finiteness check below covers every tensor loaded.
+DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+MAX_MB_ENV, MAX_MB_DEFAULT = "DELTATUNE_MAX_ADAPTER_MB", 16384
+
+
+def _max_bytes(file) -> tuple[int, float]:
+    text = os.environ.get(MAX_MB_ENV, "")
+    try:
+        mb = float(text) if text.strip() else MAX_MB_DEFAULT
+    except ValueError:
+        mb = float("nan")
+    if not mb > 0:
+        raise AdapterFileError(f"{MAX_MB_ENV}={text!r} must be a positive size in megabytes (reading {file})")
+    return (int(mb * 2**20) if math.isfinite(mb) else 2**62), mb
+
+
+def _check_file(file: Path) -> None:
+    """A regular file of bounded size: a FIFO would block the open, /dev/zero would never end."""
+    try:
+        st = os.stat(file)
+    except FileNotFoundError:
+        raise AdapterFileError(f"no adapter at {file}: expected a directory written by dt.save_adapter") from None
+    except OSError as err:
+        raise AdapterFileError(f"{file}: cannot read ({err.strerror or err})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise AdapterFileError(f"{file} is not a regular file (a device, FIFO, socket or directory); an adapter is "
+                               f"the file {WEIGHTS} written by dt.save_adapter")
+    limit, mb = _max_bytes(file)
+    if st.st_size > limit:
+        raise AdapterFileError(f"{file} is {st.st_size / 2**20:.3g} MB, more than the {mb:g} MB limit for adapter "
+                               f"files; set {MAX_MB_ENV} to a larger number of megabytes to read it")
+
+
 def read_adapter(path) -> tuple[dict, dict]:
     """(config, tensors) from an adapter directory or file, validated as data (not against a model)."""
     path = Path(path)
     file = path / WEIGHTS if path.is_dir() else path
-    if not file.exists():
-        raise AdapterFileError(f"no adapter at {file}: expected a directory written by dt.save_adapter")
+    _check_file(file)
     try:
         with safe_open(str(file), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            config = _read_config(file, f.metadata() or {})
+            expected = config["tensors"]
+            keys = list(f.keys())
+            missing, extra = sorted(set(expected) - set(keys)), sorted(set(keys) - set(expected))
+            if missing or extra:
+                raise AdapterFileError(f"{file}: tensors do not match its config (missing {missing[:5]}, extra {extra[:5]})")
+            for k in keys:  # dtype and shape from the header, before any tensor is read
+                piece = f.get_slice(k)
+                if piece.get_dtype() not in DTYPES:
+                    raise AdapterFileError(f"{file}: tensor '{k}' is stored as {piece.get_dtype()}; deltatune writes "
+                                           f"only {', '.join(DTYPES)} tensors")
+                if list(piece.get_shape()) != list(expected[k]):
+                    raise AdapterFileError(f"{file}: tensor '{k}' has shape {list(piece.get_shape())}, its config "
+                                           f"says {expected[k]}")
+            tensors = {k: f.get_tensor(k) for k in keys}
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise AdapterFileError(f"{file} is not a readable safetensors file (truncated or corrupted?): {err}") from None
+    for k, t in tensors.items():
+        if t.dtype not in DTYPES.values() or not torch.isfinite(t).all():
+            raise AdapterFileError(f"{file}: tensor '{k}' holds NaN or Inf values; the adapter is damaged")
+    return config, tensors
+
+
+def _read_config(file, meta: dict) -> dict:
     try:
         config = json.loads(meta["deltatune"])
     except KeyError:
@@ -167,16 +169,7 @@ def read_adapter(path) -> tuple[dict, dict]:
     if not isinstance(config, dict):
         raise AdapterFileError(f"{file}: the deltatune config in its metadata must be a JSON object")
     _check_config(file, config)
-    expected = config["tensors"]
-    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or extra:
-        raise AdapterFileError(f"{file}: tensors do not match its config (missing {missing[:5]}, extra {extra[:5]})")
-    for k, t in tensors.items():
-        if list(t.shape) != list(expected[k]):
-            raise AdapterFileError(f"{file}: tensor '{k}' has shape {list(t.shape)}, its config says {expected[k]}")
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise AdapterFileError(f"{file}: tensor '{k}' holds NaN or Inf values; the adapter is damaged")
-    return config, tensors
+    return config
 
 
 def _check_config(file, config) -> None:
@@ -193,18 +186,22 @@ def _check_config(file, config) -> None:
         )
     for key, typ in (("method", str), ("adapter", str), ("options", dict), ("base", dict), ("tensors", dict)):
         need(key, typ)
-    if config["method"] not in core.REGISTRY:
+    if config["method"] not in registry.REGISTRY:
         raise AdapterFileError(
-            f"{file}: method '{config['method']}' is not registered here; known: {', '.join(sorted(core.REGISTRY))}"
+            f"{file}: method '{config['method']}' is not registered here; known: {', '.join(sorted(registry.REGISTRY))}"
         )
+    for key in registry.LEGACY_OPTIONS:  # written by earlier versions; no longer a method option
+        config["options"].pop(key, None)
     try:  # the name comes from the file: a plain word, never a path
         core.check_adapter_name(config["adapter"])
     except ConfigError as err:
         raise AdapterFileError(f"{file}: config field 'adapter': {err}") from None
     try:  # options are checked as data here, so that none can clash with attach()'s own arguments
-        core.build_method(config["method"], config["options"])
+        registry.build_method(config["method"], config["options"])
     except ConfigError as err:
         raise AdapterFileError(f"{file}: cannot rebuild the adapter: {err}") from None
+    except (TypeError, ValueError, OverflowError, RecursionError) as err:  # an option no check foresaw
+        raise AdapterFileError(f"{file}: cannot rebuild the adapter from its options: {_brief(err)}") from None
     for key, shape in config["tensors"].items():
         if not (isinstance(shape, list) and all(isinstance(n, int) and not isinstance(n, bool) for n in shape)):
             raise AdapterFileError(f"{file}: config field 'tensors' must map names to shapes (lists of ints), "
@@ -218,7 +215,8 @@ def load_adapter(model, path, adapter: str | None = None, check_base: bool = Tru
     values, and a fingerprint of the base weights unless ``check_base=False``); on any error the
     model is left as it was.
     """
-    config, tensors = read_adapter(path)
+    from .interop import peft  # a PEFT directory is converted to deltatune's (config, tensors) here
+    config, tensors = peft.to_deltatune(model, path) if peft.is_peft_dir(path) else read_adapter(path)
     name = adapter or config["adapter"]
     if check_base:
         want, have = config["base"], base_identity(model)
@@ -232,18 +230,14 @@ def load_adapter(model, path, adapter: str | None = None, check_base: bool = Tru
         core.attach(model, config["method"], adapter=name, **config["options"])
     except DeltatuneError as err:
         raise AdapterFileError(f"{path}: cannot rebuild the adapter: {err}") from None
-    except (RuntimeError, MemoryError) as err:  # options that ask for more memory than there is (r=2**40)
-        raise AdapterFileError(f"{path}: cannot rebuild the adapter from its options {config['options']}: "
-                               f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}") from None
+    except Exception as err:  # options no check foresaw, or that ask for more memory than there is (r=2**40)
+        raise AdapterFileError(f"{path}: cannot rebuild the adapter from its options {_short(config['options'])}: "
+                               f"{_brief(err)}") from None
     try:
         store = core.store_of(model)
-        info = store.info[name]
-        if check_base and config["base"].get("fingerprint") not in (None, info.fingerprint):
-            raise AdapterFileError(
-                f"{path}: the base weights differ from those the adapter was trained on "
-                f"(fingerprint {info.fingerprint} vs {config['base']['fingerprint']}); "
-                "load onto the same pretrained model, or pass check_base=False"
-            )
+        info = store.records[name]
+        if check_base:
+            _check_fingerprint(path, model, config["base"], info)
         live, _ = adapter_tensors(model, name, fold=config.get("folded", True))
         missing, extra = sorted(set(live) - set(tensors)), sorted(set(tensors) - set(live))
         if missing or extra:
@@ -251,11 +245,56 @@ def load_adapter(model, path, adapter: str | None = None, check_base: bool = Tru
         for k, t in tensors.items():
             if tuple(t.shape) != tuple(live[k].shape):
                 raise AdapterFileError(f"{path}: '{k}' has shape {tuple(t.shape)}, this model needs {tuple(live[k].shape)}")
+            if live[k].dtype != t.dtype and not torch.isfinite(t.to(live[k].dtype)).all():
+                raise AdapterFileError(f"{path}: '{k}' holds values beyond the range of this model's {_name(live[k].dtype)} "
+                                       f"weights (it is stored as {_name(t.dtype)}); the adapter is damaged or was "
+                                       "trained at another precision")
         _copy_in(model, store, name, tensors)
-    except BaseException:
+    except BaseException as err:
         core.detach(model, name)
+        if isinstance(err, Exception) and not isinstance(err, DeltatuneError):
+            raise AdapterFileError(f"{path}: cannot load the adapter: {_brief(err)}") from None
         raise
     return model
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _brief(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200] if text else ''}"
+
+
+def _short(options: dict) -> str:
+    text = repr(options)
+    return text if len(text) <= 300 else text[:300] + "...}"
+
+
+# Which precision holds another exactly: a float32 model cast to float16 gives the float16 copy's weights.
+_WIDER = {"float64": {"float32", "float16", "bfloat16"}, "float32": {"float16", "bfloat16"}}
+
+
+def _check_fingerprint(path, model, base: dict, info) -> None:
+    """The base weights are those the adapter was trained on, compared at the precision it was trained at."""
+    want = base.get("fingerprint")
+    if want is None or want == info.fingerprint:
+        return
+    saved, have = base.get("dtype"), base_identity(model)["dtype"]
+    fix = "load onto the same pretrained model, or pass check_base=False"
+    if not isinstance(saved, str) or saved == have:
+        raise AdapterFileError(f"{path}: the base weights differ from those the adapter was trained on (fingerprint "
+                               f"{info.fingerprint} vs {want}{', both ' + have if saved == have else ''}); {fix}")
+    if saved in _WIDER.get(have, ()):
+        if core.fingerprint(model, set(info.selected), dtype=getattr(torch, saved)) == want:
+            return
+        raise AdapterFileError(f"{path}: the base weights differ from those the adapter was trained on, even "
+                               f"compared at {saved}, the precision it was trained at (this model holds {have} "
+                               f"weights); {fix}")
+    raise AdapterFileError(f"{path}: the adapter was trained on {saved} base weights and this model holds {have} "
+                           f"weights, which cannot be compared with them; load it onto the {saved} model (then "
+                           f"convert with .to(torch.{have})), or pass check_base=False")
 
 
 @torch.no_grad()

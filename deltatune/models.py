@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import stat
 import sys
 from pathlib import Path
 
@@ -70,6 +71,8 @@ def _from_pretrained(path, kind: str | None, name: str):
     # local_files_only: this machine reaches no hub; a folder or the HF cache is all there is.
     # trust_remote_code=False: a model folder is data, its Python files never run (and no prompt asks).
     local = dict(local_files_only=True, trust_remote_code=False)
+    if os.path.isdir(path):
+        _check_folder(Path(path), name)
     try:
         config = AutoConfig.from_pretrained(path, **local)
     except OSError as e:
@@ -79,7 +82,10 @@ def _from_pretrained(path, kind: str | None, name: str):
             f"holding config.json and the weights ({e.__class__.__name__}: {str(e).splitlines()[0]})"
         ) from None
     except ValueError as e:  # custom code, an unknown model_type, a malformed config.json
-        raise ConfigError(f"model {name!r} cannot be loaded: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"model {name!r} cannot be loaded: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
+    except RecursionError:  # config.json nested deeper than the JSON parser goes
+        raise ConfigError(f"model {name!r} cannot be loaded: its config.json is nested too deeply to read; "
+                          "it is not a model configuration") from None
     kind = kind or ("lm" if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.architectures or ()) else "base")
     auto = AutoModelForCausalLM if kind == "lm" else AutoModel
     try:
@@ -92,6 +98,34 @@ def _from_pretrained(path, kind: str | None, name: str):
     if tokenizer.pad_token is None:  # decoder tokenizers often have none; padding is masked anyway
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+MAX_CONFIG_BYTES = 256 * 2**20  # a config.json is kilobytes, a tokenizer.json tens of MB at most
+
+
+def _check_folder(folder: Path, name: str) -> None:
+    """A model folder holds regular files only (after symlinks, as in the HF cache), and small JSON files.
+
+    A FIFO would block the reader for ever and /dev/zero would fill the memory; transformers opens
+    whatever it finds, so they are refused before it looks.
+    """
+    try:
+        entries = list(folder.iterdir())
+    except OSError as e:
+        raise ConfigError(f"model {name!r}: cannot list {folder} ({e.strerror or e})") from None
+    for entry in entries:
+        try:
+            st = entry.stat()
+        except OSError as e:  # a dangling symlink or a loop
+            raise ConfigError(f"model {name!r}: cannot read {entry} ({e.strerror or e})") from None
+        if stat.S_ISDIR(st.st_mode):
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"model {name!r}: {entry} is not a regular file (a device, FIFO or socket); a model "
+                              "folder holds config.json, the weights and the tokenizer files")
+        if entry.suffix == ".json" and st.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"model {name!r}: {entry} is {st.st_size / 2**20:.0f} MB, more than the "
+                              f"{MAX_CONFIG_BYTES // 2**20} MB a configuration file may have")
 
 
 def _package_dir(module: str, dist: str) -> Path:

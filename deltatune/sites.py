@@ -12,7 +12,10 @@ transformer layer) and ``attn.kv`` (the attention module, where prefix keys/valu
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
+
+import regex
 
 import torch
 from torch import nn
@@ -117,13 +120,41 @@ FAMILY_OF = {
     "vit": "vit",
 }
 
-_COMPILED: dict[str, re.Pattern] = {}
+_COMPILED: dict[str, "regex.Pattern"] = {}
+# Site patterns may come from files, so none may hang the process. Python's re backtracks without
+# end on patterns like (.|.)*X; the `regex` engine (a dependency of transformers) takes a timeout, so
+# the module names of one model get MATCH_SECONDS in all. Its compile expands counted repeats, so
+# their product is bounded too (module names are short: no sane pattern comes near either limit).
+MATCH_SECONDS, MAX_PATTERN_CHARS, MAX_REPEAT_PRODUCT = 1.0, 1000, 10_000
+_COUNTED = re.compile(r"\{\s*(\d*)\s*(?:,\s*(\d*)\s*)?\}")
 
 
-def _regex(pattern: str) -> re.Pattern:
+def _regex(pattern: str, site: str | None = None) -> "regex.Pattern":
     if pattern not in _COMPILED:
-        _COMPILED[pattern] = re.compile(pattern)
+        site = site or pattern
+        if len(pattern) > MAX_PATTERN_CHARS:
+            raise SiteError(f"site '{site[:40]}...' is {len(pattern)} characters long; a site pattern may have at "
+                            f"most {MAX_PATTERN_CHARS}")
+        try:
+            re.compile(pattern)  # the syntax is Python's re (regex would also take its own extensions)
+        except (re.error, RecursionError, OverflowError) as err:
+            raise SiteError(f"site '{site}' is not a valid regular expression: {err}") from None
+        product = 1
+        for low, high in _COUNTED.findall(pattern):
+            product *= max(int(high or 0), int(low or 0), 1)
+            if product > MAX_REPEAT_PRODUCT:
+                raise SiteError(f"site '{site}': its counted repeats ({{m,n}}) allow over {MAX_REPEAT_PRODUCT} "
+                                f"repetitions together; module names are short, use * or + instead")
+        _COMPILED[pattern] = regex.compile(pattern)
     return _COMPILED[pattern]
+
+
+def _fullmatch(compiled, name: str, site: str, deadline: float):
+    try:
+        return compiled.fullmatch(name, timeout=max(deadline - time.monotonic(), 1e-3))
+    except TimeoutError:
+        raise SiteError(f"site '{site}' took over {MATCH_SECONDS:g} s to match the module names (a pattern that "
+                        f"backtracks without end, like (.|.)*x); write a simpler pattern") from None
 
 
 def find_backbone(model: nn.Module) -> tuple[str, nn.Module]:
@@ -233,11 +264,7 @@ def resolve(model: nn.Module, site: str, layers=None) -> list[Target]:
     """
     prefix, backbone = find_backbone(model)
     if site.startswith("re:"):
-        pattern = site[3:]
-        try:
-            regex = re.compile(pattern)
-        except re.error as err:
-            raise SiteError(f"site '{site}' is not a valid regular expression: {err}") from None
+        pattern = _regex(site[3:], site)
     else:
         family = family_of(model)
         table = SITE_MAP[family]
@@ -246,16 +273,21 @@ def resolve(model: nn.Module, site: str, layers=None) -> list[Target]:
                 f"unknown site '{site}' for {family} models ({type(backbone).__name__}); "
                 f"known sites: {', '.join(sorted(table))}; or use 're:<regex>' over module names"
             )
-        regex = _regex(table[site])
+        pattern = _regex(table[site])
     wanted = None if layers is None else set(layers)
+    if wanted:
+        _check_layers(model, backbone, wanted)
     targets = []
+    deadline = time.monotonic() + MATCH_SECONDS
     for name, module in backbone.named_modules():
         if not name:
             continue
-        match = regex.fullmatch(name)
+        match = _fullmatch(pattern, name, site, deadline)
         if match is None:
             continue
         layer = match.groupdict().get("layer")
+        if layer is not None and not layer.isdecimal():
+            raise SiteError(f"site '{site}': its group 'layer' matched {layer!r} in {name}; it must match a block index")
         layer = int(layer) if layer is not None else None
         if wanted is not None and layer not in wanted:
             continue
@@ -269,6 +301,19 @@ def resolve(model: nn.Module, site: str, layers=None) -> list[Target]:
             f"known sites: {known or '(none: use re:<regex>)'}"
         )
     return targets
+
+
+def _check_layers(model: nn.Module, backbone: nn.Module, wanted: set) -> None:
+    """Every requested block index exists (a typo like layers=0,999 is an error, not silently ignored)."""
+    try:
+        block = _regex(SITE_MAP[family_of(model)]["block"])
+        have = {int(m["layer"]) for name, _ in backbone.named_modules() if (m := block.fullmatch(name))}
+    except ConfigError:  # an architecture without a site map: its configured depth
+        have = set(range(num_layers(model)))
+    bad = sorted(i for i in wanted if i not in have)
+    if bad and have:
+        raise SiteError(f"layers {bad} do not exist: {type(backbone).__name__} has {len(have)} blocks, numbered "
+                        f"{min(have)}..{max(have)}")
 
 
 def _fused_slice(backbone: nn.Module, site: str, module: nn.Module) -> tuple[int, int] | None:

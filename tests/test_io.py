@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import deltatune as dt
-from deltatune.io import CONFIG, WEIGHTS, atomic_write_bytes
+from deltatune.io import CONFIG, MAX_MB_ENV, WEIGHTS, atomic_write_bytes
 
-from . import tiny
+from . import figures, tiny
 
 
 @pytest.fixture
@@ -83,7 +83,43 @@ BAD = {
     "no metadata": (lambda p: save_file(load_file(str(p / WEIGHTS)), str(p / WEIGHTS)), "no deltatune config"),
     "other hidden size": (lambda p: _rewrite(p, mutate_config=lambda c: c["base"].update(hidden_size=64)), "hidden_size"),
     "other base weights": (lambda p: _rewrite(p, mutate_config=lambda c: c["base"].update(fingerprint="0" * 16)), "base weights differ"),
+    # issue 10: options and tensors that loaded, then broke the model or escaped as raw errors
+    "alpha Infinity": (lambda p: _rewrite(p, mutate_config=lambda c: c["options"].update(alpha=float("inf"))), "finite"),
+    "alpha 1e308": (lambda p: _rewrite(p, mutate_config=lambda c: c["options"].update(alpha=1e308)), "'alpha' must be <="),
+    "r 10**30": (lambda p: _rewrite(p, mutate_config=lambda c: c["options"].update(r=10**30)), "'r' must be <="),
+    "complex64 holding NaN": (lambda p: _rewrite(p, _retype(torch.complex64, complex(float("nan"), 0))), "stored as C64"),
+    "int64 tensor": (lambda p: _rewrite(p, _retype(torch.int64, 1)), "stored as I64"),
+    "bool tensor": (lambda p: _rewrite(p, _retype(torch.bool, True)), "stored as BOOL"),
+    "float8 tensor": (lambda p: _rewrite(p, _retype(torch.float8_e4m3fn, 1.0)), "stored as F8_E4M3"),
+    "float64 beyond float32": (lambda p: _rewrite(p, _retype(torch.float64, 1e300)), "beyond the range"),
+    "a FIFO": (lambda p: _replace_file(p, lambda f: os.mkfifo(f)), "not a regular file"),
+    "a link to /dev/zero": (lambda p: _replace_file(p, lambda f: os.symlink("/dev/zero", f)), "not a regular file"),
+    "a link to /dev/urandom": (lambda p: _replace_file(p, lambda f: os.symlink("/dev/urandom", f)), "not a regular file"),
+    "a directory": (lambda p: _replace_file(p, lambda f: f.mkdir()), "not a regular file"),
+    "a site pattern that backtracks": (lambda p: _rewrite(p, mutate_config=lambda c: c["options"].update(
+        sites=["re:(.|.)*\\d"])), "took over"),
+    "a counted repeat of 10**9": (lambda p: _rewrite(p, mutate_config=lambda c: c["options"].update(
+        sites=["re:((a{1000}){1000}){1000}"])), "counted repeats"),
+    "a site pattern of 100,000 characters": (lambda p: _rewrite(p, mutate_config=lambda c: c["options"].update(
+        sites=["re:" + "a" * 100_000])), "at most 1000"),
+    "a 'layer' group matching words": (lambda p: _rewrite(p, mutate_config=lambda c: c["options"].update(
+        sites=["re:(?P<layer>.*)"])), "group 'layer'"),
+    "layers beyond the depth": (lambda p: _rewrite(p, mutate_config=lambda c: c["options"].update(layers=[0, 999])),
+                                "layers \\[999\\] do not exist"),
 }
+
+
+def _retype(dtype, value):
+    """Replace the first tensor by one of ``dtype`` filled with ``value``."""
+    def mutate(tensors):
+        key = next(iter(tensors))
+        tensors[key] = torch.full(tensors[key].shape, value, dtype=dtype)
+    return mutate
+
+
+def _replace_file(path, make):
+    (path / WEIGHTS).unlink()
+    make(path / WEIGHTS)
 
 
 @pytest.mark.parametrize("name", list(BAD))
@@ -98,6 +134,65 @@ def test_bad_adapter_files_are_rejected_cleanly(saved, name):
     assert _untouched(model)
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    figures.count("damaged or mismatched adapter files")
+
+
+@pytest.mark.parametrize("method, options, edit, message", [
+    ("houlsby", {}, {"bottleneck": 10**30}, "'bottleneck' must be <="),
+    ("prompt", {"init": "random"}, {"seed": 2**70}, "'seed' must be <="),
+    ("telly", {}, {"k": 10**30}, "'k' must be <="),
+    ("prefix", {"hidden": 4}, {"length": 10**30}, "'length' must be <="),
+    ("parallel", {}, {"scale": float("inf")}, "finite"),
+    ("lora", {}, {"dropout": float("nan")}, "NaN|finite"),
+], ids=["houlsby bottleneck 10**30", "prompt seed 2**70", "telly k 10**30", "prefix length 10**30",
+        "parallel scale inf", "lora dropout NaN"])
+def test_options_beyond_the_api_bounds_are_refused_in_files(tmp_path, method, options, edit, message):
+    model = dt.attach(tiny.model("bert"), method, **options)
+    path = dt.save_adapter(model, tmp_path / "a")
+    _rewrite(path, mutate_config=lambda c: c["options"].update(edit))
+    fresh = tiny.model("bert")
+    with pytest.raises(dt.AdapterFileError, match=message):
+        dt.load_adapter(fresh, path)
+    assert _untouched(fresh)
+    with pytest.raises(dt.ConfigError, match=message):  # the same bound as the API's
+        dt.attach(tiny.model("bert"), method, **{**options, **edit})
+    figures.count("damaged or mismatched adapter files")
+
+
+def test_an_adapter_file_larger_than_the_limit_says_how_to_raise_it(saved, monkeypatch):
+    monkeypatch.setenv(MAX_MB_ENV, "0.001")
+    with pytest.raises(dt.AdapterFileError, match=f"more than the 0.001 MB limit.*set {MAX_MB_ENV}"):
+        dt.load_adapter(tiny.model("bert"), saved)
+    monkeypatch.setenv(MAX_MB_ENV, "10")
+    dt.load_adapter(tiny.model("bert"), saved)
+    figures.count("damaged or mismatched adapter files")
+
+
+# ------------------------------------------------------------------------ precision of the base weights
+
+def test_an_adapter_trained_on_fp16_weights_loads_into_the_fp32_model(tmp_path):
+    half = dt.attach(tiny.model("bert").half(), "lora")
+    with torch.no_grad():
+        for p in half.deltatune.parameters():
+            p.add_(0.01)
+    path = dt.save_adapter(half, tmp_path / "a")
+    full = dt.load_adapter(tiny.model("bert"), path)  # compared at float16, the precision it was trained at
+    ids = torch.tensor([[1, 5, 7, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(full(input_ids=ids).logits,
+                                   half.float()(input_ids=ids).logits, atol=2e-3, rtol=2e-3)
+    with pytest.raises(dt.AdapterFileError, match="differ .* even compared at float16.*float32"):
+        dt.load_adapter(tiny.model("bert", seed=7), path)  # other weights: still refused, naming both dtypes
+    figures.count("damaged or mismatched adapter files")
+
+
+def test_an_fp32_adapter_on_an_fp16_model_names_both_dtypes(saved):
+    model = tiny.model("bert").half()
+    with pytest.raises(dt.AdapterFileError, match="trained on float32 base weights and this model holds float16"):
+        dt.load_adapter(model, saved)
+    assert _untouched(model)
+    dt.load_adapter(model, saved, check_base=False)
+    figures.count("damaged or mismatched adapter files")
 
 
 def test_loading_onto_another_architecture_is_refused(saved):

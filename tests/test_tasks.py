@@ -428,10 +428,10 @@ def test_directory_with_split_files(tmp_path):
 
 
 def test_label_list_checks_range(tmp_path):
-    path = jsonl(tmp_path / "l.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": "yes"}])
+    path = jsonl(tmp_path / "l.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": "yes"}, {"text": "c", "label": 1}])
     data = load_task(path, labels=["no", "yes"])  # names and int indices may mix when labels are given
     assert data.labels == ["no", "yes"]
-    assert sorted((r["text"], r["label"]) for _, r in rows_of(data)) == [("a", 0), ("b", 1)]
+    assert sorted((r["text"], r["label"]) for _, r in rows_of(data)) == [("a", 0), ("b", 1), ("c", 1)]
     jsonl(path, [{"text": "a", "label": 0}, {"text": "b", "label": 2}])
     with pytest.raises(DataError, match=r"l\.jsonl, line 2.*out of range.*0\.\.1"):
         load_task(path, labels=["no", "yes"])

@@ -18,10 +18,14 @@ the file, line or column, and the fix.
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
 import json
+import math
+import os
 import random
+import stat
 from pathlib import Path
 
 from deltatune.errors import DataError
@@ -40,14 +44,60 @@ ACCEPTED = "text,label[,text_pair] (classification); query,code (retrieval); pro
 # Reading one file
 # ---------------------------------------------------------------------------------------------
 
-def _decode(path: Path) -> str:
+MAX_MB_ENV, MAX_MB_DEFAULT = "DELTATUNE_MAX_DATA_MB", 1024
+
+
+def max_data_bytes() -> int:
+    """The largest data file read: $DELTATUNE_MAX_DATA_MB megabytes (default 1024)."""
+    text = os.environ.get(MAX_MB_ENV, "")
     try:
-        raw = path.read_bytes()
+        mb = float(text) if text.strip() else MAX_MB_DEFAULT
+    except ValueError:
+        raise DataError(f"{MAX_MB_ENV}={text!r} is not a number; set it to a size in megabytes") from None
+    if not mb > 0:
+        raise DataError(f"{MAX_MB_ENV}={text!r} must be a positive size in megabytes")
+    return int(mb * 2**20) if math.isfinite(mb) else 2**62
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The bytes of a regular file of at most :func:`max_data_bytes`; devices, FIFOs and sockets are refused.
+
+    The file is checked with ``stat`` before it is opened (opening a FIFO would wait for a writer),
+    opened without blocking, checked again on the open descriptor, and read up to the limit only.
+    """
+    limit = max_data_bytes()
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise DataError(f"{path} is not a regular file ({_file_kind(st.st_mode)}); pass a .jsonl/.csv/.tsv file "
+                            f"or a directory of them")
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):  # replaced between the stat and the open
+                raise DataError(f"{path} is not a regular file ({_file_kind(st.st_mode)})")
+            raw = f.read(limit + 1)
     except FileNotFoundError:
         raise DataError(f"{path}: no such file; pass a .jsonl/.csv/.tsv file, a directory with train/valid/test "
                         f"files, a built-in task name or hf:<dataset>") from None
     except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    if len(raw) > limit:
+        raise DataError(f"{path} is larger than {os.environ.get(MAX_MB_ENV) or MAX_MB_DEFAULT} MB, the limit for data files; set "
+                        f"{MAX_MB_ENV} to a larger number of megabytes to read it")
+    return raw
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a plain file"
+
+
+def _decode(path: Path) -> str:
+    raw = _read_bytes(path)
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -64,8 +114,10 @@ def read_rows(path: str | Path) -> list[tuple[int, dict]]:
     text = _decode(path)
     rows: list[tuple[int, dict]] = []
     if path.suffix.lower() == ".jsonl":
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
+        # Records end at "\n" only: JSON strings may hold U+2028, U+0085 or \x1c (json.dumps(ensure_ascii=False)
+        # writes them raw), which str.splitlines() would take for line ends.
+        for n, line in enumerate(text.split("\n"), 1):
+            if not line.strip(" \t\r"):
                 continue
             try:
                 row = json.loads(line)
@@ -138,9 +190,20 @@ def _as_int(value) -> int | None:
         return value
     if isinstance(value, float) and value.is_integer():
         return int(value)
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    if isinstance(value, str) and value.strip().lstrip("-").isdecimal():  # isdigit() also takes '²', which int() refuses
         return int(value.strip())
     return None
+
+
+MAX_CLASSES = 10_000  # more is a regression target or a text column, not classes
+
+
+def _check_classes(rows: list[dict], names: list[str]) -> None:
+    """At least two classes occur, and no more than MAX_CLASSES exist."""
+    present = {r["label"] for r in rows}
+    if len(present) < 2:
+        raise DataError(f"{rows[0]['_where'].rsplit(', ', 1)[0]}: every row has the label {names[rows[0]['label']]!r}; "
+                        f"classification needs at least two classes")
 
 
 def map_labels(splits: dict[str, list[dict]], labels: list[str] | None) -> list[str]:
@@ -150,6 +213,8 @@ def map_labels(splits: dict[str, list[dict]], labels: list[str] | None) -> list[
     name classes "0".."max", and string labels become ints in sorted order.
     """
     rows = [r for split in splits.values() for r in split]
+    if not rows:
+        raise DataError("no labelled rows: every row's label is missing or hidden (-1)")
     if labels is not None:
         labels = [str(x) for x in labels]
         index = {name: i for i, name in enumerate(labels)}
@@ -166,6 +231,7 @@ def map_labels(splits: dict[str, list[dict]], labels: list[str] | None) -> list[
                 raise DataError(f"{r['_where']}: label {value!r} is out of range: with labels {labels} a label must be "
                                 f"one of those names or an int in 0..{len(labels) - 1}")
             r["label"] = as_int
+        _check_classes(rows, labels)
         return labels
     ints = [_as_int(r["label"]) for r in rows]
     if all(i is not None for i in ints):
@@ -173,8 +239,19 @@ def map_labels(splits: dict[str, list[dict]], labels: list[str] | None) -> list[
             if i < 0:
                 raise DataError(f"{r['_where']}: label {r['label']!r} is out of range: int labels must be "
                                 f"0..K-1 (or use class-name strings)")
+        top = max(range(len(rows)), key=ints.__getitem__)
+        k, distinct = ints[top] + 1, len(set(ints))
+        if k > MAX_CLASSES or distinct < k / 2:  # checked before a name is made for each class
+            shown = k if k <= 10**9 else "over 10^9"
+            raise DataError(f"{rows[top]['_where']}: label {rows[top]['label']!r} would make {shown} classes (int "
+                            f"labels are class indices 0..K-1), but only {distinct} distinct labels occur"
+                            + (f" and at most {MAX_CLASSES} classes are supported" if k > MAX_CLASSES else "")
+                            + "; number the classes 0..K-1 without gaps, or use class-name strings")
+        for r, i in zip(rows, ints):
             r["label"] = i
-        return [str(k) for k in range(max(ints) + 1)]
+        names = [str(c) for c in range(k)]
+        _check_classes(rows, names)
+        return names
     odd = next((r for r, i in zip(rows, ints) if i is None and not isinstance(r["label"], str)), None)
     if odd is not None:
         raise DataError(f"{odd['_where']}: label {odd['label']!r} is neither an int class index nor a class name; "
@@ -184,9 +261,13 @@ def map_labels(splits: dict[str, list[dict]], labels: list[str] | None) -> list[
         raise DataError(f"{bad['_where']}: label {bad['label']!r} mixes with string labels; use either class-name "
                         f"strings or ints 0..K-1 throughout")
     names = sorted({r["label"] for r in rows})
+    if len(names) > MAX_CLASSES:
+        raise DataError(f"{rows[0]['_where'].rsplit(', ', 1)[0]}: {len(names)} distinct labels, more than the "
+                        f"{MAX_CLASSES} classes supported; is 'label' a text column?")
     index = {name: i for i, name in enumerate(names)}
     for r in rows:
         r["label"] = index[r["label"]]
+    _check_classes(rows, names)
     return names
 
 
@@ -194,22 +275,42 @@ def map_labels(splits: dict[str, list[dict]], labels: list[str] | None) -> list[
 # Splits and assembly
 # ---------------------------------------------------------------------------------------------
 
+def _row_key(row: dict) -> str:
+    return hashlib.sha256(json.dumps({k: v for k, v in row.items() if k != "_where"}, sort_keys=True).encode()).hexdigest()
+
+
 def split_rows(rows: list[dict], fractions=(0.8, 0.1, 0.1)) -> tuple[list[dict], list[dict], list[dict]]:
-    """Deterministic 80/10/10 split: order by content hash, cut by counts, restore file order."""
+    """Deterministic 80/10/10 split: order by content hash, cut by counts, restore file order.
+
+    Copies of a row have the same hash, so they sit side by side in that order; the cuts move to the
+    end of a group of copies, so all copies land in one split (valid and test may get a few more rows).
+    """
     n = len(rows)
     n_eval = max(1, round(n * fractions[1])) if n >= 3 else 0
-    key = [hashlib.sha256(json.dumps({k: v for k, v in r.items() if k != "_where"}, sort_keys=True).encode())
-           .hexdigest() for r in rows]
+    key = [_row_key(r) for r in rows]
     order = sorted(range(n), key=lambda i: (key[i], i))
-    valid, test = set(order[:n_eval]), set(order[n_eval:2 * n_eval])
+    cuts, at = [], 0
+    for _ in range(2):  # the end of valid, then of test
+        at = min(at + n_eval, n)
+        while 0 < at < n and key[order[at]] == key[order[at - 1]]:
+            at += 1
+        cuts.append(at)
+    valid, test = set(order[:cuts[0]]), set(order[cuts[0]:cuts[1]])
     return ([r for i, r in enumerate(rows) if i not in valid and i not in test],
             [r for i, r in enumerate(rows) if i in valid], [r for i, r in enumerate(rows) if i in test])
 
 
 def carve(rows: list[dict], fraction: float = 0.1, seed: str = "carve") -> tuple[list[dict], list[dict]]:
-    """(rest, carved): a seeded ``fraction`` of ``rows`` (at least 1 when there are 2+ rows), file order kept."""
+    """(rest, carved): a seeded ``fraction`` of ``rows`` (at least 1 when there are 2+ rows), file order kept.
+
+    The copies of a carved row are carved with it, so duplicates share a split.
+    """
     n_out = max(1, round(len(rows) * fraction)) if len(rows) >= 2 else 0
     out = set(random.Random(seed).sample(range(len(rows)), n_out))
+    if out:
+        key = [_row_key(r) for r in rows]
+        carved = {key[i] for i in out}
+        out = {i for i, k in enumerate(key) if k in carved}
     return [r for i, r in enumerate(rows) if i not in out], [r for i, r in enumerate(rows) if i in out]
 
 
@@ -221,6 +322,12 @@ def assemble(name: str, kind: str, splits: dict[str, list[dict]], labels: list[s
         labels = map_labels(splits, labels)
     else:
         labels = None
+    for split in ("train", "valid", "test"):
+        if not splits[split]:
+            total = sum(len(rows) for rows in splits.values())
+            raise DataError(f"{source}: the {split} split has no examples ({total} rows in all); a single file is "
+                            f"split 80/10/10 by content and needs at least 3 distinct rows (a few hundred for a "
+                            f"meaningful score), or give train/valid/test files")
     for rows in splits.values():
         for r in rows:
             r.pop("_where", None)
@@ -239,10 +346,16 @@ def _find(directory: Path, stems: tuple[str, ...]) -> Path | None:
 def load_path(path: str | Path, labels: list[str] | None = None) -> TaskData:
     """A task from a .jsonl/.csv/.tsv file (split 80/10/10) or a directory of split files."""
     path = Path(path)
+    if not path.exists() and path.is_symlink():  # exists() is False for a link to nowhere and for a loop
+        try:
+            os.stat(path)
+        except OSError as e:
+            why = "a symlink loop" if e.errno == errno.ELOOP else "a symlink to a missing file"
+            raise DataError(f"{path}: {why} ({os.readlink(path)!r}); point it at a data file or directory") from None
     if not path.exists():
         from deltatune.tasks import TASKS
         raise DataError(f"{path}: no such file or directory, and not a built-in task ({', '.join(TASKS)}); pass a "
-                        f".jsonl/.csv/.tsv file, a directory with train/valid/test files, or hf:<dataset>[/<config>]")
+                        f".jsonl/.csv/.tsv file, a directory with train/valid/test files, or hf:<dataset>[:<config>]")
     if path.is_dir():
         files = {"train": _find(path, ("train",)), "valid": _find(path, ("valid", "validation", "dev")),
                  "test": _find(path, ("test",))}
@@ -315,8 +428,22 @@ def _hf_rows(ds, where: str, label_names: list[str] | None) -> tuple[str, list[d
     return "classification", rows, names
 
 
+def parse_hf_spec(spec: str) -> tuple[str, str | None]:
+    """(dataset, config) of ``<dataset>[:<config>]``: ``org/name`` is a dataset on the Hub, ``:`` names its config.
+
+    ``imdb`` -> ("imdb", None); ``stanfordnlp/imdb`` -> ("stanfordnlp/imdb", None);
+    ``nyu-mll/glue:sst2`` -> ("nyu-mll/glue", "sst2").
+    """
+    name, colon, config = spec.partition(":")
+    name, config = name.strip(), config.strip()
+    if not name or (colon and not config) or name.count("/") > 1 or name.startswith("/") or name.endswith("/") or "/" in config or ":" in config:
+        raise DataError(f"hf:{spec}: expected hf:<dataset>[:<config>], where <dataset> is a name or org/name "
+                        f"on the Hub (e.g. hf:imdb, hf:nyu-mll/glue:sst2), or a directory saved with save_to_disk")
+    return name, config or None
+
+
 def load_hf(spec: str, labels: list[str] | None = None) -> TaskData:
-    """``<dataset>[/<config>]`` through ``datasets.load_dataset``, or a local ``save_to_disk`` directory.
+    """``<dataset>[:<config>]`` (``org/name`` or ``name``, see :func:`parse_hf_spec`) through ``datasets.load_dataset``, or a local ``save_to_disk`` directory.
 
     GLUE-style: the ``validation`` split (``validation_matched`` for MNLI) is the test split, since
     GLUE test labels are hidden, and valid is a seeded 10% of train. A test split with labels is
@@ -331,13 +458,12 @@ def load_hf(spec: str, labels: list[str] | None = None) -> TaskData:
         if local.exists():
             dd = datasets.load_from_disk(str(local))
         else:
-            name, _, config = spec.partition("/")
-            dd = datasets.load_dataset(name, config or None)
+            dd = datasets.load_dataset(*parse_hf_spec(spec))
     except DataError:
         raise
     except Exception as e:  # network, unknown name, missing config: name them
         raise DataError(f"hf:{spec}: cannot load ({type(e).__name__}: {e}); check the dataset name and config, "
-                        f"e.g. hf:glue/sst2, or pass a local directory saved with save_to_disk") from None
+                        f"e.g. hf:nyu-mll/glue:sst2, or pass a local directory saved with save_to_disk") from None
     if isinstance(dd, datasets.Dataset):
         dd = datasets.DatasetDict({"train": dd})
     if "train" not in dd:
@@ -364,5 +490,5 @@ def load_hf(spec: str, labels: list[str] | None = None) -> TaskData:
         train, valid, test = split_rows(mapped["train"])
         splits = {"train": train, "valid": valid, "test": test}
         notes.append("only a train split: split 80/10/10 by content hash")
-    name = local.name if local.exists() else spec.replace("/", "-")
+    name = local.name if local.exists() else spec.replace("/", "-").replace(":", "-")
     return assemble(name, kind, splits, names if labels is None else labels, f"Hugging Face dataset {spec}", notes)
