@@ -1,0 +1,444 @@
+"""Interop: the PEFT adapter format both ways against the real peft package, transformers.Trainer with
+DeltatuneCallback, and the sentence-transformers export of a bi-encoder.
+
+Every parity check runs both libraries on the same inputs and compares the outputs at the real token
+positions: max |difference| <= 1e-5 x max |output| (a tolerance that float rounding meets on any CPU;
+the conversions themselves are exact rewrites).
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import warnings
+
+import peft
+import pytest
+import torch
+import transformers as T
+
+import deltatune as dt
+from deltatune.errors import AdapterFileError, ConfigError
+from deltatune.interop import peft as dtpeft
+from tests import tiny
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+TASK = {"bert": "SEQ_CLS", "gpt2": "CAUSAL_LM", "llama": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM",
+        "bart": "SEQ_2_SEQ_LM", "vit": None, "bert-base": "FEATURE_EXTRACTION"}
+
+
+def make(family: str, seed: int = 0):
+    """tiny.model, plus 'bert-base': a bare BertModel (what a bi-encoder holds)."""
+    if family == "bert-base":
+        torch.manual_seed(seed)
+        return T.BertModel(tiny.config("bert")).eval()
+    return tiny.model(family, seed)
+
+
+def batch(family: str):
+    return tiny.inputs("bert" if family == "bert-base" else family)
+
+
+def real_outputs(model, b, prompt: int = 0):
+    """The outputs that must agree, at the real positions (peft returns prompt positions first: dropped)."""
+    with torch.no_grad():
+        out = model(**b)
+    y = out.logits if hasattr(out, "logits") else out.last_hidden_state
+    if prompt and y.dim() == 3 and y.shape[1] == b["attention_mask"].shape[1] + prompt:
+        y = y[:, prompt:]
+    mask = b.get("attention_mask")
+    if mask is not None and y.dim() == 3 and y.shape[1] == mask.shape[1]:
+        return y[mask.bool()]
+    return y
+
+
+def assert_same(a, b):
+    scale = b.abs().max().item()
+    err = (a - b).abs().max().item()
+    assert err <= 1e-5 * scale, f"max |diff| {err:.3g} > 1e-5 x output scale {scale:.3g}"
+
+
+def perturb(model, std: float = 0.3, seed: int = 7):
+    """Random non-zero values in every trainable tensor (LoRA's B starts at zero, (IA)^3 at ones)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * std)
+
+
+# ---------------------------------------------------------------- deltatune -> peft
+
+EXPORTS = [
+    *[(f, "lora", {}) for f in ("bert", "gpt2", "llama", "t5", "bart", "vit", "bert-base")],
+    ("gpt2", "lora", {"sites": ["attn.q", "attn.v", "attn.o", "ffn.in"]}),  # slices of c_attn beside whole modules
+    ("llama", "lora", {"sites": ["attn.q", "attn.k", "attn.v", "ffn.gate", "ffn.out"], "r": 3, "alpha": 5.0}),
+    ("bert", "lora", {"layers": [1], "dropout": 0.1}),
+    ("t5", "lora", {"layers": [0]}),
+    *[(f, "ia3", {}) for f in ("bert", "gpt2", "llama", "t5", "bart", "vit", "bert-base")],
+    ("gpt2", "ia3", {"sites": ["attn.q", "attn.v"], "input_sites": ["ffn.out", "attn.o"]}),
+    *[(f, "prompt", {"length": 3}) for f in ("gpt2", "llama", "bert-base")],
+    ("llama", "prefix", {"length": 4, "hidden": 0}),
+    ("llama", "prefix", {"length": 3}),  # trained through the MLP, folded away on save
+]
+
+
+@pytest.mark.parametrize("family,method,options", EXPORTS,
+                         ids=[f"{f}-{m}-{i}" for i, (f, m, _) in enumerate(EXPORTS)])
+def test_deltatune_adapter_runs_in_peft(tmp_path, family, method, options):
+    model = dt.attach(make(family), method, **options)
+    perturb(model)
+    model.eval()
+    dt.save_adapter(model, tmp_path, format="peft")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == dtpeft.PEFT_TYPE[method] and config["task_type"] == TASK[family]
+    loaded = peft.PeftModel.from_pretrained(make(family), str(tmp_path)).eval()
+    n = options.get("length", 0) if method == "prompt" else 0
+    b = batch(family)
+    assert_same(real_outputs(loaded, b, prompt=n), real_outputs(model, b))
+    # and back: the PEFT directory loads into deltatune with the same outputs
+    again = dt.load_adapter(make(family), tmp_path).eval()  # new delta modules start in training mode
+    assert_same(real_outputs(again, b), real_outputs(model, b))
+
+
+def test_gpt2_slices_become_one_exact_lora_on_c_attn(tmp_path):
+    model = dt.attach(tiny.model("gpt2"), "lora", r=4, alpha=8.0, sites=["attn.q", "attn.v", "attn.o"])
+    perturb(model)
+    tensors, config = dtpeft.peft_state(model)
+    # q and v: rank 4 each, stacked into rank 8 on c_attn; c_proj padded to the same rank; scale kept at 8/4
+    assert config["target_modules"] == ["attn.c_attn", "attn.c_proj"] and config["fan_in_fan_out"] is True
+    assert (config["r"], config["lora_alpha"]) == (8, 16)
+    B = tensors["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"]
+    assert B.shape == (96, 8)
+    assert not B[32:64].any()  # the k third of c_attn is untouched
+    assert not B[:32, 4:].any() and not B[64:, :4].any()  # q reads only its A rows, v only its own
+    P = tensors["base_model.model.transformer.h.0.attn.c_proj.lora_B.weight"]
+    assert not P[:, 4:].any()
+
+
+def test_ia3_slices_and_input_scales_in_peft_layout(tmp_path):
+    model = dt.attach(tiny.model("gpt2"), "ia3")  # attn.k, attn.v (slices of c_attn), input of ffn.out
+    perturb(model)
+    tensors, config = dtpeft.peft_state(model)
+    assert config["target_modules"] == ["c_attn", "c_proj"] or set(config["feedforward_modules"]) <= set(config["target_modules"])
+    l = tensors["base_model.model.transformer.h.0.attn.c_attn.ia3_l"]
+    assert l.shape == (96, 1) and torch.equal(l[:32], torch.ones(32, 1))  # q is left as it is
+    assert tensors["base_model.model.transformer.h.0.mlp.c_proj.ia3_l"].shape == (1, 64)  # input scale
+
+
+# ---------------------------------------------------------------- peft -> deltatune
+
+IMPORTS = [
+    *[(f, "lora", dict(r=4, lora_alpha=8)) for f in ("bert", "gpt2", "llama", "t5", "bart", "bert-base")],
+    ("vit", "lora", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"])),
+    ("llama", "lora", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "gate_proj"],
+                           rank_pattern={"o_proj": 2}, alpha_pattern={"v_proj": 3})),
+    ("llama", "lora", dict(r=4, lora_alpha=8, use_rslora=True)),
+    ("llama", "lora", dict(r=4, lora_alpha=8, layers_to_transform=[1])),
+    ("t5", "lora", dict(r=2, lora_alpha=4, target_modules=r".*decoder.*\.(q|v)")),
+    ("bert", "lora", dict(r=2, lora_alpha=16, target_modules=["query", "dense"])),  # attention and FFN denses
+    *[(f, "ia3", {}) for f in ("bert", "gpt2", "llama", "t5", "bart", "bert-base")],
+    ("vit", "ia3", dict(target_modules=["k_proj", "v_proj", "fc2"], feedforward_modules=["fc2"])),
+    *[(f, "prompt", dict(num_virtual_tokens=3)) for f in ("gpt2", "llama", "bert-base")],
+    ("llama", "prefix", dict(num_virtual_tokens=3)),
+    ("llama", "prefix", dict(num_virtual_tokens=2, prefix_projection=True, encoder_hidden_size=8)),
+]
+PEFT_CONFIGS = {"lora": peft.LoraConfig, "ia3": peft.IA3Config, "prompt": peft.PromptTuningConfig,
+                "prefix": peft.PrefixTuningConfig}
+
+
+def peft_adapter(tmp_path, family, method, options):
+    """A peft model with random non-zero adapter weights, saved by peft itself."""
+    torch.manual_seed(3)
+    config = PEFT_CONFIGS[method](task_type=TASK[family], **options)
+    model = peft.get_peft_model(make(family), config)
+    perturb(model)
+    model.eval()
+    model.save_pretrained(str(tmp_path))
+    return model
+
+
+@pytest.mark.parametrize("family,method,options", IMPORTS,
+                         ids=[f"{f}-{m}-{i}" for i, (f, m, _) in enumerate(IMPORTS)])
+def test_peft_adapter_runs_in_deltatune(tmp_path, family, method, options):
+    theirs = peft_adapter(tmp_path, family, method, options)
+    ours = dt.load_adapter(make(family), tmp_path).eval()
+    assert dt.adapters(ours) == ["default"]
+    n = options.get("num_virtual_tokens", 0) if method == "prompt" else 0
+    b = batch(family)
+    assert_same(real_outputs(ours, b), real_outputs(theirs, b, prompt=n))
+
+
+def test_imported_options_name_the_sites(tmp_path):
+    peft_adapter(tmp_path / "a", "llama", "lora", dict(r=4, lora_alpha=8, layers_to_transform=[1]))
+    config, _ = dtpeft.to_deltatune(tiny.model("llama"), tmp_path / "a")
+    assert config["method"] == "lora"
+    assert config["options"] == {"r": 4, "alpha": 8.0, "dropout": 0.0, "sites": ["attn.q", "attn.v"], "layers": [1]}
+    peft_adapter(tmp_path / "b", "gpt2", "lora", dict(r=4, lora_alpha=8))  # peft's gpt2 default: all of c_attn
+    config, _ = dtpeft.to_deltatune(tiny.model("gpt2"), tmp_path / "b")
+    assert config["options"]["sites"] == [r"re:h\.(?P<layer>\d+)\.attn\.c_attn"]
+    peft_adapter(tmp_path / "c", "t5", "ia3", {})
+    config, _ = dtpeft.to_deltatune(tiny.model("t5"), tmp_path / "c")
+    assert config["options"] == {"sites": ["attn.k", "attn.v"], "input_sites": ["ffn.out"], "layers": None}
+
+
+# ---------------------------------------------------------------- what has no exact counterpart
+
+@pytest.mark.parametrize("method", ["houlsby", "pfeiffer", "parallel", "bitfit", "ln", "full", "telly", "lightweight"])
+def test_methods_without_peft_counterpart_say_so(tmp_path, method):
+    model = dt.attach(tiny.model("bert"), method)
+    with pytest.raises(ConfigError, match=f"method '{method}' has no PEFT counterpart"):
+        dt.save_adapter(model, tmp_path, format="peft")
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("family,method,options,reason", [
+    ("gpt2", "prefix", {}, "learned absolute positions"),
+    ("bert", "prefix", {}, "do not accept"),
+    ("t5", "prefix", {}, "first layer's slice"),
+    ("bart", "prefix", {}, "first layer's slice"),
+    ("t5", "prompt", {}, "decoder cross-attends to the real tokens only"),
+    ("bart", "prompt", {}, "decoder cross-attends to the real tokens only"),
+    ("bert", "prompt", {}, "pooler"),
+    ("llama", "prefix", {"layers": [1]}, "every layer"),
+    ("gpt2", "ia3", {"sites": ["ffn.out"], "input_sites": ["ffn.out"]}, "not both"),
+])
+def test_export_refused_where_outputs_would_differ(tmp_path, family, method, options, reason):
+    model = dt.attach(tiny.model(family), method, **options)
+    with pytest.raises(ConfigError, match=reason):
+        dt.save_adapter(model, tmp_path, format="peft")
+
+
+def test_prefix_refusal_reason_is_the_position_shift():
+    """The refusal for GPT-2 prefixes is what it says: the same table gives different outputs in the two
+    libraries, and the same ones once deltatune's tokens are moved to positions n.. as peft's are."""
+    n = 3
+    model = dt.attach(tiny.model("gpt2"), "prefix", length=n, hidden=0)
+    perturb(model)
+    model.eval()
+    tensors, _ = dt.io.adapter_tensors(model)
+    tables = [tensors[f"delta.transformer:h:{i}:attn.table"] for i in range(2)]
+    theirs = peft.get_peft_model(tiny.model("gpt2"), peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n))
+    theirs.prompt_encoder["default"].embedding.weight.data.copy_(torch.cat(tables, dim=1))
+    theirs.eval()
+    b = tiny.inputs("gpt2")
+    shifted = dict(b, position_ids=torch.arange(n, n + b["input_ids"].shape[1]).expand(b["input_ids"].shape[0], -1))
+    assert_same(real_outputs(model, shifted), real_outputs(theirs, b))
+    diff = (real_outputs(model, b) - real_outputs(theirs, b)).abs().max().item()
+    assert diff > 1e-2
+
+
+def test_peft_files_deltatune_cannot_hold_are_refused(tmp_path):
+    peft_adapter(tmp_path / "dora", "llama", "lora", dict(r=4, use_dora=True))
+    peft_adapter(tmp_path / "bias", "bert", "lora", dict(r=4, bias="lora_only"))
+    peft_adapter(tmp_path / "gpt2-prefix", "gpt2", "prefix", dict(num_virtual_tokens=2))
+    peft_adapter(tmp_path / "t5-prompt", "t5", "prompt", dict(num_virtual_tokens=2))
+    cases = {"dora": ("llama", "use_dora"), "bias": ("bert", "is a bias"),
+             "gpt2-prefix": ("gpt2", "learned absolute positions"), "t5-prompt": ("t5", "cross-attends")}
+    for folder, (family, reason) in cases.items():
+        model = tiny.model(family)
+        with pytest.raises(AdapterFileError, match=reason):
+            dt.load_adapter(model, tmp_path / folder)
+        assert dt.adapters(model) == []  # left as it was
+
+
+def test_peft_files_for_another_model_or_damaged_are_refused(tmp_path):
+    peft_adapter(tmp_path / "bert", "bert", "lora", dict(r=4))
+    with pytest.raises(AdapterFileError, match="does not have"):
+        dt.load_adapter(tiny.model("llama"), tmp_path / "bert")
+    bigger = tmp_path / "bigger"
+    peft.get_peft_model(tiny.model("bert"), peft.LoraConfig(r=4, task_type="SEQ_CLS")).save_pretrained(str(bigger))
+    model = T.BertForSequenceClassification(tiny.config("bert", hidden=64))
+    with pytest.raises(AdapterFileError, match="do not fit"):
+        dt.load_adapter(model, bigger)
+    (tmp_path / "bert" / "adapter_config.json").write_text("{not json")
+    with pytest.raises(AdapterFileError, match="not valid JSON"):
+        dt.load_adapter(tiny.model("bert"), tmp_path / "bert")
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    (pickled / "adapter_model.bin").write_bytes(b"\x80\x04not loaded")
+    with pytest.raises(AdapterFileError, match="pickle"):
+        dt.load_adapter(tiny.model("bert"), pickled)
+    other = tmp_path / "other"
+    peft.get_peft_model(tiny.model("bert"), peft.LoHaConfig(r=2, target_modules=["query"])).save_pretrained(str(other))
+    with pytest.raises(AdapterFileError, match="peft_type 'LOHA' has no deltatune counterpart"):
+        dt.load_adapter(tiny.model("bert"), other)
+
+
+def test_formats_do_not_overwrite_each_other(tmp_path):
+    model = dt.attach(tiny.model("bert"), "lora")
+    dt.save_adapter(model, tmp_path)
+    with pytest.raises(ConfigError, match="holds a deltatune adapter"):
+        dt.save_adapter(model, tmp_path, format="peft")
+    with pytest.raises(ConfigError, match="unknown adapter format 'onnx'"):
+        dt.save_adapter(model, tmp_path / "x", format="onnx")
+    assert dt.load_adapter(tiny.model("bert"), tmp_path)  # still deltatune's own
+
+
+# ---------------------------------------------------------------- transformers.Trainer
+
+def test_trainer_trains_deltatune_model_and_callback_saves_checkpoints(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from deltatune.interop.trainer import DeltatuneCallback
+
+    model = dt.attach(tiny.model("bert"), "lora", r=4)
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(3, tiny.VOCAB, (8,), generator=g), "attention_mask": torch.ones(8, dtype=torch.long),
+             "labels": i % 3} for i in range(24)]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=4, save_steps=2,
+                             learning_rate=5e-2, report_to=[], use_cpu=True, disable_tqdm=True, seed=0)
+    callback = DeltatuneCallback(formats=("deltatune", "peft"))
+    result = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback]).train()
+    assert result.global_step == 4
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.startswith("deltatune.") or n.startswith("classifier.") for n in changed)
+    assert any(".B" in n for n in changed)  # LoRA's B left zero: the adapter did train
+    assert [p.relative_to(tmp_path).as_posix() for p in callback.saved] == [
+        "checkpoint-2/deltatune/default", "checkpoint-2/deltatune/default-peft",
+        "checkpoint-4/deltatune/default", "checkpoint-4/deltatune/default-peft",
+        "deltatune/default", "deltatune/default-peft"]
+    b = tiny.inputs("bert")
+    model.eval()
+    final = real_outputs(model, b)
+    for folder in ("checkpoint-4/deltatune/default", "checkpoint-4/deltatune/default-peft", "deltatune/default"):
+        assert_same(real_outputs(dt.load_adapter(tiny.model("bert"), tmp_path / folder), b), final)
+    theirs = peft.PeftModel.from_pretrained(tiny.model("bert"), str(tmp_path / "checkpoint-4/deltatune/default-peft"))
+    assert_same(real_outputs(theirs.eval(), b), final)
+    step2 = real_outputs(dt.load_adapter(tiny.model("bert"), tmp_path / "checkpoint-2/deltatune/default"), b)
+    assert (step2 - final).abs().max() > 1e-4  # a snapshot of step 2, not the final weights
+
+
+# ---------------------------------------------------------------- sentence-transformers
+
+def code_texts():
+    """Real text: docstrings and first lines of standard-library functions (code-search pairs)."""
+    import json as m1
+    import textwrap as m2
+    pairs = []
+    for module in (m1, m2):
+        for name, fn in inspect.getmembers(module, inspect.isfunction):
+            doc = inspect.getdoc(fn)
+            if doc and not name.startswith("_"):
+                pairs.append((doc.splitlines()[0], inspect.getsource(fn)[:300]))
+    return pairs
+
+
+def test_bi_encoder_exports_to_sentence_transformers(tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    from deltatune.interop.sbert import export_sentence_transformer
+    from deltatune.models import build_task_model
+
+    model, tokenizer = build_task_model("tiny-bert", "retrieval")
+    dt.attach(model, "lora", r=4, sites=["attn.q", "attn.v", "ffn.out"])
+    perturb(model)
+    model.eval()
+    texts = [t for pair in code_texts()[:6] for t in pair]
+    b = tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
+    with torch.no_grad():
+        ours = model(**b)
+        base = build_task_model("tiny-bert", "retrieval")[0](**b)
+    export_sentence_transformer(model, tokenizer, tmp_path / "st", max_seq_length=64)
+    with torch.no_grad():
+        after = model(**b)
+    assert torch.equal(after, ours)  # the merge for the export left the model as it was
+    theirs = SentenceTransformer(str(tmp_path / "st"), device="cpu").encode(texts, convert_to_tensor=True)
+    assert_same(theirs, ours)
+    assert (base - ours).abs().max() > 1e-2  # the adapter is in the exported weights
+
+
+def test_sentence_transformers_export_refuses_unmergeable(tmp_path):
+    from deltatune.interop.sbert import export_sentence_transformer
+    from deltatune.models import build_task_model
+
+    model, tokenizer = build_task_model("tiny-bert", "retrieval")
+    dt.attach(model, "prompt", length=2)
+    with pytest.raises(ConfigError, match="does not merge into the weights"):
+        export_sentence_transformer(model, tokenizer, tmp_path / "st")
+    assert not (tmp_path / "st").exists()
+
+
+# ---------------------------------------------------------------- the real MiniLM
+
+@pytest.fixture(scope="module")
+def minilm():
+    from deltatune.models import load_backbone
+
+    return load_backbone("minilm", "base")
+
+
+def minilm_batch(tokenizer):
+    texts = [t for pair in code_texts()[:4] for t in pair]
+    return tokenizer(texts, padding=True, truncation=True, max_length=96, return_tensors="pt"), texts
+
+
+def fresh_minilm():
+    from deltatune.models import load_backbone
+
+    return load_backbone("minilm", "base")[0].eval()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,options", [("lora", {"r": 8, "sites": ["attn.q", "attn.v", "ffn.in"]}),
+                                            ("ia3", {}), ("prompt", {"length": 5})])
+def test_minilm_both_ways(tmp_path, minilm, method, options):
+    _, tokenizer = minilm
+    b, _ = minilm_batch(tokenizer)
+    model = dt.attach(fresh_minilm(), method, **options)
+    perturb(model, std=0.05)
+    model.eval()
+    dt.save_adapter(model, tmp_path / "out", format="peft")
+    theirs = peft.PeftModel.from_pretrained(fresh_minilm(), str(tmp_path / "out")).eval()
+    n = options.get("length", 0) if method == "prompt" else 0
+    assert_same(real_outputs(theirs, b, prompt=n), real_outputs(model, b))
+    peft_options = {"lora": dict(r=8, lora_alpha=16, target_modules=["query", "value"]), "ia3": {},
+                    "prompt": dict(num_virtual_tokens=5)}[method]
+    theirs = peft.get_peft_model(fresh_minilm(), PEFT_CONFIGS[method](task_type="FEATURE_EXTRACTION", **peft_options))
+    perturb(theirs, std=0.05)
+    theirs.eval().save_pretrained(str(tmp_path / "in"))
+    ours = dt.load_adapter(fresh_minilm(), tmp_path / "in").eval()
+    assert_same(real_outputs(ours, b), real_outputs(theirs, b, prompt=n))
+
+
+@pytest.mark.slow
+def test_minilm_code_search_bi_encoder_to_sentence_transformers(tmp_path):
+    """Fine-tune a LoRA bi-encoder on MiniLM (in-batch contrastive loss on docstring/code pairs), export it
+    merged, and encode with sentence-transformers: the same embeddings."""
+    from sentence_transformers import SentenceTransformer
+
+    from deltatune.interop.sbert import export_sentence_transformer
+    from deltatune.models import build_task_model
+
+    model, tokenizer = build_task_model("minilm", "retrieval")
+    dt.attach(model, "lora", r=8)
+    pairs = code_texts()
+    queries = tokenizer([q for q, _ in pairs], padding=True, truncation=True, max_length=64, return_tensors="pt")
+    codes = tokenizer([c for _, c in pairs], padding=True, truncation=True, max_length=128, return_tensors="pt")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model.train()
+    losses = []
+    for _ in range(6):
+        scores = model(**queries) @ model(**codes).T / 0.05
+        loss = torch.nn.functional.cross_entropy(scores, torch.arange(len(pairs)))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    model.eval()
+    texts = [t for pair in pairs[:8] for t in pair]
+    b = tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+    with torch.no_grad():
+        ours = model(**b)
+    export_sentence_transformer(model, tokenizer, tmp_path / "st", max_seq_length=128)
+    theirs = SentenceTransformer(str(tmp_path / "st"), device="cpu").encode(texts, convert_to_tensor=True)
+    assert_same(theirs, ours)
+    config = json.loads((tmp_path / "st" / "1_Pooling" / "config.json").read_text())
+    assert config.get("pooling_mode_mean_tokens") is True or config.get("pooling_mode") == "mean"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = SentenceTransformer(str(tmp_path / "st"), device="cpu")
+    assert base.max_seq_length == 128
