@@ -7,12 +7,11 @@ Every method is a delta at a site, combined in a certain way (He et al. 2022):
     trainable, total = dt.count_parameters(model)
     dt.save_adapter(model, "out/dir"); dt.load_adapter(fresh_model, "out/dir")
     dt.merge(model); dt.unmerge(model); dt.detach(model)
+    with dt.routing(model, ["search", None, "bugs"]): model(**batch)   # one adapter (or none) per row
 """
 from . import methods as _methods  # noqa: F401  (registers every method)
-from .core import (
-    REGISTRY,
-    Method,
-    Placement,
+from .registry import REGISTRY, Composite, Method, Placement, method_info, option, register
+from .store import (
     active_adapters,
     adapters,
     attach,
@@ -20,11 +19,12 @@ from .core import (
     detach,
     fold,
     merge,
-    method_info,
-    option,
-    register,
+    merged_bytes,
+    routing,
     set_active,
+    set_frozen_dropout,
     unmerge,
+    use,
 )
 from .errors import AdapterFileError, ConfigError, DataError, DeltatuneError, SiteError, StorageError, TrainingError
 from . import io
@@ -42,7 +42,7 @@ def methods() -> list[str]:
 __all__ = [
     "io", "methods", "method_info", "attach", "detach", "merge", "unmerge", "fold", "count_parameters",
     "save_adapter", "load_adapter", "read_adapter", "set_active", "active_adapters", "adapters",
-    "register", "option", "Method", "Placement", "SITES", "family_of", "known_sites",
+    "register", "option", "Method", "Composite", "Placement", "routing", "use", "merged_bytes", "set_frozen_dropout", "SITES", "family_of", "known_sites",
     "DeltatuneError", "ConfigError", "SiteError", "AdapterFileError", "DataError", "TrainingError",
     "StorageError",
 ]

@@ -112,7 +112,7 @@ def _seeds(text: str) -> list[int]:
 
 def _check_method(name: str, options: dict | None = None) -> None:
     """An unknown method or a bad option fails here, before a model or a dataset is loaded."""
-    from deltatune.core import build_method
+    from deltatune.registry import build_method
 
     known = dt.methods()
     if name not in known:

@@ -1,9 +1,14 @@
-"""Combines: how a delta's result meets the hidden state, each with its inverse where one exists.
+"""Combines: how a delta's result meets the hidden state.
 
-Output combines run in a forward hook on the site's module, input combines in a forward pre-hook;
-``merge``/``unmerge`` fold a delta into the module's weight and back when the combine allows it, so
-merging is generic rather than per method. The two sequence-level combines (prefix keys/values and
-prompt tokens) need their own mechanism and live in ``mechanisms.py``.
+Each combine names the mechanism that runs it (``mechanisms.py``): 'hooks' (forward hooks on the
+site's module: output combines after it, input combines before it), 'prefix' (keys/values
+concatenated inside attention) or 'prompt' (tokens concatenated at the input embeddings).
+
+``merge`` folds a delta into the module's weight in place. There is no arithmetic inverse: the
+store keeps the weights a merge changed and ``unmerge`` copies them back, so unmerging is exact
+(bitwise) and cannot divide by a zero scale. A combine is mergeable when its fold is exact up to
+rounding for every delta it may carry; ``can_merge(entry)`` refines that per delta (a parallel
+delta must be linear: have ``delta_weight``).
 """
 from __future__ import annotations
 
@@ -21,19 +26,24 @@ def _on_slice(out, sl, fn):
 
 
 class Combine:
-    """Base: ``where`` is 'output' (forward hook) or 'input' (pre-hook)."""
+    """Base. ``mechanism``: which injection mechanism runs it; ``where``: 'output' or 'input' (hooks)."""
 
     name = "combine"
+    mechanism = "hooks"
     where = "output"
-    mergeable = False
 
-    def apply(self, out, x, entry):
+    def __init__(self, mergeable: bool = False):
+        self.mergeable = mergeable
+
+    def apply(self, out, x, entry, source=None):
+        """``out``: the module's output (its input for input combines); ``x``: the module's input;
+        ``source``: the input of the placement's source module, when it has one."""
         raise NotImplementedError
+
+    def can_merge(self, entry) -> bool:
+        return self.mergeable
 
     def merge(self, module, entry) -> None:
-        raise NotImplementedError
-
-    def unmerge(self, module, entry) -> None:
         raise NotImplementedError
 
 
@@ -41,102 +51,97 @@ class Parallel(Combine):
     """h = W x + delta(x): the delta reads the site's input, its result is added (LoRA)."""
 
     name = "parallel"
-    mergeable = True  # when the delta is linear (has delta_weight)
 
-    def apply(self, out, x, entry):
+    def apply(self, out, x, entry, source=None):
         if hasattr(entry.delta, "add_to"):  # a delta with a fused form of out + delta(x)
             return _on_slice(out, entry.out_slice, lambda seg: entry.delta.add_to(seg, x))
         return _on_slice(out, entry.out_slice, lambda seg: seg + entry.delta(x).to(seg.dtype))
+
+    def can_merge(self, entry):
+        return self.mergeable and hasattr(entry.delta, "delta_weight")
 
     def merge(self, module, entry):
         a, b = entry.out_slice or (0, None)
         weight_out_in(module)[a:b] += entry.delta.delta_weight().to(module.weight.dtype)
 
-    def unmerge(self, module, entry):
-        a, b = entry.out_slice or (0, None)
-        weight_out_in(module)[a:b] -= entry.delta.delta_weight().to(module.weight.dtype)
-
 
 class Sequential(Combine):
-    """h = y + delta(y): the delta reads the site's output (Houlsby and Pfeiffer adapters). Not mergeable."""
+    """h = y + delta(y): the delta reads the site's output (Houlsby adapters). Not mergeable."""
 
     name = "sequential"
 
-    def apply(self, out, x, entry):
+    def apply(self, out, x, entry, source=None):
         return _on_slice(out, entry.out_slice, lambda seg: seg + entry.delta(seg).to(seg.dtype))
 
 
+class AroundNorm(Combine):
+    """At a post-LayerNorm block output (Pfeiffer et al. 2021 as AdapterHub's seq_bn runs it):
+    with s = sublayer output + residual (the norm's input) and n = LN(s), the output becomes
+    LN(s + delta(n)): the adapter reads the normalised sum, its result joins the residual taken
+    before the norm, and the block's own LayerNorm is applied again. Identity when delta = 0."""
+
+    name = "around_norm"
+
+    def apply(self, out, x, entry, source=None):
+        norm = entry.target_module
+        return norm.forward(x + entry.delta(out).to(out.dtype))  # forward(): not through the hooks again
+
+
 class Multiply(Combine):
-    """h = l * (W x + b): an output scaling vector ((IA)^3 on keys and values). Inverse: divide by l."""
+    """h = l * (W x + b): an output scaling vector ((IA)^3 on keys and values)."""
 
     name = "multiply"
-    mergeable = True
 
-    def apply(self, out, x, entry):
+    def apply(self, out, x, entry, source=None):
         return _on_slice(out, entry.out_slice, entry.delta)
 
-    def _fold(self, module, entry, factor):
+    def merge(self, module, entry):
         a, b = entry.out_slice or (0, None)
+        factor = entry.delta.l
         weight_out_in(module)[a:b] *= factor.to(module.weight.dtype)[:, None]
         if getattr(module, "bias", None) is not None:
             module.bias[a:b] *= factor.to(module.bias.dtype)
 
-    def merge(self, module, entry):
-        self._fold(module, entry, entry.delta.l)
-
-    def unmerge(self, module, entry):
-        self._fold(module, entry, 1.0 / entry.delta.l)
-
 
 class MultiplyInput(Combine):
-    """x <- l * x before the site: an input scaling vector ((IA)^3 on the FFN activation). Inverse: divide."""
+    """x <- l * x before the site: an input scaling vector ((IA)^3 on the FFN activation)."""
 
     name = "multiply_input"
     where = "input"
-    mergeable = True
 
-    def apply(self, out, x, entry):  # here ``out`` is the module input
+    def apply(self, out, x, entry, source=None):  # here ``out`` is the module input
         return entry.delta(out)
 
     def merge(self, module, entry):
         weight_out_in(module).mul_(entry.delta.l.to(module.weight.dtype)[None, :])
 
-    def unmerge(self, module, entry):
-        weight_out_in(module).div_(entry.delta.l.to(module.weight.dtype)[None, :])
-
 
 class ParallelSpan(Combine):
-    """h_B = y_B + delta(x_A): reads the input of an earlier module A, adds to the output of B.
-
-    He et al.'s parallel adapter at the FFN: the adapter reads the FFN input (A = ffn.in) and its
-    result joins the FFN output (B = ffn.out), whatever the architecture calls its FFN.
-    """
+    """h_B = y_B + delta(x_A): reads the input of an earlier module A (the placement's source),
+    adds to the output of B. He et al.'s parallel adapter: A = ffn.in, B = ffn.out."""
 
     name = "parallel_span"
 
-    def apply(self, out, x, entry):
-        source = entry.stash
-        entry.stash = None  # an activation of this forward only, never kept across calls
+    def apply(self, out, x, entry, source=None):
         return _on_slice(out, entry.out_slice, lambda seg: seg + entry.delta(source).to(seg.dtype))
-
-
-PARALLEL, SEQUENTIAL, MULTIPLY, MULTIPLY_INPUT, PARALLEL_SPAN = (
-    Parallel(), Sequential(), Multiply(), MultiplyInput(), ParallelSpan(),
-)
 
 
 class PrefixKV(Combine):
     """Keys/values of a prefix table concatenated before the attention's own along the sequence."""
 
     name = "prefix_kv"
-    where = "attention"
+    mechanism = "prefix"
 
 
 class PrependPrompt(Combine):
     """Soft tokens concatenated before the input embeddings along the sequence."""
 
     name = "prepend_prompt"
-    where = "embedding"
+    mechanism = "prompt"
 
 
+PARALLEL = Parallel(mergeable=True)
+ADD = Parallel(mergeable=False)  # an input-dependent or nonlinear delta beside the site (TARP)
+SEQUENTIAL, AROUND_NORM, PARALLEL_SPAN = Sequential(), AroundNorm(), ParallelSpan()
+MULTIPLY, MULTIPLY_INPUT = Multiply(mergeable=True), MultiplyInput(mergeable=True)
 PREFIX_KV, PREPEND_PROMPT = PrefixKV(), PrependPrompt()

@@ -160,11 +160,82 @@ class PrefixTable(nn.Module):
 
 
 class SoftPrompt(nn.Module):
-    """``length`` trainable input vectors prepended to the token embeddings (Lester et al. 2021)."""
+    """``length`` trainable input vectors prepended to the token embeddings (Lester et al. 2021).
+
+    Called with the batch's input embeddings (B, T, d) and attention mask (B, T), as every prompt
+    delta is (an input-dependent prompt reads them); this one returns the same (length, d) table."""
 
     def __init__(self, init: torch.Tensor):
         super().__init__()
         self.prompt = nn.Parameter(init.detach().clone())  # (length, d)
 
-    def forward(self, batch: int) -> torch.Tensor:  # -> (batch, length, d)
-        return self.prompt.unsqueeze(0).expand(batch, -1, -1)
+    def forward(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # -> (length, d)
+        return self.prompt
+
+
+class Gate(nn.Module):
+    """A learned per-example scalar in (0, 1): g = mean over tokens of sigmoid(w . x + b), from the
+    hidden states x (B, T, d) the gate reads (UniPELT, Mao et al. 2022, §3). Default Linear init."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.proj = nn.Linear(d, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d) -> (B, 1, 1)
+        return torch.sigmoid(self.proj(x)).mean(dim=-2, keepdim=True)
+
+
+class Gated(nn.Module):
+    """A delta scaled per example by a Gate that reads the same input: gate(x) * delta(x).
+
+    For deltas that are applied to a site's input or output (LoRA, adapters). Not mergeable: the
+    gate depends on the input. ``PrefixGated`` is the prefix-attention form."""
+
+    def __init__(self, delta: nn.Module, d: int):
+        super().__init__()
+        self.delta, self.gate = delta, Gate(d)
+
+    def forward(self, x):
+        return self.gate(x) * self.delta(x)
+
+
+class PrefixGated(nn.Module):
+    """UniPELT's prefix gate: P_K <- G_P P_K, P_V <- G_P P_V with G_P read from the attention input h
+    (the placement's source), so each example gets its own scaled prefix (B, kv_heads, L, hd)."""
+
+    def __init__(self, table: nn.Module, d: int):
+        super().__init__()
+        self.table, self.gate = table, Gate(d)
+        self.shared = getattr(table, "shared", {})
+
+    def forward(self, h):
+        keys, values = self.table()  # (kv_heads, L, hd) each
+        g = self.gate(h)[..., None]  # (B, 1, 1, 1)
+        return g * keys.unsqueeze(0), g * values.unsqueeze(0)
+
+    def folded_state(self) -> dict:
+        gate = {f"gate.{k}": v.detach() for k, v in self.gate.state_dict().items()}
+        return {**{f"table.{k}": v for k, v in self.table.folded_state().items()}, **gate}
+
+    def fold(self) -> None:
+        self.table.fold()
+        self.shared = {}
+
+
+class Sparse(nn.Module):
+    """A sparse delta on a base weight: W + S, where S holds trainable ``values`` at fixed flat
+    ``indices`` of the (out, in) weight (SIFT, DSEE's sparse part). Saved compactly (indices +
+    values); ``delta_weight`` scatters them into a dense (out, in) matrix, so merging is exact."""
+
+    def __init__(self, shape: tuple[int, int], indices: torch.Tensor, values: torch.Tensor | None = None):
+        super().__init__()
+        self.shape = tuple(shape)
+        self.register_buffer("indices", indices.to(torch.long).flatten())
+        self.values = nn.Parameter(torch.zeros(self.indices.numel()) if values is None else values.detach().clone())
+
+    def delta_weight(self) -> torch.Tensor:  # (out, in)
+        dense = self.values.new_zeros(self.shape[0] * self.shape[1])
+        return dense.index_put((self.indices,), self.values, accumulate=False).view(self.shape)
+
+    def forward(self, x):  # (..., in) -> (..., out)
+        return F.linear(x, self.delta_weight())

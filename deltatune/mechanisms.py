@@ -1,22 +1,177 @@
-"""The three injection mechanisms, one per kind of site; methods never touch these.
+"""Injection mechanisms, one per kind of site; methods never touch these.
 
-* ``ModuleHooks``: one forward pre-hook and one forward hook per target module, applying the
-  input and output combines of every active delta at that module (linear sites, spans).
-* Prefix keys/values: a registered attention function that prepends each active prefix to the
-  keys and values an attention module computed, extends the mask (and T5's position bias), then
-  calls the model's own attention (sdpa or eager). Works with padding, causal masks and the
-  key/value cache of ``generate()`` because the cache only ever holds real tokens.
-* Prompt tokens: hooks on the backbone (the encoder, for encoder-decoders) that prepend the soft
-  tokens to the input embeddings, extend the attention mask and positions, and strip the prompt
-  positions from the outputs, so heads, poolers and losses see the original length.
+Every mechanism has the same four verbs, so the store loops over mechanisms instead of branching:
+``add(entry)``, ``drop(adapter)``, ``refresh()`` (after the active set or a merge changed) and
+``remove()`` (take every hook off). Which entries run is read from the store at forward time:
+the active adapters, or, inside ``dt.routing``, one adapter (or none) per row of the batch.
+
+* ``Hooks``: a forward pre-hook and a forward hook per target module, applying the input and output
+  combines of every live delta there; it also hands a module's input to deltas that read it
+  (a placement's ``source``).
+* ``PrefixAttention``: a registered attention function that prepends each live prefix to the keys
+  and values an attention module computed, extends the mask (and T5's position bias), then calls
+  the model's own attention (sdpa or eager). Rows that a prefix does not apply to mask it out.
+* ``PromptTokens``: hooks on the backbone (the encoder, for encoder-decoders) that prepend soft
+  tokens to the input embeddings, extend mask and positions, and strip the prompt positions from
+  the outputs (and recompute the pooler from the stripped states), so heads and losses see the
+  original length. Rows with prompts of different lengths are laid out [own prompt | tokens |
+  masked filler], so every row sees exactly the positions it would see alone.
+* ``FrozenBelow`` and ``PassClock``: not deltas, but the same protocol (the store refreshes them).
 """
 from __future__ import annotations
 
+import contextvars
 import inspect
 import sys
 
 import torch
 from torch.nn import functional as F
+
+# The per-row routing of the forward passes in this context: {id(store): Routing}.
+ROUTING: contextvars.ContextVar[dict] = contextvars.ContextVar("deltatune_routing", default={})
+
+
+class Routing:
+    """One adapter name (or None: the bare base model) per row of the batch."""
+
+    def __init__(self, names: list):
+        self.names = list(names)
+        self.adapters = {n for n in self.names if n is not None}
+        self.uniform = len(set(self.names)) == 1
+        self._rows: dict = {}
+
+    def rows(self, adapter: str, batch: int, device):
+        """None: every row uses ``adapter``; else the (possibly empty) index tensor of its rows."""
+        if batch != len(self.names):
+            from .errors import ConfigError
+            raise ConfigError(f"dt.routing names {len(self.names)} rows but the batch has {batch}; "
+                              "give one adapter name (or None) per row")
+        if self.uniform:
+            return None if self.names[0] == adapter else _EMPTY
+        key = (adapter, device)
+        if key not in self._rows:
+            self._rows[key] = torch.tensor([i for i, n in enumerate(self.names) if n == adapter],
+                                           dtype=torch.long, device=device)
+        return self._rows[key]
+
+
+_EMPTY = torch.empty(0, dtype=torch.long)
+
+
+class Mechanism:
+    """Base: entries of every adapter that use this mechanism, and the store they belong to."""
+
+    def __init__(self, store):
+        self.store = store
+        self.entries: list = []
+
+    def add(self, entry) -> None:
+        self.entries.append(entry)
+
+    def drop(self, adapter: str) -> None:
+        self.entries = [e for e in self.entries if e.adapter != adapter]
+
+    def refresh(self) -> None:
+        pass
+
+    def remove(self) -> None:
+        pass
+
+    def live(self, entries, batch: int, device):
+        """(entry, rows) for every entry that runs in this forward pass; rows None means all rows."""
+        routing = ROUTING.get().get(id(self.store))
+        if routing is None:
+            return [(e, None) for e in entries if e.live]
+        out = []
+        for e in entries:
+            if e.adapter in routing.adapters:
+                rows = routing.rows(e.adapter, batch, device)
+                if rows is None or len(rows):
+                    out.append((e, rows))
+        return out
+
+
+def _rows_apply(fn, out, rows, *args):
+    """fn(out, *args) on all rows, or only on ``rows`` (the others keep ``out`` as it is)."""
+    if rows is None:
+        return fn(out, *args)
+    sub = fn(out[rows], *(a[rows] if torch.is_tensor(a) else a for a in args))
+    return out.index_copy(0, rows, sub.to(out.dtype))
+
+
+# ---------------------------------------------------------------- module hooks
+
+class _ModuleHooks:
+    def __init__(self, owner, module):
+        self.owner, self.module = owner, module
+        self.inputs: list = []
+        self.outputs: list = []
+        self.sources: list = []
+        self.handles = [
+            module.register_forward_pre_hook(self._pre, with_kwargs=True),
+            module.register_forward_hook(self._post),
+        ]
+
+    def _pre(self, module, args, kwargs):
+        x = args[0] if args else next(iter(kwargs.values()), None)
+        for e in self.sources:  # an activation of this forward only: taken by the combine, then dropped
+            e.stash = x
+        if not self.inputs:
+            return None
+        for e, rows in self.owner.live(self.inputs, x.shape[0], x.device):
+            x = _rows_apply(lambda h, e=e: e.combine.apply(h, None, e), x, rows)
+        return (x, *args[1:]), kwargs
+
+    def _post(self, module, args, out):
+        if not self.outputs:
+            return None
+        x = args[0] if args else None
+        for e, rows in self.owner.live(self.outputs, out.shape[0], out.device):
+            source, e.stash = e.stash, None
+            if rows is None:
+                out = e.combine.apply(out, x, e, source)
+            else:
+                sub = e.combine.apply(out[rows], None if x is None else x[rows], e,
+                                      None if source is None else source[rows])
+                out = out.index_copy(0, rows, sub.to(out.dtype))
+        return out
+
+
+class Hooks(Mechanism):
+    """Forward (pre-)hooks on the target modules of 'hooks' combines and on every source module."""
+
+    def __init__(self, store):
+        super().__init__(store)
+        self.modules: dict[int, _ModuleHooks] = {}
+
+    def _at(self, module) -> _ModuleHooks:
+        hooks = self.modules.get(id(module))
+        if hooks is None:
+            hooks = self.modules[id(module)] = _ModuleHooks(self, module)
+        return hooks
+
+    def add(self, entry):
+        super().add(entry)
+        if entry.combine.mechanism == "hooks":
+            self._at(entry.target_module)
+        if entry.source_module is not None:
+            self._at(entry.source_module)
+
+    def refresh(self):
+        for hooks in self.modules.values():
+            here = [e for e in self.entries if e.target_module is hooks.module and e.combine.mechanism == "hooks"]
+            hooks.inputs = [e for e in here if e.combine.where == "input"]
+            hooks.outputs = [e for e in here if e.combine.where == "output"]
+            hooks.sources = [e for e in self.entries if e.source_module is hooks.module]
+
+    def remove(self):
+        for hooks in self.modules.values():
+            for h in hooks.handles:
+                h.remove()
+        self.modules.clear()
+
+
+# ---------------------------------------------------------------- prefix keys / values
 
 # Attention implementation names under which prefix_attention is registered, by the mask each
 # needs: sdpa takes a boolean mask, or none at all when every position is visible (then its fast
@@ -24,50 +179,94 @@ from torch.nn import functional as F
 ATTN_NAMES = {"sdpa": "deltatune", "eager": "deltatune_eager"}
 
 
-class ModuleHooks:
-    """The hooks deltatune owns on one module; ``entries`` are updated in place when adapters change."""
-
-    def __init__(self, module):
-        self.module = module
-        self.inputs: list = []  # active entries with input combines
-        self.outputs: list = []  # active entries with output combines
-        self.sources: list = []  # span entries that read this module's input
-        self.all: list = []
-        self.handles = [
-            module.register_forward_pre_hook(self._pre),
-            module.register_forward_hook(self._post),
-        ]
-
-    def refresh(self, active: set[str]) -> None:
-        live = [e for e in self.all if e.adapter in active and not e.merged]
-        self.inputs = [e for e in live if e.combine.where == "input" and e.target_module is self.module]
-        self.outputs = [e for e in live if e.combine.where == "output" and e.target_module is self.module]
-        self.sources = [e for e in live if e.source_module is self.module]
-
-    def _pre(self, module, args):
-        for e in self.sources:
-            e.stash = args[0]
-        if not self.inputs:
+def _extend_mask(mask, visible, batch, length, q_len, k_len, causal, device):
+    """Let each query see the ``length`` prefix positions placed before the keys; ``visible``
+    (batch, length) bool says which prefix positions each row may see (None: all)."""
+    if mask is None:
+        if visible is None and (not causal or q_len == 1):
             return None
-        x = args[0]
-        for e in self.inputs:
-            x = e.combine.apply(x, None, e)
-        return (x, *args[1:])
+        # Query i sits at key position i + (k_len - q_len) (a cache may hold earlier keys).
+        i = torch.arange(q_len, device=device)[:, None] + (k_len - q_len)
+        j = torch.arange(k_len, device=device)[None, :]
+        own = (j <= i) if causal else torch.ones(q_len, k_len, dtype=torch.bool, device=device)
+        mask = own[None, None].expand(batch, 1, q_len, k_len)
+    if visible is None:
+        fill = True if mask.dtype == torch.bool else 0.0
+        return F.pad(mask, (length, 0), value=fill)
+    head = visible[:, None, None, :].expand(mask.shape[0], mask.shape[1], mask.shape[2], length)
+    if mask.dtype != torch.bool:
+        head = torch.zeros((), dtype=mask.dtype, device=device).masked_fill(~head, torch.finfo(mask.dtype).min)
+    return torch.cat([head.to(mask.dtype), mask.expand(mask.shape[0], *mask.shape[1:])], dim=-1)
 
-    def _post(self, module, args, out):
-        if not self.outputs:
-            return None
-        x = args[0] if args else None
-        for e in self.outputs:
-            out = e.combine.apply(out, x, e)
-        return out
+
+class PrefixAttention(Mechanism):
+    """Prefix keys/values inside every attention module that carries one."""
+
+    def __init__(self, store, backbone):
+        super().__init__(store)
+        self.backbone = backbone
+        self.modules: list = []
+        _install_prefix_attention(backbone)
+
+    def add(self, entry):
+        super().add(entry)
+        module = entry.target_module
+        if getattr(module, "_deltatune_prefix", None) is None:
+            module._deltatune_prefix = (self, [])
+            self.modules.append(module)
+        module._deltatune_prefix[1].append(entry)
+
+    def drop(self, adapter):
+        super().drop(adapter)
+        for module in self.modules:
+            module._deltatune_prefix[1][:] = [e for e in module._deltatune_prefix[1] if e.adapter != adapter]
 
     def remove(self):
-        for h in self.handles:
-            h.remove()
+        for module in self.modules:
+            del module._deltatune_prefix
+        self.modules.clear()
+        _uninstall_prefix_attention(self.backbone)
 
 
-# ---------------------------------------------------------------- prefix keys / values
+def prefix_attention(module, query, key, value, attention_mask, **kwargs):
+    """Attention function registered under the name 'deltatune' (see ``_install_prefix_attention``)."""
+    mech, entries = getattr(module, "_deltatune_prefix", (None, ()))
+    batch = key.shape[0]
+    live = mech.live(entries, batch, key.device) if entries else ()
+    if live:
+        q_len, k_len = query.shape[2], key.shape[2]
+        keys, values, seen = [], [], []
+        for e, rows in live:
+            source, e.stash = e.stash, None
+            pk, pv = e.delta() if source is None else e.delta(source)  # (kv_heads, L, hd) or (B, kv_heads, L, hd)
+            if pk.dim() == 3:
+                pk, pv = pk.unsqueeze(0).expand(batch, -1, -1, -1), pv.unsqueeze(0).expand(batch, -1, -1, -1)
+            keys.append(pk.to(key.dtype))
+            values.append(pv.to(value.dtype))
+            if rows is not None or len(live) > 1 and any(r is not None for _, r in live):
+                row_mask = torch.ones(batch, dtype=torch.bool, device=key.device)
+                if rows is not None:
+                    row_mask = torch.zeros_like(row_mask).index_fill(0, rows, True)
+                seen.append(row_mask[:, None].expand(batch, pk.shape[2]))
+            else:
+                seen.append(None)
+        length = sum(k.shape[2] for k in keys)
+        key = torch.cat([*keys, key], dim=2)  # (B, kv_heads, length + T, head_dim)
+        value = torch.cat([*values, value], dim=2)
+        visible = None
+        if any(s is not None for s in seen):
+            visible = torch.cat([s if s is not None else torch.ones(batch, k.shape[2], dtype=torch.bool, device=key.device)
+                                 for s, k in zip(seen, keys)], dim=1)
+        causal = kwargs.get("is_causal")
+        causal = getattr(module, "is_causal", False) if causal is None else causal
+        attention_mask = _extend_mask(attention_mask, visible, batch, length, q_len, k_len, causal, query.device)
+        if attention_mask is not None:
+            kwargs["is_causal"] = False
+        bias = kwargs.get("position_bias")
+        if bias is not None:  # T5 adds a relative position bias: none for the prefix positions
+            kwargs["position_bias"] = F.pad(bias, (length, 0))
+    return _base_attention(module)(module, query, key, value, attention_mask, **kwargs)
+
 
 def _base_attention(module):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -78,47 +277,7 @@ def _base_attention(module):
     return ALL_ATTENTION_FUNCTIONS[impl]
 
 
-def _extend_mask(mask, length, q_len, k_len, causal, dtype, device):
-    """Let every query see the ``length`` prefix positions placed before the keys."""
-    if mask is not None:
-        fill = True if mask.dtype == torch.bool else 0.0
-        return F.pad(mask, (length, 0), value=fill)
-    if not causal or q_len == 1:
-        return None
-    # No mask was materialised but attention is causal: build it. Query i sits at key position
-    # i + (k_len - q_len) (a cache may hold earlier keys); it sees the prefix and keys up to itself.
-    i = torch.arange(q_len, device=device)[:, None] + (k_len - q_len)
-    j = torch.arange(k_len, device=device)[None, :]
-    allowed = torch.cat([torch.ones(q_len, length, dtype=torch.bool, device=device), j <= i], dim=1)
-    return allowed[None, None]
-
-
-def prefix_attention(module, query, key, value, attention_mask, **kwargs):
-    """Attention function registered under the name 'deltatune' (see ``install_prefix_attention``)."""
-    entries = getattr(module, "_deltatune_kv", None)
-    live = [e for e in entries if e.live] if entries else ()
-    if live:
-        batch, q_len, k_len = key.shape[0], query.shape[2], key.shape[2]
-        keys, values = [], []
-        for e in live:
-            pk, pv = e.delta()  # (kv_heads, length, head_dim) each
-            keys.append(pk.to(key.dtype).unsqueeze(0).expand(batch, -1, -1, -1))
-            values.append(pv.to(value.dtype).unsqueeze(0).expand(batch, -1, -1, -1))
-        length = sum(k.shape[2] for k in keys)
-        key = torch.cat([*keys, key], dim=2)  # (B, kv_heads, length + T, head_dim)
-        value = torch.cat([*values, value], dim=2)
-        causal = kwargs.get("is_causal")
-        causal = getattr(module, "is_causal", False) if causal is None else causal
-        attention_mask = _extend_mask(attention_mask, length, q_len, k_len, causal, query.dtype, query.device)
-        if attention_mask is not None:
-            kwargs["is_causal"] = False
-        bias = kwargs.get("position_bias")
-        if bias is not None:  # T5 adds a relative position bias: none for the prefix positions
-            kwargs["position_bias"] = F.pad(bias, (length, 0))
-    return _base_attention(module)(module, query, key, value, attention_mask, **kwargs)
-
-
-def install_prefix_attention(backbone) -> None:
+def _install_prefix_attention(backbone) -> None:
     """Route the backbone's attention through ``prefix_attention``; remember the original."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -133,7 +292,7 @@ def install_prefix_attention(backbone) -> None:
             cfg._attn_implementation = ATTN_NAMES["eager" if base == "eager" else "sdpa"]
 
 
-def uninstall_prefix_attention(backbone) -> None:
+def _uninstall_prefix_attention(backbone) -> None:
     for cfg in _configs(backbone):
         if getattr(cfg, "_deltatune_base_attn", None) is not None:
             cfg._attn_implementation = cfg._deltatune_base_attn
@@ -151,76 +310,163 @@ def _configs(backbone):
 
 # ---------------------------------------------------------------- prompt tokens
 
-class PromptHooks:
-    """Prepends soft prompt tokens at the input embeddings of ``stack`` (the backbone or its encoder)."""
+class PromptTokens(Mechanism):
+    """Prepends soft prompt tokens at the input embeddings of ``stack`` (the backbone or its encoder).
 
-    def __init__(self, stack, embed):
-        self.stack, self.embed = stack, embed
-        self.entries: list = []
-        self.live: list = []
-        self.strip = 0
+    A prompt delta is called with the batch's input embeddings and attention mask (so an
+    input-dependent prompt, ATTEMPT's, can read them) and returns (length, d) or (batch, length, d).
+    """
+
+    def __init__(self, store, stack, embed, pooler=None):
+        super().__init__(store)
+        self.stack, self.embed, self.pooler = stack, embed, pooler
+        self.layout = None  # (per-row prompt lengths, total, tokens) of the pass in flight, for _post
+        self.cached = None  # the same, kept for continuations that reuse a key/value cache
         self.signature = inspect.signature(stack.forward)
         self.handles = [
             stack.register_forward_pre_hook(self._pre, with_kwargs=True),
             stack.register_forward_hook(self._post),
         ]
 
-    def refresh(self, active):
-        self.live = [e for e in self.entries if e.adapter in active]
+    def remove(self):
+        for h in self.handles:
+            h.remove()
 
     def _pre(self, module, args, kwargs):
-        self.strip = 0
-        if not self.live:
+        self.layout = None
+        if not self.entries:
             return None
         kw = self.signature.bind_partial(*args, **kwargs).arguments
         kw.update(kw.pop("kwargs", {}))
         ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
         past = kw.get("past_key_values")
-        first = past is None or past.get_seq_length() == 0
-        length = sum(e.delta.prompt.shape[0] for e in self.live)
         ref = embeds if embeds is not None else ids
         batch, device = ref.shape[0], ref.device
-        if first:
-            if embeds is None:
-                embeds = self.embed(ids)
-            prompt = torch.cat([e.delta(batch).to(embeds.dtype) for e in self.live], dim=1)
-            kw["input_ids"], kw["inputs_embeds"] = None, torch.cat([prompt, embeds], dim=1)
-            if kw.get("token_type_ids") is not None:
-                kw["token_type_ids"] = F.pad(kw["token_type_ids"], (length, 0))
-            for key in ("position_ids", "cache_position"):
-                if kw.get(key) is not None:
-                    pos = kw[key]
-                    head = torch.arange(length, device=device, dtype=pos.dtype)
-                    head = head.expand(*pos.shape[:-1], length) if pos.dim() > 1 else head
-                    kw[key] = torch.cat([head, pos + length], dim=-1)
-            self.strip = length
-        else:  # a continuation with a cache that already holds the prompt: only shift positions
-            for key in ("position_ids", "cache_position"):
-                if kw.get(key) is not None:
-                    kw[key] = kw[key] + length
+        live = self.live(self.entries, batch, device)
+        if not live:
+            return None
+        if past is not None and past.get_seq_length() > 0:
+            return self._continue(kw)
+        if embeds is None:
+            embeds = self.embed(ids)
         mask = kw.get("attention_mask")
-        if mask is not None and mask.dim() == 2:
-            kw["attention_mask"] = F.pad(mask, (length, 0), value=1)
+        token_mask = mask if mask is not None and mask.dim() == 2 else torch.ones(embeds.shape[:2], dtype=torch.long, device=device)
+        pieces = []  # (prompt (B or rows, L, d), rows)
+        for e, rows in live:
+            sub = embeds if rows is None else embeds[rows]
+            p = e.delta(sub, token_mask if rows is None else token_mask[rows]).to(embeds.dtype)
+            pieces.append((p if p.dim() == 3 else p.unsqueeze(0).expand(sub.shape[0], -1, -1), rows))
+        if all(rows is None for _, rows in pieces):  # every row gets every prompt: one block in front
+            prompt = torch.cat([p for p, _ in pieces], dim=1)
+            lengths = torch.full((batch,), prompt.shape[1], dtype=torch.long, device=device)
+        else:
+            prompt, lengths = self._per_row(pieces, batch, embeds)
+        total, tokens = prompt.shape[1], embeds.shape[1]
+        uniform = bool((lengths == total).all())
+        kw["input_ids"] = None
+        if uniform:  # [prompt | tokens]
+            kw["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)
+            new_mask = F.pad(token_mask, (total, 0), value=1)
+        else:  # [own prompt | tokens | masked filler]: each row at the positions it has alone
+            kw["inputs_embeds"], new_mask = self._interleave(prompt, lengths, embeds, token_mask)
+        if mask is not None and mask.dim() == 2 or not uniform:
+            kw["attention_mask"] = new_mask.to(mask.dtype if mask is not None else torch.long)
+        if kw.get("token_type_ids") is not None:
+            kw["token_type_ids"] = F.pad(kw["token_type_ids"], (0, total), value=0) if not uniform \
+                else F.pad(kw["token_type_ids"], (total, 0))
+        for key in ("position_ids", "cache_position"):
+            pos = kw.get(key)
+            if pos is None:
+                continue
+            if key == "cache_position" or uniform:
+                head = torch.arange(total, device=device, dtype=pos.dtype)
+                head = head.expand(*pos.shape[:-1], total) if pos.dim() > 1 else head
+                kw[key] = torch.cat([head, pos + total], dim=-1)
+            else:  # per-row positions: own prompt 0..n-1, the row's tokens shifted by n, filler after
+                at = torch.arange(total + tokens, device=device)[None, :]
+                n = lengths[:, None]
+                shifted = pos.expand(batch, -1).gather(1, (at - n).clamp(0, tokens - 1)) + n
+                kw[key] = torch.where(at < n, at, torch.where(at < n + tokens, shifted, at)).to(pos.dtype)
+        self.layout = self.cached = (lengths, total, tokens, uniform)
+        return (), kw
+
+    def _per_row(self, pieces, batch, embeds):
+        """Each row's prompts concatenated in entry order, right-padded to the longest: (B, L, d), lengths (B,)."""
+        per_row = [[] for _ in range(batch)]
+        for p, rows in pieces:
+            idx = range(batch) if rows is None else rows.tolist()
+            for j, r in enumerate(idx):
+                per_row[r].append(p[j])
+        lengths = torch.tensor([sum(t.shape[0] for t in ts) for ts in per_row], dtype=torch.long, device=embeds.device)
+        total = int(lengths.max())
+        prompt = embeds.new_zeros(batch, total, embeds.shape[-1])
+        rows = [torch.cat(ts, dim=0) if ts else embeds.new_zeros(0, embeds.shape[-1]) for ts in per_row]
+        prompt = torch.stack([F.pad(r, (0, 0, 0, total - r.shape[0])) for r in rows])
+        return prompt, lengths
+
+    @staticmethod
+    def _interleave(prompt, lengths, embeds, token_mask):
+        batch, total, tokens = prompt.shape[0], prompt.shape[1], embeds.shape[1]
+        out = torch.cat([prompt, embeds], dim=1)  # then move each row's tokens right after its own prompt
+        pos = torch.arange(total + tokens, device=embeds.device)[None, :]
+        n = lengths[:, None]
+        # the row's sequence: own prompt (pos < n), tokens (n <= pos < n + T), filler (pos >= n + T)
+        src = torch.where(pos < n, pos, torch.where(pos < n + tokens, pos - n + total, pos))
+        src = src.clamp(max=total + tokens - 1)
+        out = out.gather(1, src[..., None].expand(-1, -1, out.shape[-1]))
+        filler = pos >= n + tokens
+        out = out.masked_fill(filler[..., None], 0.0)
+        tok_mask = token_mask.gather(1, (pos - n).clamp(0, tokens - 1))
+        mask = torch.where(pos < n, 1, torch.where(filler, 0, tok_mask))
+        return out, mask
+
+    def _continue(self, kw):
+        """A continuation with a cache that already holds the prompt: shift positions, extend the mask."""
+        if self.cached is None:
+            return None
+        lengths, total, tokens, uniform = self.cached
+        mask = kw.get("attention_mask")
+        if uniform:
+            for key in ("position_ids", "cache_position"):
+                if kw.get(key) is not None:
+                    kw[key] = kw[key] + total
+            if mask is not None and mask.dim() == 2:
+                kw["attention_mask"] = F.pad(mask, (total, 0), value=1)
+            return (), kw
+        if mask is not None and mask.dim() == 2:  # cache: [own prompt | first tokens | filler], then new ones
+            first, rest = mask[:, :tokens], mask[:, tokens:]
+            pos = torch.arange(total + tokens, device=mask.device)[None, :]
+            n = lengths[:, None]
+            head = torch.where(pos < n, 1, torch.where(pos >= n + tokens, 0, first.gather(1, (pos - n).clamp(0, tokens - 1))))
+            kw["attention_mask"] = torch.cat([head.to(mask.dtype), rest], dim=1)
+        if kw.get("position_ids") is not None:
+            kw["position_ids"] = kw["position_ids"] + lengths.to(kw["position_ids"].dtype)[:, None]
+        if kw.get("cache_position") is not None:
+            kw["cache_position"] = kw["cache_position"] + total
         return (), kw
 
     def _post(self, module, args, out):
-        n, self.strip = self.strip, 0
-        if not n:
+        layout, self.layout = self.layout, None
+        if layout is None:
             return None
+        lengths, total, tokens, uniform = layout
+        if uniform:
+            strip = lambda h: h[:, total:]  # noqa: E731
+        else:
+            index = (lengths[:, None] + torch.arange(tokens, device=lengths.device)[None, :])
+            strip = lambda h: h.gather(1, index[..., None].expand(-1, -1, h.shape[-1]))  # noqa: E731
         if hasattr(out, "last_hidden_state") and out.last_hidden_state is not None:
-            out.last_hidden_state = out.last_hidden_state[:, n:]
+            out.last_hidden_state = strip(out.last_hidden_state)
+            if getattr(out, "pooler_output", None) is not None and self.pooler is not None:
+                out.pooler_output = self.pooler(out.last_hidden_state)  # BERT pools [CLS], not a soft token
         elif isinstance(out, tuple):
-            out = (out[0][:, n:], *out[1:])
+            out = (strip(out[0]), *out[1:])
         if getattr(out, "hidden_states", None) is not None:
-            out.hidden_states = tuple(h[:, n:] for h in out.hidden_states)
+            out.hidden_states = tuple(strip(h) for h in out.hidden_states)
         return out
 
-    def remove(self):
-        for h in self.handles:
-            h.remove()
 
-
-# ---------------------------------------------------------------- forward passes
+# ---------------------------------------------------------------- shared machinery
 
 class PassClock:
     """Numbers the backbone's forward passes and calls ``begin`` as each one starts, before any

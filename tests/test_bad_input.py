@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 import deltatune as dt
 from deltatune import cli
-from deltatune.core import REGISTRY
+from deltatune.registry import REGISTRY
 from deltatune.errors import DataError
 from deltatune.tasks import load_task
 

@@ -195,12 +195,14 @@ def _dropout_bert(layers=4):
 
 @pytest.mark.parametrize("method,opts,lowest", [
     ("telly", dict(k=3), 3), ("lora", dict(layers=[2, 3]), 2), ("ln", dict(layers=[1]), 1),
-    ("lora", {}, 0), ("prompt", {}, 0), ("bitfit", {}, 0), ("telly", dict(k=3, frozen_dropout=True), 0),
+    ("lora", {}, 0), ("prompt", {}, 0), ("bitfit", {}, 0), ("telly", dict(k=3, keep_dropout=True), 0),
 ])
 def test_frozen_lower_part_runs_in_eval_mode(method, opts, lowest):
     """Blocks below the lowest trained one (and the embeddings) run without dropout while training;
     the trained part keeps it; so the frozen part's output is the same at every step."""
+    keep = opts.pop("keep_dropout", False)
     model = dt.attach(_dropout_bert(), method, **opts)
+    dt.set_frozen_dropout(model, keep)
     model.train()
     seen = {}
     for i, layer in enumerate(model.bert.encoder.layer):
@@ -241,7 +243,8 @@ def test_frozen_lower_part_keeps_gradients_exact():
     same selection trained with frozen_dropout=True."""
     grads = []
     for keep in (False, True):
-        model = dt.attach(tiny.model("bert", layers=4), "telly", k=2, frozen_dropout=keep)
+        model = dt.attach(tiny.model("bert", layers=4), "telly", k=2)
+        dt.set_frozen_dropout(model, keep)
         model.train()
         tiny.loss(model, tiny.inputs("bert")).backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})

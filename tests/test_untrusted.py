@@ -192,7 +192,7 @@ def test_options_asking_for_more_memory_than_there_is(tmp_path, options):
     config["options"].update(options)
     save_file(load_file(str(file)), str(file), metadata={"deltatune": json.dumps(config)})
     fresh = tiny.model("bert")
-    with pytest.raises(dt.AdapterFileError, match="cannot rebuild the adapter from its options"):
+    with pytest.raises(dt.AdapterFileError, match="cannot rebuild the adapter"):
         dt.load_adapter(fresh, tmp_path / "a")
     assert not hasattr(fresh, "deltatune")
     figures.count("oversized options in adapter files")

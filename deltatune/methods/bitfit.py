@@ -1,4 +1,4 @@
-from ..core import Method, register
+from ..registry import Method, register
 from ..errors import ConfigError
 from ..sites import backbone_parameters, find_backbone
 
@@ -19,7 +19,7 @@ class BitFit(Method):
     families = ("bert", "gpt2", "bart", "vit")
 
     def selected(self, model):
-        names = [n for n, _ in backbone_parameters(model) if n.endswith("bias")]
+        names = self.within_layers(model, [n for n, _ in backbone_parameters(model) if n.endswith("bias")])
         if not names:
             name = type(find_backbone(model)[1]).__name__
             raise ConfigError(f"bitfit: {name} has no bias terms; try 'ln' or 'lora'")

@@ -1,4 +1,4 @@
-from ..core import Method, register
+from ..registry import Method, register
 from ..sites import backbone_parameters
 
 
@@ -16,4 +16,4 @@ class Full(Method):
     kind = "selection"
 
     def selected(self, model):
-        return [n for n, _ in backbone_parameters(model)]
+        return self.within_layers(model, [n for n, _ in backbone_parameters(model)])

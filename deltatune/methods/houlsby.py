@@ -1,5 +1,5 @@
 from ..combine import SEQUENTIAL
-from ..core import Method, Placement, option, register
+from ..registry import Method, Placement, option, register
 from ..deltas import Bottleneck
 from ..sites import resolve, target_features
 
@@ -17,7 +17,7 @@ class Houlsby(Method):
     paper = "Houlsby et al. 2019, Adapters"
     lr = 1e-3
     identity_at_init = False  # near identity, not exactly
-    mergeable = False
+    combines = (SEQUENTIAL,)
 
     bottleneck: int = option(64, min=1)
     activation: str = option("relu", choices=("relu", "gelu", "tanh", "silu"))

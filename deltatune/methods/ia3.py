@@ -1,5 +1,5 @@
 from ..combine import MULTIPLY, MULTIPLY_INPUT
-from ..core import Method, Placement, option, register
+from ..registry import Method, Placement, option, register
 from ..deltas import Scale
 from ..sites import target_features
 
@@ -17,7 +17,7 @@ class IA3(Method):
     name = "ia3"
     paper = "Liu et al. 2022, (IA)^3 / T-Few"
     lr = 3e-3
-    mergeable = True
+    combines = (MULTIPLY, MULTIPLY_INPUT)
 
     sites: list = option(["attn.k", "attn.v"], help="sites whose output is rescaled")
     input_sites: list = option(["ffn.out"], help="sites whose input is rescaled")

@@ -1,4 +1,4 @@
-from ..core import Method, option, register
+from ..registry import Method, option, register
 from ..sites import num_layers, resolve
 from .telly import upper_parameters
 
@@ -16,6 +16,7 @@ class Lightweight(Method):
     paper = "lightweight fine-tuning (top layer / embeddings + output)"
     lr = 1e-4
     kind = "selection"
+    honours_layers = False  # mode chooses the layers
 
     mode: str = option("top", choices=("top", "embed_output"))
 

@@ -1,4 +1,4 @@
-from ..core import Method, register
+from ..registry import Method, register
 from ..sites import resolve
 
 

@@ -1,5 +1,5 @@
 from ..combine import PARALLEL
-from ..core import Method, Placement, option, register
+from ..registry import Method, Placement, option, register
 from ..deltas import LowRank
 from ..sites import target_features
 
@@ -16,7 +16,7 @@ class LoRA(Method):
     name = "lora"
     paper = "Hu et al. 2021, LoRA"
     lr = 5e-4
-    mergeable = True
+    combines = (PARALLEL,)
 
     r: int = option(8, min=1)
     alpha: float = option(16.0, min=0)

@@ -1,5 +1,5 @@
 from ..combine import PARALLEL_SPAN
-from ..core import Method, Placement, option, register
+from ..registry import Method, Placement, option, register
 from ..deltas import Bottleneck
 from ..errors import ConfigError
 from ..sites import resolve, target_features
@@ -18,7 +18,7 @@ class ParallelAdapter(Method):
     name = "parallel"
     paper = "He et al. 2022, Unified View (parallel adapter)"
     lr = 1e-3
-    mergeable = False
+    combines = (PARALLEL_SPAN,)
 
     bottleneck: int = option(16, min=1)
     scale: float = option(1.0, min=0.0)

@@ -1,5 +1,5 @@
 from ..combine import SEQUENTIAL
-from ..core import Method, Placement, option, register
+from ..registry import Method, Placement, option, register
 from ..deltas import Bottleneck
 from ..sites import target_features
 
@@ -16,7 +16,7 @@ class Pfeiffer(Method):
     name = "pfeiffer"
     paper = "Pfeiffer et al. 2021, AdapterFusion"
     lr = 1e-3
-    mergeable = False
+    combines = (SEQUENTIAL,)
 
     reduction: int = option(16, min=1)
     activation: str = option("relu", choices=("relu", "gelu", "tanh", "silu"))

@@ -1,5 +1,5 @@
 from ..combine import PREFIX_KV
-from ..core import Method, Placement, option, register
+from ..registry import Method, Placement, option, register
 from ..deltas import PrefixReparam, PrefixTable
 from ..sites import attention_shape
 
@@ -18,7 +18,7 @@ class Prefix(Method):
     paper = "Li & Liang 2021, Prefix-Tuning"
     lr = 5e-4
     identity_at_init = False
-    mergeable = False
+    combines = (PREFIX_KV,)
 
     length: int = option(10, min=1)
     hidden: int = option(512, min=0, help="MLP reparameterisation width; 0 trains the table directly")

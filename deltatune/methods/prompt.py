@@ -1,7 +1,7 @@
 import torch
 
 from ..combine import PREPEND_PROMPT
-from ..core import Method, Placement, option, register
+from ..registry import Method, Placement, option, register
 from ..deltas import SoftPrompt
 from ..sites import find_backbone, resolve
 
@@ -20,7 +20,8 @@ class Prompt(Method):
     paper = "Lester et al. 2021, Prompt Tuning"
     lr = 3e-1
     identity_at_init = False
-    mergeable = False
+    combines = (PREPEND_PROMPT,)
+    honours_layers = False  # the prompt is at the input embeddings, below every layer
     families = ("bert", "gpt2", "llama", "t5", "bart")
 
     length: int = option(20, min=1)

@@ -1,4 +1,4 @@
-from ..core import Method, option, register
+from ..registry import Method, option, register
 from ..errors import ConfigError
 from ..sites import backbone_parameters, num_layers, resolve
 
@@ -34,6 +34,7 @@ class Telly(Method):
     paper = "Shi et al. 2023, Telly"
     lr = 5e-5
     kind = "selection"
+    honours_layers = False  # k chooses the layers
 
     k: int | None = option(None, min=0, help="number of frozen bottom layers (default: half)")
 
