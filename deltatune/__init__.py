@@ -29,6 +29,7 @@ from .store import (
 from .errors import AdapterFileError, ConfigError, DataError, DeltatuneError, SiteError, StorageError, TrainingError
 from . import io
 from .io import load_adapter, read_adapter, save_adapter
+from . import compose  # registers the "stack" method; dt.compose.stack/average/fold_into_base
 from .sites import SITES, family_of, known_sites
 
 __version__ = "0.1.0"
@@ -40,7 +41,7 @@ def methods() -> list[str]:
 
 
 __all__ = [
-    "io", "methods", "method_info", "attach", "detach", "merge", "unmerge", "fold", "count_parameters",
+    "io", "compose", "methods", "method_info", "attach", "detach", "merge", "unmerge", "fold", "count_parameters",
     "save_adapter", "load_adapter", "read_adapter", "set_active", "active_adapters", "adapters",
     "register", "option", "Method", "Composite", "Placement", "routing", "use", "merged_bytes", "set_frozen_dropout", "SITES", "family_of", "known_sites",
     "DeltatuneError", "ConfigError", "SiteError", "AdapterFileError", "DataError", "TrainingError",

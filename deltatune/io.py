@@ -208,15 +208,18 @@ def _check_config(file, config) -> None:
                                    f"got {key!r}: {shape!r}")
 
 
-def load_adapter(model, path, adapter: str | None = None, check_base: bool = True):
+def load_adapter(model, path, adapter: str | None = None, check_base: bool = True, heads: dict | None = None):
     """Attach the adapter saved at ``path`` to ``model`` (a fresh base) and load its weights.
 
     Everything is validated first (format, method, options, base architecture, shapes, finite
     values, and a fingerprint of the base weights unless ``check_base=False``); on any error the
-    model is left as it was.
+    model is left as it was. With a dict ``heads``, the file's task-head tensors (``head.*``) are put
+    there instead of into the model.
     """
     from .interop import peft  # a PEFT directory is converted to deltatune's (config, tensors) here
     config, tensors = peft.to_deltatune(model, path) if peft.is_peft_dir(path) else read_adapter(path)
+    if heads is not None:  # the caller keeps the task head (one per adapter in deltatune.serve), not the model
+        heads.update({k: tensors.pop(k) for k in [k for k in tensors if k.startswith("head.")]})
     name = adapter or config["adapter"]
     if check_base:
         want, have = config["base"], base_identity(model)
@@ -239,6 +242,8 @@ def load_adapter(model, path, adapter: str | None = None, check_base: bool = Tru
         if check_base:
             _check_fingerprint(path, model, config["base"], info)
         live, _ = adapter_tensors(model, name, fold=config.get("folded", True))
+        if heads is not None:  # the model's own head (if any) is not the adapter's
+            live = {k: v for k, v in live.items() if not k.startswith("head.")}
         missing, extra = sorted(set(live) - set(tensors)), sorted(set(tensors) - set(live))
         if missing or extra:
             raise AdapterFileError(f"{path}: tensors do not fit this model (missing {missing[:5]}, unexpected {extra[:5]})")
