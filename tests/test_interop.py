@@ -228,6 +228,38 @@ def test_prefix_refusal_reason_is_the_position_shift():
     assert diff > 1e-2
 
 
+@pytest.mark.parametrize("family", ["t5", "bart", "bert"])
+def test_prompt_refusal_reason_is_real(family):
+    """Where prompt export is refused, the same prompt vectors do give different outputs in peft."""
+    model = dt.attach(tiny.model(family), "prompt", length=3)
+    model.eval()
+    prompt = next(p for n, p in model.named_parameters() if n.endswith(".prompt"))
+    config = peft.PromptTuningConfig(task_type=TASK[family], num_virtual_tokens=3, num_transformer_submodules=1)
+    theirs = peft.get_peft_model(tiny.model(family), config).eval()
+    theirs.prompt_encoder["default"].embedding.weight.data.copy_(prompt.data)
+    if family == "bert":
+        theirs.base_model.classifier.modules_to_save["default"].load_state_dict(model.classifier.state_dict())
+    b = tiny.inputs(family)
+    assert (real_outputs(model, b) - real_outputs(theirs, b)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_peft_prefix_on_encoder_decoders_uses_only_the_first_layer_slice(family):
+    """What the refusal says of peft 0.21: its seq2seq prefix reads only layer 0's keys and values."""
+    theirs = peft.get_peft_model(tiny.model(family), peft.PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3))
+    theirs.eval()
+    table = theirs.prompt_encoder["default"].embedding.weight
+    b = tiny.inputs(family)
+    with torch.no_grad():
+        table.normal_()
+        reference = real_outputs(theirs, b)
+        half = table.shape[1] // 2  # layer 0's keys and values, then layer 1's
+        table[:, half:] = 0
+        assert torch.equal(real_outputs(theirs, b), reference)
+        table[:, :half] = 0
+        assert not torch.equal(real_outputs(theirs, b), reference)
+
+
 def test_peft_files_deltatune_cannot_hold_are_refused(tmp_path):
     peft_adapter(tmp_path / "dora", "llama", "lora", dict(r=4, use_dora=True))
     peft_adapter(tmp_path / "bias", "bert", "lora", dict(r=4, bias="lora_only"))
@@ -355,8 +387,8 @@ def test_sentence_transformers_export_refuses_unmergeable(tmp_path):
     from deltatune.models import build_task_model
 
     model, tokenizer = build_task_model("tiny-bert", "retrieval")
-    dt.attach(model, "prompt", length=2)
-    with pytest.raises(ConfigError, match="does not merge into the weights"):
+    dt.attach(model, "houlsby")
+    with pytest.raises(ConfigError, match=r"'default' \(houlsby\) does not merge into the weights"):
         export_sentence_transformer(model, tokenizer, tmp_path / "st")
     assert not (tmp_path / "st").exists()
 
@@ -416,11 +448,11 @@ def test_minilm_code_search_bi_encoder_to_sentence_transformers(tmp_path):
     dt.attach(model, "lora", r=8)
     pairs = code_texts()
     queries = tokenizer([q for q, _ in pairs], padding=True, truncation=True, max_length=64, return_tensors="pt")
-    codes = tokenizer([c for _, c in pairs], padding=True, truncation=True, max_length=128, return_tensors="pt")
+    codes = tokenizer([c for _, c in pairs], padding=True, truncation=True, max_length=64, return_tensors="pt")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     model.train()
     losses = []
-    for _ in range(6):
+    for _ in range(3):
         scores = model(**queries) @ model(**codes).T / 0.05
         loss = torch.nn.functional.cross_entropy(scores, torch.arange(len(pairs)))
         optimizer.zero_grad()
@@ -442,3 +474,23 @@ def test_minilm_code_search_bi_encoder_to_sentence_transformers(tmp_path):
         warnings.simplefilter("ignore")
         base = SentenceTransformer(str(tmp_path / "st"), device="cpu")
     assert base.max_seq_length == 128
+
+
+@pytest.mark.slow
+def test_smollm2_prefix_both_ways(tmp_path):
+    """Rotary positions of a real model (SmolLM2, rope_theta 1e5): the prefix keys are rotated exactly."""
+    from deltatune.models import load_backbone
+
+    def fresh():
+        return load_backbone("smollm2", "lm")[0].eval()
+
+    _, tokenizer = load_backbone("smollm2", "lm")
+    b = tokenizer(["def add(a, b):\n    return a + b", "Sort a list"], padding=True, return_tensors="pt")
+    model = dt.attach(fresh(), "prefix", length=4, hidden=0)
+    perturb(model, std=0.5)
+    model.eval()
+    dt.save_adapter(model, tmp_path / "out", format="peft")
+    theirs = peft.PeftModel.from_pretrained(fresh(), str(tmp_path / "out")).eval()
+    assert_same(real_outputs(theirs, b), real_outputs(model, b))
+    ours = dt.load_adapter(fresh(), tmp_path / "out").eval()
+    assert_same(real_outputs(ours, b), real_outputs(model, b))
