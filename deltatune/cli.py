@@ -38,6 +38,7 @@ TRAINING_FLAGS = [
     ("--bf16", None, "train in bfloat16 autocast"),
     ("--grad-checkpointing", None, "recompute activations in the backward pass to save memory"),
     ("--resume", None, "continue from the checkpoint in the output directory"),
+    ("--overwrite", None, "replace the previous run in the output directory (else it is refused)"),
 ]
 
 # `deltatune demo`: the whole comparison on embedded defaults, sized to finish in about ten minutes
@@ -302,7 +303,9 @@ def cmd_bench(args) -> int:
     _check_task(args.task)
     seeds = _seeds(args.seeds)
     out = Path(args.out or f"runs/bench-{_slug(args.model)}-{_slug(args.task)}")
-    out.mkdir(parents=True, exist_ok=True)
+    from deltatune.storage import make_dir
+
+    make_dir(out)  # a StorageError line when --out is a file, on a read-only disk, ...
 
     shared = []
     for flag, kind, _ in TRAINING_FLAGS:

@@ -249,7 +249,7 @@ def _kind(path) -> str:
         mode = os.stat(path).st_mode
     except OSError:
         return "a dangling symbolic link"
-    for test, name in ((stat.S_ISREG, "a file"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+    for test, name in ((stat.S_ISREG, "a file"), (stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
                        (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
         if test(mode):
             return name
@@ -318,8 +318,9 @@ class RunFolder:
         if not os.access(self.path, os.W_OK | os.X_OK):
             raise StorageError(f"--out {self.path} is not writable ({_why_not_writable(self.path)}); choose another --out")
         if os.path.lexists(self.marker) and not self.is_run():
-            raise StorageError(f"{self.marker} is not a regular file (a link?); deltatune does not follow links in its "
-                               "run folders: remove it, or choose another --out")
+            what = "a symbolic link" if os.path.islink(self.marker) else _kind(self.marker)
+            raise StorageError(f"{self.marker} is {what}, not the file deltatune writes to mark its run folders; "
+                               "remove it, or choose another --out")
         if not self.is_run():
             found = self.entries()
             if found:

@@ -132,7 +132,7 @@ def test_the_leftovers_of_a_kill_are_cleaned_up_on_resume(task, tmp_path):
     (out / ".best.tmp").mkdir()
     (out / ".best.tmp" / "adapter.safetensors").write_bytes(b"half")
     (out / "checkpoints" / ".step-000004.tmp").mkdir()
-    (out / ".run.json.x1y2.tmp").write_text("{")
+    (out / ".run.json.x1y2z3w4.tmp").write_text("{")  # mkstemp: 8 random characters
     (out / "checkpoints" / "step-000001").mkdir()
     train(_config(task, out, resume=True))
     assert_same_run(ref, out, steps=4)
