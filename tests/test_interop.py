@@ -200,6 +200,7 @@ def test_methods_without_peft_counterpart_say_so(tmp_path, method):
     ("t5", "prompt", {}, "decoder cross-attends to the real tokens only"),
     ("bart", "prompt", {}, "decoder cross-attends to the real tokens only"),
     ("bert", "prompt", {}, "pooler"),
+    ("vit", "ia3", {"sites": ["ffn.in"], "input_sites": ["ffn.in"]}, "not both"),
     ("llama", "prefix", {"layers": [1]}, "every layer"),
     ("gpt2", "ia3", {"sites": ["ffn.out"], "input_sites": ["ffn.out"]}, "not both"),
 ])
@@ -228,18 +229,28 @@ def test_prefix_refusal_reason_is_the_position_shift():
     assert diff > 1e-2
 
 
-@pytest.mark.parametrize("family", ["t5", "bart", "bert"])
-def test_prompt_refusal_reason_is_real(family):
-    """Where prompt export is refused, the same prompt vectors do give different outputs in peft."""
-    model = dt.attach(tiny.model(family), "prompt", length=3)
+def llama_classifier():
+    torch.manual_seed(0)
+    return T.LlamaForSequenceClassification(tiny.config("llama")).eval()
+
+
+@pytest.mark.parametrize("family", ["t5", "bart", "bert", "llama-cls"])
+def test_prompt_refusal_reason_is_real(tmp_path, family):
+    """Where prompt conversion is refused, the same prompt vectors do give different outputs in peft."""
+    make_model = llama_classifier if family == "llama-cls" else (lambda: tiny.model(family))
+    model = dt.attach(make_model(), "prompt", length=3)
     model.eval()
+    with pytest.raises(ConfigError, match="cannot export this prompt adapter to PEFT"):
+        dt.save_adapter(model, tmp_path, format="peft")
     prompt = next(p for n, p in model.named_parameters() if n.endswith(".prompt"))
-    config = peft.PromptTuningConfig(task_type=TASK[family], num_virtual_tokens=3, num_transformer_submodules=1)
-    theirs = peft.get_peft_model(tiny.model(family), config).eval()
+    task = "SEQ_CLS" if family == "llama-cls" else TASK[family]
+    config = peft.PromptTuningConfig(task_type=task, num_virtual_tokens=3, num_transformer_submodules=1)
+    theirs = peft.get_peft_model(make_model(), config).eval()
     theirs.prompt_encoder["default"].embedding.weight.data.copy_(prompt.data)
-    if family == "bert":
-        theirs.base_model.classifier.modules_to_save["default"].load_state_dict(model.classifier.state_dict())
-    b = tiny.inputs(family)
+    head = {"bert": "classifier", "llama-cls": "score"}.get(family)
+    if head:
+        getattr(theirs.base_model, head).modules_to_save["default"].load_state_dict(getattr(model, head).state_dict())
+    b = tiny.inputs("llama" if family == "llama-cls" else family)  # its last row is padded
     assert (real_outputs(model, b) - real_outputs(theirs, b)).abs().max() > 1e-3
 
 
@@ -494,3 +505,12 @@ def test_smollm2_prefix_both_ways(tmp_path):
     assert_same(real_outputs(theirs, b), real_outputs(model, b))
     ours = dt.load_adapter(fresh(), tmp_path / "out").eval()
     assert_same(real_outputs(ours, b), real_outputs(model, b))
+
+
+def test_prefix_on_a_classifier_is_refused_as_peft_cannot_run_it(tmp_path):
+    model = dt.attach(llama_classifier(), "prefix", length=2, hidden=0)
+    with pytest.raises(ConfigError, match="only a causal LM or the bare model"):
+        dt.save_adapter(model, tmp_path, format="peft")
+    theirs = peft.get_peft_model(llama_classifier(), peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=2))
+    with pytest.raises(ValueError, match="does not support past key values"):  # peft itself cannot run it
+        theirs(**tiny.inputs("llama"))

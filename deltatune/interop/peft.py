@@ -60,10 +60,16 @@ _PROMPT_SEQ2SEQ = (
     "positions from the encoder output, so the decoder cross-attends to the real tokens only, while peft "
     "keeps them (and peft saves a second, unused block of decoder prompt vectors); the outputs would differ"
 )
+_PROMPT_CLS = (
+    "a sequence classifier reads one position of the sequence, and under prompt tuning the libraries read "
+    "different ones: peft's head sees the soft prompt vectors as part of the sequence (BERT's pooler and "
+    "RoBERTa's classifier read the first soft vector; a decoder's classifier, given inputs_embeds, cannot find "
+    "the padding and reads the last position), deltatune's head sees the real tokens only ([CLS], the last "
+    "real token); the outputs differ (the hidden states at the real positions agree)"
+)
 _PROMPT_POOLER = (
-    "this model's head reads the backbone's pooler, and the libraries pool different positions under "
-    "prompt tuning: deltatune recomputes the pooler from the first real token ([CLS]), peft's pooler reads "
-    "the first soft prompt vector; the outputs would differ (the hidden states at the real positions agree)"
+    "this model's head reads the backbone's pooler, which deltatune recomputes from the first real token "
+    "([CLS]) and peft's reads from the first soft prompt vector; the outputs would differ"
 )
 _PREFIX_REFUSED = {
     "gpt2": "with learned absolute positions peft's prefix (past_key_values) moves the real tokens to positions "
@@ -334,9 +340,11 @@ def _prompt_fields(model, root, task, length: int) -> dict:
             "num_attention_heads": heads, "num_layers": sites.num_layers(model)}
 
 
-def _check_prompt_model(model, root):
+def _check_prompt_model(model, root, task):
     if getattr(root.config, "is_encoder_decoder", False):
         return _PROMPT_SEQ2SEQ
+    if task == "SEQ_CLS":
+        return _PROMPT_CLS
     _, backbone = sites.find_backbone(model)
     if backbone is not root and getattr(backbone, "pooler", None) is not None:
         return _PROMPT_POOLER
@@ -350,7 +358,7 @@ def _check_prompt_task(task, what: str):
 
 
 def _prompt_out(model, root, task, deltas):
-    why = _check_prompt_model(model, root)
+    why = _check_prompt_model(model, root, task)
     if why:
         raise ConfigError(f"cannot export this prompt adapter to PEFT: {why}")
     _check_prompt_task(task, "prompt")
@@ -360,15 +368,18 @@ def _prompt_out(model, root, task, deltas):
         **_prompt_fields(model, root, task, prompt.shape[0]), "prompt_tuning_init": "RANDOM"}
 
 
-def _prefix_check(model, what: str):
+def _prefix_check(model, root, what: str):
     family = sites.family_of(model)
     if family in _PREFIX_REFUSED:
         raise ConfigError(f"cannot {what} a prefix adapter on a {family} model: {_PREFIX_REFUSED[family]}")
+    task = task_type(root)
+    if task not in ("CAUSAL_LM", "FEATURE_EXTRACTION"):  # e.g. LlamaForSequenceClassification
+        raise ConfigError(f"cannot {what} a prefix adapter on {type(root).__name__}: peft's prefix goes in as "
+                          "past_key_values, which only a causal LM or the bare model takes here")
 
 
 def _prefix_out(model, root, task, deltas, options):
-    _prefix_check(model, "export to PEFT")
-    _check_prompt_task(task, "prefix")
+    _prefix_check(model, root, "export to PEFT")
     if options.get("sites") != ["attn.kv"] or options.get("layers") is not None:
         raise ConfigError("peft's prefix covers the attention of every layer; this prefix adapter is at "
                           f"sites={options.get('sites')}, layers={options.get('layers')}")
@@ -708,7 +719,7 @@ def _ia3_in(model, prefix, root, config, tensors, file):
 
 
 def _prompt_in(model, root, config, tensors, file):
-    why = _check_prompt_model(model, root)
+    why = _check_prompt_model(model, root, task_type(root))
     if why:
         raise ConfigError(f"cannot load this prompt adapter: {why}")
     if set(tensors) != {"prompt_embeddings"}:
@@ -725,7 +736,7 @@ def _prompt_in(model, root, config, tensors, file):
 
 
 def _prefix_in(model, root, config, tensors, file):
-    _prefix_check(model, "load")
+    _prefix_check(model, root, "load")
     if config.get("num_transformer_submodules") not in (None, 1):
         raise ConfigError("num_transformer_submodules must be 1 for a decoder-only model's prefix")
     if set(tensors) != {"prompt_embeddings"}:
