@@ -1,0 +1,169 @@
+"""How many bottom layers to freeze: the rule, the short fine-tune it reads, and ``telly k=auto``.
+
+The rule (from the Telly study's RSA reading: layers whose representation a fine-tune barely
+changes can be frozen): after a short fine-tune, K is the deepest k (at most L-1, so one block is
+still trained) such that the RSA between the pretrained and the fine-tuned model stays at or above
+``threshold`` at every hidden state 1..k (hidden state j is block j-1's output, so blocks 0..K-1
+are the ones whose output hardly moved). With several fine-tunes the smallest K is taken.
+
+``train(... method="telly", options={"k": "auto"})`` calls :func:`resolve_options`, which runs this
+analysis on the run's own model, task (its train split for the fine-tune, its valid split for the
+RSA samples), max_len and batch size, or reads it back from the cache (keyed on the model's
+weights, the data, and every setting below).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import tempfile
+
+import torch
+
+from ..errors import ConfigError
+from ..models import cache_dir
+
+THRESHOLD = 0.9
+SCORE = "rsa_spearman"
+AUTO_STEPS = 50  # the short fine-tune (capped by the run's own max_steps)
+AUTO_SAMPLES = 500  # RSA samples from the valid split
+VERSION = 1
+
+
+def rule_text(threshold: float = THRESHOLD, score: str = SCORE, steps: int | None = None) -> str:
+    after = f"a short fine-tune ({steps} steps)" if steps else "fine-tuning"
+    return (f"K = the deepest k <= L-1 such that {score} between the pretrained model and the model after {after} "
+            f"is >= {threshold} at every hidden state 1..k (hidden state j is block j-1's output); "
+            "the smallest K over the fine-tunes compared. Telly-K then freezes the embeddings and blocks 0..K-1.")
+
+
+def recommend_k(scores: list[float], threshold: float = THRESHOLD) -> int:
+    """K from one model's per-hidden-state similarity (index 0: embeddings; len = L + 1)."""
+    n_blocks = len(scores) - 1
+    k = 0
+    for j in range(1, n_blocks):  # hidden state j: output of block j-1; K <= L-1
+        if scores[j] is None or not math.isfinite(scores[j]) or scores[j] < threshold:
+            break
+        k = j
+    return k
+
+
+def text_field(kind: str) -> str:
+    return {"retrieval": "code", "classification": "text", "generation": "prompt"}[kind]
+
+
+def short_finetune(model, objective, examples: list, *, steps: int, batch_size: int, lr: float, seed: int,
+                   device: str, progress: bool = True):
+    """``steps`` AdamW steps (linear warmup over the first tenth, then constant) of the attached adapter."""
+    from tqdm.auto import tqdm
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    warm = max(1, steps // 10)
+    model.to(device).train()
+    with torch.random.fork_rng(devices=[]), tqdm(total=steps, desc="short fine-tune", disable=not progress, leave=False) as bar:
+        torch.manual_seed(seed)
+        for step in range(steps):
+            for g in opt.param_groups:
+                g["lr"] = lr * min(1.0, (step + 1) / warm)
+            idx = torch.randperm(len(examples), generator=gen)[:batch_size].tolist()
+            batch = _to(objective.collate([examples[i] for i in idx]), device)
+            loss = objective.loss(model, batch)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            bar.update()
+    model.eval()
+    return model
+
+
+def _to(batch, device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to(v, device) for v in batch)
+    return batch
+
+
+def _data_hash(task) -> str:
+    rows = {s: task.split(s) for s in ("train", "valid")}
+    return hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def freeze_depth(model_name: str, task, *, method: str = "full", steps: int = AUTO_STEPS, samples: int = AUTO_SAMPLES,
+                 threshold: float = THRESHOLD, score: str = SCORE, max_len: int = 128, batch_size: int = 32,
+                 lr: float | None = None, seed: int = 0, device: str = "cpu", progress: bool = True,
+                 cache: bool = True) -> dict:
+    """Run (or read back) the short fine-tune + RSA analysis and the rule: returns a dict with ``k``,
+    ``rule``, the per-layer scores, and what it was computed from."""
+    import deltatune as dt
+    from ..models import build_task_model
+    from ..train import OBJECTIVES, TrainConfig
+    from .features import extract, weights_key
+    from .similarity import per_layer
+
+    base, tokenizer = build_task_model(model_name, task.kind, len(task.labels or []))
+    lr = lr if lr is not None else dt.method_info(method)["lr"]
+    settings = dict(version=VERSION, model=model_name, weights=weights_key(base, model_name), data=_data_hash(task),
+                    task=task.name, method=method, steps=steps, samples=samples, threshold=threshold, score=score,
+                    max_len=max_len, batch_size=batch_size, lr=lr, seed=seed)
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
+    path = cache_dir() / "analysis" / f"freeze-{key}.json"
+    if cache and path.is_file():
+        try:
+            found = json.loads(path.read_text())
+            if found.get("settings") == settings:
+                return {**found, "cached": True, "cache_file": str(path)}
+        except (OSError, ValueError):
+            pass
+    field = text_field(task.kind)
+    rows = task.split("valid") if len(task.split("valid")) >= 10 else task.split("train")
+    texts = [str(r[field]) for r in rows[:samples]]
+    if len(texts) < 3:
+        raise ConfigError(f"freeze depth: task {task.name} has {len(texts)} examples to compare representations on; "
+                          "it needs at least 3 (more than 100 for a stable RSA)")
+    before = extract(base, tokenizer, texts, model_name=model_name, max_len=max_len, batch_size=batch_size,
+                     device=device, progress=progress, desc="RSA: pretrained")["pooled"]
+    cfg = TrainConfig(model=model_name, task=task.name, method=method, max_len=max_len, batch_size=batch_size)
+    objective = OBJECTIVES[task.kind](tokenizer, cfg)
+    examples = objective.encode(task.split("train"), train=True)
+    objective.truncated = objective.seen = 0
+    dt.attach(base, method)
+    short_finetune(base, objective, examples, steps=steps, batch_size=batch_size, lr=lr, seed=seed, device=device,
+                   progress=progress)
+    after = extract(base, tokenizer, texts, model_name=model_name, max_len=max_len, batch_size=batch_size,
+                    device=device, progress=progress, desc="RSA: fine-tuned", cache=False)["pooled"]
+    scores = per_layer(before, after)
+    result = {"k": recommend_k(scores[score], threshold), "rule": rule_text(threshold, score, steps),
+              "scores": scores, "samples": len(texts), "settings": settings}
+    if cache:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump(result, f, indent=1)
+            os.replace(tmp, path)
+        except OSError:
+            pass
+    return {**result, "cached": False, "cache_file": str(path)}
+
+
+def resolve_options(cfg, task=None):
+    """``cfg`` with telly's ``k="auto"`` replaced by the recommended depth (other configs unchanged)."""
+    if cfg.method != "telly" or cfg.options.get("k") != "auto":
+        return cfg
+    from ..train import _load_task
+
+    task = task if task is not None else _load_task(cfg)
+    found = freeze_depth(cfg.model, task, steps=min(AUTO_STEPS, cfg.max_steps), max_len=cfg.max_len,
+                         batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device or "cpu", progress=cfg.progress)
+    print(f"telly k=auto: K={found['k']} ({'cached analysis' if found['cached'] else 'analysis'}: {found['cache_file']}); "
+          f"rule: {found['rule']}", file=sys.stderr)
+    return dataclasses.replace(cfg, options={**cfg.options, "k": found["k"]})

@@ -1,0 +1,334 @@
+"""Embedding recycling (Saad-Falcon et al., Findings EACL 2023): run the frozen lower part once.
+
+When every active adapter trains nothing below block K (telly with k=K, any method with ``layers``
+restricted to blocks >= K), the embeddings and blocks 0..K-1 are a fixed feature extractor (see
+``FrozenBelow``: they run in eval mode while training). :func:`prepare` runs them once over every
+example of every split and keeps block K-1's output on disk; training and evaluation then start at
+block K:
+
+- the cache is one safetensors file per split (``hidden``: the real tokens of every input, one after
+  the other, (total tokens, d); ``offsets``: where each input starts), written in the dtype chosen
+  (float32: exactly the uncached computation; float16 / bfloat16: half the disk and memory), and read
+  back memory-mapped (pages are read when a batch needs them);
+- a batch carries its inputs' cached states under the key ``recycled``; a hook on the backbone takes
+  it out, the blocks below K return it instead of computing, and the backbone computes what the upper
+  blocks need (the attention mask from ``attention_mask``, positions, rotary tables) as usual, so
+  every architecture with one stack of blocks works unchanged;
+- the cache's name is a hash of the frozen part's weights, K, the token ids of every input (so the
+  data, the tokenizer and max_len), the dtype and bf16 autocast: any change builds a new one.
+
+Generation (each decoding step feeds new tokens), prompt tuning (it changes the input sequence),
+``frozen_dropout`` (the frozen part would change every step) and adapters that train the embeddings
+or block 0 cannot be recycled; :func:`frozen_depth` says which and why.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import sites as S
+from ..errors import ConfigError
+from ..models import cache_dir
+from ..store import require_store
+
+FORMAT = 1
+DTYPES = {"float32": (torch.float32, "F32"), "float16": (torch.float16, "F16"), "bfloat16": (torch.bfloat16, "BF16")}
+KEY = "recycled"  # the batch key that carries the cached states
+
+
+class RecycleError(ConfigError):
+    """This run cannot start from a cache of its frozen lower part."""
+
+
+def frozen_depth(model: nn.Module) -> int:
+    """K: the number of bottom blocks (with the embeddings) that no active adapter trains; >= 1, or RecycleError."""
+    store = require_store(model)
+    methods = ", ".join(sorted({store.records[a].method.name for a in store.active})) or "no adapter"
+    if store.frozen is None:
+        raise RecycleError(f"--recycle needs a backbone with one stack of blocks; {type(S.find_backbone(model)[1]).__name__} "
+                           "(encoder-decoder) has two")
+    if store.frozen_dropout:
+        raise RecycleError("--recycle caches the frozen layers' output once, so they must run without dropout; "
+                           "drop --frozen-dropout (frozen_dropout=True)")
+    if any(e.combine.mechanism == "prompt" for a in store.active for e in store.records[a].entries):
+        raise RecycleError(f"{methods} adds tokens to the input, which changes every layer's input; it cannot be recycled")
+    k = min((store.records[a].lowest for a in store.active), default=0)
+    if k < 1:
+        raise RecycleError(f"{methods} trains the embeddings or block 0, so no frozen lower part is left to cache; "
+                           "recycle runs whose lowest trained block is above the embeddings: telly with k >= 1, or a "
+                           "method with layers= restricted to the upper blocks (e.g. --set layers=6,7,8,9,10,11)")
+    return k
+
+
+def _blocks(model) -> list[tuple[int, nn.Module]]:
+    return [(t.layer, t.module) for t in S.resolve(model, "block")]
+
+
+def lower_weights_key(model: nn.Module, k: int) -> str:
+    """Hash of every weight the frozen part uses: the input embeddings and blocks 0..k-1."""
+    store = require_store(model)
+    digest = hashlib.sha256()
+    modules = list(store.frozen.inputs) + [m for layer, m in _blocks(model) if layer < k]
+    for i, m in enumerate(modules):
+        for name, t in sorted({**dict(m.named_parameters()), **dict(m.named_buffers())}.items()):
+            t = t.detach().cpu().contiguous()
+            digest.update(f"{i}.{name}{tuple(t.shape)}{t.dtype}".encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes() if t.dim() else t.reshape(1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:20]
+
+
+# ------------------------------------------------------------------------------------ the cache file
+
+
+class Cache:
+    """One split's cached states, memory-mapped: ``rows(i)`` is input i's (T_i, d) hidden state."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(n))
+        self.meta = header.pop("__metadata__", {})
+        start = 8 + n
+        storage = torch.UntypedStorage.from_file(str(self.path), shared=False, nbytes=size)
+        tensors = {}
+        for name, info in header.items():
+            dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64}[info["dtype"]]
+            item = torch.empty(0, dtype=dtype).element_size()
+            begin = start + info["data_offsets"][0]
+            if begin % item:
+                raise RecycleError(f"{self.path} is not a recycling cache written by deltatune; delete it")
+            tensors[name] = torch.empty(0, dtype=dtype).set_(storage, begin // item, tuple(info["shape"]))
+        self.hidden, self.offsets = tensors["hidden"], tensors["offsets"]
+        self.k, self.form = int(self.meta["k"]), self.meta["form"]
+
+    def row(self, i: int) -> torch.Tensor:
+        return self.hidden[int(self.offsets[i]):int(self.offsets[i + 1])]
+
+
+def _write_header(f, tensors: dict, meta: dict) -> int:
+    header = {"__metadata__": {k: str(v) for k, v in meta.items()}}
+    offset = 0
+    for name, (code, shape, nbytes) in tensors.items():
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    f.write(struct.pack("<Q", len(raw)))
+    f.write(raw)
+    return 8 + len(raw)
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def build(model, objective, rows: list[dict], k: int, dtype: str, path: Path, *, batch_size: int, device: str,
+          bf16: bool = False, progress: bool = True, meta: dict | None = None) -> Cache:
+    """Run the embeddings and blocks 0..k-1 over ``rows`` (token dicts) and write block k-1's outputs to ``path``."""
+    from tqdm.auto import tqdm
+
+    torch_dtype, code = DTYPES[dtype]
+    _, backbone = S.find_backbone(model)
+    d = backbone.config.hidden_size
+    lengths = [len(r["input_ids"]) for r in rows]
+    offsets = torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0)
+    item = torch.empty(0, dtype=torch_dtype).element_size()
+    total = int(offsets[-1])
+    last = dict(_blocks(model))[k - 1]
+    form = {}
+
+    def grab(module, args, output):
+        form["form"] = "tuple" if isinstance(output, tuple) else "tensor"
+        form["out"] = output[0] if isinstance(output, tuple) else output
+        raise _Stop  # nothing above block k-1 is needed
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = last.register_forward_hook(grab)
+    was_training = model.training
+    model.eval()
+    try:
+        with open(tmp, "wb") as f:
+            tensors = {"hidden": (code, (total, d), total * d * item), "offsets": ("I64", (len(rows) + 1,), 8 * (len(rows) + 1))}
+            start = None
+            order = sorted(range(len(rows)), key=lambda i: lengths[i])
+            with tqdm(total=len(rows), desc=f"recycling: caching block {k - 1}'s output", disable=not progress,
+                      leave=False) as bar:
+                for s in range(0, len(order), batch_size):
+                    idx = order[s:s + batch_size]
+                    batch = {key: v.to(device) for key, v in objective.pad([rows[i] for i in idx]).items()}
+                    try:
+                        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+                            model(**batch)
+                    except _Stop:
+                        pass
+                    out = form.pop("out").to(torch_dtype).cpu()
+                    if start is None:  # the header names the blocks' output form, known from the first batch
+                        meta = {**(meta or {}), "format": FORMAT, "k": k, "form": form["form"], "rows": len(rows),
+                                "dtype": dtype}
+                        start = _write_header(f, tensors, meta)
+                        f.truncate(start + total * d * item + 8 * (len(rows) + 1))
+                    for b, i in enumerate(idx):
+                        f.seek(start + int(offsets[i]) * d * item)
+                        f.write(out[b, :lengths[i]].contiguous().view(torch.uint8).numpy().tobytes())
+                    bar.update(len(idx))
+            f.seek(start + total * d * item)
+            f.write(offsets.numpy().tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        handle.remove()
+        model.train(was_training)
+        if tmp.exists():
+            tmp.unlink()
+    return Cache(path)
+
+
+# ------------------------------------------------------------------------------------ replay
+
+
+class _Row(dict):
+    """A token dict that also points at its cached hidden state."""
+
+    __slots__ = ("cache", "index")
+
+
+class _Replay:
+    def __init__(self, k: int, form: str, weights: str):
+        self.k, self.form, self.weights, self.hidden = k, form, weights, None
+
+
+def install(model: nn.Module, k: int, form: str, weights: str) -> None:
+    """Make ``model`` accept ``recycled=`` states in its inputs (idempotent). Its frozen part must be the
+    one the cache was built from."""
+    _, backbone = S.find_backbone(model)
+    replay = backbone.__dict__.get("_deltatune_replay")
+    if replay is not None:
+        if (replay.k, replay.weights) != (k, weights):
+            raise RecycleError("this model was already set up to replay another recycling cache")
+        return
+    depth = frozen_depth(model)
+    if depth < k or lower_weights_key(model, k) != weights:
+        raise RecycleError(f"the recycling cache holds block {k - 1}'s output of other frozen weights than this model's "
+                           f"(its lowest trained block is {depth}); rebuild the cache")
+    replay = _Replay(k, form, weights)
+    backbone.__dict__["_deltatune_replay"] = replay
+
+    def take(module, args, kwargs):
+        replay.hidden = kwargs.pop(KEY, None)
+        return args, kwargs
+
+    def done(module, args, output):
+        replay.hidden = None
+
+    backbone.register_forward_pre_hook(take, with_kwargs=True, prepend=True)
+    backbone.register_forward_hook(done, always_call=True)
+    for layer, block in _blocks(model):
+        if layer < k:
+            block.forward = _skipping(block.forward, layer, replay)
+
+
+def _skipping(forward, layer: int, replay: _Replay):
+    def run(*args, **kwargs):
+        if replay.hidden is None:
+            return forward(*args, **kwargs)
+        hidden = replay.hidden if layer == replay.k - 1 else (args[0] if args else kwargs["hidden_states"])
+        return (hidden,) if replay.form == "tuple" else hidden
+
+    return run
+
+
+def _tokens_key(rows: list[dict]) -> str:
+    digest = hashlib.sha256()
+    for r in rows:
+        digest.update(json.dumps({k: list(v) for k, v in sorted(r.items())}).encode())
+    return digest.hexdigest()
+
+
+def prepare(cfg, model, objective, data: dict, progress: bool | None = None) -> tuple[object, dict]:
+    """Build (or open) the cache of every split and return (objective, data) that start from it.
+
+    ``data``: split -> the objective's encoded examples (tuples whose dict items are token rows).
+    The objective's ``pad`` adds the cached states to every batch; its ``loss`` and ``predict`` set
+    up any model they are given (the best adapter restored at the end, too).
+    """
+    import transformers
+
+    dtype = getattr(cfg, "recycle_dtype", "float32")
+    if dtype not in DTYPES:
+        raise ConfigError(f"recycle_dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if type(objective).__name__ == "Generation":
+        raise RecycleError("--recycle caches the frozen part's output for fixed inputs; generation feeds new tokens "
+                           "at every step, so it applies to retrieval and classification tasks")
+    k = frozen_depth(model)
+    weights = lower_weights_key(model, k)
+    device = cfg.device or "cpu"
+    progress = cfg.progress if progress is None else progress
+    out, form = {}, "tensor"
+    for split, examples in data.items():
+        rows = [part for ex in examples for part in ex if isinstance(part, dict)]
+        key = hashlib.sha256(json.dumps([FORMAT, weights, k, dtype, bool(cfg.bf16), cfg.max_len, type(model).__name__,
+                                         transformers.__version__, _tokens_key(rows)]).encode()).hexdigest()[:24]
+        path = cache_dir() / "recycle" / f"{split}-{key}.safetensors"
+        cache = None
+        if path.is_file():
+            try:
+                cache = Cache(path)
+                if int(cache.meta.get("rows", -1)) != len(rows) or cache.k != k:
+                    cache = None
+            except (OSError, ValueError, KeyError, RuntimeError):
+                cache = None
+        if cache is None and rows:
+            cache = build(model, objective, rows, k, dtype, path, batch_size=cfg.batch_size, device=device,
+                          bf16=cfg.bf16, progress=progress, meta={"split": split, "key": key})
+        if cache is not None:
+            form = cache.form
+        wrapped, n = [], 0
+        for ex in examples:
+            parts = []
+            for part in ex:
+                if isinstance(part, dict):
+                    row = _Row(part)
+                    row.cache, row.index = cache, n
+                    n += 1
+                    part = row
+                parts.append(part)
+            wrapped.append(type(ex)(parts) if isinstance(ex, tuple) else parts)
+        out[split] = wrapped
+    _wrap(objective, k, form, weights, dtype=next(p.dtype for p in model.parameters() if p.is_floating_point()))
+    return objective, out
+
+
+def _wrap(objective, k: int, form: str, weights: str, dtype) -> None:
+    pad, loss, predict = objective.pad, objective.loss, objective.predict
+
+    def padded(rows, left: bool = False):
+        batch = pad(rows, left)
+        if rows and isinstance(rows[0], _Row):
+            if left:
+                raise RecycleError("recycled inputs are padded on the right only")
+            width = batch["input_ids"].shape[1]
+            states = torch.zeros(len(rows), width, rows[0].cache.hidden.shape[1], dtype=dtype)
+            for b, r in enumerate(rows):
+                h = r.cache.row(r.index)
+                states[b, :len(h)] = h.to(dtype)
+            batch[KEY] = states
+        return batch
+
+    def ready(model):
+        install(model, k, form, weights)
+        return model
+
+    objective.pad = padded
+    objective.loss = lambda model, batch: loss(ready(model), batch)
+    objective.predict = lambda model, *a, **kw: predict(ready(model), *a, **kw)

@@ -1,0 +1,139 @@
+"""The analysis written out: analysis.json, probing.png, similarity.png and a small analysis.html.
+
+The HTML is one self-contained page (plots inlined) that ``deltatune report`` pages can link to.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+from ..storage import atomic_write_bytes, atomic_write_json
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_probing(probing: dict, path) -> Path:
+    """Score per hidden state per property, each with its baseline dashed in the same colour."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for i, (prop, r) in enumerate(probing.items()):
+        color = f"C{i}"
+        ax.plot(range(len(r["score"])), r["score"], marker="o", color=color, label=f"{prop} ({r['metric']})")
+        ax.axhline(r["baseline"], color=color, linestyle="--", linewidth=0.8)
+    ax.set_xlabel("hidden state (0 = embeddings, i = output of block i-1)")
+    ax.set_ylabel("test accuracy / MRR")
+    ax.set_title("Linear probes per layer (dashed: majority / random baseline)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_similarity(similarity: dict, path, threshold: float | None = None) -> Path:
+    """RSA (Spearman, solid; Pearson, dotted) and linear CKA (dashed) per hidden state per fine-tune."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
+    for i, (name, r) in enumerate(similarity["models"].items()):
+        color = f"C{i}"
+        x = range(len(r["cka"]))
+        axes[0].plot(x, r["rsa_spearman"], marker="o", color=color, label=name)
+        axes[0].plot(x, r["rsa_pearson"], linestyle=":", color=color)
+        axes[1].plot(x, r["cka"], marker="s", linestyle="--", color=color, label=name)
+    if threshold is not None:
+        axes[0].axhline(threshold, color="grey", linewidth=0.8)
+    axes[0].set_title("RSA with the pretrained model (solid: Spearman, dotted: Pearson)", fontsize=9)
+    axes[1].set_title("linear CKA with the pretrained model", fontsize=9)
+    for ax in axes:
+        ax.set_xlabel("hidden state (0 = embeddings)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("similarity")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def _img(path: Path) -> str:
+    return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}">'
+
+
+def _num(v) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else html.escape(str(v))
+
+
+def html_section(result: dict, images: dict) -> str:
+    """The analysis as an HTML fragment (a <section>), for a page of its own or a bench report."""
+    parts = [f"<section id='layer-analysis'><h2>Layer analysis: {html.escape(result['model'])} on "
+             f"{html.escape(result['task'])}</h2>"]
+    freeze = result.get("freeze")
+    if freeze:
+        parts.append(f"<p><b>Recommended freeze depth K = {freeze['k']}</b> (telly k={freeze['k']}). "
+                     f"Rule: {html.escape(freeze['rule'])}</p>")
+    probing = result.get("probing")
+    if probing:
+        n = max(len(r["score"]) for r in probing.values())
+        head = "".join(f"<th>h{i}</th>" for i in range(n))
+        rows = []
+        for prop, r in probing.items():
+            best = r["peak_layer"]
+            cells = "".join(f"<td>{'<b>' if i == best else ''}{_num(v)}{'</b>' if i == best else ''}</td>"
+                            for i, v in enumerate(r["score"]))
+            weighted = _num(r["weighted"]["accuracy"]) if "weighted" in r else "&ndash;"
+            rows.append(f"<tr><td>{html.escape(prop)}</td><td>{r['metric']}</td>{cells}<td>{weighted}</td>"
+                        f"<td>{_num(r['baseline'])}</td><td>{r.get('n_test', '')}</td></tr>")
+        parts.append("<h3>Probing (test split; peak in bold)</h3><table><tr><th>property</th><th>metric</th>"
+                     f"{head}<th>weighted</th><th>baseline</th><th>test n</th></tr>{''.join(rows)}</table>")
+        if "probing" in images:
+            parts.append(_img(images["probing"]))
+    sim = result.get("similarity")
+    if sim:
+        rows = []
+        for name, r in sim["models"].items():
+            for key in ("rsa_spearman", "rsa_pearson", "cka"):
+                rows.append(f"<tr><td>{html.escape(name)}</td><td>{key}</td>"
+                            + "".join(f"<td>{_num(v)}</td>" for v in r[key]) + "</tr>")
+        n = max(len(r["cka"]) for r in sim["models"].values())
+        parts.append(f"<h3>Similarity with the pretrained model ({sim['samples']} {sim['split']} samples)</h3>"
+                     "<table><tr><th>model</th><th>score</th>" + "".join(f"<th>h{i}</th>" for i in range(n))
+                     + f"</tr>{''.join(rows)}</table>")
+        if "similarity" in images:
+            parts.append(_img(images["similarity"]))
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def write(result: dict, out_dir) -> dict[str, Path]:
+    """analysis.json, the plots and analysis.html in ``out_dir``; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {}
+    if result.get("probing"):
+        files["probing"] = plot_probing(result["probing"], out / "probing.png")
+    if result.get("similarity"):
+        files["similarity"] = plot_similarity(result["similarity"], out / "similarity.png",
+                                              result.get("settings", {}).get("threshold"))
+    page = ("<!doctype html><html><head><meta charset='utf-8'><title>deltatune layer analysis</title><style>"
+            "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;margin:1em 0}"
+            "td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px;text-align:right}img{max-width:100%}"
+            "</style></head><body>" + html_section(result, files) + "</body></html>")
+    atomic_write_bytes(out / "analysis.html", page.encode("utf-8"))
+    files["html"] = out / "analysis.html"
+    files["json"] = out / "analysis.json"
+    atomic_write_json(out / "analysis.json", {**result, "files": {k: str(v) for k, v in files.items()}})
+    return files
+
+
+def read(out_dir) -> dict:
+    return json.loads((Path(out_dir) / "analysis.json").read_text())
