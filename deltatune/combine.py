@@ -58,11 +58,16 @@ class Parallel(Combine):
         return _on_slice(out, entry.out_slice, lambda seg: seg + entry.delta(x).to(seg.dtype))
 
     def can_merge(self, entry):
-        return self.mergeable and hasattr(entry.delta, "delta_weight")
+        bias = getattr(entry.delta, "delta_bias", lambda: None)()  # a delta with its own bias (KAdaptation)
+        return (self.mergeable and hasattr(entry.delta, "delta_weight")
+                and (bias is None or getattr(entry.target_module, "bias", None) is not None))
 
     def merge(self, module, entry):
         a, b = entry.out_slice or (0, None)
         weight_out_in(module)[a:b] += entry.delta.delta_weight().to(module.weight.dtype)
+        bias = getattr(entry.delta, "delta_bias", lambda: None)()
+        if bias is not None:
+            module.bias[a:b] += bias.to(module.bias.dtype)
 
 
 class Sequential(Combine):

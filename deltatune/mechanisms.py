@@ -125,6 +125,8 @@ class _ModuleHooks:
     def _post(self, module, args, out):
         if not self.outputs:
             return None
+        if isinstance(out, tuple):  # a block returns (hidden states, extras...): the combine sees the first
+            return (self._post(module, args, out[0]), *out[1:])
         x = args[0] if args else None
         for e, rows in self.owner.live(self.outputs, out.shape[0], out.device):
             source, e.stash = e.stash, None

@@ -6,8 +6,8 @@ change them); the named group ``layer`` gives the block index, used by ``layers=
 A site that is not in the map can be given as ``re:<regex>`` over the same relative names.
 
 Sites: ``embed`` (input token embeddings), ``attn.q/k/v/o`` (attention projections), ``ffn.in`` /
-``ffn.out`` (first / last FFN projection), ``ln`` (every LayerNorm/RMSNorm), ``block`` (a whole
-transformer layer) and ``attn.kv`` (the attention module, where prefix keys/values are prepended).
+``ffn.out`` (first / last FFN projection), ``ln`` (every LayerNorm/RMSNorm), ``ffn.ln`` (post-LN
+families only: the LayerNorm applied to FFN output + residual), ``block`` (a whole transformer layer) and ``attn.kv`` (the attention module, where prefix keys/values are prepended).
 """
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ SITE_MAP: dict[str, dict[str, str]] = {
         "ffn.in": _BERT_L + r"\.intermediate\.dense",
         "ffn.out": _BERT_L + r"\.output\.dense",
         "ln": r"embeddings\.LayerNorm|" + _BERT_L + r"\.(?:attention\.)?output\.LayerNorm",
+        "ffn.ln": _BERT_L + r"\.output\.LayerNorm",  # post-LN: the norm of FFN output + residual
         "block": _BERT_L,
         "attn.kv": _BERT_L + r"\.attention\.self",
     },
@@ -93,6 +94,7 @@ SITE_MAP: dict[str, dict[str, str]] = {
         "ffn.in": _BART_L + r"\.fc1",
         "ffn.out": _BART_L + r"\.fc2",
         "ln": _BART_L + r"\.(?:self_attn|encoder_attn|final)_layer_norm|(?:encoder|decoder)\.layernorm_embedding",
+        "ffn.ln": _BART_L + r"\.final_layer_norm",
         "block": _BART_L,
         "attn.kv": _BART_L + r"\.(?:self_attn|encoder_attn)",
     },

@@ -10,7 +10,8 @@ class Houlsby(Method):
     h <- h + W_up f(W_down h), before the residual and LayerNorm; LayerNorms are trained too.
 
     Houlsby et al. 2019, "Parameter-Efficient Transfer Learning for NLP", §2.1. Near-identity
-    init (truncated N(0, 1e-2)); bottleneck m from {8, 64, 256}. Not mergeable.
+    init (truncated N(0, 1e-2), the paper's §3.6); GELU as in the authors' adapter-bert
+    (``feedforward_adapter``); bottleneck m from {8, 64, 256}. Not mergeable.
     """
 
     name = "houlsby"
@@ -18,9 +19,12 @@ class Houlsby(Method):
     lr = 1e-3
     identity_at_init = False  # near identity, not exactly
     combines = (SEQUENTIAL,)
+    deviations = ("the adapter reads the projection's output before its dropout (adapter-bert: after it); "
+                  "identical without dropout and at evaluation. adapter-bert initialises with std 1e-3, "
+                  "the paper's text with 1e-2 (used here).")
 
     bottleneck: int = option(64, min=1)
-    activation: str = option("relu", choices=("relu", "gelu", "tanh", "silu"))
+    activation: str = option("gelu", choices=("relu", "gelu", "tanh", "silu"))
     train_ln: bool = option(True, help="also train the LayerNorms (as in the paper)")
     sites: list = option(["attn.o", "ffn.out"])
 
