@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -52,8 +53,9 @@ def option_cases() -> list[tuple[str, list[str], str]]:
             if kind == "list":
                 bad = "1,2" if f.name.endswith("sites") else "-1,"
             else:
-                bad = bad_text[kind]
-            cases.append((f"{method}: {f.name}={bad}", [f"{f.name}={bad}"], f.name))
+                bad = bad_text.get(kind)  # None: an option of any type (no wrong type to try)
+            if bad is not None:
+                cases.append((f"{method}: {f.name}={bad}", [f"{f.name}={bad}"], f.name))
             for bound, step in (("min", -1), ("max", 1)):
                 limit = f.metadata.get(bound)
                 if limit is not None:
@@ -67,8 +69,10 @@ def option_cases() -> list[tuple[str, list[str], str]]:
 TRAINER_FLAGS = [  # (flags, text the error must contain)
     (["--max-steps", "0"], "max_steps"), (["--batch-size", "0"], "batch_size"), (["--eval-every", "0"], "eval_every"),
     (["--lr", "nan"], "lr"), (["--lr", "-1"], "lr"), (["--lr", "inf"], "lr"), (["--max-len", "1"], "max_len"),
-    (["--max-train", "-1"], "max_train"), (["--max-eval", "-1"], "max_eval"), (["--max-train", "0"], "no training"),
+    (["--max-train", "-1"], "max_train"), (["--max-eval", "-1"], "max_eval"), (["--max-train", "0"], "max_train"),
     (["--max-steps", "ten"], "invalid int"),
+    # issue 10: a numpy traceback; zero evaluation examples scored as 0.0
+    (["--seed", "-1"], "seed"), (["--seed", "18446744073709551616"], "seed"), (["--max-eval", "0"], "max_eval"),
 ]
 
 
@@ -104,12 +108,34 @@ DATA = {  # file name -> (content: str, bytes, or {split file: content} for a di
     "retrieval-without-code.jsonl": (_jsonl([{"query": "q", "code": "c"}] * 3 + [{"query": "q"}]),
                                      "line 4: missing column 'code'"),
     "train-file-empty": ({"train.jsonl": "", "test.jsonl": _jsonl(GOOD)}, "is empty"),
+    # issue 10: resource bombs, a class per number, zero examples, and files that are not files
+    "label-1e12.jsonl": (_jsonl(GOOD[:3] + [{"text": "x", "label": 1000000000000}]), "would make 1000000000001 classes"),
+    "label-1e300.jsonl": (_jsonl(GOOD[:3] + [{"text": "x", "label": 1e300}]), "would make over 10^18 classes"),
+    "label-50000.jsonl": (_jsonl(GOOD[:3] + [{"text": "x", "label": 50000}]), "would make 50001 classes"),
+    "label-string-1e12.jsonl": (_jsonl(GOOD[:3] + [{"text": "x", "label": "1000000000000"}]), "classes"),
+    "one-class.jsonl": (_jsonl([{"text": f"t{i}", "label": 0} for i in range(20)]), "at least two classes"),
+    "one-class-by-name.jsonl": (_jsonl([{"text": f"t{i}", "label": "pos"} for i in range(20)]), "at least two classes"),
+    "one-row.jsonl": (_jsonl([{"text": "x", "label": 0}]), "at least two classes"),
+    "two-rows.jsonl": (_jsonl(GOOD[:2]), "the valid split has no examples (2 rows in all)"),
+    "three-copies.jsonl": (_jsonl([GOOD[0]] * 3 + [GOOD[1]] * 3), "split has no examples"),
+    "train-of-one-row": ({"train.jsonl": _jsonl(GOOD[:1]), "test.jsonl": _jsonl(GOOD)}, "the valid split has no examples"),
+    "fifo.jsonl": (lambda path: os.mkfifo(path), "not a regular file (a FIFO)"),
+    "dev-zero.jsonl": (lambda path: os.symlink("/dev/zero", path), "not a regular file (a character device)"),
+    "dev-urandom.csv": (lambda path: os.symlink("/dev/urandom", path), "not a regular file (a character device)"),
+    "symlink-loop.jsonl": (lambda path: os.symlink(path.name, path), "a symlink loop"),
+    "dangling-link.jsonl": (lambda path: os.symlink("nowhere.jsonl", path), "a symlink to a missing file"),
+    "too-big.jsonl": (_jsonl(GOOD * 2000), "set DELTATUNE_MAX_DATA_MB"),  # the probe runs with a 0.5 MB limit
+    "train-fifo": ({"train.jsonl": lambda path: os.mkfifo(path), "test.jsonl": _jsonl(GOOD)}, "no train file"),
 }
+PROBE_DATA_MB = "0.5"
 # Cases only a loaded model can decide: refused before anything is written (then the model is loaded).
 MODEL = [  # (id, argv changes, text the error must contain)
     ("site matches nothing", ["--set", "sites=re:nothing_here"], "matches no module"),
     ("unknown site", ["--set", "sites=attn.nowhere"], "unknown site 'attn.nowhere'"),
-    ("layers out of range", ["--set", "layers=99,"], "in layers [99]"),
+    ("layers out of range", ["--set", "layers=99,"], "layers [99] do not exist: BertModel has 2 blocks, numbered 0..1"),
+    ("one layer of two out of range", ["--set", "layers=0,999"], "layers [999] do not exist"),
+    ("a site pattern that backtracks", ["--set", "sites=re:(.|.)*\\d"], "took over 1 s"),
+    ("a site pattern of nested counted repeats", ["--set", "sites=re:((a{1000}){1000}){1000}"], "counted repeats"),
     ("telly k above the depth", ["--method", "telly", "--set", "k=5"], "exceeds"),
     ("bitfit on llama (no biases)", ["--model", "tiny-llama", "--method", "bitfit"], "does not support llama"),
     ("generation data on an encoder", ["--task", "GEN"], "cannot generate"),
@@ -119,10 +145,12 @@ MODEL = [  # (id, argv changes, text the error must contain)
 
 def _write(root: Path, name: str, content) -> Path:
     path = root / name
-    if isinstance(content, dict):
+    if callable(content):  # a FIFO, a link to a device, a loop
+        content(path)
+    elif isinstance(content, dict):
         path.mkdir()
         for file, text in content.items():
-            (path / file).write_text(text)
+            _write(path, file, text)
     elif isinstance(content, bytes):
         path.write_bytes(content)
     else:
@@ -171,7 +199,7 @@ def probe(tmp_path_factory):
     """Every case of this file through the CLI, in order of how much each may load, in one fresh process."""
     root = tmp_path_factory.mktemp("bad")
     good = _write(root, "good.jsonl", _jsonl(GOOD))
-    gen = _write(root, "gen.jsonl", _jsonl([{"prompt": "p", "target": "t"}] * 10))
+    gen = _write(root, "gen.jsonl", _jsonl([{"prompt": f"p{i}", "target": "t"} for i in range(10)]))
     cases = []
 
     def add(kind, case_id, argv, out):
@@ -191,7 +219,7 @@ def probe(tmp_path_factory):
         changes = [str(gen) if x == "GEN" else x for x in changes]
         add("model", case_id, _with(base_argv(good, out), changes), out)
     proc = subprocess.run([sys.executable, "-c", PROBE], input=json.dumps(cases), capture_output=True, text=True,
-                          cwd=ROOT, timeout=600)
+                          cwd=ROOT, timeout=600, env={**os.environ, "DELTATUNE_MAX_DATA_MB": PROBE_DATA_MB})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {r["id"]: {**r, "kind": c["kind"]} for c, r in zip(cases, json.loads(proc.stdout))}
 
@@ -355,3 +383,73 @@ def test_attach_forward_save_load_raise_only_deltatune_errors(tmp_path, tokenize
     with torch.no_grad():
         after = fresh(**inputs).logits
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-4, equal_nan=True)
+
+
+# ------------------------------------------------------------------------ issue 10: inputs that are fine after all
+
+def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path):
+    """json.dumps(ensure_ascii=False) writes U+2028, U+0085 and \\x1c raw; records end at \\n only."""
+    odd = ["a\u2028b", "c\u0085d", "e\x1cf", "g\u2029h", "i\x0bj", "k\x0cl", "m\x1dn\x1eo", "p\rq"]
+    rows = [{"text": t + str(i), "label": i % 2} for i, t in enumerate(odd * 3)]
+    path = tmp_path / "odd.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows), encoding="utf-8")
+    data = load_task(str(path))
+    assert sorted(r["text"] for r in data.train + data.valid + data.test) == sorted(r["text"] for r in rows)
+    figures.count("bad data files (API)")
+
+
+def test_copies_of_a_row_share_a_split(tmp_path):
+    """The cut between splits moves to the end of a run of copies: no row is in train and in test."""
+    for copies in range(2, 12):
+        rows = [{"text": f"t{i}", "label": i % 2} for i in range(40)]
+        rows += [{"text": f"t{i}", "label": i % 2} for i in range(0, 40, 3) for _ in range(copies - 1)]
+        path = tmp_path / f"dup{copies}.jsonl"
+        path.write_text(_jsonl(rows))
+        data = load_task(str(path))
+        seen = [{json.dumps(r, sort_keys=True) for r in split} for split in (data.train, data.valid, data.test)]
+        assert not (seen[0] & seen[1] or seen[0] & seen[2] or seen[1] & seen[2]), copies
+        assert sum(map(len, (data.train, data.valid, data.test))) == len(rows)
+    folder = tmp_path / "dir"
+    folder.mkdir()  # a test file and no valid file: valid is carved from train, copies included
+    (folder / "train.jsonl").write_text(_jsonl(rows))
+    (folder / "test.jsonl").write_text(_jsonl(GOOD))
+    data = load_task(str(folder))
+    assert not {json.dumps(r, sort_keys=True) for r in data.train} & {json.dumps(r, sort_keys=True) for r in data.valid}
+    figures.count("bad data files (API)", 2)
+
+
+def test_hf_specs_name_org_datasets_and_configs():
+    from deltatune.tasks.files import parse_hf_spec
+
+    assert parse_hf_spec("imdb") == ("imdb", None)
+    assert parse_hf_spec("stanfordnlp/imdb") == ("stanfordnlp/imdb", None)  # not dataset 'stanfordnlp', config 'imdb'
+    assert parse_hf_spec("nyu-mll/glue:sst2") == ("nyu-mll/glue", "sst2")
+    assert parse_hf_spec("glue:sst2") == ("glue", "sst2")
+    for bad in ["", ":x", "a/b/c", "a/b:", "/a", "a/", "a:b:c", "a:b/c"]:
+        with pytest.raises(DataError, match="expected hf:<dataset>"):
+            parse_hf_spec(bad)
+    figures.count("bad data files (API)", 8)
+
+
+def test_a_huge_line_is_cut_before_the_tokenizer_sees_it(tmp_path):
+    """A 50 MB line once took GBs inside the tokenizer: text is cut to CHARS_PER_TOKEN x max_len characters
+    first, and the tokens kept are those that truncating the whole text keeps."""
+    from deltatune.models import load_backbone
+    from deltatune.train import CHARS_PER_TOKEN, OBJECTIVES, TrainConfig
+
+    tokenizer = load_backbone("tiny-bert")[1]
+    longest = []
+
+    class Recording:  # the real tokenizer, noting the longest text it is given
+        def __call__(self, texts, pairs=None, **kw):
+            longest.append(max(map(len, texts + (pairs or []))))
+            return tokenizer(texts, pairs, **kw)
+
+    cfg = TrainConfig(model="tiny-bert", max_len=16)
+    words = " ".join(f"w{i % 977}ord" for i in range(60_000))  # about 500 kB
+    objective = OBJECTIVES["classification"](Recording(), cfg)
+    rows = objective.tokens([words, "short"])  # (pairs: see "Not covered" in docs/reliability.md)
+    assert max(longest) <= CHARS_PER_TOKEN * cfg.max_len
+    whole = tokenizer([words[:20_000], "short"], truncation=True, max_length=16)
+    assert [r["input_ids"] for r in rows] == whole["input_ids"]
+    assert objective.truncated == 1

@@ -394,3 +394,71 @@ def test_fuzzed_adapter_configs_raise_only_deltatune_errors(saved_lora, tmp_path
     except dt.DeltatuneError:
         assert not hasattr(model, "deltatune")
     figures.count("hypothesis: fuzzed adapter configs")
+
+
+# ------------------------------------------------------------------------ issue 10: bombs in model folders, reports, task names
+
+def _nested_config_folder(root: Path) -> Path:
+    folder = root / "nested-model"
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    return folder
+
+
+def _fifo_tokenizer_folder(root: Path) -> Path:
+    folder = root / "fifo-model"
+    folder.mkdir(exist_ok=True)
+    tiny.config("bert").save_pretrained(folder)
+    os.mkfifo(folder / "tokenizer.json")  # transformers would block on it, waiting for a writer
+    return folder
+
+
+def _dev_zero_config_folder(root: Path) -> Path:
+    folder = root / "zero-model"
+    folder.mkdir(exist_ok=True)
+    os.symlink("/dev/zero", folder / "config.json")
+    return folder
+
+
+@pytest.mark.parametrize("make, message", [(_nested_config_folder, "nested too deeply"),
+                                           (_fifo_tokenizer_folder, "not a regular file"),
+                                           (_dev_zero_config_folder, "not a regular file")],
+                         ids=["config.json nested 100k deep", "tokenizer.json a FIFO", "config.json -> /dev/zero"])
+def test_a_model_folder_that_is_a_bomb_is_one_line(tmp_path, capsys, make, message):
+    folder = make(tmp_path)
+    task = write_task(tmp_path / "task", "classification", n_train=8, n_eval=4)
+    code = cli.main(["train", "--model", str(folder), "--task", task, "--method", "lora", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("deltatune train: error: ") and message in err[-1], err
+    assert "Traceback" not in "\n".join(err) and not (tmp_path / "o").exists()
+    figures.count("model folders that are bombs")
+
+
+@pytest.mark.parametrize("content", [b"method,value\n\xff\xfe,1\n", "method,value\n\"" + "x" * 200_000 + "\",1\n"],
+                         ids=["not UTF-8", "a cell over the csv field limit"])
+def test_report_on_a_damaged_results_csv_is_one_line(tmp_path, capsys, content):
+    (tmp_path / "results.csv").write_bytes(content if isinstance(content, bytes) else content.encode())
+    assert cli.main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("deltatune report: error: ") and "results.csv" in err[0], err
+    figures.count("damaged results.csv")
+
+
+@pytest.mark.parametrize("make", [lambda p: os.mkfifo(p), lambda p: os.symlink("/dev/zero", p),
+                                  lambda p: os.symlink(p.name, p)], ids=["a FIFO", "/dev/zero", "a symlink loop"])
+def test_tasks_show_on_a_file_that_is_not_data_is_one_line(tmp_path, capsys, make):
+    path = tmp_path / "data.jsonl"
+    make(path)
+    assert cli.main(["tasks", "show", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data.jsonl" in err[0] and "unknown task" not in err[0], err
+    figures.count("tasks show on files that are not data")
+
+
+def test_evaluating_on_a_split_with_no_examples_is_an_error(stopped_run, tmp_path, capsys):
+    two = tmp_path / "two.jsonl"
+    two.write_text('{"text": "a", "label": 0}\n{"text": "b", "label": 1}\n')
+    assert cli.main(["eval", "--adapter", str(stopped_run), "--task", str(two), "--split", "valid"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "has no examples" in err[-1] and "Traceback" not in "\n".join(err), err
+    figures.count("zero-example evaluations")

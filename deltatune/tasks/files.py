@@ -242,7 +242,7 @@ def map_labels(splits: dict[str, list[dict]], labels: list[str] | None) -> list[
         top = max(range(len(rows)), key=ints.__getitem__)
         k, distinct = ints[top] + 1, len(set(ints))
         if k > MAX_CLASSES or distinct < k / 2:  # checked before a name is made for each class
-            shown = k if k <= 10**9 else "over 10^9"
+            shown = k if k <= 10**18 else "over 10^18"
             raise DataError(f"{rows[top]['_where']}: label {rows[top]['label']!r} would make {shown} classes (int "
                             f"labels are class indices 0..K-1), but only {distinct} distinct labels occur"
                             + (f" and at most {MAX_CLASSES} classes are supported" if k > MAX_CLASSES else "")
