@@ -453,6 +453,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a tiny budget, for smoke tests")
     p.add_argument("--out", metavar="DIR", help="default runs/demo (runs/demo-quick with --quick)")
     p.set_defaults(run=cmd_demo)
+
+    p = sub.add_parser("serve", help="serve adapters over HTTP, batched across adapters (docs/serving.md)")
+    from .serve import add_arguments as add_serve_arguments  # the server's flags live with the server
+    add_serve_arguments(p)
+    p.set_defaults(run=lambda args: __import__("deltatune.serve", fromlist=["run"]).run(args))
     return parser
 
 
