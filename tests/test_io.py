@@ -140,7 +140,7 @@ def test_bad_adapter_files_are_rejected_cleanly(saved, name):
 @pytest.mark.parametrize("method, options, edit, message", [
     ("houlsby", {}, {"bottleneck": 10**30}, "'bottleneck' must be <="),
     ("prompt", {"init": "random"}, {"seed": 2**70}, "'seed' must be <="),
-    ("telly", {}, {"k": 10**30}, "'k' must be <="),
+    ("telly", {}, {"k": 10**30}, "'k' must be <=|exceeds the model"),
     ("prefix", {"hidden": 4}, {"length": 10**30}, "'length' must be <="),
     ("parallel", {}, {"scale": float("inf")}, "finite"),
     ("lora", {}, {"dropout": float("nan")}, "NaN|finite"),
