@@ -499,7 +499,8 @@ class FrozenBelow:
     Nothing there needs a gradient, so autograd records nothing; what still costs is dropout, about
     a quarter of a training-mode forward on CPU. Without it those layers are a fixed feature
     extractor: the same features at every step, which are also the features embedding recycling
-    caches. A method's ``frozen_dropout=True`` keeps plain training-mode behaviour.
+    caches. The training setting ``frozen_dropout=True`` (``dt.set_frozen_dropout``) keeps plain
+    training-mode behaviour.
     """
 
     def __init__(self, backbone, blocks):
