@@ -257,13 +257,17 @@ def attach_deltatune(model, config: str, cfg, **overrides):
     import deltatune as dt
     method, options = DELTATUNE[config]
     options = {**options, **overrides}
+    keep_dropout = options.pop("frozen_dropout", None)  # a training setting, not a method option
     known = dt.method_info(method)["options"]
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise SystemExit(f"bench: deltatune method {method!r} has no option(s) {unknown} "
                          f"(known: {sorted(known)}); update DELTATUNE in bench/run.py")
     options = {k: v(cfg) if callable(v) else v for k, v in options.items()}
-    return dt.attach(model, method, **options)
+    model = dt.attach(model, method, **options)
+    if keep_dropout is not None:
+        dt.set_frozen_dropout(model, bool(keep_dropout))
+    return model
 
 
 def attach(model, cfg, lib: str, config: str, family: str, **overrides):
