@@ -74,6 +74,10 @@ def formula(method, family):
         return head + opts["length"] * d
     if method == "ln":
         return head + _ln_count(family)
+    if method == "sift":  # k = int(rate * out * in) + 1 values per q, k, v, o matrix (Song et al.'s sift.py)
+        def k(n):
+            return int(opts["rate"] * n) + 1
+        return head + n_attn * (2 * k(d * d) + 2 * k(kvd * d))
     return None
 
 
