@@ -98,6 +98,7 @@ def save_adapter(model, path, adapter: str | None = None, fold: bool = True, for
 # What deltatune writes: the parameters of floating-point models. Anything else (complex, integer, bool,
 # float8) is refused before it is read, so the finiteness check below covers every tensor loaded.
 DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+INDEX_SUFFIX = ".indices"  # int64 positions of a sparse delta (deltas.Sparse): the one integer tensor written
 MAX_MB_ENV, MAX_MB_DEFAULT = "DELTATUNE_MAX_ADAPTER_MB", 16384
 
 
@@ -144,7 +145,7 @@ def read_adapter(path) -> tuple[dict, dict]:
                 raise AdapterFileError(f"{file}: tensors do not match its config (missing {missing[:5]}, extra {extra[:5]})")
             for k in keys:  # dtype and shape from the header, before any tensor is read
                 piece = f.get_slice(k)
-                if piece.get_dtype() not in DTYPES:
+                if piece.get_dtype() not in DTYPES and not (k.endswith(INDEX_SUFFIX) and piece.get_dtype() == "I64"):
                     raise AdapterFileError(f"{file}: tensor '{k}' is stored as {piece.get_dtype()}; deltatune writes "
                                            f"only {', '.join(DTYPES)} tensors")
                 if list(piece.get_shape()) != list(expected[k]):
@@ -154,6 +155,11 @@ def read_adapter(path) -> tuple[dict, dict]:
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise AdapterFileError(f"{file} is not a readable safetensors file (truncated or corrupted?): {err}") from None
     for k, t in tensors.items():
+        if t.dtype == torch.int64 and k.endswith(INDEX_SUFFIX):  # a sparse delta's flat positions
+            if t.dim() != 1 or (t.numel() and int(t.min()) < 0) or t.unique().numel() != t.numel():
+                raise AdapterFileError(f"{file}: tensor '{k}' must hold distinct non-negative positions; "
+                                       "the adapter is damaged")
+            continue
         if t.dtype not in DTYPES.values() or not torch.isfinite(t).all():
             raise AdapterFileError(f"{file}: tensor '{k}' holds NaN or Inf values; the adapter is damaged")
     return config, tensors
@@ -255,6 +261,11 @@ def load_adapter(model, path, adapter: str | None = None, check_base: bool = Tru
                                        f"weights (it is stored as {_name(t.dtype)}); the adapter is damaged or was "
                                        "trained at another precision")
         _copy_in(model, store, name, tensors)
+        for key, part in store.adapters[name].named_modules():  # sparse positions must fall inside their weight
+            size, idx = getattr(part, "shape", None), getattr(part, "indices", None)
+            if isinstance(size, tuple) and torch.is_tensor(idx) and idx.numel() and int(idx.max()) >= size[0] * size[1]:
+                raise AdapterFileError(f"{path}: '{key}' has sparse positions beyond its {size[0]}x{size[1]} weight; "
+                                       "the adapter is damaged or belongs to another model")
     except BaseException as err:
         core.detach(model, name)
         if isinstance(err, Exception) and not isinstance(err, DeltatuneError):

@@ -224,3 +224,53 @@ def test_saved_files_are_safetensors_and_json(saved):
     config = json.loads((saved / CONFIG).read_text())
     assert config["method"] == "lora" and config["format_version"] == 1
     assert config["base"]["family"] == "bert" and len(config["base"]["fingerprint"]) == 16
+
+
+def _sift_adapter(tmp_path):
+    """A sparse delta (sift at init: fixed positions, trainable values) saved to disk."""
+    model = dt.attach(tiny.model("bert"), "sift")
+    with torch.no_grad():
+        for n, p in model.deltatune.named_parameters():
+            p.add_(0.1)
+    dt.save_adapter(model, tmp_path / "s")
+    return model, tmp_path / "s"
+
+
+def test_sparse_deltas_round_trip_and_merge_exactly(tmp_path):
+    model, path = _sift_adapter(tmp_path)
+    batch = tiny.inputs("bert")
+    fresh = dt.load_adapter(tiny.model("bert"), path)
+    with torch.no_grad():
+        want = tiny.outputs(model, batch)
+        torch.testing.assert_close(tiny.outputs(fresh, batch), want, atol=1e-5, rtol=1e-5)
+        dt.merge(fresh)
+        torch.testing.assert_close(tiny.outputs(fresh, batch), want, atol=1e-5, rtol=1e-5)
+    config, tensors = dt.read_adapter(path)
+    idx = [k for k in tensors if k.endswith(".indices")]
+    assert idx and all(tensors[k].dtype == torch.int64 for k in idx)
+
+
+@pytest.mark.parametrize("damage", ["negative", "repeated", "beyond"])
+def test_damaged_sparse_positions_are_refused(tmp_path, damage):
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    _, path = _sift_adapter(tmp_path)
+    file = path / "adapter.safetensors"
+    with safe_open(str(file), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(file))
+    key = next(k for k in tensors if k.endswith(".indices"))
+    t = tensors[key].clone()
+    if damage == "negative":
+        t[0] = -1
+    elif damage == "repeated":
+        t[1] = t[0]
+    else:
+        t[0] = 10**9
+    tensors[key] = t
+    save_file(tensors, str(file), metadata=meta)
+    fresh = tiny.model("bert")
+    with pytest.raises(dt.AdapterFileError, match="positions"):
+        dt.load_adapter(fresh, path)
+    assert not hasattr(fresh, "deltatune")
