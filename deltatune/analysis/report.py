@@ -29,6 +29,7 @@ def plot_probing(probing: dict, path) -> Path:
         color = f"C{i}"
         ax.plot(range(len(r["score"])), r["score"], marker="o", color=color, label=f"{prop} ({r['metric']})")
         ax.axhline(r["baseline"], color=color, linestyle="--", linewidth=0.8)
+    ax.set_xticks(range(max(len(r["score"]) for r in probing.values())))
     ax.set_xlabel("hidden state (0 = embeddings, i = output of block i-1)")
     ax.set_ylabel("test accuracy / MRR")
     ax.set_title("Linear probes per layer (dashed: majority / random baseline)")
@@ -55,6 +56,7 @@ def plot_similarity(similarity: dict, path, threshold: float | None = None) -> P
     axes[0].set_title("RSA with the pretrained model (solid: Spearman, dotted: Pearson)", fontsize=9)
     axes[1].set_title("linear CKA with the pretrained model", fontsize=9)
     for ax in axes:
+        ax.set_xticks(range(max(len(r["cka"]) for r in similarity["models"].values())))
         ax.set_xlabel("hidden state (0 = embeddings)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("similarity")
