@@ -139,6 +139,10 @@ class Engine:
         (for internal work such as indexing, never from the event loop)."""
         for job in jobs:
             self.info(job.adapter, job.task)
+            if job.task == "generate" and job.max_new_tokens + self.max_len > self.max_positions:
+                raise ServeError(400, f"max_new_tokens={job.max_new_tokens} plus the prompt's up to {self.max_len} tokens "
+                                      f"exceeds the {self.max_positions} positions of {self.model_name}; ask for at most "
+                                      f"{max(1, self.max_positions - self.max_len)} tokens")
         if len(jobs) > self.queue_size:
             raise ServeError(413, f"{len(jobs)} rows in one request; the queue holds {self.queue_size}")
         with self._cond:
@@ -162,6 +166,11 @@ class Engine:
             for f in self.submit(jobs, wait=True):
                 out.append(torch.tensor(f.result(timeout)["embedding"]))
         return torch.stack(out) if out else torch.zeros(0, self.hidden_size)
+
+    @property
+    def max_positions(self) -> int:
+        config = self.model.config if self.generative else self.model.backbone.config
+        return getattr(config, "max_position_embeddings", None) or 1 << 30
 
     @property
     def hidden_size(self) -> int:

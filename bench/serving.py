@@ -1,0 +1,295 @@
+"""Serving benchmark (issue 14): mixed-adapter batches vs a merged single adapter vs swapping adapters,
+and the HTTP server's requests per second and latency under concurrent clients.
+
+    .venv/bin/python bench/serving.py                 # MiniLM, writes the Measured section of docs/serving.md
+    .venv/bin/python bench/serving.py --quick --model tiny-bert --no-write   # a smoke run
+
+Part 1 (in process, no HTTP). A stream of R requests (short code-search queries and code lines,
+from deltatune's own source) whose adapters are drawn uniformly from N LoRA adapters (r=8 on q, v;
+random non-zero weights: speed does not depend on training). Rows are taken in arrival order in
+windows of B (the server's max batch):
+
+- mixed: each window is ONE forward pass with per-row routing (dt.routing);
+- merged: one adapter merged into the base weights (dt.merge), windows of B: the zero-overhead
+  single-task model, the ceiling;
+- swap: within each window, rows grouped by adapter, one forward per adapter with it active
+  (dt.use), i.e. swapping adapters between batches with the same latency budget;
+- per-request: one forward per request with its adapter active (batch 1).
+
+Configurations alternate round by round (--rounds) so a load change on a shared machine hits all of
+them alike; the medians are reported, with the machine's load average.
+
+Part 2 (HTTP). ``deltatune serve`` in a subprocess with 8 LoRA adapters (saved to a temporary
+folder); C asyncio clients (httpx) each send embed requests for random adapters back to back for
+--seconds; requests per second and p50/p99 latency, for each C in --clients.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import inspect
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import deltatune as dt  # noqa: E402
+from deltatune.models import BiEncoder, load_backbone  # noqa: E402
+
+MIXED_METHODS = [("lora", {}), ("ia3", {}), ("prefix", {"length": 10}), ("prompt", {"length": 10, "init": "random"}),
+                 ("pfeiffer", {}), ("parallel", {}), ("houlsby", {"train_ln": False}), ("mam", {})]
+
+
+def texts(n: int, seed: int = 0) -> list[str]:
+    """Realistic inputs: docstring first lines and source lines of deltatune itself, 4 to 40 words."""
+    pool = []
+    for path in sorted((ROOT / "deltatune").rglob("*.py")):
+        for line in path.read_text().splitlines():
+            words = line.strip().split()
+            if 4 <= len(words) <= 40:
+                pool.append(" ".join(words))
+    rng = random.Random(seed)
+    return [rng.choice(pool) for _ in range(n)]
+
+
+def randomize(module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)
+
+
+def build(model_name: str, methods: list[tuple[str, dict]]):
+    backbone, tok = load_backbone(model_name, "base")
+    enc = BiEncoder(backbone).eval()
+    names = []
+    for i, (method, options) in enumerate(methods):
+        name = f"a{i}"
+        dt.attach(enc, method, adapter=name, **options)
+        randomize(enc.deltatune.adapters[name], seed=i)
+        names.append(name)
+    dt.fold(enc)  # what a saved adapter loads as: training-only parts (the prefix MLP) folded away
+    dt.set_active(enc)
+    return enc, tok, names
+
+
+def forward(enc, tok, rows: list[str]) -> torch.Tensor:
+    batch = tok(rows, padding=True, truncation=True, max_length=128, return_tensors="pt")
+    return enc.backbone(**batch).last_hidden_state
+
+
+def run_mixed(enc, tok, requests, window):
+    for start in range(0, len(requests), window):
+        chunk = requests[start:start + window]
+        with dt.routing(enc, [a for a, _ in chunk]):
+            forward(enc, tok, [t for _, t in chunk])
+
+
+def run_swap(enc, tok, requests, window):
+    for start in range(0, len(requests), window):
+        groups: dict[str, list[str]] = {}
+        for a, t in requests[start:start + window]:
+            groups.setdefault(a, []).append(t)
+        for a, rows in groups.items():
+            with dt.use(enc, a):
+                forward(enc, tok, rows)
+
+
+def run_per_request(enc, tok, requests, window):
+    for a, t in requests:
+        with dt.use(enc, a):
+            forward(enc, tok, [t])
+
+
+def run_plain(enc, tok, requests, window):
+    for start in range(0, len(requests), window):
+        forward(enc, tok, [t for _, t in requests[start:start + window]])
+
+
+def part1(args) -> list[dict]:
+    inputs = texts(args.requests)
+    setups = {f"{n} LoRA": [("lora", {})] * n for n in args.adapters}
+    setups["8 mixed methods"] = MIXED_METHODS
+    models = {}
+    for label, methods in setups.items():
+        enc, tok, names = build(args.model, methods)
+        rng = random.Random(1)
+        models[label] = (enc, tok, [(rng.choice(names), t) for t in inputs])
+    merged, tok, _ = build(args.model, [("lora", {})])
+    dt.set_active(merged, "a0")
+    dt.merge(merged)
+    plans = [("merged", "1 LoRA", None)]
+    for label in setups:
+        plans += [("mixed", label, run_mixed), ("swap", label, run_swap)]
+        if args.per_request:
+            plans.append(("per-request", label, run_per_request))
+    times: dict[tuple[str, str], list[float]] = {(k, label): [] for k, label, _ in plans}
+    with torch.inference_mode():
+        for round_ in range(args.rounds + 1):  # round 0 warms up
+            order = plans if round_ % 2 else list(reversed(plans))
+            for kind, label, fn in order:
+                if kind == "merged":
+                    enc, tok2, reqs = merged, tok, models["1 LoRA"][2]
+                    fn = run_plain
+                else:
+                    enc, tok2, reqs = models[label]
+                start = time.perf_counter()
+                fn(enc, tok2, reqs, args.window)
+                if round_:
+                    times[(kind, label)].append(time.perf_counter() - start)
+            print(f"round {round_}/{args.rounds} done, load {os.getloadavg()[0]:.1f}", file=sys.stderr)
+    rows = []
+    for (kind, label), ts in times.items():
+        med = statistics.median(ts)
+        rows.append({"setup": label if kind != "merged" else "1 LoRA merged", "strategy": kind,
+                     "seconds": med, "rps": args.requests / med, "runs": len(ts)})
+    return rows
+
+
+async def _client(base: str, names: list[str], inputs: list[str], until: float, latencies: list, codes: dict, seed: int):
+    import httpx
+
+    rng = random.Random(seed)
+    async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+        while time.monotonic() < until:
+            body = {"text": rng.choice(inputs)}
+            start = time.monotonic()
+            r = await client.post(f"/v1/adapters/{rng.choice(names)}/embed", json=body)
+            codes[r.status_code] = codes.get(r.status_code, 0) + 1
+            if r.status_code == 200:
+                latencies.append(time.monotonic() - start)
+            elif r.status_code == 429:
+                await asyncio.sleep(float(r.headers.get("retry-after", "1")))
+
+
+def part2(args) -> list[dict]:
+    import httpx
+
+    from tests.serving import free_port
+
+    inputs = texts(512, seed=2)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        enc, _, names = build(args.model, [("lora", {})] * 8)
+        flags = []
+        for name in names:
+            dt.save_adapter(enc, Path(tmp) / name, adapter=name)
+            flags += ["--adapter", f"{name}={Path(tmp) / name}"]
+        del enc
+        for max_batch in args.server_batches:
+            sock = free_port()
+            port = sock.getsockname()[1]
+            sock.close()
+            cmd = [sys.executable, "-m", "deltatune", "serve", "--model", args.model, "--port", str(port),
+                   "--max-batch", str(max_batch), "--max-wait-ms", str(args.max_wait_ms), "--queue", "1024", *flags]
+            proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.DEVNULL)
+            base = f"http://127.0.0.1:{port}"
+            try:
+                for _ in range(1200):
+                    try:
+                        httpx.get(base + "/health", timeout=1)
+                        break
+                    except httpx.TransportError:
+                        time.sleep(0.1)
+                for clients in args.clients:
+                    latencies, codes = [], {}
+                    asyncio.run(_load(base, names, inputs, 2.0, clients, [], {}))  # warm up
+                    start = time.monotonic()
+                    asyncio.run(_load(base, names, inputs, args.seconds, clients, latencies, codes))
+                    wall = time.monotonic() - start
+                    latencies.sort()
+                    q = lambda f: latencies[min(len(latencies) - 1, int(f * len(latencies)))] * 1000  # noqa: E731
+                    rows.append({"max_batch": max_batch, "clients": clients, "rps": len(latencies) / wall,
+                                 "p50_ms": q(0.50), "p99_ms": q(0.99), "ok": len(latencies),
+                                 "other": {k: v for k, v in codes.items() if k != 200}})
+                    print(f"server max_batch={max_batch} clients={clients}: {rows[-1]}", file=sys.stderr)
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
+    return rows
+
+
+async def _load(base, names, inputs, seconds, clients, latencies, codes):
+    until = time.monotonic() + seconds
+    await asyncio.gather(*(_client(base, names, inputs, until, latencies, codes, seed) for seed in range(clients)))
+
+
+def markdown(args, part1_rows, part2_rows, load_before, load_after) -> str:
+    out = [f"Measured by `bench/serving.py` ({' '.join(sys.argv[1:]) or 'defaults'}) on {args.model}, "
+           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs. "
+           f"The machine was shared and busy: load average {load_before:.1f} before and {load_after:.1f} after "
+           "(1-minute, all processes), so absolute numbers are low and noisy; the configurations alternated "
+           f"round by round and each number is the median of {args.rounds} rounds.", ""]
+    if part1_rows:
+        ceiling = next(r for r in part1_rows if r["strategy"] == "merged")["rps"]
+        out += [f"### Throughput: {args.requests} requests, windows of {args.window} rows (in process)", "",
+                "| adapters | strategy | requests/s | vs merged single adapter | vs swap |",
+                "| --- | --- | ---: | ---: | ---: |"]
+        swap = {r["setup"]: r["rps"] for r in part1_rows if r["strategy"] == "swap"}
+        for r in part1_rows:
+            vs_swap = f"{r['rps'] / swap[r['setup']]:.2f}x" if r["setup"] in swap else ""
+            out.append(f"| {r['setup']} | {r['strategy']} | {r['rps']:.1f} | {r['rps'] / ceiling:.0%} | {vs_swap} |")
+        out.append("")
+    if part2_rows:
+        out += [f"### Server: embed requests over HTTP on 127.0.0.1, 8 LoRA adapters, {args.seconds:g} s per row", "",
+                f"Clients are asyncio tasks (httpx) in one process, each sending its next request when the last "
+                f"returns, to a random adapter; `--max-wait-ms {args.max_wait_ms:g}`.", "",
+                "| max batch | clients | requests/s | p50 ms | p99 ms | non-200 |", "| ---: | ---: | ---: | ---: | ---: | --- |"]
+        for r in part2_rows:
+            out.append(f"| {r['max_batch']} | {r['clients']} | {r['rps']:.1f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | "
+                       f"{r['other'] or '-'} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def write(doc: Path, text: str) -> None:
+    start, end = "<!-- bench:start -->", "<!-- bench:end -->"
+    current = doc.read_text()
+    if start not in current or end not in current:
+        raise SystemExit(f"{doc} has no {start} ... {end} section to fill")
+    head, rest = current.split(start, 1)
+    _, tail = rest.split(end, 1)
+    doc.write_text(f"{head}{start}\n{text}\n{end}{tail}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=inspect.cleandoc(__doc__).splitlines()[0])
+    p.add_argument("--model", default="minilm")
+    p.add_argument("--adapters", type=int, nargs="+", default=[1, 8, 64])
+    p.add_argument("--requests", type=int, default=256)
+    p.add_argument("--window", type=int, default=32, help="rows per batch (the server's max batch)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--per-request", action="store_true", help="also time one forward per request (slow)")
+    p.add_argument("--clients", type=int, nargs="+", default=[8, 32])
+    p.add_argument("--server-batches", type=int, nargs="+", default=[32, 1])
+    p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--seconds", type=float, default=15.0)
+    p.add_argument("--skip-server", action="store_true")
+    p.add_argument("--skip-throughput", action="store_true")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
+    p.add_argument("--no-write", action="store_true", help="print the section instead of writing docs/serving.md")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.adapters, args.requests, args.rounds, args.clients, args.seconds = [1, 8], 64, 1, [4], 2.0
+        args.server_batches = [8]
+    load_before = os.getloadavg()[0]
+    rows1 = [] if args.skip_throughput else part1(args)
+    rows2 = [] if args.skip_server else part2(args)
+    text = markdown(args, rows1, rows2, load_before, os.getloadavg()[0])
+    print(text)
+    if not args.no_write:
+        write(ROOT / "docs" / "serving.md", text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
