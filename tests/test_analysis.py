@@ -230,3 +230,20 @@ def test_recycling_refuses_what_it_cannot_cache(tmp_path, cache):
         _run(tmp_path, gen, "gen", model="tiny-llama", recycle=True)
     with pytest.raises(ConfigError, match="recycle_dtype"):
         _run(tmp_path, task, "dtype", recycle=True, recycle_dtype="int8")
+
+
+def test_recycling_benchmark_script_runs_on_a_tiny_model(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import recycle as bench_recycle
+
+    task = write_task(tmp_path / "retrieval", "retrieval", n_train=24, n_eval=8)
+    assert bench_recycle.main(["--model", "tiny-bert", "--task", task, "--max-train", "24", "--batch-size", "8",
+                               "--max-len", "32", "--configs", "telly-half,full", "--out", str(tmp_path / "b")]) == 0
+    rows = json.loads((tmp_path / "b" / "results.json").read_text())
+    telly, full = rows
+    assert telly["steps_per_epoch"] == 3 and telly["cache_mb"] > 0 and telly["recycled_epoch_s"] > 0
+    assert "vs_full_with_build" in telly and "epoch_s" in full
+    assert "| telly-half" in (tmp_path / "b" / "results.md").read_text()
