@@ -21,7 +21,9 @@ import warnings
 from pathlib import Path
 
 import deltatune as dt
-from deltatune.errors import AdapterFileError, ConfigError, DeltatuneError, TrainingError
+from deltatune.errors import ConfigError, DeltatuneError, TrainingError
+from deltatune.names import slug as _slug
+from deltatune.report import pool_note
 
 EXIT_USAGE = 2
 
@@ -39,8 +41,6 @@ TRAINING_FLAGS = [
     ("--grad-checkpointing", None, "recompute activations in the backward pass to save memory"),
     ("--resume", None, "continue from the checkpoint in the output directory"),
     ("--overwrite", None, "replace the previous run in the output directory (else it is refused)"),
-    ("--recycle", None, "run the frozen lower blocks once and train from their cached output (embedding recycling)"),
-    ("--recycle-dtype", str, "the recycling cache's dtype: float32 (default, exact), float16 or bfloat16"),
 ]
 
 # `deltatune demo`: the whole comparison on embedded defaults, sized to finish in about ten minutes
@@ -131,10 +131,6 @@ def _check_task(name: str) -> None:
                           "(or a .jsonl/.csv file, a directory of train/valid/test files, or hf:<dataset>)")
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^\w.-]+", "_", text).strip("_") or "run"
-
-
 def _jsonable(value):
     if isinstance(value, Path):
         return str(value)
@@ -221,32 +217,39 @@ def _print_summary(summary: dict, out) -> None:
     share = f" ({100 * trainable / total:.3g}%)" if trainable is not None and total else ""
     zero = summary.get("zero_shot_value")
     print(f"{summary.get('method')} on {summary.get('task')} ({summary.get('model')}): "
-          f"{summary.get('metric')} = {summary.get('value'):.4f}"
+          f"{summary.get('metric')} = {summary.get('value'):.4f}" + pool_note(summary)
           + (f" (zero-shot {zero:.4f})" if isinstance(zero, (int, float)) else ""))
     print(f"trainable {human_count(trainable)} of {human_count(total)}{share}; "
           f"{summary.get('train_seconds', 0):.1f} s training, {summary.get('step_seconds_median') or 0:.3f} s/step, "
           f"peak RSS {summary.get('peak_rss_mb') or 0:.0f} MB")
-    print(f"adapter and metrics.json in {out}")
+    print(f"adapter, metrics.json and predictions-test.jsonl in {out}")
+
+
+# What `deltatune eval` used, printed on one line of its own rather than among the metrics.
+_EVAL_SETTINGS = ("task", "split", "metric", "value", "examples", "max_eval", "max_len", "batch_size", "truncated",
+                  "adapter", "predictions_file")
 
 
 def cmd_eval(args) -> int:
-    adapter = Path(args.adapter)
-    if not adapter.is_dir():
-        raise AdapterFileError(f"no adapter directory at {adapter}; train one with `deltatune train ... --out DIR`")
-    if not (adapter / "adapter.safetensors").is_file() and (adapter / "best" / "adapter.safetensors").is_file():
-        adapter = adapter / "best"  # a run directory: its best adapter on the validation split
     if args.task:
         _check_task(args.task)
-    from deltatune.train import evaluate
+    from deltatune.train import default_eval_dir, evaluate, resolve_adapter
 
-    metrics = evaluate(adapter, task=args.task, split=args.split)
+    adapter = resolve_adapter(args.adapter)  # a run directory stands for its best/ adapter
+    out = Path(args.out) if args.out else default_eval_dir(adapter, args.task)
+    metrics = evaluate(adapter, task=args.task, split=args.split, max_eval=args.max_eval, max_len=args.max_len,
+                       batch_size=args.batch_size, out_dir=out)
     if args.json:
         print(json.dumps(metrics, default=_jsonable), flush=True)
-    else:
-        print(f"{metrics.get('task')} {metrics.get('split')}: {metrics.get('metric')} = {metrics.get('value'):.4f}")
-        for key, value in metrics.items():
-            if key not in ("task", "split", "metric", "value", metrics.get("metric")):
-                print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
+        return 0
+    whole = "the whole split" if metrics["max_eval"] is None else f"--max-eval {metrics['max_eval']}"
+    print(f"{metrics['task']} {metrics['split']}: {metrics['metric']} = {metrics['value']:.4f}{pool_note(metrics)}")
+    for key, value in metrics.items():
+        if key not in _EVAL_SETTINGS and key != metrics["metric"]:
+            print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
+    print(f"used: {metrics['examples']} examples ({whole}), max_len {metrics['max_len']} "
+          f"({metrics['truncated']} inputs truncated), batch size {metrics['batch_size']}; adapter {metrics['adapter']}")
+    print(f"metrics and predictions in {out}")
     return 0
 
 
@@ -288,6 +291,34 @@ def _children_cpu_seconds() -> float:
 
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
+
+
+def _machine_cpu() -> tuple[float, float, int] | None:
+    """(busy, steal) CPU seconds so far on the cores this process may run on, and their number,
+    from /proc/stat; None where there is no /proc/stat (macOS, Windows)."""
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+        tick = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, AttributeError):
+        return None
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    busy = steal = cores = 0
+    for line in lines:
+        name, *fields = line.split()
+        if not re.fullmatch(r"cpu\d+", name) or (allowed is not None and int(name[3:]) not in allowed):
+            continue
+        user, nice, system, _idle, _iowait, irq, softirq, stolen = ([int(x) for x in fields[:8]] + [0] * 8)[:8]
+        busy, steal, cores = busy + user + nice + system + irq + softirq, steal + stolen, cores + 1
+    return (busy / tick, steal / tick, cores) if cores else None
+
+
+def _other_load(before, after, own_cpu_seconds: float, wall_seconds: float) -> float | None:
+    """The share of the CPU time of our cores that other processes used (or the hypervisor stole)
+    between two _machine_cpu() readings, while our own processes used own_cpu_seconds."""
+    if before is None or after is None or wall_seconds <= 0:
+        return None
+    others = max(0.0, after[0] - before[0] - own_cpu_seconds) + max(0.0, after[1] - before[1])
+    return round(min(1.0, others / (wall_seconds * after[2])), 3)
 
 
 def cmd_bench(args) -> int:
@@ -333,11 +364,14 @@ def cmd_bench(args) -> int:
             command += ["--set", item]
         print(f"[{i}/{len(plan)}] {method} seed {seed}: deltatune {shlex.join(command[3:])}", file=sys.stderr, flush=True)
         # A fresh process per run, so that peak RSS and timings belong to that run alone.
-        run_started, cpu_before = time.monotonic(), _children_cpu_seconds()
+        run_started, cpu_before, machine_before = time.monotonic(), _children_cpu_seconds(), _machine_cpu()
         proc = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=_child_env())
         # Wall and CPU time of the whole run (start-up, loading, evaluations included): on a shared
         # machine their ratio shows how much of the 2 cores the run actually had.
         run_seconds, cpu_seconds = time.monotonic() - run_started, _children_cpu_seconds() - cpu_before
+        # The runs are timed one after another, so other work on the machine during one run would
+        # read as a slow method: measure it, and the report marks the runs it touched.
+        other_load = _other_load(machine_before, _machine_cpu(), cpu_seconds, run_seconds)
         summary = _last_json_line(proc.stdout) if proc.returncode == 0 else None
         if summary is None:
             failures.append(f"{method} seed {seed} (exit code {proc.returncode})")
@@ -345,11 +379,13 @@ def cmd_bench(args) -> int:
                   file=sys.stderr, flush=True)
             continue
         rows.append(report.normalize_row(summary, seed=seed, max_steps=args.max_steps, out_dir=str(run_dir),
-                                         run_seconds=run_seconds, cpu_seconds=cpu_seconds))
+                                         run_seconds=run_seconds, cpu_seconds=cpu_seconds, other_load=other_load))
         report.write_csv(rows, out / "results.csv")  # after every run, so an interrupted bench keeps its results
-        print(f"[{i}/{len(plan)}] {method} seed {seed}: {summary.get('metric')} {summary.get('value'):.4f}, "
-              f"{report.human_count(summary.get('trainable_params'))} trainable, "
-              f"{summary.get('step_seconds_median') or 0:.3f} s/step ({time.monotonic() - started:.0f} s so far)",
+        busy = "" if other_load is None else f", other load {100 * other_load:.0f}%" + (
+            f" {report.BUSY_MARK} time not trustworthy" if report.busy({"other_load": other_load}) else "")
+        print(f"[{i}/{len(plan)}] {method} seed {seed}: {summary.get('metric')} {summary.get('value'):.4f}"
+              f"{pool_note(summary)}, {report.human_count(summary.get('trainable_params'))} trainable, "
+              f"{summary.get('step_seconds_median') or 0:.3f} s/step{busy} ({time.monotonic() - started:.0f} s so far)",
               file=sys.stderr, flush=True)
     meta["wall_seconds"] = round(time.monotonic() - started, 1)
     (out / report.META_FILE).write_text(json.dumps(meta, indent=2))
@@ -393,7 +429,7 @@ def _add_training_flags(p) -> None:
         if kind is None:
             p.add_argument(flag, action="store_true", help=help_text)
         else:
-            p.add_argument(flag, type=kind, metavar={float: "LR", str: "NAME"}.get(kind, "N"), help=help_text)
+            p.add_argument(flag, type=kind, metavar="LR" if kind is float else "N", help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -431,6 +467,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an adapter directory, or the --out of `deltatune train` (then its best/ adapter)")
     p.add_argument("--task", help="evaluate on this task instead of the one it was trained on")
     p.add_argument("--split", default="test", choices=["train", "valid", "test"], help="default test")
+    p.add_argument("--max-eval", type=int, metavar="N",
+                   help="score N examples of the split, picked with the run's seed (default: the whole split)")
+    p.add_argument("--max-len", type=int, metavar="N", help="truncate inputs to N tokens (default: the run's max_len)")
+    p.add_argument("--batch-size", type=int, metavar="N", help="examples per forward pass (default: the run's)")
+    p.add_argument("--out", metavar="DIR", help="where metrics-<split>.json and predictions-<split>.jsonl go "
+                   "(default: <run dir>/eval-<task>/)")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.set_defaults(run=cmd_eval)
 
@@ -455,17 +497,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a tiny budget, for smoke tests")
     p.add_argument("--out", metavar="DIR", help="default runs/demo (runs/demo-quick with --quick)")
     p.set_defaults(run=cmd_demo)
-
-    p = sub.add_parser("analyze", help="which layers hold what, and which a fine-tune changes: probes, RSA, CKA, "
-                       "a freeze depth (HTML, JSON, PNG)")
-    from .analysis.cli import add_arguments as add_analyze_arguments, run as run_analyze  # flags live with the analysis
-    add_analyze_arguments(p)
-    p.set_defaults(run=run_analyze)
-
-    p = sub.add_parser("serve", help="serve adapters over HTTP, batched across adapters (docs/serving.md)")
-    from .serve import add_arguments as add_serve_arguments  # the server's flags live with the server
-    add_serve_arguments(p)
-    p.set_defaults(run=lambda args: __import__("deltatune.serve", fromlist=["run"]).run(args))
     return parser
 
 

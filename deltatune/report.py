@@ -28,12 +28,31 @@ from deltatune.errors import DataError
 
 # Columns written first to results.csv, in this order; any other scalar key of a summary follows, sorted.
 CSV_COLUMNS = [
-    "method", "seed", "task", "model", "metric", "value", "zero_shot_value",
+    "method", "seed", "task", "model", "metric", "value", "zero_shot_value", "pool", "pool_protocol",
     "trainable_params", "total_params", "trainable_pct", "train_seconds",
-    "step_seconds_median", "peak_rss_mb", "run_seconds", "cpu_seconds", "max_steps", "out_dir",
+    "step_seconds_median", "peak_rss_mb", "run_seconds", "cpu_seconds", "other_load", "max_steps", "out_dir",
 ]
 META_FILE = "bench.json"
 ZERO_SHOT = "zero-shot"
+# A run's step times are marked as not to be trusted when other processes (or the hypervisor, as
+# steal) took more than this share of the CPU time of the cores the run could use, while it ran.
+BUSY_LOAD = 0.10
+BUSY_MARK = "†"
+
+
+def pool_note(summary: dict) -> str:
+    """' (candidate pool 656, whole-split)' for a retrieval score that names its pool, else ''."""
+    pool = summary.get("pool")
+    if not isinstance(pool, (int, float)) or isinstance(pool, bool):
+        return ""
+    protocol = summary.get("pool_protocol")
+    return f" (candidate pool {pool:.0f}" + (f", {protocol})" if protocol else ")")
+
+
+def busy(row: dict) -> bool:
+    """Whether other work on the machine took more than BUSY_LOAD of the CPU while this run ran."""
+    load = row.get("other_load")
+    return isinstance(load, (int, float)) and load > BUSY_LOAD
 
 
 # ----------------------------------------------------------------------------- rows in and out
@@ -123,7 +142,10 @@ def aggregate(rows: list[dict]) -> list[dict]:
                     "metric": _first(rows, "metric"), "value": zero_shot[0], "value_std": zero_shot[1],
                     "trainable_params": 0, "trainable_pct": 0.0})
     for name, runs in methods.items():
-        entry = {"method": name, "runs": len(runs), "metric": _first(runs, "metric")}
+        entry = {"method": name, "runs": len(runs), "metric": _first(runs, "metric"),
+                 "busy_runs": sum(map(busy, runs)),
+                 "other_load": max((r["other_load"] for r in runs if isinstance(r.get("other_load"), (int, float))),
+                                   default=None)}
         for key in ("value", "trainable_params", "trainable_pct", "step_seconds_median", "peak_rss_mb", "train_seconds"):
             entry[key], entry[key + "_std"] = _mean_std([r.get(key) for r in runs])
         out.append(entry)
@@ -159,23 +181,59 @@ def _pct(p) -> str:
     return f"{p:.0f}%" if p >= 99.5 else f"{p:.3g}%"
 
 
-def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """Header and cells of the comparison table, shared by the markdown and the HTML output."""
-    agg = aggregate(rows)
+def _pools(rows: list[dict]) -> list:
+    return sorted({r["pool"] for r in rows if isinstance(r.get("pool"), (int, float))})
+
+
+def metric_label(rows: list[dict]) -> str:
+    """The metric's name, with its candidate pool when every run was ranked against the same one."""
     metric = _first(rows, "metric") or "value"
-    header = ["method", "runs", metric, "trainable params", "trainable %", "time / step", "peak RSS"]
+    pools = _pools(rows)
+    return metric + (pool_note({"pool": pools[0], "pool_protocol": _first(rows, "pool_protocol")})
+                     if len(pools) == 1 else "")
+
+
+def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Header and cells of the comparison table, shared by the markdown and the HTML output.
+
+    A time per step measured while other work used the machine (see busy) carries BUSY_MARK.
+    """
+    agg = aggregate(rows)
+    per_cell_pool = len(_pools(rows)) > 1  # else the pool is named once, in the header
+    header = ["method", "runs", metric_label(rows), "trainable params", "trainable %", "time / step", "peak RSS"]
     body = []
     for a in agg:
+        runs = [r for r in rows if str(r["method"]) == a["method"]] or rows  # zero-shot: every run's pool
+        pool = "".join(pool_note({"pool": p}) for p in _pools(runs)) if per_cell_pool else ""
+        step = a.get("step_seconds_median")
         body.append([
             a["method"],
             str(a["runs"]),
-            _pm(a["value"], a["value_std"], ".4f"),
+            _pm(a["value"], a["value_std"], ".4f") + pool,
             human_count(a["trainable_params"]),
             _pct(a["trainable_pct"]),
-            _pm(a.get("step_seconds_median"), a.get("step_seconds_median_std"), ".3f") + (" s" if a.get("step_seconds_median") is not None else ""),
+            _pm(step, a.get("step_seconds_median_std"), ".3f") + (" s" if step is not None else "")
+            + (f" {BUSY_MARK}" if step is not None and a.get("busy_runs") else ""),
             _pm(a.get("peak_rss_mb"), a.get("peak_rss_mb_std"), ".0f") + (" MB" if a.get("peak_rss_mb") is not None else ""),
         ])
     return header, body
+
+
+def timing_notes(rows: list[dict]) -> list[str]:
+    """What the time column can be trusted for: which runs shared the machine with other work."""
+    measured = [r for r in rows if isinstance(r.get("other_load"), (int, float))]
+    if not measured:
+        return ["Times per step: the load of other processes on the machine was not measured for these runs, "
+                "so a slow method may also be a busy machine."]
+    flagged = [r for r in measured if busy(r)]
+    worst = max(r["other_load"] for r in measured)
+    if not flagged:
+        return [f"Times per step: other processes took at most {100 * worst:.0f}% of the CPU while any run ran "
+                f"(runs above {100 * BUSY_LOAD:.0f}% are marked {BUSY_MARK})."]
+    runs = ", ".join(f"{r['method']} seed {r.get('seed')} ({100 * r['other_load']:.0f}%)" for r in flagged)
+    return [f"{BUSY_MARK} Not a measurement of the method: other processes took more than {100 * BUSY_LOAD:.0f}% "
+            f"of the CPU while these runs ran, so their time per step is inflated: {runs}. Re-run them on a quiet "
+            "machine to compare speeds."]
 
 
 def describe_setup(meta: dict) -> str:
@@ -200,6 +258,7 @@ def markdown(rows: list[dict], meta: dict | None = None) -> str:
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join("---" if i == 0 else "--:" for i in range(len(header))) + "|")
     lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    lines += [""] + timing_notes(rows)
     return "\n".join(lines) + "\n"
 
 
@@ -233,7 +292,7 @@ def plot_metric_vs_params(rows: list[dict], path) -> Path:
     """The metric against the number of trainable parameters (log x), one labelled point per method."""
     plt = _pyplot()
     agg = aggregate(rows)
-    metric = _first(rows, "metric") or "value"
+    metric = metric_label(rows)
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for a in agg:
         if a["method"] == ZERO_SHOT:
@@ -250,7 +309,7 @@ def plot_metric_vs_params(rows: list[dict], path) -> Path:
     ax.margins(x=0.12, y=0.1)  # room for the labels right of the outermost points
     ax.set_xlabel("trainable parameters (log scale)")
     ax.set_ylabel(metric)
-    ax.set_title(f"{metric} vs trainable parameters")
+    ax.set_title(f"{_first(rows, 'metric') or 'value'} vs trainable parameters")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     path = Path(path)
@@ -264,9 +323,20 @@ def plot_step_time(rows: list[dict], path) -> Path:
     plt = _pyplot()
     agg = [a for a in aggregate(rows) if a["method"] != ZERO_SHOT and a.get("step_seconds_median") is not None]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    names = [a["method"] for a in agg]
-    ax.bar(names, [a["step_seconds_median"] for a in agg],
-           yerr=[a["step_seconds_median_std"] or 0 for a in agg], capsize=3, color="tab:blue")
+    names = [a["method"] + (f" {BUSY_MARK}" if a.get("busy_runs") else "") for a in agg]
+    bars = ax.bar(names, [a["step_seconds_median"] for a in agg],
+                  yerr=[a["step_seconds_median_std"] or 0 for a in agg], capsize=3, color="tab:blue")
+    for bar, a in zip(bars, agg):
+        if a.get("busy_runs"):  # hatched grey: timed while other work used the machine
+            bar.set_color("lightgrey")
+            bar.set_hatch("//")
+            bar.set_edgecolor("dimgrey")
+    if any(a.get("busy_runs") for a in agg):
+        from matplotlib.patches import Patch
+
+        ax.legend(handles=[Patch(facecolor="lightgrey", edgecolor="dimgrey", hatch="//",
+                                 label=f"{BUSY_MARK} machine busy with other work (> {100 * BUSY_LOAD:.0f}% CPU): not trustworthy")],
+                  loc="upper left", fontsize=8)
     ax.set_ylabel("seconds per step (median)")
     ax.set_title("time per training step")
     ax.grid(True, axis="y", alpha=0.3)
@@ -350,6 +420,7 @@ def html_page(rows: list[dict], meta: dict, images: dict[str, Path]) -> str:
              "<h2>Results</h2><table><thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr></thead><tbody>"]
     parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>" for cells in body]
     parts.append("</tbody></table>")
+    parts += [f"<p>{esc(note)}</p>" for note in timing_notes(rows)]
     for caption, png in images.items():
         parts.append(f"<figure><img alt='{esc(caption)}' src='{_data_uri(png)}'><figcaption>{esc(caption)}</figcaption></figure>")
     m, v = meta.get("machine", {}), meta.get("versions", {})
@@ -386,9 +457,9 @@ def write_report(rows: list[dict], out_dir, meta: dict | None = None) -> dict[st
     paths["markdown"].write_text(markdown(rows, meta))
     paths["metric_plot"] = plot_metric_vs_params(rows, out_dir / "metric_vs_params.png")
     paths["time_plot"] = plot_step_time(rows, out_dir / "step_time.png")
-    metric = _first(rows, "metric") or "value"
-    images = {f"{metric} vs trainable parameters (log scale); error bars: std across seeds": paths["metric_plot"],
-              "median time per training step": paths["time_plot"]}
+    images = {f"{metric_label(rows)} vs trainable parameters (log scale); error bars: std across seeds": paths["metric_plot"],
+              "median time per training step" + (f"; hatched grey ({BUSY_MARK}): timed while other work used the machine"
+                                                 if any(map(busy, rows)) else ""): paths["time_plot"]}
     paths["html"] = out_dir / "report.html"
     paths["html"].write_text(html_page(rows, meta, images))
     return paths

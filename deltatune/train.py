@@ -40,6 +40,7 @@ import deltatune as dt
 from deltatune.errors import AdapterFileError, ConfigError, DataError, StorageError, TrainingError
 from deltatune.io import atomic_write_bytes, atomic_write_json, fsync_dir, storage_error
 from deltatune.models import build_task_model, format_prompt
+from deltatune.names import slug
 
 
 @dataclass
@@ -72,8 +73,6 @@ class TrainConfig:
     json_log: bool = True
     progress: bool = True
     device: str | None = None  # None: cuda if available, else cpu
-    recycle: bool = False  # run the frozen lower blocks once and start from their cached output (deltatune.analysis.recycle)
-    recycle_dtype: str = "float32"  # the cache's dtype: float32 (exact), float16 or bfloat16
 
 
 # Fields that may differ between a run and its resumption without changing the result.
@@ -91,8 +90,6 @@ def train(cfg: TrainConfig, task=None) -> dict:
     returns ``{"stopped_at": step, ...}`` instead; ``resume=True`` then finishes it with the same result.
     """
     cfg = _resolved(cfg, task)
-    from deltatune.analysis.freeze import resolve_options
-    cfg = resolve_options(cfg, task)  # telly k="auto": the freeze depth from a layer analysis (cached)
     with _deterministic(cfg.deterministic):
         return _train(cfg, task)
 
@@ -116,10 +113,10 @@ def _train(cfg: TrainConfig, task) -> dict:
              "zero_shot_value": None, "train_seconds": 0.0, "step_seconds": []}
 
     zero_shot = None
-    if checkpoint is None and task.kind == "retrieval":  # the pretrained model as it is, before attach
+    if checkpoint is None and data["test"]:  # the pretrained model before attach (a classifier: its untrained head)
         with torch.random.fork_rng(devices=[]):  # a method that does not fit fails before the scoring
             dt.detach(dt.attach(model, cfg.method, **cfg.options))
-        zero_shot = _score(model.to(cfg.device), objective, data["test"], task, "test", cfg)
+        zero_shot, zero_shot_records = _score(model.to(cfg.device), objective, data["test"], task, "test", cfg)
         state["zero_shot_value"] = zero_shot[task.metric]
     if checkpoint is None:
         dt.attach(model, cfg.method, **cfg.options)
@@ -128,9 +125,6 @@ def _train(cfg: TrainConfig, task) -> dict:
     if cfg.grad_checkpointing:
         _enable_checkpointing(model)
     model.to(cfg.device)
-    if cfg.recycle:  # the frozen lower part runs once; training and evaluation start from its cached output
-        from deltatune.analysis import recycle
-        objective, data = recycle.prepare(cfg, model, objective, data)
     trainable, total = dt.count_parameters(model)
     names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -139,6 +133,9 @@ def _train(cfg: TrainConfig, task) -> dict:
     _prepare_out_dir(out, cfg, checkpoint)
     log = _Log(out / "log.jsonl" if cfg.json_log else None, keep_until=_step_of(checkpoint))
     if zero_shot is not None:
+        for stale in PREDICTIONS.values():  # a fresh run: the previous run's predictions go with its metrics
+            (out / stale).unlink(missing_ok=True)
+        _write_predictions(out / PREDICTIONS["zero-shot"], zero_shot_records)
         log.write({"step": 0, "split": "test", "zero_shot": True, **zero_shot})
 
     if _loop(cfg, model, optimizer, names, objective, data, task, state, log, out) == "interrupted":
@@ -146,7 +143,8 @@ def _train(cfg: TrainConfig, task) -> dict:
                 "checkpoint": str(_latest_checkpoint(out))}
     del model, optimizer  # the test score comes from the saved best adapter, exactly as evaluate() sees it
     best, _ = _restore(cfg, task, out / "best")
-    test = _score(best.to(cfg.device), objective, data["test"], task, "test", cfg)
+    test, records = _score(best.to(cfg.device), objective, data["test"], task, "test", cfg)
+    _write_predictions(out / PREDICTIONS["test"], records)
     log.write({"step": state["step"], "split": "test", "best_step": state["best_step"], **test})
     summary = {
         "method": cfg.method, "task": task.name, "model": cfg.model, "metric": task.metric,
@@ -156,6 +154,8 @@ def _train(cfg: TrainConfig, task) -> dict:
         "steps": state["step"], "max_steps": cfg.max_steps, "stopped_early": state["step"] < cfg.max_steps,
         "best_step": state["best_step"], "valid_value": state["best_value"], "seed": cfg.seed, "lr": cfg.lr,
         "batch_size": cfg.batch_size, "options": cfg.options, "out_dir": str(out), "adapter_dir": str(out / "best"),
+        "predictions_file": str(out / PREDICTIONS["test"]),
+        "zero_shot_predictions_file": str(out / PREDICTIONS["zero-shot"]) if state["zero_shot_value"] is not None else None,
     }
     summary.update({k: v for k, v in test.items() if k not in summary})
     atomic_write_json(out / "metrics.json", summary)
@@ -222,7 +222,8 @@ def _step(cfg, model, optimizer, params, objective, examples, order) -> torch.Te
 
 def _validate(cfg, model, objective, data, task, state, log, out) -> float | None:
     """Score the validation split and keep the best adapter in out/best; returns the metric."""
-    metrics = _score(model, objective, data["valid"], task, "valid", cfg) if data["valid"] else {}
+    metrics, records = _score(model, objective, data["valid"], task, "valid", cfg) if data["valid"] else ({}, [])
+    _write_predictions(out / PREDICTIONS["valid"], records, step=state["step"])  # the latest validation's
     log.write({"step": state["step"], "split": "valid", **metrics})
     value = metrics.get(task.metric)
     if value is None or state["best_value"] is None or value > state["best_value"]:
@@ -265,28 +266,82 @@ def _lr_factor(step: int, max_steps: int, warmup: int) -> float:
 # ------------------------------------------------------------------------------- evaluation
 
 
-def evaluate(adapter_dir, task=None, split: str = "test") -> dict:
+# The predictions of every scoring, one JSON object per example (index, input, reference, prediction),
+# written next to metrics.json in out_dir: the test score of the best adapter, the zero-shot score of
+# the base model, and the latest validation (with its step).
+PREDICTIONS = {"test": "predictions-test.jsonl", "zero-shot": "predictions-test-zero-shot.jsonl",
+               "valid": "predictions-valid.jsonl"}
+
+
+def resolve_adapter(path) -> Path:
+    """The adapter directory ``path`` names: itself, or for a ``train`` out_dir its ``best/`` adapter."""
+    path = Path(path)
+    if not path.is_dir():
+        raise AdapterFileError(f"no adapter directory at {path}; train one with `deltatune train ... --out DIR`")
+    if not (path / "adapter.safetensors").exists() and (path / "best").is_dir():
+        return path / "best"  # a run directory: its best adapter on the validation split
+    return path
+
+
+def evaluate(adapter_dir, task=None, split: str = "test", *, max_eval: int | None = None,
+             max_len: int | None = None, batch_size: int | None = None, out_dir=None) -> dict:
     """Score a saved adapter on ``split`` of its training task (or of ``task``: a name, path or TaskData).
 
-    The model and task come from the ``run.json`` that ``train`` wrote next to the adapter. An
-    ``out_dir`` of ``train`` stands for its ``best`` adapter.
+    The model (and by default the task) come from the ``run.json`` that ``train`` wrote next to the
+    adapter; an ``out_dir`` of ``train`` stands for its ``best`` adapter. The whole split is scored
+    unless ``max_eval`` is given (the run's seed then picks the examples, so the run's own max_eval
+    reproduces the subset it was tested on). ``max_len`` and ``batch_size`` default to the run's.
+    With ``out_dir``, ``metrics-<split>.json`` and ``predictions-<split>.jsonl`` are written there.
+    Returns the metrics plus what was used: examples, max_len, batch_size, truncated, adapter.
     """
-    adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter.safetensors").exists() and (adapter_dir / "best").is_dir():
-        adapter_dir = adapter_dir / "best"
+    adapter_dir = resolve_adapter(adapter_dir)
+    run_json = _run_json_of(adapter_dir)
+    cfg = _config_from(_read_run_json(run_json), run_json)
+    cfg = _resolved(dataclasses.replace(cfg, max_eval=max_eval, max_len=cfg.max_len if max_len is None else max_len,
+                                        batch_size=cfg.batch_size if batch_size is None else batch_size), None)
+    if max_eval is not None and max_eval < 1:
+        raise ConfigError(f"max_eval must be >= 1 or None (the whole split), got {max_eval}")
+    if task is None or isinstance(task, (str, os.PathLike)):
+        task = _load_task(dataclasses.replace(cfg, task=str(task or cfg.task)))
+    elif max_eval is not None:
+        raise ConfigError("max_eval applies to a task loaded by name or path; subsample a TaskData before passing it")
+    rows = task.split(split)
+    if not rows:
+        raise DataError(f"task {task.name} has no {split} examples to evaluate")
+    model, tokenizer = _restore(cfg, task, adapter_dir)
+    objective = OBJECTIVES[task.kind](tokenizer, cfg)
+    examples = objective.encode(rows, train=False)
+    truncated = objective.truncated
+    objective.warn_truncated(stacklevel=2)
+    metrics, records = _score(model.to(cfg.device), objective, examples, task, split, cfg)
+    result = {"task": task.name, "split": split, "metric": task.metric, "value": metrics[task.metric], **metrics,
+              "examples": len(rows), "max_eval": max_eval, "max_len": cfg.max_len, "batch_size": cfg.batch_size,
+              "truncated": truncated, "adapter": str(adapter_dir)}
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise storage_error(err, out_dir) from err
+        result["predictions_file"] = str(out_dir / f"predictions-{split}.jsonl")
+        _write_predictions(out_dir / f"predictions-{split}.jsonl", records)
+        atomic_write_json(out_dir / f"metrics-{split}.json", result)
+    return result
+
+
+def _run_json_of(adapter_dir: Path) -> Path:
     found = [p / "run.json" for p in (adapter_dir, *list(adapter_dir.parents)[:3]) if (p / "run.json").is_file()]
     if not found:
         raise ConfigError(f"no run.json in {adapter_dir} or its parents: evaluate() needs the model and task "
                           "that deltatune.train records in out_dir/run.json")
-    cfg = _config_from(_read_run_json(found[0]), found[0])
-    if task is None or isinstance(task, (str, os.PathLike)):
-        task = _load_task(dataclasses.replace(cfg, task=str(task or cfg.task)))
-    model, tokenizer = _restore(cfg, task, adapter_dir)
-    objective = OBJECTIVES[task.kind](tokenizer, cfg)
-    examples = objective.encode(task.split(split), train=False)
-    objective.warn_truncated(stacklevel=2)
-    metrics = _score(model.to(cfg.device), objective, examples, task, split, cfg)
-    return {"task": task.name, "split": split, "metric": task.metric, "value": metrics[task.metric], **metrics}
+    return found[0]
+
+
+def default_eval_dir(adapter_dir, task=None) -> Path:
+    """Where ``deltatune eval`` writes by default: ``<run dir>/eval-<task>/`` next to the run's own files."""
+    run_json = _run_json_of(resolve_adapter(adapter_dir))
+    name = task.name if hasattr(task, "name") else task or _read_run_json(run_json).get("task") or "task"
+    return run_json.parent / f"eval-{slug(name)}"
 
 
 def _restore(cfg: TrainConfig, task, adapter_dir: Path):
@@ -296,11 +351,23 @@ def _restore(cfg: TrainConfig, task, adapter_dir: Path):
 
 
 @torch.no_grad()
-def _score(model, objective, examples, task, split, cfg) -> dict:
+def _score(model, objective, examples, task, split, cfg) -> tuple[dict, list[dict]]:
+    """(the task's metrics, one prediction record per example) for ``split``."""
     model.eval()
     with _autocast(cfg):
         predictions = objective.predict(model, examples, cfg.batch_size, cfg.device)
-    return task.score(predictions, split)
+    metrics = task.score(predictions, split)
+    return metrics, objective.records(task.split(split), predictions, task)
+
+
+def _write_predictions(path: Path, records: list[dict], **extra) -> None:
+    text = "".join(json.dumps({**extra, **r}, ensure_ascii=False) + "\n" for r in records)
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _traceable(row: dict) -> dict:
+    """The identifying fields an example may carry (its source path, the function's name)."""
+    return {k: row[k] for k in ("id", "path", "name") if isinstance(row.get(k), (str, int))}
 
 
 # ------------------------------------------------------------------------------- objectives
@@ -372,6 +439,29 @@ class Retrieval(_Objective):
 
         return embed([q for q, _ in examples]), embed([c for _, c in examples])
 
+    def records(self, rows, predictions, task):
+        """Per query: the code ranked first among all the split's codes, and the rank of the first
+        right code among them (cosine similarity; ties count against; the codes of identical
+        queries all count as right, as in the metric). ``candidates`` is that pool: the whole split,
+        which is the metric's pool unless the split is larger than it."""
+        q, c = (np.nan_to_num(np.asarray(x, dtype=np.float64)) for x in predictions)
+        q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+        c = c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
+        ids = {}
+        group = np.array([ids.setdefault(r["query"], len(ids)) for r in rows], dtype=np.int64)
+        out = []
+        for start in range(0, len(q), 256):  # chunks keep memory at 256 x N
+            sims = q[start:start + 256] @ c.T
+            right = group[start:start + len(sims), None] == group[None, :]
+            best = np.where(right, sims, -np.inf).max(axis=1)
+            ranks, top = 1 + ((sims >= best[:, None]) & ~right).sum(axis=1), sims.argmax(axis=1)
+            for j in range(len(sims)):
+                row, best = rows[start + j], int(top[j])
+                out.append({"index": start + j, **_traceable(row), "input": row["query"], "reference": row["code"],
+                            "prediction": rows[best]["code"], "prediction_index": best,
+                            "rank": int(ranks[j]), "candidates": len(c)})
+        return out
+
 
 class Classification(_Objective):
     def encode(self, rows, train):
@@ -389,6 +479,17 @@ class Classification(_Objective):
         rows = [x for x, _ in examples]
         return [int(i) for start in range(0, len(rows), batch_size)
                 for i in model(**_to(self.pad(rows[start:start + batch_size]), device)).argmax(-1).tolist()]
+
+    def records(self, rows, predictions, task):
+        names = task.labels or []
+
+        def name(label):
+            return names[label] if isinstance(label, int) and 0 <= label < len(names) else label
+
+        return [{"index": i, **_traceable(row), "input": row["text"],
+                 **({"input_pair": row["text_pair"]} if "text_pair" in row else {}),
+                 "reference": name(row["label"]), "prediction": name(int(p))}
+                for i, (row, p) in enumerate(zip(rows, predictions))]
 
 
 class Generation(_Objective):
@@ -426,6 +527,10 @@ class Generation(_Objective):
                                  pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
             texts += self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
         return [t.strip() for t in texts]
+
+    def records(self, rows, predictions, task):
+        return [{"index": i, **_traceable(row), "input": row["prompt"], "reference": row["target"], "prediction": p}
+                for i, (row, p) in enumerate(zip(rows, predictions))]
 
 
 OBJECTIVES = {"retrieval": Retrieval, "classification": Classification, "generation": Generation}
@@ -633,9 +738,7 @@ def _resolved(cfg: TrainConfig, task) -> TrainConfig:
     )
 
 
-def _slug(text: str) -> str:
-    """A file-name-safe short form: 'data/my task.jsonl' -> 'my-task'."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(text).stem or text).strip("-")
+_slug = slug  # one definition, in deltatune.names, shared with the CLI
 
 
 def _read_run_json(path: Path) -> dict:

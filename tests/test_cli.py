@@ -2,8 +2,10 @@
 `train --json` on a tiny model, and `report DIR` on synthetic rows."""
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -148,6 +150,29 @@ def test_eval_missing_adapter_dir(capsys, tmp_path):
     assert code == 2 and "no adapter directory" in err
 
 
+def test_summary_names_the_candidate_pool_beside_the_mrr(capsys):
+    summary = {"method": "lora", "task": "code-search", "model": "minilm", "metric": "mrr", "value": 0.7,
+               "zero_shot_value": 0.6, "pool": 200, "pool_protocol": "whole-split", "trainable_params": 10,
+               "total_params": 100}
+    cli._print_summary(summary, "runs/x")
+    out = capsys.readouterr().out
+    assert "mrr = 0.7000 (candidate pool 200, whole-split)" in out and "predictions-test.jsonl" in out
+
+
+def test_other_load_sees_a_busy_core():
+    # One process spinning on one of our cores for 1.5 s: at least a third of the cores' time
+    # (half of 2 cores, a quarter of 4, ...) went to other work than ours.
+    cores = len(os.sched_getaffinity(0))
+    before, started = cli._machine_cpu(), time.monotonic()
+    assert before is not None and before[2] == cores
+    subprocess.run([sys.executable, "-c", "import time\nt = time.process_time()\nwhile time.process_time() - t < 1.5: pass"])
+    load = cli._other_load(before, cli._machine_cpu(), 0.0, time.monotonic() - started)
+    assert 0.6 / cores <= load <= 1.0
+    # (busy, steal, cores) readings: our own CPU time is not "other", stolen time is
+    assert cli._other_load((10.0, 1.0, 2), (14.0, 1.0, 2), 4.0, 2.0) == 0.0
+    assert cli._other_load((10.0, 1.0, 2), (14.0, 2.0, 2), 2.0, 2.0) == 0.75
+
+
 def test_demo_runs_registered_methods_on_a_bench_budget():
     assert set(cli.DEMO_METHODS) <= set(dt.methods())
     for quick in (False, True):
@@ -177,6 +202,50 @@ def test_report_without_results_is_exit_2(capsys, tmp_path):
 
 
 # ----------------------------------------------------------------------------- the engine, for real
+
+@pytest.mark.skipif(not Path("/proc/stat").is_file(), reason="the machine's load is read from /proc/stat")
+def test_bench_marks_runs_timed_while_the_machine_was_busy(capsys, tmp_path, monkeypatch):
+    # Other work on the machine during a run: the bench measures it, the report marks that run's
+    # time per step (table, note, plot, HTML) instead of showing it as a slow method.
+    loads = iter([0.02, 0.5])
+    monkeypatch.setattr(cli, "_other_load", lambda *args: next(loads))
+    code, out, err = run(capsys, "bench", "--model", "tiny-bert", "--task", "code-search", "--methods", "lora,bitfit",
+                         "--max-steps", "1", "--batch-size", "4", "--max-train", "8", "--max-eval", "8",
+                         "--out", str(tmp_path))
+    assert code == 0, err
+    rows = report.read_csv(tmp_path / "results.csv")
+    assert [r["other_load"] for r in rows] == [0.02, 0.5]
+    assert "other load 50% † time not trustworthy" in err and "candidate pool 8" in err
+    md = (tmp_path / "results.md").read_text()
+    assert "mrr (candidate pool 8, whole-split)" in md
+    lines = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ")}
+    assert " s †" in lines["bitfit"] and "†" not in lines["lora"]
+    assert "bitfit seed 0 (50%)" in md and "bitfit seed 0 (50%)" in (tmp_path / "report.html").read_text()
+
+
+def test_eval_scores_the_whole_split_says_what_it_used_and_keeps_predictions(capsys, tmp_path):
+    from deltatune.tasks import load_task
+
+    out_dir = tmp_path / "run"
+    code, _, err = run(capsys, "train", "--model", "tiny-bert", "--task", "code-search", "--method", "bitfit",
+                       "--max-steps", "1", "--batch-size", "4", "--max-train", "8", "--max-eval", "8",
+                       "--max-len", "16", "--out", str(out_dir))
+    assert code == 0, err
+    whole = len(load_task("code-search").test)
+    code, out, err = run(capsys, "eval", "--adapter", str(out_dir), "--task", "code-search")
+    assert code == 0, err
+    assert f"used: {whole} examples (the whole split), max_len 16" in out  # not the run's --max-eval 8
+    assert f"candidate pool {min(whole, 1000)}" in out
+    predictions = out_dir / "eval-code-search" / "predictions-test.jsonl"
+    assert len(predictions.read_text().splitlines()) == whole
+    code, out, err = run(capsys, "eval", "--adapter", str(out_dir), "--max-eval", "5", "--max-len", "24",
+                         "--batch-size", "2", "--split", "valid", "--out", str(tmp_path / "mine"), "--json")
+    assert code == 0, err
+    metrics = json.loads(out.strip().splitlines()[-1])
+    assert (metrics["examples"], metrics["max_len"], metrics["batch_size"], metrics["pool"]) == (5, 24, 2, 5)
+    assert len((tmp_path / "mine" / "predictions-valid.jsonl").read_text().splitlines()) == 5
+    assert json.loads((tmp_path / "mine" / "metrics-valid.json").read_text())["value"] == metrics["value"]
+
 
 def test_train_json_last_line_then_eval(capsys, tmp_path):
     out_dir = tmp_path / "run"

@@ -132,3 +132,43 @@ def test_machine_info_names_cpu_cores_ram_and_versions():
     assert info["machine"]["cpu"]
     assert info["versions"]["python"].count(".") == 2
     assert "torch" in info["versions"]
+
+
+# ----------------------------------------------------------------------------- candidate pool, busy machine
+
+def retrieval_rows(pool=656, loads=(0.02, 0.03, 0.04)):
+    rows = make_rows(seeds=(0,))
+    for r, load in zip(rows, loads):
+        r.update(metric="mrr", pool=pool, pool_protocol="whole-split", other_load=load)
+    return rows
+
+
+def test_the_candidate_pool_is_named_beside_every_mrr(tmp_path):
+    rows = retrieval_rows()
+    md = report.markdown(rows, META)
+    assert "| method | runs | mrr (candidate pool 656, whole-split) |" in md
+    page = report.write_report(rows, tmp_path, META)["html"].read_text()
+    assert "mrr (candidate pool 656, whole-split)" in page  # the table header and the plot's caption
+    mixed = [{**r, "pool": 1000 if r["method"] == "lora" else 656} for r in rows]  # then in every cell
+    lines = {line.split("|")[1].strip(): line for line in report.markdown(mixed).splitlines() if line.startswith("| ")}
+    assert "(candidate pool 1000)" in lines["lora"] and "(candidate pool 656)" in lines["full"]
+    assert "(candidate pool 656)" in lines["zero-shot"] and "(candidate pool 1000)" in lines["zero-shot"]
+
+
+def test_a_run_timed_on_a_busy_machine_is_marked_not_trusted(tmp_path):
+    quiet, noisy = retrieval_rows(), retrieval_rows(loads=(0.02, 0.45, 0.04))  # lora shared the machine
+    md = report.markdown(noisy, META)
+    lines = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ")}
+    assert lines["lora"].count(report.BUSY_MARK) == 1 and report.BUSY_MARK not in lines["full"]
+    assert "lora seed 0 (45%)" in md and "Not a measurement of the method" in md
+    assert report.BUSY_MARK not in report.markdown(quiet, META).split("Times per step")[0]
+    assert "at most 4%" in report.markdown(quiet, META)
+    page = report.write_report(noisy, tmp_path, META)["html"].read_text()
+    assert "lora seed 0 (45%)" in page and "hatched grey" in page
+    # the plot draws the marked bar differently
+    assert (report.plot_step_time(noisy, tmp_path / "a.png").read_bytes()
+            != report.plot_step_time(quiet, tmp_path / "b.png").read_bytes())
+    unmeasured = [{k: v for k, v in r.items() if k != "other_load"} for r in quiet]
+    assert "not measured" in report.markdown(unmeasured)
+    back = report.read_csv(report.write_csv(noisy, tmp_path / "results.csv"))
+    assert [r["other_load"] for r in back] == [0.02, 0.45, 0.04] and back[0]["pool"] == 656

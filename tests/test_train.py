@@ -233,3 +233,82 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     factors = [_lr_factor(s, 10, 2) for s in range(10)]
     assert factors[:3] == [0.5, 1.0, 1.0] and factors[-1] == pytest.approx(1 / 8)
     assert all(a >= b for a, b in zip(factors[1:], factors[2:]))
+
+
+# ----------------------------------------------------------------------------- predictions and zero-shot
+
+def _jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.mark.parametrize("kind, model", [("classification", "tiny-bert"), ("retrieval", "tiny-bert"),
+                                         ("generation", "tiny-llama")])
+def test_every_scoring_writes_its_predictions_and_every_kind_has_a_zero_shot(tmp_path, tasks, kind, model):
+    summary = train(config(tmp_path, tasks[kind], model=model, max_steps=2, eval_every=2))
+    out, test = tmp_path / "run", load_task(tasks[kind]).test
+    assert summary["zero_shot_value"] is not None  # was None for classification and generation
+    for name in ("predictions-test.jsonl", "predictions-test-zero-shot.jsonl", "predictions-valid.jsonl"):
+        records = _jsonl(out / name)
+        assert len(records) == len(test) and [r["index"] for r in records] == list(range(len(test)))
+        assert all({"input", "reference", "prediction"} <= set(r) for r in records)
+    source = {"classification": "text", "retrieval": "query", "generation": "prompt"}[kind]
+    test_records = _jsonl(out / "predictions-test.jsonl")
+    assert [r["input"] for r in test_records] == [row[source] for row in test]
+    assert summary["predictions_file"] == str(out / "predictions-test.jsonl")
+    assert _jsonl(out / "predictions-valid.jsonl")[0]["step"] == 2
+    if kind == "classification":  # the predictions are the ones scored
+        hits = [r["prediction"] == r["reference"] for r in test_records]
+        assert sum(hits) / len(hits) == pytest.approx(summary["accuracy"])
+    if kind == "generation":
+        assert sum(r["prediction"] == r["reference"] for r in test_records) / len(test) == summary["exact_match"]
+        zero, logged = _jsonl(out / "predictions-test-zero-shot.jsonl"), _jsonl(out / "log.jsonl")[0]
+        assert sum(r["prediction"] == r["reference"] for r in zero) / len(test) == logged["exact_match"]
+    if kind == "retrieval":  # each query's rank among the split's codes gives back the MRR
+        assert all(r["candidates"] == len(test) for r in test_records)
+        assert sum(1 / r["rank"] for r in test_records) / len(test) == pytest.approx(summary["mrr"])
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert records[0]["zero_shot"] and records[0][summary["metric"]] == summary["zero_shot_value"]
+
+
+def test_a_fresh_run_removes_the_previous_runs_predictions(tmp_path, tasks):
+    out = tmp_path / "run"
+    train(config(tmp_path, tasks["classification"], max_steps=2, eval_every=2))
+    (out / "predictions-valid.jsonl").write_text("stale\n")
+    again = {"overwrite": True} if "overwrite" in TrainConfig.__dataclass_fields__ else {}  # replacing a run is asked for
+    train(config(tmp_path, tasks["classification"], max_steps=1, eval_every=5, **again))  # validates at step 1 only
+    assert _jsonl(out / "predictions-valid.jsonl")[0]["step"] == 1
+
+
+def test_evaluate_scores_the_whole_split_unless_told(tmp_path, tasks):
+    from deltatune.train import resolve_adapter
+
+    train(config(tmp_path, tasks["retrieval"], max_steps=2, eval_every=2, max_eval=6, max_len=8))
+    out = tmp_path / "run"
+    assert resolve_adapter(out) == out / "best" and resolve_adapter(out / "best") == out / "best"
+    whole = evaluate(out)  # the run scored 6 test examples at max_len 8; evaluate does not inherit that
+    assert whole["examples"] == 16 and whole["max_eval"] is None and whole["max_len"] == 8
+    again = evaluate(out, max_eval=6)  # the run's own subset (the run's seed picks it)
+    assert again["examples"] == 6 and again["mrr"] == json.loads((out / "metrics.json").read_text())["mrr"]
+    chosen = evaluate(out, max_eval=4, max_len=24, batch_size=3, out_dir=tmp_path / "elsewhere")
+    assert (chosen["examples"], chosen["max_len"], chosen["batch_size"]) == (4, 24, 3)
+    assert len(_jsonl(tmp_path / "elsewhere" / "predictions-test.jsonl")) == 4
+    saved = json.loads((tmp_path / "elsewhere" / "metrics-test.json").read_text())
+    assert saved["mrr"] == chosen["mrr"] and saved["max_len"] == 24
+    with pytest.raises(ConfigError, match="max_eval"):
+        evaluate(out, max_eval=0)
+
+
+def test_evaluate_of_a_missing_directory_names_the_fix(tmp_path):
+    from deltatune.errors import AdapterFileError
+
+    with pytest.raises(AdapterFileError, match="no adapter directory .*deltatune train"):
+        evaluate(tmp_path / "nowhere")
+
+
+def test_one_slug_for_the_engine_and_the_cli():
+    from deltatune import cli, train as engine
+
+    assert cli._slug is engine._slug
+    assert engine._slug("Qwen/Qwen2.5-0.5B") == "Qwen2.5-0.5B"  # not cut at the dot as a file suffix
+    assert engine._slug("data/my task.jsonl") == "my-task" and engine._slug("hf:glue/sst2") == "sst2"
+    assert engine._slug("//") == "run"

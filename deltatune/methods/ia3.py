@@ -16,7 +16,7 @@ class IA3(Method):
 
     name = "ia3"
     paper = "Liu et al. 2022, (IA)^3 / T-Few"
-    lr = 3e-3
+    lr = 1e-2  # chosen on the validation split at the demo budget: docs/demo/lr-sweep.md
     combines = (MULTIPLY, MULTIPLY_INPUT)
 
     sites: list = option(["attn.k", "attn.v"], help="sites whose output is rescaled")
