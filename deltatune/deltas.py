@@ -239,3 +239,163 @@ class Sparse(nn.Module):
 
     def forward(self, x):  # (..., in) -> (..., out)
         return F.linear(x, self.delta_weight())
+
+
+# ---------------------------------------------------------------- Kronecker / PHM (Compacter, KAdaptation)
+
+class KroneckerRule(nn.Module):
+    """The shared "slow" matrices A_1..A_n (each n x n) of a sum of Kronecker products, one module
+    for every layer that uses them (registered once per adapter as ``shared~<name>``).
+
+    ``factorized=False``: A is a free (n, n, n) tensor, N(0, std) (Compacter's phm_rule, std 1e-4).
+    ``factorized=True``: A_i = u_i v_i^T, u and v ~ U(-init, init) (KAdaptation's slow weights).
+    """
+
+    def __init__(self, n: int, factorized: bool = False, init: float = 1e-4):
+        super().__init__()
+        self.n, self.factorized = n, factorized
+        if factorized:
+            self.u = nn.Parameter(torch.empty(n, n).uniform_(-init, init))  # (n summands, n)
+            self.v = nn.Parameter(torch.empty(n, n).uniform_(-init, init))
+        else:
+            self.A = nn.Parameter(torch.randn(n, n, n) * init)
+
+    def forward(self) -> torch.Tensor:  # (n, n, n): A[i] is the i-th n x n matrix
+        return torch.einsum("ia,ic->iac", self.u, self.v) if self.factorized else self.A
+
+
+def kronecker_sum(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """H = sum_i A_i (x) B_i for A (n, a, c) and B (n, k, l): an (a*k, c*l) matrix."""
+    n, a, c = A.shape
+    _, k, l = B.shape
+    return torch.einsum("iac,ikl->akcl", A, B).reshape(a * k, c * l)
+
+
+class KroneckerLinear(nn.Module):
+    """y = scale * x H + b with H = sum_i A_i (x) B_i, an (in, out) matrix built from the shared
+    slow A_i (a ``KroneckerRule``) and per-layer fast B_i = s_i t_i^T (rank 1, (in/n) x (out/n)).
+
+    The PHM layer of Compacter (Karimi Mahabadi et al. 2021, §3) and KAdaptation's update of W_q,
+    W_v (He et al. 2023). ``init``: 'glorot' (both fast factors Glorot-uniform: Compacter) or
+    'zero_right' (s Glorot-uniform, t zero, so H = 0 and training starts at the base model).
+    ``dropout`` drops entries of H during training (KAdaptation's Dropout(0.5) on H).
+    Linear, so it exposes ``delta_weight`` / ``delta_bias`` and merges into the base weight.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rule: KroneckerRule, name: str, scale: float = 1.0,
+                 bias: bool = True, init: str = "glorot", dropout: float = 0.0):
+        super().__init__()
+        n = rule.n
+        if in_features % n or out_features % n:
+            raise ValueError(f"n={n} must divide both widths ({in_features}, {out_features})")
+        self.scale = scale
+        self.left = nn.Parameter(torch.empty(n, in_features // n))  # s_i
+        self.right = nn.Parameter(torch.empty(n, out_features // n))  # t_i
+        for i in range(n):  # Glorot-uniform per rank-1 factor, as (k, 1) and (1, l) matrices
+            nn.init.xavier_uniform_(self.left.data[i].view(-1, 1))
+            nn.init.xavier_uniform_(self.right.data[i].view(1, -1))
+        if init == "zero_right":
+            nn.init.zeros_(self.right)
+        elif init != "glorot":
+            raise ValueError(f"unknown init {init!r}")
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        object.__setattr__(self, "rule", rule)  # not a submodule: the adapter registers it once
+        self.shared = {name: rule}
+
+    def matrix(self) -> torch.Tensor:  # H: (in, out)
+        B = torch.einsum("ik,il->ikl", self.left, self.right)
+        return kronecker_sum(self.rule(), B)
+
+    def forward(self, x):  # (..., in) -> (..., out)
+        y = x @ self.dropout(self.matrix()).to(x.dtype) * self.scale
+        return y if self.bias is None else y + self.bias
+
+    def delta_weight(self) -> torch.Tensor:  # (out, in)
+        return self.matrix().t() * self.scale
+
+    def delta_bias(self) -> torch.Tensor | None:
+        return self.bias
+
+
+class PHMAdapter(nn.Module):
+    """Compacter's adapter: h -> up_PHM(act(down_PHM(h))), both projections ``KroneckerLinear``
+    sharing one ``KroneckerRule`` (Karimi Mahabadi et al. 2021, §3-4)."""
+
+    def __init__(self, d: int, bottleneck: int, rule: KroneckerRule, name: str, activation: str = "gelu"):
+        super().__init__()
+        self.down = KroneckerLinear(d, bottleneck, rule, name)
+        self.up = KroneckerLinear(bottleneck, d, rule, name)
+        self.act = nn.GELU(approximate="tanh") if activation == "gelu_new" else ACTIVATIONS[activation]()
+        self.shared = {name: rule}
+
+    def forward(self, h):  # (..., d) -> (..., d)
+        return self.up(self.act(self.down(h)))
+
+
+# ---------------------------------------------------------------- small wrappers and input-dependent deltas
+
+class Scaled(nn.Module):
+    """scale * delta(x), for a linear delta (keeps ``delta_weight``): DSEE's alpha / r on its sparse part."""
+
+    def __init__(self, delta: nn.Module, scale: float):
+        super().__init__()
+        self.delta, self.scale = delta, scale
+
+    def forward(self, x):
+        return self.delta(x) * self.scale
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.delta.delta_weight() * self.scale
+
+
+class DynamicLowRank(nn.Module):
+    """delta(x) = scale * U diag(g(x)) V x with g(x) = 1 + tanh(G x + c), per token.
+
+    An input-conditioned low-rank reparameterisation (TARP, Hou et al. 2022, as the abstract
+    describes it). V (r, in) kaiming-uniform, U (out, r) zero, G and c zero: g = 1 and delta = 0
+    at init, so training starts at the base model and the static part is LoRA. Not mergeable.
+    """
+
+    def __init__(self, in_features: int, out_features: int, r: int, scale: float):
+        super().__init__()
+        self.V = nn.Parameter(torch.empty(r, in_features))
+        self.U = nn.Parameter(torch.zeros(out_features, r))
+        self.G = nn.Parameter(torch.zeros(r, in_features))
+        self.c = nn.Parameter(torch.zeros(r))
+        nn.init.kaiming_uniform_(self.V, a=math.sqrt(5))
+        self.scale = scale
+
+    def forward(self, x):  # (..., in) -> (..., out)
+        g = 1 + torch.tanh(F.linear(x, self.G, self.c))  # (..., r)
+        return F.linear(F.linear(x, self.V) * g, self.U) * self.scale
+
+
+class PromptMixture(nn.Module):
+    """ATTEMPT's input-dependent prompt (Asai et al. 2022, §3): frozen source prompts P_1..P_t and a
+    trainable target prompt, mixed per input by attention.
+
+    x = max-pool of the input embeddings over real tokens; H = LN(W_up SiLU(W_down x)) (LN without
+    trainable parameters); a = softmax_j(maxpool(P_j) . H / T) over [sources..., target];
+    P = P_target + sum_j a_j P_j, one (length, d) prompt per row.
+    """
+
+    def __init__(self, sources: torch.Tensor, target: torch.Tensor, hidden: int, temperature: float):
+        super().__init__()
+        d = target.shape[-1]
+        self.register_buffer("sources", sources.detach().clone())  # (t, length, d), frozen
+        self.prompt = nn.Parameter(target.detach().clone())  # (length, d)
+        self.down = nn.Linear(d, hidden, bias=False)
+        self.up = nn.Linear(hidden, d, bias=False)
+        self.temperature = temperature
+
+    def forward(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # -> (B, length, d)
+        real = mask.bool()[..., None]
+        low = torch.finfo(embeds.dtype).min
+        x = embeds.masked_fill(~real, low).max(dim=1).values  # (B, d)
+        x = torch.where(real.any(dim=1), x, torch.zeros_like(x))  # a row of padding only: zero summary
+        h = F.layer_norm(self.up(F.silu(self.down(x))), (x.shape[-1],))  # (B, d)
+        prompts = torch.cat([self.sources.to(self.prompt.dtype), self.prompt[None]], dim=0)  # (t+1, L, d)
+        keys = prompts.max(dim=1).values  # (t+1, d)
+        a = torch.softmax(h @ keys.t() / self.temperature, dim=-1)  # (B, t+1)
+        return self.prompt[None] + torch.einsum("bj,jld->bld", a, prompts)

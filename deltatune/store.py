@@ -267,6 +267,7 @@ def _attach(model, config: Method, adapter: str, placements: list, selected: lis
         rec.lowest = _lowest_block(store.frozen, rec.entries, [_param(model, n) for n in selected])
     for name in selected + rec.head:  # detach puts these back
         rec.snapshot[name] = _param(model, name).detach().clone()
+    modules.train(model.training)  # new deltas follow the model's mode (dropout off on an eval model)
     set_active(model, adapter)
     return model
 
@@ -544,7 +545,8 @@ def fold(model: nn.Module) -> None:
         for e in rec.entries:
             if hasattr(e.delta, "fold"):
                 e.delta.fold()
-        for key in [k for k in store.adapters[name] if k.startswith("shared~")]:
+        for key in [k for k, m in store.adapters[name].items()  # training-only shared parts (they fold away)
+                    if k.startswith("shared~") and hasattr(m, "folded_state")]:
             del store.adapters[name][key]
         rec.method = build_method(rec.method.name, rec.method.folded_options())
     set_active(model, *store.active)

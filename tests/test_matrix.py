@@ -7,6 +7,12 @@ merged equals unmerged, detach restores the original model.
 """
 from __future__ import annotations
 
+import atexit
+import math
+import shutil
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -19,6 +25,23 @@ CASES = [
     (m, f) for m in dt.methods() for f in tiny.FAMILIES if f in dt.method_info(m)["families"]
 ]
 IDS = [f"{m}-{f}" for m, f in CASES]
+
+
+_SOURCES: dict = {}
+
+
+def options(method, family):
+    """Options a method cannot do without (attempt: source prompts saved by 'prompt' on this family)."""
+    if method != "attempt":
+        return {}
+    if family not in _SOURCES:
+        root = Path(tempfile.mkdtemp(prefix="deltatune-attempt-"))
+        atexit.register(shutil.rmtree, root, True)
+        for seed in (1, 2):
+            model = dt.attach(tiny.model(family), "prompt", init="random", seed=seed)
+            dt.save_adapter(model, root / f"{family}-{seed}")
+        _SOURCES[family] = [str(root / f"{family}-{seed}") for seed in (1, 2)]
+    return {"sources": _SOURCES[family]}
 
 
 def _perturb(model, scale=0.05, seed=3):
@@ -78,6 +101,31 @@ def formula(method, family):
         def k(n):
             return int(opts["rate"] * n) + 1
         return head + n_attn * (2 * k(d * d) + 2 * k(kvd * d))
+    if method in ("compacter", "compacter++"):
+        n, m = opts["n"], max(opts["n"], round(max(1, d // opts["reduction"]) / opts["n"]) * opts["n"])
+        phm = n * (d // n + m // n) + m + n * (m // n + d // n) + d  # rank-1 fast factors + biases, down and up
+        return head + (n_attn + n_ffn if method == "compacter" else n_ffn) * phm + n ** 3 + _ln_count(family)
+    if method == "kadaptation":
+        bias = family in ("bert", "gpt2", "bart", "vit")  # projections that have a bias get their own b
+        nq, nv = math.gcd(32, d), math.gcd(32, d, kvd)
+        fast = (d + d + bias * d) + (d + kvd + bias * kvd)  # n (in/n + out/n) = in + out per projection
+        return head + 2 * nq * nq + 2 * nv * nv + n_attn * fast
+    if method == "unipelt":
+        r, length, h, m = opts["r"], opts["prefix_length"], opts["prefix_hidden"], d // opts["reduction"]
+        lora = n_attn * (r * (d + d) + r * (d + kvd)) + n_attn * 2 * (d + 1)
+        prefix = length * d + d * h + h + h * n_attn * 2 * kvd + n_attn * 2 * kvd + n_attn * (d + 1)
+        return head + lora + prefix + n_ffn * (2 * d * m + m + d) + n_ffn * (d + 1)
+    if method == "mam":
+        length, h, m = opts["prefix_length"], opts["prefix_hidden"], opts["bottleneck"]
+        return head + length * d + d * h + h + h * n_attn * 2 * kvd + n_attn * 2 * kvd + n_ffn * (2 * d * m + m + d)
+    if method == "dsee":
+        r = opts["r"]
+        return head + n_attn * (r * (d + d) + r * (d + kvd)) + n_attn * 2 * opts["num_sparse"]
+    if method == "tarp":
+        r = opts["r"]
+        return head + n_attn * ((d * r + 2 * r * d + r) + (kvd * r + 2 * r * d + r))
+    if method == "attempt":
+        return head + 20 * d + 2 * d * opts["hidden"]  # a target prompt as long as the sources ('prompt' default 20)
     return None
 
 
@@ -91,7 +139,7 @@ def test_identity_at_init(case):
     base, batch = tiny.model(family), tiny.inputs(family)
     with torch.no_grad():
         before = tiny.outputs(base, batch)
-        dt.attach(base, method)
+        dt.attach(base, method, **options(method, family))
         after = tiny.outputs(base, batch)
     if dt.method_info(method)["identity_at_init"]:
         torch.testing.assert_close(after, before, atol=1e-6, rtol=0)
@@ -102,7 +150,7 @@ def test_identity_at_init(case):
 
 def test_trainable_parameters_and_counts(case):
     method, family = case
-    model = dt.attach(tiny.model(family), method)
+    model = dt.attach(tiny.model(family), method, **options(method, family))
     prefix, backbone = find_backbone(model)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     deltas = {n for n in trainable if n.startswith("deltatune.")}
@@ -110,7 +158,7 @@ def test_trainable_parameters_and_counts(case):
     backbone_names = {f"{prefix}.{n}" if prefix else n for n, _ in backbone.named_parameters()} - deltas
     base_trained = trainable & backbone_names
     info = dt.method_info(method)
-    if info["kind"] == "delta" and method != "houlsby":
+    if info["kind"] == "delta" and not info["options"].get("train_ln"):
         assert not base_trained, f"{method} trains base parameters {sorted(base_trained)[:3]}"
         assert deltas
     n_trainable, n_total = dt.count_parameters(model)
@@ -131,7 +179,7 @@ def test_trainable_parameters_and_counts(case):
 
 def test_every_trainable_parameter_gets_a_gradient(case):
     method, family = case
-    model = dt.attach(tiny.model(family), method)
+    model = dt.attach(tiny.model(family), method, **options(method, family))
     model.train()
     batch = tiny.inputs(family)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -154,7 +202,7 @@ def test_every_trainable_parameter_gets_a_gradient(case):
 
 def test_save_then_load_onto_fresh_model(case, tmp_path):
     method, family = case
-    model = dt.attach(tiny.model(family), method)
+    model = dt.attach(tiny.model(family), method, **options(method, family))
     _perturb(model)
     batch = tiny.inputs(family)
     with torch.no_grad():
@@ -169,7 +217,7 @@ def test_save_then_load_onto_fresh_model(case, tmp_path):
 
 def test_merge_equals_unmerged_and_unmerge_restores(case):
     method, family = case
-    model = dt.attach(tiny.model(family), method)
+    model = dt.attach(tiny.model(family), method, **options(method, family))
     _perturb(model)
     batch = tiny.inputs(family)
     weights = {n: p.detach().clone() for n, p in model.named_parameters() if not n.startswith("deltatune.")}
@@ -195,7 +243,7 @@ def test_detach_restores_the_original_model(case):
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     with torch.no_grad():
         before = tiny.outputs(model, batch)
-    dt.attach(model, method)
+    dt.attach(model, method, **options(method, family))
     _perturb(model)
     if dt.method_info(method)["mergeable"]:
         dt.merge(model)  # detach must also undo a merge

@@ -7,16 +7,17 @@ import torch
 import deltatune as dt
 
 from . import tiny
-from .test_matrix import _perturb
+from .test_matrix import _perturb, options
 
 DELTA_CASES = [(m, f) for m in dt.methods() for f in tiny.FAMILIES
                if f in dt.method_info(m)["families"] and dt.method_info(m)["kind"] == "delta"]
-ROUTE_OPTIONS = {"houlsby": dict(train_ln=False)}  # its LayerNorms are base weights shared by every row
+ROUTE_OPTIONS = {m: dict(train_ln=False) for m in dt.methods()  # LayerNorms are base weights shared by every row
+                 if dt.method_info(m)["options"].get("train_ln")}
 
 
 def _two_adapters(method, family, **extra):
     model = tiny.model(family)
-    opts = {**ROUTE_OPTIONS.get(method, {}), **extra}
+    opts = {**ROUTE_OPTIONS.get(method, {}), **options(method, family), **extra}
     dt.attach(model, method, adapter="a", **opts)
     _perturb(model, seed=3)
     dt.attach(model, method, adapter="b", **({"length": 3} if method in ("prompt", "prefix") else {}), **opts)
@@ -275,6 +276,7 @@ def test_mergeable_follows_from_the_combines():
         if info["kind"] == "delta":
             assert cls.combines, f"{name} declares no combines"
             assert info["mergeable"] == all(c.mergeable for c in cls.combines)
-            model = tiny.model("bert") if "bert" in info["families"] else tiny.model(info["families"][0])
-            used = {type(pl.combine) for pl in dt.registry.build_method(name, {}).placements(model)}
+            family = "bert" if "bert" in info["families"] else info["families"][0]
+            model = tiny.model(family)
+            used = {type(pl.combine) for pl in dt.registry.build_method(name, options(name, family)).placements(model)}
             assert used <= {type(c) for c in cls.combines}, name
