@@ -54,6 +54,8 @@ class ATTEMPT(Method):
     lr = 3e-1
     identity_at_init = False
     combines = (PREPEND_PROMPT,)
+    deviations = ("the max-pool skips padding; the attention module's LayerNorm has no parameters (the released "
+                  "code loads a frozen one from multi-task training); single-task form")
     honours_layers = False  # the prompt is at the input embeddings, below every layer
     families = ("bert", "gpt2", "llama", "t5", "bart")
 
@@ -70,7 +72,7 @@ class ATTEMPT(Method):
 
     def check(self, model):
         if not self.sources and not self.source_shape:
-            raise ConfigError("attempt needs source prompts: sources=[DIR, ...] (CLI: --set sources=DIR,DIR), "
+            raise ConfigError("attempt needs source prompts; pass sources=[DIR, ...] (CLI: --set sources=DIR,DIR), "
                               "adapter directories saved by the 'prompt' method on other tasks")
         if self.source_shape is not None and (len(self.source_shape) != 2 or min(self.source_shape) < 1):
             raise ConfigError(f"attempt: source_shape must be [sources, length], got {self.source_shape!r}")

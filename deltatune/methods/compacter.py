@@ -27,6 +27,8 @@ class Compacter(Method):
     lr = 3e-3
     identity_at_init = False  # A_i ~ N(0, 1e-4): near identity
     combines = (SEQUENTIAL,)
+    deviations = ("the bottleneck d / reduction is rounded to a multiple of n (at least n); on encoder-decoders "
+                  "attn.o also names cross-attention (pass sites to leave it out)")
 
     n: int = option(4, min=1, help="Kronecker summands (hypercomplex division)")
     reduction: int = option(32, min=1, help="bottleneck = d / reduction, rounded to a multiple of n")

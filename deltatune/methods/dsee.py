@@ -83,6 +83,9 @@ class DSEE(Method):
     paper = "Chen et al. 2023, DSEE"
     lr = 5e-4
     combines = (PARALLEL,)
+    deviations = ("the sparse support comes from one SVD-started GreBsmo round (rank min(101, min(out, in) / 8)) "
+                  "instead of 100 greedy rounds; A is kaiming-uniform (DSEE: N(0, 0.02)); dsee.prune is "
+                  "merge-time unstructured pruning of the adapted projections only, without the re-training round")
 
     r: int = option(16, min=1)
     alpha: float = option(32.0, min=0)

@@ -35,6 +35,9 @@ class KAdaptation(Method):
     paper = "He et al. 2023, KAdaptation"
     lr = 1e-3
     combines = (PARALLEL,)
+    deviations = ("only t_i starts at zero (the official init zeroes both fast factors, which then never learn); "
+                  "each projection has its own bias (official: one per layer, shared by q and v: 50,176 on ViT-B, "
+                  "here 9,216 more); n = gcd(32, widths) where 32 does not divide a projection's widths")
 
     n: int | None = option(None, min=1, help="Kronecker summands (None: 32, or gcd(32, in, out))")
     scale: float = option(160.0, min=0.0, help="s = lora_alpha / lora_dim * 5 in the official code")

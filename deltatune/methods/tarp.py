@@ -23,6 +23,8 @@ class TARP(Method):
     paper = "Hou et al. 2022, TARP (equations unverified)"
     lr = 5e-4
     combines = (ADD,)
+    deviations = ("the paper's equations are unverified: this is W0 x + U diag(1 + tanh(G x + c)) V x per token, "
+                  "the documented idea, without the meta-training")
 
     r: int = option(8, min=1)
     alpha: float = option(16.0, min=0)

@@ -31,6 +31,7 @@ class UniPELT(Composite):
     lr = 5e-4
     identity_at_init = False  # the prefix
     combines = (ADD, *Prefix.combines, *Pfeiffer.combines)
+    deviations = "the optional softmax central gate is not offered"
     parts = {
         "lora": ("lora", {"r": "r"}, {"sites": ["attn.q", "attn.v"]}),
         "prefix": ("prefix", {"length": "prefix_length", "hidden": "prefix_hidden"}, {}),
