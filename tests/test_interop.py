@@ -52,10 +52,10 @@ def real_outputs(model, b, prompt: int = 0):
     return y
 
 
-def assert_same(a, b):
+def assert_same(a, b, tol: float = 1e-5):
     scale = b.abs().max().item()
     err = (a - b).abs().max().item()
-    assert err <= 1e-5 * scale, f"max |diff| {err:.3g} > 1e-5 x output scale {scale:.3g}"
+    assert err <= tol * scale, f"max |diff| {err:.3g} > {tol:g} x output scale {scale:.3g}"
 
 
 def perturb(model, std: float = 0.3, seed: int = 7):
@@ -489,22 +489,30 @@ def test_minilm_code_search_bi_encoder_to_sentence_transformers(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_prefix_both_ways(tmp_path):
-    """Rotary positions of a real model (SmolLM2, rope_theta 1e5): the prefix keys are rotated exactly."""
+    """Rotary positions of a real model (SmolLM2, rope_theta 1e5): the prefix keys are rotated exactly.
+
+    The two libraries take different float paths here: peft's tokens sit n positions later (transformers
+    computes rotary angles in float32) and peft keeps its prefix table in float32. Measured over 8 runs,
+    the logits differ by 4e-6 to 2.6e-5 of their scale in float32 (SmolLM2 alone moves 1.2e-6 when its
+    tokens shift by 4 positions) and by 5e-7 to 4.7e-6 in float64, which this test uses, with a 5e-5
+    tolerance; leaving the keys unrotated gives 1.1.
+    """
+    import copy
+
     from deltatune.models import load_backbone
 
-    def fresh():
-        return load_backbone("smollm2", "lm")[0].eval()
-
-    _, tokenizer = load_backbone("smollm2", "lm")
+    base, tokenizer = load_backbone("smollm2", "lm")
+    base = base.to(torch.float64).eval()
     b = tokenizer(["def add(a, b):\n    return a + b", "Sort a list"], padding=True, return_tensors="pt")
-    model = dt.attach(fresh(), "prefix", length=4, hidden=0)
+    model = dt.attach(copy.deepcopy(base), "prefix", length=4, hidden=0)
     perturb(model, std=0.5)
     model.eval()
     dt.save_adapter(model, tmp_path / "out", format="peft")
-    theirs = peft.PeftModel.from_pretrained(fresh(), str(tmp_path / "out")).eval()
-    assert_same(real_outputs(theirs, b), real_outputs(model, b))
-    ours = dt.load_adapter(fresh(), tmp_path / "out").eval()
-    assert_same(real_outputs(ours, b), real_outputs(model, b))
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "out")).eval()
+    assert_same(real_outputs(theirs, b), real_outputs(model, b), tol=5e-5)
+    del theirs
+    ours = dt.load_adapter(copy.deepcopy(base), tmp_path / "out").eval()
+    assert_same(real_outputs(ours, b), real_outputs(model, b), tol=5e-5)
 
 
 def test_prefix_on_a_classifier_is_refused_as_peft_cannot_run_it(tmp_path):

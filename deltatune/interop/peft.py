@@ -215,7 +215,7 @@ def _rope_rotate(model, keys: torch.Tensor, shift: int) -> torch.Tensor:
         raise ConfigError(f"{type(backbone).__name__} has no rotary_emb; cannot convert prefix keys exactly")
     head_dim = keys.shape[-1]
     p = next(backbone.parameters())
-    probe = torch.zeros(1, 1, head_dim, device=p.device, dtype=torch.float32)
+    probe = torch.zeros(1, 1, head_dim, device=p.device, dtype=torch.float64)  # cos, sin come back in its dtype
     with torch.no_grad():
         cos, sin = rope(probe, torch.tensor([[abs(shift)]], device=p.device))
     if cos.shape[-1] != head_dim:
