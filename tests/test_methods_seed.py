@@ -191,3 +191,15 @@ def test_cli_set_sources_gives_a_list_of_directories():
     for text, want in (("sources=a/x,b/y", ["a/x", "b/y"]), ("sources=runs/one", ["runs/one"])):
         config = dt.registry.build_method("attempt", parse_sets([text]))
         assert config.sources == want
+
+
+def test_attempt_takes_a_train_out_dir_as_a_source(tmp_path):
+    from . import tiny
+
+    model = tiny.model("bert")
+    dt.attach(model, "prompt", length=4, init="random")
+    dt.save_adapter(model, tmp_path / "run" / "best")  # what `deltatune train --out run` leaves
+    dt.detach(model)
+    dt.attach(model, "attempt", sources=[str(tmp_path / "run")])
+    (mixture,) = [m for m in model.deltatune.modules() if hasattr(m, "temperature")]
+    assert tuple(mixture.sources.shape) == (1, 4, 32)

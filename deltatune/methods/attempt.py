@@ -1,4 +1,5 @@
 import math
+from pathlib import Path
 
 import torch
 
@@ -10,11 +11,14 @@ from ..sites import attention_shape, resolve
 
 
 def read_sources(dirs: list) -> torch.Tensor:
-    """The prompts of adapters saved by the 'prompt' method, stacked: (t, length, d)."""
+    """The prompts of adapters saved by the 'prompt' method (directories, or train out dirs), stacked:
+    (t, length, d)."""
     from ..io import read_adapter
 
     prompts = []
-    for path in dirs:
+    for path in map(Path, dirs):
+        if path.is_dir() and not (path / "adapter.safetensors").exists() and (path / "best").is_dir():
+            path = path / "best"  # a `deltatune train` out dir: its best adapter
         config, tensors = read_adapter(path)
         if config["method"] != "prompt":
             raise ConfigError(f"attempt: source {path} is a '{config['method']}' adapter; sources must be soft prompts "
