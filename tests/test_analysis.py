@@ -224,7 +224,7 @@ def test_recycling_refuses_what_it_cannot_cache(tmp_path, cache):
     with pytest.raises(RecycleError, match="trains the embeddings or block 0"):
         _run(tmp_path, task, "telly0", options={"k": 0}, recycle=True)
     with pytest.raises(RecycleError, match="adds tokens to the input"):
-        _run(tmp_path, task, "prompt", method="prompt", options={}, recycle=True)
+        _run(tmp_path, task, "prompt", method="prompt", options={"init": "random"}, recycle=True)
     gen = write_task(tmp_path / "generation", "generation", n_train=16, n_eval=8)
     with pytest.raises(RecycleError, match="generation"):
         _run(tmp_path, gen, "gen", model="tiny-llama", recycle=True)

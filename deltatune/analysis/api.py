@@ -36,7 +36,7 @@ def _load_adapter_model(path, model_name: str, task):
 
 def analyze(model: str = "minilm", task: str = "code-search", adapters=(), out_dir=None, *, probing: bool = True,
             properties=PROPERTIES, n_train: int = 600, n_valid: int = 150, n_test: int = 300, tokens_per_function: int = 24,
-            search_samples: int = 500, samples: int = 500, finetune: tuple = ("full",), finetune_steps: int = 50,
+            search_samples: int = 500, samples: int = 500, finetune: tuple | None = None, finetune_steps: int = 50,
             threshold: float = FZ.THRESHOLD, score: str = FZ.SCORE, max_len: int = 256, batch_size: int = 16,
             device: str | None = None, seed: int = 0, progress: bool = True) -> dict:
     """Probe ``model`` layer by layer and compare it with fine-tuned versions; returns the analysis dict.
@@ -44,7 +44,8 @@ def analyze(model: str = "minilm", task: str = "code-search", adapters=(), out_d
     ``adapters``: ``train`` output folders (or adapter folders) of the same model, compared with the
     pretrained model on ``samples`` texts of ``task``'s valid split. ``finetune``: methods to
     fine-tune briefly (``finetune_steps`` steps, train split) for the same comparison when no
-    trained adapter is at hand; ``finetune_steps=0`` skips it. The recommended freeze depth K
+    trained adapter is at hand (default: ``("full",)`` without ``adapters``, none with them);
+    ``finetune_steps=0`` skips it. The recommended freeze depth K
     follows :func:`deltatune.analysis.freeze.recommend_k` and its rule is written beside it.
     """
     import deltatune as dt
@@ -54,6 +55,7 @@ def analyze(model: str = "minilm", task: str = "code-search", adapters=(), out_d
     from ..train import OBJECTIVES, TrainConfig
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    finetune = tuple(finetune) if finetune is not None else (() if adapters else ("full",))
     task_data = load_task(task, seed=seed)
     result = {"model": model, "task": task, "created": datetime.datetime.now().isoformat(timespec="seconds"),
               "settings": dict(n_train=n_train, n_valid=n_valid, n_test=n_test, tokens_per_function=tokens_per_function,

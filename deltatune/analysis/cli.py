@@ -14,7 +14,7 @@ def add_arguments(p) -> None:
     p.add_argument("--out", metavar="DIR", help="default runs/analysis-<model>-<task>")
     p.add_argument("--properties", default=",".join(PROPERTIES), help=f"probed properties (default {','.join(PROPERTIES)})")
     p.add_argument("--no-probing", action="store_true", help="similarity and freeze depth only")
-    p.add_argument("--finetune", default="full", metavar="METHODS",
+    p.add_argument("--finetune", metavar="METHODS",
                    help="methods fine-tuned briefly for the similarity when there is no --adapter (default full; "
                         "e.g. full,lora,houlsby,telly side by side)")
     p.add_argument("--finetune-steps", type=int, default=50, metavar="N", help="steps of each short fine-tune (0: none)")
@@ -51,7 +51,8 @@ def run(args) -> int:
     result = analyze(args.model, args.task, args.adapter, out, probing=not args.no_probing, properties=properties,
                      n_train=n_train, n_valid=n_valid, n_test=n_test, samples=args.samples,
                      search_samples=args.search_samples,
-                     finetune=tuple(m for m in args.finetune.split(",") if m), finetune_steps=args.finetune_steps,
+                     finetune=None if args.finetune is None else tuple(m for m in args.finetune.split(",") if m),
+                     finetune_steps=args.finetune_steps,
                      threshold=args.threshold, max_len=args.max_len, batch_size=args.batch_size, seed=args.seed)
     if args.json:
         print(json.dumps(result), flush=True)
