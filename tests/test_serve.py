@@ -54,7 +54,7 @@ async def _burst(url, requests):
 
 
 def test_a_mixed_burst_returns_row_by_row_what_each_adapter_gives_alone(saved):
-    engine = _engine(saved)
+    engine = _engine(saved, max_wait=0.2)
     requests = []
     for i in range(30):
         name = ["lora", "ia3", "prefix", "prompt", "bugs"][i % 5]
@@ -315,7 +315,7 @@ def _alone_generation(path, prompt: str, n: int) -> str:
 
 def test_generation_streams_tokens_and_mixed_rows_match_each_adapter_alone(tmp_path):
     paths = {"g-lora": S.save_generator(tmp_path / "a", "lora", 1), "g-prefix": S.save_generator(tmp_path / "b", "prefix", 2, length=3)}
-    engine = Engine("tiny-llama", max_wait=0.2, max_batch=8)
+    engine = Engine("tiny-llama", max_wait=0.5, max_batch=8)
     for name, path in paths.items():
         engine.load(name, path)
     prompts = [("g-lora", "def add(a, b):", 6), ("g-prefix", "the quick brown fox", 9), ("g-lora", "x", 4)]
@@ -351,7 +351,7 @@ def test_generation_streams_tokens_and_mixed_rows_match_each_adapter_alone(tmp_p
         assert len(lines) >= 2  # tokens arrived as they were made, then the summary
     assert whole.json()["text"] == results[0][-1]["text"]
     assert wrong.status_code == 400 and "generation adapter" in wrong.json()["detail"]
-    assert _metric(metrics, "deltatune_batch_size_count") < 4  # the three streams shared a batch
+    assert _metric(metrics, "deltatune_batch_size_count") <= 3  # 3 streams + 1 whole: the streams shared batches
 
 
 def test_the_serve_command_starts_a_server_on_loopback(saved, tmp_path):
@@ -403,3 +403,29 @@ def test_generation_mixing_prompt_and_lora_rows(tmp_path):
     finally:
         engine.close()
     assert got == [_alone_generation(paths[j.adapter], j.text, 6) for j in jobs]
+
+
+def test_minilm_mixed_burst_matches_each_adapter_alone(tmp_path):
+    """The same guarantee on the real MiniLM (22.7M parameters, real token lengths); about 6 s."""
+    paths = {"q": S.save_retrieval(tmp_path / "q", "lora", 1, model="minilm"),
+             "p": S.save_retrieval(tmp_path / "p", "prefix", 2, model="minilm", length=5),
+             "c": S.save_classifier(tmp_path / "c", "lora", 3, model="minilm", labels=2)}
+    engine = Engine("minilm", max_wait=0.05)
+    for name, path in paths.items():
+        engine.load(name, path)
+    requests = [(f"/v1/adapters/{n}/{'classify' if n == 'c' else 'embed'}", {"text": t})
+                for t in TEXTS for n in paths]
+    try:
+        with S.running(engine) as url:
+            responses = asyncio.run(_burst(url, requests))
+    finally:
+        engine.close()
+    for (path, body), r in zip(requests, responses):
+        name = path.split("/")[3]
+        assert r.status_code == 200
+        if name == "c":
+            want = S.alone_logits("minilm", paths[name], body["text"], labels=2).softmax(-1)
+            torch.testing.assert_close(torch.tensor(r.json()["results"][0]["probabilities"]), want, atol=1e-4, rtol=0)
+        else:
+            torch.testing.assert_close(torch.tensor(r.json()["embeddings"][0]),
+                                       S.alone_embedding("minilm", paths[name], body["text"]), atol=1e-4, rtol=1e-3)
