@@ -41,6 +41,8 @@ TRAINING_FLAGS = [
     ("--grad-checkpointing", None, "recompute activations in the backward pass to save memory"),
     ("--resume", None, "continue from the checkpoint in the output directory"),
     ("--overwrite", None, "replace the previous run in the output directory (else it is refused)"),
+    ("--recycle", None, "run the frozen lower blocks once and train from their cached output (embedding recycling)"),
+    ("--recycle-dtype", str, "the recycling cache's dtype: float32 (default, exact), float16 or bfloat16"),
 ]
 
 # `deltatune demo`: the whole comparison on embedded defaults, sized to finish in about ten minutes
@@ -429,7 +431,7 @@ def _add_training_flags(p) -> None:
         if kind is None:
             p.add_argument(flag, action="store_true", help=help_text)
         else:
-            p.add_argument(flag, type=kind, metavar="LR" if kind is float else "N", help=help_text)
+            p.add_argument(flag, type=kind, metavar={float: "LR", str: "NAME"}.get(kind, "N"), help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -497,6 +499,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a tiny budget, for smoke tests")
     p.add_argument("--out", metavar="DIR", help="default runs/demo (runs/demo-quick with --quick)")
     p.set_defaults(run=cmd_demo)
+
+    p = sub.add_parser("analyze", help="which layers hold what, and which a fine-tune changes: probes, RSA, CKA, "
+                       "a freeze depth (HTML, JSON, PNG)")
+    from .analysis.cli import add_arguments as add_analyze_arguments, run as run_analyze  # flags live with the analysis
+    add_analyze_arguments(p)
+    p.set_defaults(run=run_analyze)
     return parser
 
 

@@ -73,6 +73,8 @@ class TrainConfig:
     json_log: bool = True
     progress: bool = True
     device: str | None = None  # None: cuda if available, else cpu
+    recycle: bool = False  # run the frozen lower blocks once and start from their cached output (deltatune.analysis.recycle)
+    recycle_dtype: str = "float32"  # the cache's dtype: float32 (exact), float16 or bfloat16
 
 
 # Fields that may differ between a run and its resumption without changing the result.
@@ -90,6 +92,8 @@ def train(cfg: TrainConfig, task=None) -> dict:
     returns ``{"stopped_at": step, ...}`` instead; ``resume=True`` then finishes it with the same result.
     """
     cfg = _resolved(cfg, task)
+    from deltatune.analysis.freeze import resolve_options
+    cfg = resolve_options(cfg, task)  # telly k="auto": the freeze depth from a layer analysis (cached)
     with _deterministic(cfg.deterministic):
         return _train(cfg, task)
 
@@ -125,6 +129,9 @@ def _train(cfg: TrainConfig, task) -> dict:
     if cfg.grad_checkpointing:
         _enable_checkpointing(model)
     model.to(cfg.device)
+    if cfg.recycle:  # the frozen lower part runs once; training and evaluation start from its cached output
+        from deltatune.analysis import recycle
+        objective, data = recycle.prepare(cfg, model, objective, data)
     trainable, total = dt.count_parameters(model)
     names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
