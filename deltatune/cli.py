@@ -41,6 +41,9 @@ TRAINING_FLAGS = [
     ("--grad-checkpointing", None, "recompute activations in the backward pass to save memory"),
     ("--resume", None, "continue from the checkpoint in the output directory"),
     ("--overwrite", None, "replace the previous run in the output directory (else it is refused)"),
+    ("--dp-epsilon", float, "train with differential privacy (DP-SGD) to this epsilon"),
+    ("--dp-delta", float, "DP delta (default: 1/N rounded down to a power of ten)"),
+    ("--dp-clip", float, "DP per-example gradient norm bound (default 1.0)"),
     ("--recycle", None, "run the frozen lower blocks once and train from their cached output (embedding recycling)"),
     ("--recycle-dtype", str, "the recycling cache's dtype: float32 (default, exact), float16 or bfloat16"),
 ]
@@ -128,7 +131,7 @@ def _check_method(name: str, options: dict | None = None) -> None:
 def _check_task(name: str) -> None:
     from deltatune.tasks import TASKS
 
-    if name not in TASKS and not name.startswith("hf:") and not Path(name).exists():
+    if name not in TASKS and not name.startswith("hf:") and not os.path.lexists(name):
         raise ConfigError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)} "
                           "(or a .jsonl/.csv file, a directory of train/valid/test files, or hf:<dataset>)")
 
@@ -431,7 +434,13 @@ def _add_training_flags(p) -> None:
         if kind is None:
             p.add_argument(flag, action="store_true", help=help_text)
         else:
-            p.add_argument(flag, type=kind, metavar={float: "LR", str: "NAME"}.get(kind, "N"), help=help_text)
+            p.add_argument(flag, type=kind, metavar="X" if flag.startswith("--dp-") else {float: "LR", str: "NAME"}.get(kind, "N"), help=help_text)
+
+
+def cmd_serve(args) -> int:
+    from .serve import run
+
+    return run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -505,6 +514,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .analysis.cli import add_arguments as add_analyze_arguments, run as run_analyze  # flags live with the analysis
     add_analyze_arguments(p)
     p.set_defaults(run=run_analyze)
+
+    p = sub.add_parser("serve", help="serve adapters over HTTP, batched across adapters (docs/serving.md)")
+    from .serve import add_arguments as add_serve_arguments  # the server's flags live with the server
+    add_serve_arguments(p)
+    p.set_defaults(run=cmd_serve)
     return parser
 
 

@@ -73,7 +73,7 @@ def write_csv(rows: list[dict], path) -> Path:
     extra = sorted({k for r in rows for k in r} - set(CSV_COLUMNS))
     columns = [c for c in CSV_COLUMNS if any(c in r for r in rows)] + extra
     path = Path(path)
-    with path.open("w", newline="") as f:
+    with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         for r in rows:
@@ -104,8 +104,12 @@ def read_csv(path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"no results file at {path}; run `deltatune bench --out {path.parent}` first")
-    with path.open(newline="") as f:
-        rows = [{k: _parse_cell(v) for k, v in r.items()} for r in csv.DictReader(f)]
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = [{k: _parse_cell(v) for k, v in r.items()} for r in csv.DictReader(f)]
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{path} is not a results.csv written by `deltatune bench` ({type(e).__name__}: {e}); "
+                        f"rerun the bench, or re-save the file as UTF-8 CSV") from None
     if not rows or "method" not in rows[0] or "value" not in rows[0]:
         raise DataError(f"{path} has no runs (expected columns method, value, ...); was it written by `deltatune bench`?")
     return rows

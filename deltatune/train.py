@@ -21,7 +21,6 @@ import math
 import os
 import random
 import re
-import shutil
 import statistics
 import sys
 import time
@@ -38,7 +37,8 @@ from torch.nn import functional as F
 
 import deltatune as dt
 from deltatune.errors import AdapterFileError, ConfigError, DataError, StorageError, TrainingError
-from deltatune.io import atomic_write_bytes, atomic_write_json, fsync_dir, storage_error
+from deltatune import privacy, storage, updates
+from deltatune.storage import RunFolder, atomic_write_bytes, atomic_write_json, storage_error
 from deltatune.models import build_task_model, format_prompt
 from deltatune.names import slug
 
@@ -73,13 +73,18 @@ class TrainConfig:
     json_log: bool = True
     progress: bool = True
     device: str | None = None  # None: cuda if available, else cpu
+    overwrite: bool = False  # a fresh run may replace the previous run in out_dir (else: resume, or another out_dir)
     recycle: bool = False  # run the frozen lower blocks once and start from their cached output (deltatune.analysis.recycle)
     recycle_dtype: str = "float32"  # the cache's dtype: float32 (exact), float16 or bfloat16
+    dp_epsilon: float | None = None  # differentially private training to this epsilon (deltatune.privacy); None: off
+    dp_delta: float | None = None  # None: 1/N rounded down to a power of ten (N training examples)
+    dp_clip: float | None = None  # per-example gradient norm bound C; None: 1.0
 
 
 # Fields that may differ between a run and its resumption without changing the result.
 # lr and max_grad_norm may change too: the way to go on after a NaN loss.
-_RESUMABLE_CHANGES = {"resume", "stop_after", "log_every", "json_log", "progress", "out_dir", "device", "lr", "max_grad_norm"}
+_RESUMABLE_CHANGES = {"resume", "stop_after", "log_every", "json_log", "progress", "out_dir", "device", "lr", "max_grad_norm",
+                      "overwrite"}
 
 
 # ------------------------------------------------------------------------------------ train
@@ -94,16 +99,15 @@ def train(cfg: TrainConfig, task=None) -> dict:
     cfg = _resolved(cfg, task)
     from deltatune.analysis.freeze import resolve_options
     cfg = resolve_options(cfg, task)  # telly k="auto": the freeze depth from a layer analysis (cached)
-    with _deterministic(cfg.deterministic):
-        return _train(cfg, task)
+    with _deterministic(cfg.deterministic), RunFolder(cfg.out_dir) as folder:
+        return _train(cfg, task, folder)
 
 
-def _train(cfg: TrainConfig, task) -> dict:
-    # Data, model and method are all checked before out_dir is touched: a bad input leaves the
-    # previous run in out_dir as it was.
+def _train(cfg: TrainConfig, task, folder: RunFolder) -> dict:
+    # Data, model, method, and what they ask of the machine, are all checked before out_dir is
+    # touched: a bad input leaves the previous run in out_dir as it was.
     out = Path(cfg.out_dir)
-    checkpoint = _latest_checkpoint(out) if cfg.resume else None
-    _check_resumable(out, cfg, checkpoint)
+    checkpoint, restart = _check_out_dir(folder, cfg)
     _seed_everything(cfg.seed)
     task = task or _load_task(cfg)
     if not task.train:
@@ -119,25 +123,30 @@ def _train(cfg: TrainConfig, task) -> dict:
     zero_shot = None
     if checkpoint is None and data["test"]:  # the pretrained model before attach (a classifier: its untrained head)
         with torch.random.fork_rng(devices=[]):  # a method that does not fit fails before the scoring
-            dt.detach(dt.attach(model, cfg.method, **cfg.options))
+            dt.detach(_check_positions(cfg, dt.attach(model, cfg.method, **cfg.options), task.kind))
         zero_shot, zero_shot_records = _score(model.to(cfg.device), objective, data["test"], task, "test", cfg)
         state["zero_shot_value"] = zero_shot[task.metric]
     if checkpoint is None:
         dt.attach(model, cfg.method, **cfg.options)
     else:
         dt.load_adapter(model, checkpoint / "adapter")
+    _check_positions(cfg, model, task.kind)
     if cfg.grad_checkpointing:
         _enable_checkpointing(model)
     model.to(cfg.device)
     if cfg.recycle:  # the frozen lower part runs once; training and evaluation start from its cached output
         from deltatune.analysis import recycle
         objective, data = recycle.prepare(cfg, model, objective, data)
+    _check_batch_fits(cfg, model, objective, data["train"])
     trainable, total = dt.count_parameters(model)
     names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    private = privacy.rule_for(cfg, task.kind, len(data["train"]), dict(zip(names, params)),
+                               lambda b: _to(b, cfg.device), lambda: _autocast(cfg))
+    rule = updates.build(model, dict(zip(names, params)), max_steps=cfg.max_steps, private=private)  # None: no hooks
     if checkpoint is not None:
-        state = _load_checkpoint(checkpoint, optimizer, names)
-    _prepare_out_dir(out, cfg, checkpoint)
+        state = _load_checkpoint(checkpoint, optimizer, names, cfg, rule)
+    _prepare_out_dir(folder, cfg, checkpoint, restart)
     log = _Log(out / "log.jsonl" if cfg.json_log else None, keep_until=_step_of(checkpoint))
     if zero_shot is not None:
         for stale in PREDICTIONS.values():  # a fresh run: the previous run's predictions go with its metrics
@@ -145,7 +154,7 @@ def _train(cfg: TrainConfig, task) -> dict:
         _write_predictions(out / PREDICTIONS["zero-shot"], zero_shot_records)
         log.write({"step": 0, "split": "test", "zero_shot": True, **zero_shot})
 
-    if _loop(cfg, model, optimizer, names, objective, data, task, state, log, out) == "interrupted":
+    if _loop(cfg, model, optimizer, names, objective, data, task, state, log, out, rule) == "interrupted":
         return {"stopped_at": state["step"], "max_steps": cfg.max_steps, "out_dir": str(out),
                 "checkpoint": str(_latest_checkpoint(out))}
     del model, optimizer  # the test score comes from the saved best adapter, exactly as evaluate() sees it
@@ -164,12 +173,13 @@ def _train(cfg: TrainConfig, task) -> dict:
         "predictions_file": str(out / PREDICTIONS["test"]),
         "zero_shot_predictions_file": str(out / PREDICTIONS["zero-shot"]) if state["zero_shot_value"] is not None else None,
     }
+    summary.update(rule.metrics() if rule is not None else {})  # e.g. the privacy budget spent
     summary.update({k: v for k, v in test.items() if k not in summary})
     atomic_write_json(out / "metrics.json", summary)
     return summary
 
 
-def _loop(cfg, model, optimizer, names, objective, data, task, state, log, out) -> str:
+def _loop(cfg, model, optimizer, names, objective, data, task, state, log, out, rule=None) -> str:
     """Optimizer steps from ``state["step"]``: returns "done", "early-stop" or "interrupted" (stop_after)."""
     order = DataOrder(len(data["train"]), cfg.seed, state["consumed"])
     stop_at = min(cfg.max_steps, state["step"] + cfg.stop_after) if cfg.stop_after else cfg.max_steps
@@ -186,7 +196,7 @@ def _loop(cfg, model, optimizer, names, objective, data, task, state, log, out) 
             for group in optimizer.param_groups:
                 group["lr"] = lr
             t0 = time.perf_counter()
-            loss = _step(cfg, model, optimizer, params, objective, data["train"], order)
+            loss = _step(cfg, model, optimizer, params, objective, data["train"], order, rule, step)
             seconds = time.perf_counter() - t0
             state.update(step=step, consumed=order.consumed, train_seconds=state["train_seconds"] + seconds)
             state["step_seconds"].append(seconds)
@@ -205,24 +215,36 @@ def _loop(cfg, model, optimizer, names, objective, data, task, state, log, out) 
                 model.train()
             bar.set_postfix(shown, refresh=False)
             if validate or step == stop_at:
-                _save_checkpoint(out, model, optimizer, names, state)
+                _save_checkpoint(out, model, optimizer, names, state, rule)
             if cfg.early_stop_patience is not None and state["bad_evals"] >= cfg.early_stop_patience:
                 return "early-stop"
     return "done" if state["step"] == cfg.max_steps else "interrupted"
 
 
-def _step(cfg, model, optimizer, params, objective, examples, order) -> torch.Tensor:
-    """One optimizer step over grad_accum micro-batches; the loss stays on the device (no sync)."""
-    loss = 0.0
-    for _ in range(cfg.grad_accum):
-        batch = _to(objective.collate([examples[i] for i in order.take(cfg.batch_size)]), cfg.device)
-        with _autocast(cfg):
-            micro = objective.loss(model, batch) / cfg.grad_accum
-        micro.backward()
-        loss = loss + micro.detach()
-    if cfg.max_grad_norm:
+def _step(cfg, model, optimizer, params, objective, examples, order, rule=None, step=0) -> torch.Tensor:
+    """One optimizer step over grad_accum micro-batches; the loss stays on the device (no sync).
+
+    ``rule`` (deltatune.updates): a method's or training mode's hooks around the step; a rule that
+    computes the gradients itself (private training) replaces the backward passes and the clipping."""
+    if rule is not None:
+        rule.before_step(step)
+    if rule is not None and rule.computes_grads:
+        loss = rule.backward(model, objective, examples, order, step)
+    else:
+        loss = 0.0
+        for _ in range(cfg.grad_accum):
+            batch = _to(objective.collate([examples[i] for i in order.take(cfg.batch_size)]), cfg.device)
+            with _autocast(cfg):
+                micro = objective.loss(model, batch) / cfg.grad_accum
+            micro.backward()
+            loss = loss + micro.detach()
+    if rule is not None:
+        rule.after_backward(step)
+    if cfg.max_grad_norm and not (rule is not None and rule.replaces_clipping):
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
     optimizer.step()
+    if rule is not None:
+        rule.after_step(step)
     optimizer.zero_grad(set_to_none=True)
     return loss
 
@@ -235,7 +257,7 @@ def _validate(cfg, model, objective, data, task, state, log, out) -> float | Non
     value = metrics.get(task.metric)
     if value is None or state["best_value"] is None or value > state["best_value"]:
         try:
-            _replace_dir(out / "best", lambda tmp: dt.save_adapter(model, tmp))
+            storage.replace_dir(out / "best", lambda tmp: dt.save_adapter(model, tmp))
         except StorageError as err:
             raise StorageError(f"the best adapter of step {state['step']} was not saved: {err}. {out / 'best'} keeps "
                                "the previous best and the last checkpoint is intact; once that is fixed, run "
@@ -354,7 +376,7 @@ def default_eval_dir(adapter_dir, task=None) -> Path:
 def _restore(cfg: TrainConfig, task, adapter_dir: Path):
     """A fresh task model with the adapter at ``adapter_dir`` loaded: (model, tokenizer)."""
     model, tokenizer = build_task_model(cfg.model, task.kind, len(task.labels or []))
-    return dt.load_adapter(model, adapter_dir), tokenizer
+    return _check_positions(cfg, dt.load_adapter(model, adapter_dir), task.kind), tokenizer
 
 
 @torch.no_grad()
@@ -380,6 +402,9 @@ def _traceable(row: dict) -> dict:
 # ------------------------------------------------------------------------------- objectives
 
 
+CHARS_PER_TOKEN = 128  # above the longest token of a BPE or WordPiece vocabulary (a WordPiece word is cut at 100)
+
+
 class _Objective:
     """Tokenising is shared: inputs longer than max_len are truncated and counted for one warning."""
 
@@ -391,6 +416,7 @@ class _Objective:
         """One dict of token lists per text (input_ids, attention_mask, and token_type_ids if used)."""
         if not texts:
             return []
+        texts, pairs = [self.clip(t) for t in texts], (pairs and [self.clip(t) for t in pairs])
         encoded = self.tokenizer(texts, pairs, verbose=False)
         rows = [dict(zip(encoded.keys(), values)) for values in zip(*encoded.values())]
         long = [i for i, row in enumerate(rows) if len(row["input_ids"]) > self.max_len]
@@ -401,6 +427,12 @@ class _Objective:
                 rows[i] = {k: again[k][j] for k in again.keys()}
         self.count(len(long), len(rows))
         return rows
+
+    def clip(self, text: str, keep_end: bool = False) -> str:
+        """At most CHARS_PER_TOKEN x max_len characters: a text that long is over max_len tokens anyway, and
+        the tokenizer's memory grows with the whole text (a 5 MB line alone took 2.3 GB)."""
+        limit = CHARS_PER_TOKEN * self.max_len
+        return text if len(text) <= limit else text[-limit:] if keep_end else text[:limit]
 
     def count(self, truncated: int, seen: int) -> None:
         self.truncated, self.seen = self.truncated + truncated, self.seen + seen
@@ -504,13 +536,13 @@ class Generation(_Objective):
 
     def encode(self, rows, train):
         tok, eos = self.tokenizer, self.tokenizer.eos_token_id
-        prompts = [tok(format_prompt(tok, r["prompt"]), add_special_tokens=False, verbose=False)["input_ids"] for r in rows]
+        prompts = [tok(format_prompt(tok, self.clip(r["prompt"], keep_end=True)), add_special_tokens=False, verbose=False)["input_ids"] for r in rows]
         if not train:  # the prompt alone, keeping its end when it is too long
             self.count(sum(len(p) > self.max_len for p in prompts), len(prompts))
             return [{"input_ids": p[-self.max_len:], "attention_mask": [1] * len(p[-self.max_len:])} for p in prompts]
         out, truncated = [], 0
         for prompt, row in zip(prompts, rows):
-            target = tok(row["target"], add_special_tokens=False, verbose=False)["input_ids"] + [eos]
+            target = tok(self.clip(row["target"]), add_special_tokens=False, verbose=False)["input_ids"] + [eos]
             truncated += len(prompt) + len(target) > self.max_len
             # Over-long: the target keeps up to max_len minus (up to half of max_len) of the prompt's end.
             target = target[: self.max_len - min(len(prompt), self.max_len // 2)]
@@ -575,11 +607,12 @@ def _permutation(n: int, seed: int, epoch: int) -> list[int]:
 # ------------------------------------------------------------------------------ checkpoints
 
 
-def _save_checkpoint(out: Path, model, optimizer, names, state) -> None:
+def _save_checkpoint(out: Path, model, optimizer, names, state, rule=None) -> None:
     """checkpoints/step-N/: adapter (unfolded), optimizer + RNG tensors (safetensors), the rest as JSON."""
     optim = optimizer.state_dict()
     tensors = {f"optim/{names[i]}/{k}": v for i, s in optim["state"].items() for k, v in s.items() if torch.is_tensor(v)}
     tensors["rng/torch"] = torch.get_rng_state()
+    tensors.update({f"rule/{k}": v for k, v in (rule.state_dict() if rule is not None else {}).items()})
     if torch.cuda.is_available():
         tensors.update({f"rng/cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     python, numpy = random.getstate(), np.random.get_state()
@@ -598,7 +631,7 @@ def _save_checkpoint(out: Path, model, optimizer, names, state) -> None:
         atomic_write_json(tmp / "trainer.json", meta)
 
     try:
-        path = _replace_dir(out / "checkpoints" / f"step-{state['step']:06d}", write)
+        path = storage.replace_dir(out / "checkpoints" / f"step-{state['step']:06d}", write)
     except StorageError as err:
         kept = _latest_checkpoint(out)
         where = f"the last good checkpoint is kept at {kept}" if kept else "no earlier checkpoint exists"
@@ -606,30 +639,91 @@ def _save_checkpoint(out: Path, model, optimizer, names, state) -> None:
                            "fixed, run again with resume") from None
     for old in _checkpoints(out):  # only once the new one is complete
         if old != path:
-            _remove_dir(old)
+            storage.remove_dir(old)
 
 
-def _load_checkpoint(path: Path, optimizer, names) -> dict:
+def _load_checkpoint(path: Path, optimizer, names, cfg: TrainConfig, rule=None) -> dict:
     """Restore the optimizer and every RNG from ``path``; returns the loop state saved with them.
 
-    The files are data (safetensors and JSON, never pickle); anything malformed in them is an
-    AdapterFileError naming the checkpoint.
+    The files are data (safetensors and JSON, never pickle), checked field by field before use;
+    anything malformed in them is an AdapterFileError naming the checkpoint.
     """
     try:
-        meta = json.loads((path / "trainer.json").read_text())
+        meta = json.loads(storage.read_text(path / "trainer.json"))
         tensors = load_file(path / "trainer.safetensors")
     except (OSError, ValueError, RecursionError, SafetensorError) as err:
         raise AdapterFileError(f"checkpoint {path} cannot be read ({err}); delete it to resume from an older one") from None
     try:
+        _check_trainer_json(meta, _step_of(path), cfg, optimizer.param_groups[0])
+        saved = {k[len("rule/"):]: v for k, v in tensors.items() if k.startswith("rule/")}
+        if rule is not None:  # the update rule's masks, accumulators, counters (deltatune.updates)
+            rule.load_state_dict(saved)
+        elif saved:
+            raise ValueError(f"it holds update-rule state ({sorted(saved)[0]}, ...) that this run has no rule for")
         return _restore_trainer(path, meta, tensors, optimizer, names)
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
         raise AdapterFileError(f"checkpoint {path} is damaged ({type(err).__name__}: {err}); delete it to resume "
                                "from an older one, or train again without resume") from None
 
 
+def _check_trainer_json(meta, step: int, cfg: TrainConfig, group: dict) -> None:
+    """Every field of trainer.json that the loop reads: of its type, finite, in its range (ValueError)."""
+    def number(value, low=-math.inf):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= low
+
+    def whole(value, low, high):
+        return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+    if not isinstance(meta, dict):
+        raise ValueError(f"trainer.json must hold a JSON object, got {type(meta).__name__}")
+    rules = {  # field -> (check, what it must be)
+        "step": (lambda v: v == step and whole(v, 1, _COUNT), f"{step}, the step of its directory"),
+        "consumed": (lambda v: whole(v, 0, _COUNT) and v == step * cfg.batch_size * cfg.grad_accum,
+                     f"{step} steps x batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum}"),
+        "best_value": (lambda v: v is None or number(v), "a finite number or null"),
+        "best_step": (lambda v: v is None or whole(v, 1, step), f"a step in [1, {step}] or null"),
+        "bad_evals": (lambda v: whole(v, 0, step), f"a whole number in [0, {step}]"),
+        "zero_shot_value": (lambda v: v is None or number(v), "a finite number or null"),
+        "train_seconds": (lambda v: number(v, 0), "a finite number >= 0"),
+        "step_seconds": (lambda v: isinstance(v, list) and len(v) == step and all(number(x, 0) for x in v),
+                         f"a list of {step} finite numbers >= 0"),
+        "params": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of parameter names"),
+        "optim_scalars": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and "/" in k and number(x, 0)
+                                                                for k, x in v.items()), "a mapping of names to numbers >= 0"),
+        "param_groups": (lambda v: isinstance(v, list) and len(v) == 1 and _valid_group(v[0], group),
+                         "one optimizer parameter group like the optimizer's own"),
+        "rng_python": (lambda v: isinstance(v, list) and len(v) == 3, "Python's RNG state"),
+        "rng_numpy": (lambda v: isinstance(v, list) and len(v) == 5, "NumPy's RNG state"),
+    }
+    for key, (check, want) in rules.items():
+        if key not in meta:
+            raise ValueError(f"trainer.json has no field '{key}'")
+        if not check(meta[key]):
+            shown = repr(meta[key]) if len(repr(meta[key])) <= 60 else repr(meta[key])[:57] + "..."
+            raise ValueError(f"trainer.json field '{key}' must be {want}, got {shown}")
+
+
+def _valid_group(saved, live: dict) -> bool:
+    """An AdamW parameter group as saved: the keys of the live one only, each of the same kind, in range."""
+    if not isinstance(saved, dict) or not {"lr", "betas", "eps", "weight_decay"} <= set(saved) <= set(live):
+        return False
+    for key, value in saved.items():
+        have = live[key]
+        if isinstance(have, bool) or have is None:
+            ok = value is None or isinstance(value, bool)
+        elif isinstance(have, (int, float)):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+        elif isinstance(have, (tuple, list)):
+            ok = isinstance(value, list) and len(value) == len(have) and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < 1 for x in value)
+        else:
+            ok = False
+        if not ok:
+            return False
+    return saved["eps"] > 0
+
+
 def _restore_trainer(path: Path, meta: dict, tensors: dict, optimizer, names) -> dict:
-    if not isinstance(meta, dict) or meta.get("step") != _step_of(path) or not isinstance(meta.get("consumed"), int):
-        raise ValueError(f"trainer.json does not describe step {_step_of(path)}")
     if meta["params"] != list(names):
         raise AdapterFileError(f"checkpoint {path} was written for other trainable parameters than this model has "
                                f"({len(meta['params'])} vs {len(names)}); was the method or its options changed?")
@@ -661,8 +755,8 @@ def _restore_trainer(path: Path, meta: dict, tensors: dict, optimizer, names) ->
 
 
 def _checkpoints(out: Path) -> list[Path]:
-    folder = out / "checkpoints"
-    found = [p for p in folder.iterdir() if re.fullmatch(r"step-\d+", p.name)] if folder.is_dir() else []
+    folder = out / "checkpoints"  # real folders only: a link is never followed (RunFolder refuses them anyway)
+    found = [p for p in folder.iterdir() if re.fullmatch(r"step-\d+", p.name) and storage.is_dir(p)] if storage.is_dir(folder) else []
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
@@ -675,65 +769,12 @@ def _step_of(checkpoint: Path | None) -> int:
     return int(checkpoint.name.split("-")[1]) if checkpoint else 0
 
 
-def _replace_dir(path: Path, write) -> Path:
-    """Build a directory with ``write(tmp)`` next to ``path``, then swap it in by renames.
-
-    A write that fails (a full disk) removes the partial copy and leaves ``path`` as it was. A
-    crash between the two renames leaves ``.NAME.old`` and no ``NAME``; _recover_dir puts it back.
-    """
-    tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
-    _recover_dir(path)
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-        write(tmp)
-    except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, OSError):
-            raise storage_error(err, tmp) from err
-        raise
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-    shutil.rmtree(old, ignore_errors=True)
-    return path
-
-
-def _recover_dir(path: Path) -> None:
-    """Undo a crash between the two renames of _replace_dir (the previous ``path`` comes back), or
-    finish the removal of the previous version that a crash cut short."""
-    old = path.with_name(f".{path.name}.old")
-    if not path.exists() and old.is_dir():
-        os.replace(old, path)
-    elif old.exists():
-        shutil.rmtree(old)
-
-
-def _remove_dir(path: Path) -> None:
-    """Remove a directory such that a crash midway never leaves part of it under its own name."""
-    if path.is_dir():
-        doomed = path.with_name(f".{path.name}.del.tmp")
-        shutil.rmtree(doomed, ignore_errors=True)
-        os.replace(path, doomed)
-        shutil.rmtree(doomed)
-
-
 # ------------------------------------------------------------------------------------ setup
 
 
 def _resolved(cfg: TrainConfig, task) -> TrainConfig:
     """The config with its defaults filled in: lr, out_dir, device, and the task name of a TaskData."""
-    if cfg.max_steps < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.eval_every < 1 or cfg.log_every < 1:
-        raise ConfigError("max_steps, batch_size, grad_accum, eval_every and log_every must be >= 1, got "
-                          f"{cfg.max_steps}, {cfg.batch_size}, {cfg.grad_accum}, {cfg.eval_every}, {cfg.log_every}")
-    if cfg.stop_after is not None and cfg.stop_after < 1:
-        raise ConfigError(f"stop_after must be >= 1 or None, got {cfg.stop_after}")
-    if cfg.lr is not None and not (math.isfinite(cfg.lr) and cfg.lr >= 0):
-        raise ConfigError(f"lr must be a finite number >= 0, got {cfg.lr}")
-    if cfg.max_len < 2 or cfg.max_new_tokens < 1 or not 0 <= cfg.warmup_ratio <= 1:
-        raise ConfigError(f"max_len must be >= 2, max_new_tokens >= 1 and warmup_ratio in [0, 1], got "
-                          f"{cfg.max_len}, {cfg.max_new_tokens}, {cfg.warmup_ratio}")
+    _check_settings(cfg)
     task_name = task.name if task is not None else cfg.task
     return dataclasses.replace(
         cfg,
@@ -748,10 +789,56 @@ def _resolved(cfg: TrainConfig, task) -> TrainConfig:
 _slug = slug  # one definition, in deltatune.names, shared with the CLI
 
 
+# The type and range of every TrainConfig field, checked in one place for a config from the API or the
+# CLI and for one read back from run.json: (types, lowest, highest); None in types: may be None.
+_COUNT = 2**53  # counts stay exact in JSON (a double)
+_SETTINGS = {
+    "model": ((str,),), "task": ((str,),), "method": ((str,),), "options": ((dict,),),
+    "max_steps": ((int,), 1, _COUNT), "batch_size": ((int,), 1, _COUNT), "grad_accum": ((int,), 1, _COUNT),
+    "eval_every": ((int,), 1, _COUNT), "log_every": ((int,), 1, _COUNT), "max_len": ((int,), 2, _COUNT),
+    "max_new_tokens": ((int,), 1, _COUNT), "seed": ((int,), 0, 2**32 - 1),  # NumPy's seeds
+    "early_stop_patience": ((int, None), 1, _COUNT), "max_train": ((int, None), 1, _COUNT),
+    "max_eval": ((int, None), 1, _COUNT), "stop_after": ((int, None), 1, _COUNT),
+    # The largest default lr of a method is 0.3 (prompt); 10 leaves room for any sweep, and refuses
+    # values that can only overflow (1e308).
+    "lr": ((float, None), 0.0, 10.0), "weight_decay": ((float,), 0.0, 1e6), "warmup_ratio": ((float,), 0.0, 1.0),
+    "max_grad_norm": ((float, None), 0.0, 1e12),
+    "dp_epsilon": ((float, None), 1e-6, 1e6), "dp_delta": ((float, None), 1e-300, 0.999999),
+    "dp_clip": ((float, None), 1e-12, 1e12),
+    "bf16": ((bool,),), "grad_checkpointing": ((bool,),), "deterministic": ((bool,),), "resume": ((bool,),),
+    "json_log": ((bool,),), "progress": ((bool,),), "overwrite": ((bool,),),
+    "out_dir": ((str, None),), "device": ((str, None),),
+    "recycle": ((bool,),), "recycle_dtype": ((str,),),
+}
+
+
+def _check_settings(cfg: TrainConfig) -> None:
+    """Every field of ``cfg`` of its type and in its range (finite numbers); a ConfigError naming the first that is not."""
+    for name, (types, *bounds) in _SETTINGS.items():
+        value = getattr(cfg, name)
+        if value is None and None in types:
+            continue
+        if float in types:  # an int is a float here, a bool is neither
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            kind = "a finite number"
+        elif int in types:
+            ok, kind = isinstance(value, int) and not isinstance(value, bool), "a whole number"
+        else:
+            typ = types[0]
+            ok = isinstance(value, typ) and (typ is not int or not isinstance(value, bool))
+            kind = {str: "a string", dict: "a mapping of options", bool: "true or false"}[typ]
+        if ok and bounds and not bounds[0] <= value <= bounds[1]:
+            ok = False
+        if not ok:
+            where = f" in [{bounds[0]}, {bounds[1]}]" if bounds else ""
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            raise ConfigError(f"{name} must be {kind}{where}{' or None' if None in types else ''}, got {shown}")
+
+
 def _read_run_json(path: Path) -> dict:
     try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as err:  # malformed or too deeply nested JSON, not UTF-8
+        saved = json.loads(storage.read_text(path))
+    except (OSError, ValueError, RecursionError) as err:  # malformed or too deeply nested JSON, not UTF-8, a link
         raise ConfigError(f"{path} cannot be read ({err}); it is written by deltatune.train") from None
     if not isinstance(saved, dict):
         raise ConfigError(f"{path} must hold a JSON object (a TrainConfig), got {type(saved).__name__}")
@@ -759,43 +846,185 @@ def _read_run_json(path: Path) -> dict:
 
 
 def _config_from(saved: dict, path: Path) -> TrainConfig:
-    """The TrainConfig of a run.json, on this machine's device."""
+    """The TrainConfig of a run.json, on this machine's device; every field checked as for a new run."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     try:
         return _resolved(TrainConfig(**{k: v for k, v in saved.items() if k in names and k != "device"}), None)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{path} holds invalid settings ({err})") from None
+    except (TypeError, ValueError) as err:  # ConfigError is a ValueError
+        raise ConfigError(f"{path} holds invalid settings ({err}); it is written by deltatune.train") from None
 
 
-def _check_resumable(out: Path, cfg: TrainConfig, checkpoint: Path | None) -> None:
-    """A resumed run must have the settings of the run it continues; checked before anything is loaded."""
-    if cfg.resume and checkpoint is None:
-        warnings.warn(f"resume=True but {out} holds no checkpoint; starting from step 0", stacklevel=4)
-    if checkpoint is not None and (out / "run.json").is_file():
-        saved = _read_run_json(out / "run.json")
+def _check_out_dir(folder: RunFolder, cfg: TrainConfig) -> tuple[Path | None, bool]:
+    """May this run use out_dir? Returns the checkpoint it goes on from (None: step 0), and whether
+    it restarts a run of its own settings that wrote no checkpoint yet. Writes nothing.
+
+    A folder deltatune did not write is refused unless empty; a previous run there is continued
+    (``resume``), replaced only when asked (``overwrite``), and otherwise left alone. A run folder
+    is locked from here on, so nothing else changes it while it is read.
+    """
+    folder.check()
+    out, run_json = folder.path, folder.path / "run.json"
+    if not (cfg.resume and folder.is_run()):
+        if cfg.resume:
+            warnings.warn(f"resume=True but {out} holds no run; starting from step 0", stacklevel=5)
+        _refuse_to_replace(folder, cfg)
+        return None, False
+    checkpoint = _latest_checkpoint(out)
+    if os.path.lexists(run_json):  # the run it continues had these settings
+        saved = _read_run_json(run_json)
+        _config_from(saved, run_json)
         now = json.loads(json.dumps(dataclasses.asdict(cfg)))
         changed = sorted(k for k in now if k not in _RESUMABLE_CHANGES and saved.get(k) != now[k])
         if changed:
             raise ConfigError(f"cannot resume {out}: {', '.join(f'{k} was {saved.get(k)!r}, now {now[k]!r}' for k in changed)}; "
                               "use the original settings, or a new out_dir without resume")
+    elif checkpoint is None:
+        _refuse_to_replace(folder, cfg)
+    if checkpoint is None:  # what it wrote before its first checkpoint is recomputed the same way
+        warnings.warn(f"resume=True but {out} holds no checkpoint yet; starting from step 0", stacklevel=5)
+    return checkpoint, checkpoint is None
 
 
-def _prepare_out_dir(out: Path, cfg: TrainConfig, checkpoint: Path | None) -> None:
-    """A fresh run clears the previous run's state (its inputs are checked by now); run.json records cfg."""
-    out.mkdir(parents=True, exist_ok=True)
-    _recover_dir(out / "best")
-    for folder in (out, out / "checkpoints"):  # what writes cut short by a crash left: .NAME.tmp, .NAME.XXXX.tmp
-        for stale in folder.glob(".*.tmp") if folder.is_dir() else ():
-            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-    for old in _checkpoints(out) if checkpoint is not None else ():  # superseded, when a crash struck first
-        if old != checkpoint:
-            _remove_dir(old)
-    if checkpoint is None:
-        for stale in ("checkpoints", "best"):
-            _remove_dir(out / stale)
-        for stale in ("log.jsonl", "metrics.json"):
-            (out / stale).unlink(missing_ok=True)
+def _refuse_to_replace(folder: RunFolder, cfg: TrainConfig) -> None:
+    """A fresh run never replaces a previous one unless asked to (overwrite)."""
+    if cfg.overwrite or not folder.holds_run():
+        return
+    out = folder.path
+    kept = _latest_checkpoint(out)
+    what = ("a finished run" if os.path.lexists(out / "metrics.json") else
+            f"a run with its last checkpoint at step {_step_of(kept)}" if kept else "a run that wrote no checkpoint")
+    raise StorageError(f"--out {out} holds {what}; pass --resume to continue it (resume=True), --overwrite to "
+                       "replace it (overwrite=True), or choose another --out")
+
+
+def _prepare_out_dir(folder: RunFolder, cfg: TrainConfig, checkpoint: Path | None, restart: bool) -> None:
+    """Take out_dir (created, marked and locked), tidy what a crash left, clear a replaced run; run.json records cfg."""
+    out = folder.path
+    try:
+        folder.open()
+        if checkpoint is None and not restart:
+            _refuse_to_replace(folder, cfg)  # again under the lock: another run may have written here meanwhile
+        storage.recover_dir(out / "best")
+        folder.clear_leftovers()
+        folder.clear_leftovers(out / "checkpoints")
+        for old in _checkpoints(out) if checkpoint is not None else ():  # superseded, when a crash struck first
+            if old != checkpoint:
+                storage.remove_dir(old)
+        if checkpoint is None:  # allowed by now: a resumed run that wrote no checkpoint yet, or overwrite
+            for stale in ("checkpoints", "best", "log.jsonl", "metrics.json", *PREDICTIONS.values()):
+                storage.remove(out / stale)
+    except OSError as err:
+        raise storage_error(err, out, "prepare") from err
     atomic_write_json(out / "run.json", dataclasses.asdict(cfg))
+
+
+def _check_positions(cfg: TrainConfig, model, kind: str):
+    """The longest input (max_len tokens, then max_new_tokens more when generating) plus the prompt
+    tokens a method prepends fits in the model's positions; returns ``model``."""
+    from deltatune.deltas import SoftPrompt
+    from deltatune.sites import find_backbone
+
+    _, backbone = find_backbone(model)
+    limit = next((v for k in ("max_position_embeddings", "n_positions")
+                  if isinstance(v := getattr(backbone.config, k, None), int) and not isinstance(v, bool)), None)
+    if limit is None:  # relative positions (T5): no table to run off
+        return model
+    offset = getattr(getattr(backbone, "embeddings", None), "padding_idx", None)
+    if isinstance(offset, int):  # RoBERTa-style position ids start after the padding index
+        limit -= offset + 1
+    prompt = sum(m.prompt.shape[0] for m in model.modules() if isinstance(m, SoftPrompt))
+    new = cfg.max_new_tokens if kind == "generation" else 0
+    if cfg.max_len + new + prompt > limit:
+        parts = f"max_len {cfg.max_len}" + (f" + max_new_tokens {new}" if new else "") + (
+            f" + {prompt} prompt tokens of {cfg.method}" if prompt else "")
+        total = f" = {cfg.max_len + new + prompt}" if new or prompt else ""
+        fix = f"lower max_len (--max-len) to {limit - new - prompt}" if limit - new - prompt >= 2 else "shorten the prompt"
+        raise ConfigError(f"{parts}{total} positions are more than the {limit} that {cfg.model} has; {fix}")
+    return model
+
+
+def _n_tokens(example) -> int:
+    """Tokens in one encoded example (a dict of token lists, or a tuple holding such dicts)."""
+    if isinstance(example, dict):
+        return len(example.get("input_ids", ()))
+    if isinstance(example, (tuple, list)):
+        return sum(_n_tokens(part) for part in example if isinstance(part, (dict, tuple, list)))
+    return 0
+
+
+def _check_batch_fits(cfg: TrainConfig, model, objective, examples) -> None:
+    """The largest micro-batch the run can meet (batch_size copies of its longest example) fits in
+    memory and gives a finite loss, checked before out_dir changes and leaving the parameters, their
+    gradients and every RNG as they were.
+
+    First the memory it needs is predicted without building it: the tensors autograd keeps for the
+    backward pass, measured on batches of one and two copies, grow linearly with the batch. A batch
+    that cannot fit is refused there; one that may fit then runs one forward and backward pass.
+    """
+    longest = max(examples, key=_n_tokens)
+    device = torch.device(cfg.device)
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    fix = "lower batch_size (--batch-size; grad_accum keeps the effective batch) or max_len (--max-len)"
+    what = f"a batch of {cfg.batch_size} examples of up to {_n_tokens(longest)} tokens"
+
+    def kept_for_backward(n: int) -> int:
+        total = [0]
+
+        def pack(t):
+            total[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.random.fork_rng(devices=devices), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            batch = _to(objective.collate([longest] * n), cfg.device)
+            with _autocast(cfg):
+                objective.loss(model, batch)
+        return total[0]
+
+    model.train()
+    one, two = kept_for_backward(1), kept_for_backward(2)
+    need = one + (cfg.batch_size - 1) * max(two - one, 0)
+    free = _free_memory(cfg.device)
+    if free is not None and need > free:
+        raise ConfigError(f"{what} needs about {need / 2**30:.3g} GiB for its activations, more than the "
+                          f"{free / 2**30:.3g} GiB free on {cfg.device}; {fix}")
+    try:
+        with torch.random.fork_rng(devices=devices):
+            batch = _to(objective.collate([longest] * cfg.batch_size), cfg.device)
+            with _autocast(cfg):
+                loss = objective.loss(model, batch)
+            loss.backward()
+            value = loss.item()
+    except (MemoryError, RuntimeError) as err:  # torch.OutOfMemoryError is a RuntimeError
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if isinstance(err, MemoryError) or "memory" in text.lower():
+            raise ConfigError(f"{what} does not fit in memory on {cfg.device} ({text[:120]}); {fix}") from None
+        raise
+    finally:
+        batch = loss = None
+        for p in model.parameters():
+            p.grad = None
+    if not math.isfinite(value):
+        raise ConfigError(f"the first batch gives a loss of {value} before any training: the method's options "
+                          f"({cfg.method} {cfg.options}) make the model's outputs non-finite; choose smaller values")
+
+
+def _free_memory(device: str) -> int | None:
+    """Bytes free for tensors on ``device``: the GPU's free memory, or the memory available to this
+    process on Linux (within its cgroup's limit); None where it cannot be told."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        with open("/proc/meminfo") as f:
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            free = min(free, int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return free
 
 
 def _load_task(cfg: TrainConfig):
@@ -870,17 +1099,17 @@ class _Log:
 
     def __init__(self, path: Path | None, keep_until: int):
         self.path = path
-        if path is not None and path.exists() and keep_until:
-            kept = [line for line in path.read_text().splitlines() if _logged_step(line) <= keep_until]
+        if path is not None and os.path.lexists(path) and keep_until:
+            try:  # bytes that are not UTF-8 (a damaged line) do not parse, and so are dropped
+                text = storage.read_bytes(path).decode("utf-8", errors="replace")
+            except OSError as err:
+                raise storage_error(err, path, "read") from None
+            kept = [line for line in text.split("\n") if line and _logged_step(line) <= keep_until]
             atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
 
     def write(self, record: dict) -> None:
         if self.path is not None:
-            try:
-                with self.path.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-            except OSError as err:
-                raise storage_error(err, self.path) from err
+            storage.append_text(self.path, json.dumps(record) + "\n")
 
 
 def _logged_step(line: str) -> float:

@@ -152,7 +152,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, tasks, 
     def poisoned(self, model, batch):
         calls["n"] += 1
         value = loss(self, model, batch)
-        return value * float("nan") if calls["n"] == 8 else value
+        return value * float("nan") if calls["n"] == 3 + 8 else value  # calls 1-3: the check that a batch fits
 
     monkeypatch.setattr(Classification, "loss", poisoned)
     with pytest.raises(TrainingError, match=r"at step 8 .*step-000006.*learning rate"):

@@ -6,8 +6,17 @@
 - :mod:`deltatune.analysis.recycle`: the frozen lower part's output cached once on disk, training and
   evaluation starting from it (``deltatune train --recycle``).
 """
-from .api import analyze
-from .freeze import freeze_depth, recommend_k, rule_text
-from .similarity import linear_cka, per_layer, rsa
+import importlib
+
+# Imported on first use: `deltatune --help` and a bad flag must not pay for transformers.
+_LAZY = {"analyze": "api", "freeze_depth": "freeze", "recommend_k": "freeze", "rule_text": "freeze",
+         "rsa": "similarity", "linear_cka": "similarity", "per_layer": "similarity"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["analyze", "freeze_depth", "recommend_k", "rule_text", "rsa", "linear_cka", "per_layer"]

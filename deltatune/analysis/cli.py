@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from .probing import PROPERTIES
+PROPERTIES = ("lexical", "syntactic", "syntactic-depth", "structural", "semantic")
 
 
 def add_arguments(p) -> None:
