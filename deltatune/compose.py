@@ -69,6 +69,9 @@ class Stack(Composite):
 
     parts: list = option([{"method": "lora", "options": {}}])
 
+    def __post_init__(self):
+        self.part_configs()  # the parts are checked when the config is built, before any model is touched
+
     def part_configs(self) -> dict:
         if not self.parts:
             raise ConfigError("stack: option 'parts' is empty; give at least one {'method': NAME, 'options': {...}}")
@@ -76,13 +79,15 @@ class Stack(Composite):
         for i, part in enumerate(self.parts):
             if not isinstance(part, dict) or set(part) - {"method", "options"} or not isinstance(part.get("method"), str) \
                     or not isinstance(part.get("options", {}), dict):
-                raise ConfigError(f"stack: part {i} must be {{'method': NAME, 'options': {{...}}}}, got {part!r}")
+                raise ConfigError(f"stack: option 'parts': part {i} must be {{'method': NAME, 'options': {{...}}}}, "
+                                  f"got {part!r}")
             method = part["method"]
             if method == self.name:
-                raise ConfigError("stack: a part cannot itself be a stack; list the inner stack's parts instead")
+                raise ConfigError("stack: option 'parts': a part cannot itself be a stack; list the inner stack's parts instead")
             cls = registry.REGISTRY.get(method)
             if cls is not None and cls.kind != "delta":
-                raise ConfigError(f"stack: part {i} ({method}) trains base weights in place; only delta methods stack")
+                raise ConfigError(f"stack: option 'parts': part {i} ({method}) trains base weights in place; only delta "
+                                  "methods stack")
             out[f"p{i}"] = registry.build_method(method, part.get("options", {}))
         return out
 
