@@ -155,7 +155,7 @@ def test_overload_answers_429_with_retry_after_and_memory_stays_flat(saved):
 
 
 def test_a_client_that_disconnects_mid_request_does_not_disturb_the_others(saved):
-    engine = _engine(saved, ["lora", "ia3"], max_wait=0.5)
+    engine = _engine(saved, ["lora", "ia3"], max_wait=2.0)  # the left row is still queued when it is noticed
     try:
         with S.running(engine) as url:
             port = int(url.rsplit(":", 1)[1])
@@ -182,13 +182,13 @@ def test_a_client_that_disconnects_mid_request_does_not_disturb_the_others(saved
 
 
 def test_an_adapter_unloaded_while_its_rows_are_queued(saved):
-    engine = _engine(saved, ["lora", "ia3"], max_wait=3.0)  # rows wait up to 3 s for company
+    engine = _engine(saved, ["lora", "ia3"], max_wait=4.0)  # rows wait for company: the unload comes first
 
     async def scenario(url):
         async with httpx.AsyncClient(base_url=url, timeout=30) as client:
             rows = [client.post(f"/v1/adapters/{n}/embed", json={"text": t}) for n in ("lora", "ia3") for t in TEXTS[:3]]
             tasks = [asyncio.ensure_future(r) for r in rows]
-            for _ in range(200):
+            for _ in range(350):
                 if engine.queue_depth() == 6:
                     break
                 await asyncio.sleep(0.01)

@@ -230,39 +230,54 @@ class Engine:
 
     def _gather(self) -> list[Job]:
         with self._cond:
-            if not self._jobs:
-                return []
-            first = self._jobs[0]
-            until = first.queued + self.max_wait
             while True:
+                self._prune()
+                if not self._jobs:
+                    return []
+                first = self._jobs[0]
                 same = sum(1 for j in self._jobs if j.group == first.group)
-                left = until - time.monotonic()
+                left = first.queued + self.max_wait - time.monotonic()
                 if self._control or self._stopping:
                     return []  # the operation goes first; the rows stay queued for the next batch
                 if same >= self.max_batch or left <= 0:
                     break
                 self._cond.wait(left)
-            batch, rest, now = [], deque(), time.monotonic()
+            batch, rest = [], deque()
             for job in self._jobs:
-                if len(batch) >= self.max_batch or job.group != first.group:
-                    rest.append(job)
-                elif job.cancelled or job.future.done():
-                    self._fail(job, ServeError(499, "the client left before its request ran"))
-                elif now > job.deadline:
-                    self._fail(job, ServeError(504, "the request timed out in the queue"))
-                elif job.adapter not in self.adapters:
-                    self._fail(job, ServeError(410, f"adapter {job.adapter!r} was unloaded while this request "
-                                                    "was queued"))
+                if len(batch) < self.max_batch and job.group == first.group:
+                    if job.future.set_running_or_notify_cancel():  # from here on the client cannot cancel it
+                        batch.append(job)
+                    elif job.sink is not None:
+                        job.sink(None)
                 else:
-                    batch.append(job)
+                    rest.append(job)
             self._jobs = rest
             self._cond.notify_all()  # room for waiting submitters
             return batch
 
+    def _prune(self) -> None:
+        """Answer now the queued rows that will not run: client gone, past their deadline, adapter unloaded."""
+        keep, now = deque(), time.monotonic()
+        for job in self._jobs:
+            if job.cancelled or job.future.done():
+                self._fail(job, ServeError(499, "the client left before its request ran"))
+            elif now > job.deadline:
+                self._fail(job, ServeError(504, "the request timed out in the queue"))
+            elif job.adapter not in self.adapters:
+                self._fail(job, ServeError(410, f"adapter {job.adapter!r} was unloaded while this request was queued"))
+            else:
+                keep.append(job)
+        if len(keep) != len(self._jobs):
+            self._jobs = keep
+            self._cond.notify_all()
+
     @staticmethod
     def _fail(job: Job, err: Exception) -> None:
-        if not job.future.done():
-            job.future.set_exception(err)
+        try:
+            if not job.future.done():
+                job.future.set_exception(err)
+        except cf.InvalidStateError:  # the client cancelled it at the same moment
+            pass
         if job.sink is not None:
             job.sink(None)
 
