@@ -341,7 +341,7 @@ class PromptTokens(Mechanism):
         kw = self.signature.bind_partial(*args, **kwargs).arguments
         kw.update(kw.pop("kwargs", {}))
         ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
-        past = kw.get("past_key_values")
+        past = kw.get("cache", kw.get("past_key_values"))  # transformers 5.24 renamed past_key_values to cache
         ref = embeds if embeds is not None else ids
         batch, device = ref.shape[0], ref.device
         live = self.live(self.entries, batch, device)
@@ -443,6 +443,9 @@ class PromptTokens(Mechanism):
             kw["attention_mask"] = torch.cat([head.to(mask.dtype), rest], dim=1)
         if kw.get("position_ids") is not None:
             kw["position_ids"] = kw["position_ids"] + lengths.to(kw["position_ids"].dtype)[:, None]
+        elif kw.get("cache_position") is not None and "position_ids" in self.signature.parameters:
+            # the model would take the (shared) cache position: each row sits after its own prompt
+            kw["position_ids"] = kw["cache_position"][None, :] + lengths.to(kw["cache_position"].dtype)[:, None]
         if kw.get("cache_position") is not None:
             kw["cache_position"] = kw["cache_position"] + total
         return (), kw

@@ -280,3 +280,20 @@ def test_mergeable_follows_from_the_combines():
             model = tiny.model(family)
             used = {type(pl.combine) for pl in dt.registry.build_method(name, options(name, family)).placements(model)}
             assert used <= {type(c) for c in cls.combines}, name
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_generation_with_the_cache_equals_generation_without_it(method, family):
+    """Decode steps that reuse the key/value cache must not prepend the prompt (or prefix) again:
+    greedy tokens with the cache equal those recomputed from scratch at every step."""
+    model = dt.attach(tiny.model(family), method, length=3, **({"init": "random"} if method == "prompt" else {}))
+    _perturb(model, scale=0.5)
+    batch = tiny.inputs(family, batch=2, pad="left")
+    kw = dict(max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        cached = model.generate(**batch, use_cache=True, **kw)
+        fresh = model.generate(**batch, use_cache=False, **kw)
+    assert cached.sequences.tolist() == fresh.sequences.tolist()
+    for a, b in zip(cached.scores, fresh.scores):  # the logits of every step, not only their argmax
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

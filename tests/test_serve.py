@@ -388,8 +388,6 @@ def test_the_serve_command_names_a_malformed_flag(capsys):
     assert "--adapter expects NAME=DIR, got 'nodir'" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(strict=True, reason="core bug (mechanisms, lead): in dt.routing generation, a LoRA row batched with a "
-                   "prompt-tuning row is right at the first token and wrong after it (KV-cache decode steps)")
 def test_generation_mixing_prompt_and_lora_rows(tmp_path):
     paths = {"l": S.save_generator(tmp_path / "l", "lora", 1), "p": S.save_generator(tmp_path / "p", "prompt", 2, length=3,
                                                                                       init="random")}
