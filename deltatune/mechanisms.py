@@ -96,7 +96,7 @@ def _rows_apply(fn, out, rows, *args):
     if rows is None:
         return fn(out, *args)
     sub = fn(out[rows], *(a[rows] if torch.is_tensor(a) else a for a in args))
-    return out.index_copy(0, rows, sub.to(out.dtype))
+    return out.index_copy(0, rows, sub.to(out.dtype))  # never in place: ``out`` may be another module's tensor
 
 
 # ---------------------------------------------------------------- module hooks
@@ -135,7 +135,9 @@ class _ModuleHooks:
             else:
                 sub = e.combine.apply(out[rows], None if x is None else x[rows], e,
                                       None if source is None else source[rows])
-                out = out.index_copy(0, rows, sub.to(out.dtype))
+                # in place when no graph is recorded (serving): no full copy of the output per adapter
+                out = out.index_copy_(0, rows, sub.to(out.dtype)) if not torch.is_grad_enabled() \
+                    else out.index_copy(0, rows, sub.to(out.dtype))
         return out
 
 
