@@ -226,9 +226,11 @@ async def _load(base, names, inputs, seconds, clients, latencies, codes):
 def markdown(args, part1_rows, part2_rows, load_before, load_after) -> str:
     out = [f"Measured by `bench/serving.py` ({' '.join(sys.argv[1:]) or 'defaults'}) on {args.model}, "
            f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs. "
-           f"The machine was shared and busy: load average {load_before:.1f} before and {load_after:.1f} after "
-           "(1-minute, all processes), so absolute numbers are low and noisy; the configurations alternated "
-           f"round by round and each number is the median of {args.rounds} rounds.", ""]
+           + (f"The machine was busy (load average {load_before:.1f} before, {load_after:.1f} after, 1-minute, all "
+              "processes), so absolute numbers are low and noisy" if max(load_before, load_after) > os.cpu_count()
+              else f"Load average {load_before:.1f} before and {load_after:.1f} after (1-minute, all processes; the "
+              "benchmark itself adds up to its thread count)")
+           + f"; the configurations alternated round by round and each number is the median of {args.rounds} rounds.", ""]
     if part1_rows:
         ceiling = next(r for r in part1_rows if r["strategy"] == "merged")["rps"]
         out += [f"### Throughput: {args.requests} requests, windows of {args.window} rows (in process)", "",
