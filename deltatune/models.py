@@ -26,28 +26,17 @@ import importlib.util
 import os
 import shutil
 import stat
-import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .errors import ConfigError
+from .names import cache_dir  # noqa: F401  (one cache folder; re-exported)
 
 NAMED = ("minilm", "smollm2", "tiny-bert", "tiny-llama", "tiny-gpt2")
 KINDS = ("base", "lm")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    """Where converted weights are kept: ``$DELTATUNE_CACHE``, else the platform's cache folder."""
-    if os.environ.get("DELTATUNE_CACHE"):
-        return Path(os.environ["DELTATUNE_CACHE"])
-    if sys.platform == "win32":
-        return Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local")) / "deltatune"
-    if sys.platform == "darwin":
-        return Path.home() / "Library" / "Caches" / "deltatune"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deltatune"
 
 
 def load_backbone(name: str, kind: str | None = None):

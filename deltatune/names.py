@@ -1,8 +1,11 @@
-"""File-name-safe short names, shared by the engine (default out_dir) and the CLI (bench run folders)."""
+"""Names and places deltatune uses: file-name-safe short names (the engine's default out_dir, the
+CLI's bench run folders) and the one cache folder (converted weights, built tasks, analyses)."""
 from __future__ import annotations
 
+import os
 import re
-from pathlib import PurePath
+import sys
+from pathlib import Path, PurePath
 
 _DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
 
@@ -19,3 +22,14 @@ def slug(text) -> str:
             name = name[: -len(suffix)]
             break
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "run"
+
+
+def cache_dir() -> Path:
+    """``$DELTATUNE_CACHE``, else the platform's cache folder (``~/.cache/deltatune`` on Linux)."""
+    if os.environ.get("DELTATUNE_CACHE"):
+        return Path(os.environ["DELTATUNE_CACHE"])
+    if sys.platform == "win32":
+        return Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local")) / "deltatune"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "deltatune"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deltatune"

@@ -5,8 +5,9 @@
     evaluate("runs/x/best")                    # scores the best adapter on the test split again
 
 Methods change nothing here: ``dt.attach`` freezes the base and the optimizer takes every
-parameter that requires grad. Task kinds differ in three small objectives below (how examples are
-tokenised, the loss, and the predictions the task scores).
+parameter that requires grad. Task kinds differ in three small objectives (``objectives.py``: how
+examples are tokenised, the loss, the predictions the task scores); resumable state is written and
+validated by ``checkpoints.py``; run folders and durable writes are ``storage.py``'s.
 
 ``out_dir`` holds ``run.json`` (the TrainConfig, for ``evaluate`` and ``resume``), ``log.jsonl`` (one
 object per step and per evaluation), ``checkpoints/step-N/`` (the latest resumable state, no pickle),
@@ -20,7 +21,6 @@ import json
 import math
 import os
 import random
-import re
 import statistics
 import sys
 import time
@@ -31,16 +31,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save
-from torch.nn import functional as F
 
 import deltatune as dt
 from deltatune.errors import AdapterFileError, ConfigError, DataError, StorageError, TrainingError
 from deltatune import privacy, storage, updates
 from deltatune.storage import RunFolder, atomic_write_bytes, atomic_write_json, storage_error
-from deltatune.models import build_task_model, format_prompt
+from deltatune.models import build_task_model
 from deltatune.names import slug
+from deltatune.checkpoints import _COUNT, _checkpoints, _latest_checkpoint, _load_checkpoint, _save_checkpoint, _step_of
+from deltatune.objectives import CHARS_PER_TOKEN, OBJECTIVES, Classification, Generation, Retrieval, _to  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -394,186 +393,6 @@ def _write_predictions(path: Path, records: list[dict], **extra) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def _traceable(row: dict) -> dict:
-    """The identifying fields an example may carry (its source path, the function's name)."""
-    return {k: row[k] for k in ("id", "path", "name") if isinstance(row.get(k), (str, int))}
-
-
-# ------------------------------------------------------------------------------- objectives
-
-
-CHARS_PER_TOKEN = 128  # above the longest token of a BPE or WordPiece vocabulary (a WordPiece word is cut at 100)
-
-
-class _Objective:
-    """Tokenising is shared: inputs longer than max_len are truncated and counted for one warning."""
-
-    def __init__(self, tokenizer, cfg: TrainConfig):
-        self.tokenizer, self.max_len, self.cfg = tokenizer, cfg.max_len, cfg
-        self.truncated = self.seen = 0
-
-    def tokens(self, texts: list[str], pairs: list[str] | None = None) -> list[dict]:
-        """One dict of token lists per text (input_ids, attention_mask, and token_type_ids if used)."""
-        if not texts:
-            return []
-        texts, pairs = [self.clip(t) for t in texts], (pairs and [self.clip(t) for t in pairs])
-        encoded = self.tokenizer(texts, pairs, verbose=False)
-        rows = [dict(zip(encoded.keys(), values)) for values in zip(*encoded.values())]
-        long = [i for i, row in enumerate(rows) if len(row["input_ids"]) > self.max_len]
-        if long:  # tokenise those again with truncation, so that special tokens stay in place
-            again = self.tokenizer([texts[i] for i in long], [pairs[i] for i in long] if pairs else None,
-                                   truncation=True, max_length=self.max_len, verbose=False)
-            for j, i in enumerate(long):
-                rows[i] = {k: again[k][j] for k in again.keys()}
-        self.count(len(long), len(rows))
-        return rows
-
-    def clip(self, text: str, keep_end: bool = False) -> str:
-        """At most CHARS_PER_TOKEN x max_len characters: a text that long is over max_len tokens anyway, and
-        the tokenizer's memory grows with the whole text (a 5 MB line alone took 2.3 GB)."""
-        limit = CHARS_PER_TOKEN * self.max_len
-        return text if len(text) <= limit else text[-limit:] if keep_end else text[:limit]
-
-    def count(self, truncated: int, seen: int) -> None:
-        self.truncated, self.seen = self.truncated + truncated, self.seen + seen
-
-    def warn_truncated(self, stacklevel: int) -> None:
-        if self.truncated:
-            warnings.warn(f"{self.truncated} of {self.seen} inputs were longer than max_len={self.max_len} "
-                          "tokens and were truncated; raise max_len to keep them whole", stacklevel=stacklevel + 1)
-        self.truncated = self.seen = 0
-
-    def pad(self, rows: list[dict], left: bool = False) -> dict:
-        """Stack token lists into (B, T) tensors, padding on the right (or the left, for generate)."""
-        width = max(len(row["input_ids"]) for row in rows)
-        fill = {"input_ids": self.tokenizer.pad_token_id, "labels": -100}
-        out = {}
-        for key in rows[0]:
-            padded = [[fill.get(key, 0)] * (width - len(row[key])) for row in rows]
-            out[key] = torch.tensor([p + row[key] if left else row[key] + p for p, row in zip(padded, rows)])
-        return out
-
-
-class Retrieval(_Objective):
-    """In-batch negatives: each query's code is the positive, the other codes of the batch are negatives."""
-
-    scale = 20.0  # cosine similarity x 20, MiniLM's own training temperature (0.05)
-
-    def encode(self, rows, train):
-        return list(zip(self.tokens([r["query"] for r in rows]), self.tokens([r["code"] for r in rows])))
-
-    def collate(self, examples):
-        return self.pad([q for q, _ in examples]), self.pad([c for _, c in examples])
-
-    def loss(self, model, batch):
-        queries, codes = model(**batch[0]), model(**batch[1])  # (B, d) each, unit length
-        logits = self.scale * queries @ codes.T  # (B, B): row i's positive is column i
-        target = torch.arange(len(logits), device=logits.device)
-        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-
-    def predict(self, model, examples, batch_size, device):
-        def embed(rows):
-            return torch.cat([model(**_to(self.pad(rows[i:i + batch_size]), device)).float().cpu()
-                              for i in range(0, len(rows), batch_size)]).numpy()
-
-        return embed([q for q, _ in examples]), embed([c for _, c in examples])
-
-    def records(self, rows, predictions, task):
-        """Per query: the code ranked first among all the split's codes, and the rank of the first
-        right code among them (cosine similarity; ties count against; the codes of identical
-        queries all count as right, as in the metric). ``candidates`` is that pool: the whole split,
-        which is the metric's pool unless the split is larger than it."""
-        q, c = (np.nan_to_num(np.asarray(x, dtype=np.float64)) for x in predictions)
-        q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
-        c = c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
-        ids = {}
-        group = np.array([ids.setdefault(r["query"], len(ids)) for r in rows], dtype=np.int64)
-        out = []
-        for start in range(0, len(q), 256):  # chunks keep memory at 256 x N
-            sims = q[start:start + 256] @ c.T
-            right = group[start:start + len(sims), None] == group[None, :]
-            best = np.where(right, sims, -np.inf).max(axis=1)
-            ranks, top = 1 + ((sims >= best[:, None]) & ~right).sum(axis=1), sims.argmax(axis=1)
-            for j in range(len(sims)):
-                row, best = rows[start + j], int(top[j])
-                out.append({"index": start + j, **_traceable(row), "input": row["query"], "reference": row["code"],
-                            "prediction": rows[best]["code"], "prediction_index": best,
-                            "rank": int(ranks[j]), "candidates": len(c)})
-        return out
-
-
-class Classification(_Objective):
-    def encode(self, rows, train):
-        pairs = [r.get("text_pair", "") for r in rows] if any("text_pair" in r for r in rows) else None
-        return list(zip(self.tokens([r["text"] for r in rows], pairs), [r["label"] for r in rows]))
-
-    def collate(self, examples):
-        return self.pad([x for x, _ in examples]), torch.tensor([y for _, y in examples])
-
-    def loss(self, model, batch):
-        inputs, labels = batch
-        return F.cross_entropy(model(**inputs).float(), labels)
-
-    def predict(self, model, examples, batch_size, device):
-        rows = [x for x, _ in examples]
-        return [int(i) for start in range(0, len(rows), batch_size)
-                for i in model(**_to(self.pad(rows[start:start + batch_size]), device)).argmax(-1).tolist()]
-
-    def records(self, rows, predictions, task):
-        names = task.labels or []
-
-        def name(label):
-            return names[label] if isinstance(label, int) and 0 <= label < len(names) else label
-
-        return [{"index": i, **_traceable(row), "input": row["text"],
-                 **({"input_pair": row["text_pair"]} if "text_pair" in row else {}),
-                 "reference": name(row["label"]), "prediction": name(int(p))}
-                for i, (row, p) in enumerate(zip(rows, predictions))]
-
-
-class Generation(_Objective):
-    """Prompt (see models.format_prompt) then target + EOS; the loss counts the target tokens only."""
-
-    def encode(self, rows, train):
-        tok, eos = self.tokenizer, self.tokenizer.eos_token_id
-        prompts = [tok(format_prompt(tok, self.clip(r["prompt"], keep_end=True)), add_special_tokens=False, verbose=False)["input_ids"] for r in rows]
-        if not train:  # the prompt alone, keeping its end when it is too long
-            self.count(sum(len(p) > self.max_len for p in prompts), len(prompts))
-            return [{"input_ids": p[-self.max_len:], "attention_mask": [1] * len(p[-self.max_len:])} for p in prompts]
-        out, truncated = [], 0
-        for prompt, row in zip(prompts, rows):
-            target = tok(self.clip(row["target"]), add_special_tokens=False, verbose=False)["input_ids"] + [eos]
-            truncated += len(prompt) + len(target) > self.max_len
-            # Over-long: the target keeps up to max_len minus (up to half of max_len) of the prompt's end.
-            target = target[: self.max_len - min(len(prompt), self.max_len // 2)]
-            prompt = prompt[len(prompt) - (self.max_len - len(target)):] if len(prompt) + len(target) > self.max_len else prompt
-            out.append({"input_ids": prompt + target, "attention_mask": [1] * (len(prompt) + len(target)),
-                        "labels": [-100] * len(prompt) + target})
-        self.count(truncated, len(rows))
-        return out
-
-    def collate(self, examples):
-        return self.pad(examples)
-
-    def loss(self, model, batch):
-        return model(**batch).loss
-
-    def predict(self, model, examples, batch_size, device):
-        texts = []
-        for start in range(0, len(examples), batch_size):
-            batch = _to(self.pad(examples[start:start + batch_size], left=True), device)
-            out = model.generate(**batch, max_new_tokens=self.cfg.max_new_tokens, do_sample=False,
-                                 pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
-            texts += self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-        return [t.strip() for t in texts]
-
-    def records(self, rows, predictions, task):
-        return [{"index": i, **_traceable(row), "input": row["prompt"], "reference": row["target"], "prediction": p}
-                for i, (row, p) in enumerate(zip(rows, predictions))]
-
-
-OBJECTIVES = {"retrieval": Retrieval, "classification": Classification, "generation": Generation}
-
 
 # ------------------------------------------------------------------------------- data order
 
@@ -607,171 +426,6 @@ def _permutation(n: int, seed: int, epoch: int) -> list[int]:
 # ------------------------------------------------------------------------------ checkpoints
 
 
-def _save_checkpoint(out: Path, model, optimizer, names, state, rule=None) -> None:
-    """checkpoints/step-N/: adapter (unfolded), optimizer + RNG tensors (safetensors), the rest as JSON."""
-    optim = optimizer.state_dict()
-    tensors = {f"optim/{names[i]}/{k}": v for i, s in optim["state"].items() for k, v in s.items() if torch.is_tensor(v)}
-    tensors["rng/torch"] = torch.get_rng_state()
-    tensors.update({f"rule/{k}": v for k, v in (rule.state_dict() if rule is not None else {}).items()})
-    if torch.cuda.is_available():
-        tensors.update({f"rng/cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    python, numpy = random.getstate(), np.random.get_state()
-    meta = {
-        **state,
-        "params": list(names),
-        "optim_scalars": {f"{names[i]}/{k}": v for i, s in optim["state"].items() for k, v in s.items() if not torch.is_tensor(v)},
-        "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optim["param_groups"]],
-        "rng_python": [python[0], list(python[1]), python[2]],
-        "rng_numpy": [numpy[0], numpy[1].tolist(), *numpy[2:]],
-    }
-
-    def write(tmp: Path):
-        dt.save_adapter(model, tmp / "adapter", fold=False)
-        atomic_write_bytes(tmp / "trainer.safetensors", save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
-        atomic_write_json(tmp / "trainer.json", meta)
-
-    try:
-        path = storage.replace_dir(out / "checkpoints" / f"step-{state['step']:06d}", write)
-    except StorageError as err:
-        kept = _latest_checkpoint(out)
-        where = f"the last good checkpoint is kept at {kept}" if kept else "no earlier checkpoint exists"
-        raise StorageError(f"the checkpoint of step {state['step']} was not saved: {err}. {where}; once that is "
-                           "fixed, run again with resume") from None
-    for old in _checkpoints(out):  # only once the new one is complete
-        if old != path:
-            storage.remove_dir(old)
-
-
-def _load_checkpoint(path: Path, optimizer, names, cfg: TrainConfig, rule=None) -> dict:
-    """Restore the optimizer and every RNG from ``path``; returns the loop state saved with them.
-
-    The files are data (safetensors and JSON, never pickle), checked field by field before use;
-    anything malformed in them is an AdapterFileError naming the checkpoint.
-    """
-    try:
-        meta = json.loads(storage.read_text(path / "trainer.json"))
-        tensors = load_file(path / "trainer.safetensors")
-    except (OSError, ValueError, RecursionError, SafetensorError) as err:
-        raise AdapterFileError(f"checkpoint {path} cannot be read ({err}); delete it to resume from an older one") from None
-    try:
-        _check_trainer_json(meta, _step_of(path), cfg, optimizer.param_groups[0])
-        saved = {k[len("rule/"):]: v for k, v in tensors.items() if k.startswith("rule/")}
-        if rule is not None:  # the update rule's masks, accumulators, counters (deltatune.updates)
-            rule.load_state_dict(saved)
-        elif saved:
-            raise ValueError(f"it holds update-rule state ({sorted(saved)[0]}, ...) that this run has no rule for")
-        return _restore_trainer(path, meta, tensors, optimizer, names)
-    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
-        raise AdapterFileError(f"checkpoint {path} is damaged ({type(err).__name__}: {err}); delete it to resume "
-                               "from an older one, or train again without resume") from None
-
-
-def _check_trainer_json(meta, step: int, cfg: TrainConfig, group: dict) -> None:
-    """Every field of trainer.json that the loop reads: of its type, finite, in its range (ValueError)."""
-    def number(value, low=-math.inf):
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= low
-
-    def whole(value, low, high):
-        return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
-
-    if not isinstance(meta, dict):
-        raise ValueError(f"trainer.json must hold a JSON object, got {type(meta).__name__}")
-    rules = {  # field -> (check, what it must be)
-        "step": (lambda v: v == step and whole(v, 1, _COUNT), f"{step}, the step of its directory"),
-        "consumed": (lambda v: whole(v, 0, _COUNT) and v == step * cfg.batch_size * cfg.grad_accum,
-                     f"{step} steps x batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum}"),
-        "best_value": (lambda v: v is None or number(v), "a finite number or null"),
-        "best_step": (lambda v: v is None or whole(v, 1, step), f"a step in [1, {step}] or null"),
-        "bad_evals": (lambda v: whole(v, 0, step), f"a whole number in [0, {step}]"),
-        "zero_shot_value": (lambda v: v is None or number(v), "a finite number or null"),
-        "train_seconds": (lambda v: number(v, 0), "a finite number >= 0"),
-        "step_seconds": (lambda v: isinstance(v, list) and len(v) == step and all(number(x, 0) for x in v),
-                         f"a list of {step} finite numbers >= 0"),
-        "params": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of parameter names"),
-        "optim_scalars": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and "/" in k and number(x, 0)
-                                                                for k, x in v.items()), "a mapping of names to numbers >= 0"),
-        "param_groups": (lambda v: isinstance(v, list) and len(v) == 1 and _valid_group(v[0], group),
-                         "one optimizer parameter group like the optimizer's own"),
-        "rng_python": (lambda v: isinstance(v, list) and len(v) == 3, "Python's RNG state"),
-        "rng_numpy": (lambda v: isinstance(v, list) and len(v) == 5, "NumPy's RNG state"),
-    }
-    for key, (check, want) in rules.items():
-        if key not in meta:
-            raise ValueError(f"trainer.json has no field '{key}'")
-        if not check(meta[key]):
-            shown = repr(meta[key]) if len(repr(meta[key])) <= 60 else repr(meta[key])[:57] + "..."
-            raise ValueError(f"trainer.json field '{key}' must be {want}, got {shown}")
-
-
-def _valid_group(saved, live: dict) -> bool:
-    """An AdamW parameter group as saved: the keys of the live one only, each of the same kind, in range."""
-    if not isinstance(saved, dict) or not {"lr", "betas", "eps", "weight_decay"} <= set(saved) <= set(live):
-        return False
-    for key, value in saved.items():
-        have = live[key]
-        if isinstance(have, bool) or have is None:
-            ok = value is None or isinstance(value, bool)
-        elif isinstance(have, (int, float)):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
-        elif isinstance(have, (tuple, list)):
-            ok = isinstance(value, list) and len(value) == len(have) and all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < 1 for x in value)
-        else:
-            ok = False
-        if not ok:
-            return False
-    return saved["eps"] > 0
-
-
-def _restore_trainer(path: Path, meta: dict, tensors: dict, optimizer, names) -> dict:
-    if meta["params"] != list(names):
-        raise AdapterFileError(f"checkpoint {path} was written for other trainable parameters than this model has "
-                               f"({len(meta['params'])} vs {len(names)}); was the method or its options changed?")
-    index = {name: i for i, name in enumerate(names)}
-    params = optimizer.param_groups[0]["params"]
-    optim_state = {}
-    for key, value in tensors.items():
-        if key.startswith("optim/"):
-            name, k = key[len("optim/"):].rsplit("/", 1)
-            if value.dim() and value.shape != params[index[name]].shape:  # exp_avg, exp_avg_sq; "step" is a scalar
-                raise ValueError(f"'{key}' has shape {list(value.shape)}, the parameter {list(params[index[name]].shape)}")
-            optim_state.setdefault(index[name], {})[k] = value
-    for key, value in meta.pop("optim_scalars").items():
-        name, k = key.rsplit("/", 1)
-        optim_state.setdefault(index[name], {})[k] = value
-    groups = meta.pop("param_groups")
-    groups[0]["params"] = list(range(len(names)))  # one group, in the order of ``names``
-    optimizer.load_state_dict({"state": optim_state, "param_groups": groups})
-    torch.set_rng_state(tensors["rng/torch"])
-    if torch.cuda.is_available():
-        cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng/cuda")]
-        if len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)
-    python, numpy = meta.pop("rng_python"), meta.pop("rng_numpy")
-    random.setstate((python[0], tuple(python[1]), python[2]))
-    np.random.set_state((numpy[0], np.array(numpy[1], dtype=np.uint32), *numpy[2:]))
-    del meta["params"]
-    return meta
-
-
-def _checkpoints(out: Path) -> list[Path]:
-    folder = out / "checkpoints"  # real folders only: a link is never followed (RunFolder refuses them anyway)
-    found = [p for p in folder.iterdir() if re.fullmatch(r"step-\d+", p.name) and storage.is_dir(p)] if storage.is_dir(folder) else []
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
-
-
-def _latest_checkpoint(out: Path) -> Path | None:
-    found = _checkpoints(out)
-    return found[-1] if found else None
-
-
-def _step_of(checkpoint: Path | None) -> int:
-    return int(checkpoint.name.split("-")[1]) if checkpoint else 0
-
-
-# ------------------------------------------------------------------------------------ setup
-
-
 def _resolved(cfg: TrainConfig, task) -> TrainConfig:
     """The config with its defaults filled in: lr, out_dir, device, and the task name of a TaskData."""
     _check_settings(cfg)
@@ -791,7 +445,6 @@ _slug = slug  # one definition, in deltatune.names, shared with the CLI
 
 # The type and range of every TrainConfig field, checked in one place for a config from the API or the
 # CLI and for one read back from run.json: (types, lowest, highest); None in types: may be None.
-_COUNT = 2**53  # counts stay exact in JSON (a double)
 _SETTINGS = {
     "model": ((str,),), "task": ((str,),), "method": ((str,),), "options": ((dict,),),
     "max_steps": ((int,), 1, _COUNT), "batch_size": ((int,), 1, _COUNT), "grad_accum": ((int,), 1, _COUNT),
@@ -1068,14 +721,6 @@ def _enable_checkpointing(model) -> None:
 
 def _autocast(cfg: TrainConfig):
     return torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=cfg.bf16)
-
-
-def _to(batch, device):
-    if isinstance(batch, dict):
-        return {k: v.to(device) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_to(b, device) for b in batch)
-    return batch.to(device)
 
 
 def _peak_rss_mb() -> float | None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deltatune import models
+from deltatune import models, names
 from deltatune.errors import ConfigError
 from deltatune.models import BiEncoder, Classifier, build_task_model, cache_dir, format_prompt, load_backbone
 
@@ -61,14 +61,14 @@ def test_cache_dir_follows_the_platform(monkeypatch, tmp_path):
     monkeypatch.setenv("DELTATUNE_CACHE", str(tmp_path / "mine"))
     assert cache_dir() == tmp_path / "mine"
     monkeypatch.delenv("DELTATUNE_CACHE")
-    monkeypatch.setattr(models.sys, "platform", "linux")
+    monkeypatch.setattr(names.sys, "platform", "linux")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache_dir() == tmp_path / "xdg" / "deltatune"
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert cache_dir() == Path.home() / ".cache" / "deltatune"
-    monkeypatch.setattr(models.sys, "platform", "darwin")
+    monkeypatch.setattr(names.sys, "platform", "darwin")
     assert cache_dir() == Path.home() / "Library" / "Caches" / "deltatune"
-    monkeypatch.setattr(models.sys, "platform", "win32")
+    monkeypatch.setattr(names.sys, "platform", "win32")
     monkeypatch.setenv("LOCALAPPDATA", str(tmp_path / "local"))
     assert cache_dir() == tmp_path / "local" / "deltatune"
 

@@ -53,6 +53,7 @@ from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
 
+from deltatune.names import cache_dir
 from deltatune.tasks import TaskData
 
 CORPUS_VERSION = 2  # records carry "ids" (their identifier set)
@@ -70,17 +71,6 @@ SPLITS = ("train", "valid", "test")  # also the precedence order: a near-copy is
 def stdlib_root() -> Path:
     """The standard library directory of the running Python."""
     return Path(sysconfig.get_paths()["stdlib"])
-
-
-def cache_dir() -> Path:
-    """``$DELTATUNE_CACHE``, else the platform cache dir (``~/.cache/deltatune`` on Linux)."""
-    if os.environ.get("DELTATUNE_CACHE"):
-        return Path(os.environ["DELTATUNE_CACHE"])
-    if sys.platform == "win32":
-        return Path(os.environ.get("LOCALAPPDATA", Path.home())) / "deltatune" / "Cache"
-    if sys.platform == "darwin":
-        return Path.home() / "Library" / "Caches" / "deltatune"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deltatune"
 
 
 def split_of(relpath: str) -> str:

@@ -1,0 +1,206 @@
+"""Task objectives: how each task kind tokenises its examples, its loss, and the predictions its task scores.
+
+One small class per kind (retrieval, classification, generation); the training loop (``train.py``) and
+``evaluate`` use them through ``OBJECTIVES``.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from deltatune.models import format_prompt
+
+
+
+if TYPE_CHECKING:
+    from deltatune.train import TrainConfig
+
+
+def _to(batch, device):
+    if isinstance(batch, dict):
+        return {k: v.to(device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to(b, device) for b in batch)
+    return batch.to(device)
+
+
+def _traceable(row: dict) -> dict:
+    """The identifying fields an example may carry (its source path, the function's name)."""
+    return {k: row[k] for k in ("id", "path", "name") if isinstance(row.get(k), (str, int))}
+
+
+CHARS_PER_TOKEN = 128  # above the longest token of a BPE or WordPiece vocabulary (a WordPiece word is cut at 100)
+
+
+class _Objective:
+    """Tokenising is shared: inputs longer than max_len are truncated and counted for one warning."""
+
+    def __init__(self, tokenizer, cfg: TrainConfig):
+        self.tokenizer, self.max_len, self.cfg = tokenizer, cfg.max_len, cfg
+        self.truncated = self.seen = 0
+
+    def tokens(self, texts: list[str], pairs: list[str] | None = None) -> list[dict]:
+        """One dict of token lists per text (input_ids, attention_mask, and token_type_ids if used)."""
+        if not texts:
+            return []
+        texts, pairs = [self.clip(t) for t in texts], (pairs and [self.clip(t) for t in pairs])
+        encoded = self.tokenizer(texts, pairs, verbose=False)
+        rows = [dict(zip(encoded.keys(), values)) for values in zip(*encoded.values())]
+        long = [i for i, row in enumerate(rows) if len(row["input_ids"]) > self.max_len]
+        if long:  # tokenise those again with truncation, so that special tokens stay in place
+            again = self.tokenizer([texts[i] for i in long], [pairs[i] for i in long] if pairs else None,
+                                   truncation=True, max_length=self.max_len, verbose=False)
+            for j, i in enumerate(long):
+                rows[i] = {k: again[k][j] for k in again.keys()}
+        self.count(len(long), len(rows))
+        return rows
+
+    def clip(self, text: str, keep_end: bool = False) -> str:
+        """At most CHARS_PER_TOKEN x max_len characters: a text that long is over max_len tokens anyway, and
+        the tokenizer's memory grows with the whole text (a 5 MB line alone took 2.3 GB)."""
+        limit = CHARS_PER_TOKEN * self.max_len
+        return text if len(text) <= limit else text[-limit:] if keep_end else text[:limit]
+
+    def count(self, truncated: int, seen: int) -> None:
+        self.truncated, self.seen = self.truncated + truncated, self.seen + seen
+
+    def warn_truncated(self, stacklevel: int) -> None:
+        if self.truncated:
+            warnings.warn(f"{self.truncated} of {self.seen} inputs were longer than max_len={self.max_len} "
+                          "tokens and were truncated; raise max_len to keep them whole", stacklevel=stacklevel + 1)
+        self.truncated = self.seen = 0
+
+    def pad(self, rows: list[dict], left: bool = False) -> dict:
+        """Stack token lists into (B, T) tensors, padding on the right (or the left, for generate)."""
+        width = max(len(row["input_ids"]) for row in rows)
+        fill = {"input_ids": self.tokenizer.pad_token_id, "labels": -100}
+        out = {}
+        for key in rows[0]:
+            padded = [[fill.get(key, 0)] * (width - len(row[key])) for row in rows]
+            out[key] = torch.tensor([p + row[key] if left else row[key] + p for p, row in zip(padded, rows)])
+        return out
+
+
+class Retrieval(_Objective):
+    """In-batch negatives: each query's code is the positive, the other codes of the batch are negatives."""
+
+    scale = 20.0  # cosine similarity x 20, MiniLM's own training temperature (0.05)
+
+    def encode(self, rows, train):
+        return list(zip(self.tokens([r["query"] for r in rows]), self.tokens([r["code"] for r in rows])))
+
+    def collate(self, examples):
+        return self.pad([q for q, _ in examples]), self.pad([c for _, c in examples])
+
+    def loss(self, model, batch):
+        queries, codes = model(**batch[0]), model(**batch[1])  # (B, d) each, unit length
+        logits = self.scale * queries @ codes.T  # (B, B): row i's positive is column i
+        target = torch.arange(len(logits), device=logits.device)
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+    def predict(self, model, examples, batch_size, device):
+        def embed(rows):
+            return torch.cat([model(**_to(self.pad(rows[i:i + batch_size]), device)).float().cpu()
+                              for i in range(0, len(rows), batch_size)]).numpy()
+
+        return embed([q for q, _ in examples]), embed([c for _, c in examples])
+
+    def records(self, rows, predictions, task):
+        """Per query: the code ranked first among all the split's codes, and the rank of the first
+        right code among them (cosine similarity; ties count against; the codes of identical
+        queries all count as right, as in the metric). ``candidates`` is that pool: the whole split,
+        which is the metric's pool unless the split is larger than it."""
+        q, c = (np.nan_to_num(np.asarray(x, dtype=np.float64)) for x in predictions)
+        q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+        c = c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
+        ids = {}
+        group = np.array([ids.setdefault(r["query"], len(ids)) for r in rows], dtype=np.int64)
+        out = []
+        for start in range(0, len(q), 256):  # chunks keep memory at 256 x N
+            sims = q[start:start + 256] @ c.T
+            right = group[start:start + len(sims), None] == group[None, :]
+            best = np.where(right, sims, -np.inf).max(axis=1)
+            ranks, top = 1 + ((sims >= best[:, None]) & ~right).sum(axis=1), sims.argmax(axis=1)
+            for j in range(len(sims)):
+                row, best = rows[start + j], int(top[j])
+                out.append({"index": start + j, **_traceable(row), "input": row["query"], "reference": row["code"],
+                            "prediction": rows[best]["code"], "prediction_index": best,
+                            "rank": int(ranks[j]), "candidates": len(c)})
+        return out
+
+
+class Classification(_Objective):
+    def encode(self, rows, train):
+        pairs = [r.get("text_pair", "") for r in rows] if any("text_pair" in r for r in rows) else None
+        return list(zip(self.tokens([r["text"] for r in rows], pairs), [r["label"] for r in rows]))
+
+    def collate(self, examples):
+        return self.pad([x for x, _ in examples]), torch.tensor([y for _, y in examples])
+
+    def loss(self, model, batch):
+        inputs, labels = batch
+        return F.cross_entropy(model(**inputs).float(), labels)
+
+    def predict(self, model, examples, batch_size, device):
+        rows = [x for x, _ in examples]
+        return [int(i) for start in range(0, len(rows), batch_size)
+                for i in model(**_to(self.pad(rows[start:start + batch_size]), device)).argmax(-1).tolist()]
+
+    def records(self, rows, predictions, task):
+        names = task.labels or []
+
+        def name(label):
+            return names[label] if isinstance(label, int) and 0 <= label < len(names) else label
+
+        return [{"index": i, **_traceable(row), "input": row["text"],
+                 **({"input_pair": row["text_pair"]} if "text_pair" in row else {}),
+                 "reference": name(row["label"]), "prediction": name(int(p))}
+                for i, (row, p) in enumerate(zip(rows, predictions))]
+
+
+class Generation(_Objective):
+    """Prompt (see models.format_prompt) then target + EOS; the loss counts the target tokens only."""
+
+    def encode(self, rows, train):
+        tok, eos = self.tokenizer, self.tokenizer.eos_token_id
+        prompts = [tok(format_prompt(tok, self.clip(r["prompt"], keep_end=True)), add_special_tokens=False, verbose=False)["input_ids"] for r in rows]
+        if not train:  # the prompt alone, keeping its end when it is too long
+            self.count(sum(len(p) > self.max_len for p in prompts), len(prompts))
+            return [{"input_ids": p[-self.max_len:], "attention_mask": [1] * len(p[-self.max_len:])} for p in prompts]
+        out, truncated = [], 0
+        for prompt, row in zip(prompts, rows):
+            target = tok(self.clip(row["target"]), add_special_tokens=False, verbose=False)["input_ids"] + [eos]
+            truncated += len(prompt) + len(target) > self.max_len
+            # Over-long: the target keeps up to max_len minus (up to half of max_len) of the prompt's end.
+            target = target[: self.max_len - min(len(prompt), self.max_len // 2)]
+            prompt = prompt[len(prompt) - (self.max_len - len(target)):] if len(prompt) + len(target) > self.max_len else prompt
+            out.append({"input_ids": prompt + target, "attention_mask": [1] * (len(prompt) + len(target)),
+                        "labels": [-100] * len(prompt) + target})
+        self.count(truncated, len(rows))
+        return out
+
+    def collate(self, examples):
+        return self.pad(examples)
+
+    def loss(self, model, batch):
+        return model(**batch).loss
+
+    def predict(self, model, examples, batch_size, device):
+        texts = []
+        for start in range(0, len(examples), batch_size):
+            batch = _to(self.pad(examples[start:start + batch_size], left=True), device)
+            out = model.generate(**batch, max_new_tokens=self.cfg.max_new_tokens, do_sample=False,
+                                 pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
+            texts += self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        return [t.strip() for t in texts]
+
+    def records(self, rows, predictions, task):
+        return [{"index": i, **_traceable(row), "input": row["prompt"], "reference": row["target"], "prediction": p}
+                for i, (row, p) in enumerate(zip(rows, predictions))]
+
+
+OBJECTIVES = {"retrieval": Retrieval, "classification": Classification, "generation": Generation}
