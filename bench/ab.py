@@ -35,7 +35,7 @@ def build(spec: str, size: str, kind: str):
         raise SystemExit(f"ab: unknown library {lib!r} in {spec!r}; use torch, dt, peft or adapters")
     options = {}
     if overrides:  # deltatune options, parsed like the CLI's --set
-        from deltatune.report import number_or_text
+        from deltatune.names import number_or_text
         options = {k: {"true": True, "false": False}.get(v.lower(), number_or_text(v)) for k, v in overrides.items()}
     model = bench.attach(model, cfg, libs[lib], config, family, **options)
     if kind == "infer":

@@ -81,7 +81,7 @@ def parse_value(text: str):
         return False
     if lowered in ("none", "null"):
         return None
-    from .report import number_or_text
+    from .names import number_or_text
 
     return number_or_text(text)
 

@@ -1,5 +1,6 @@
-"""Names and places deltatune uses: file-name-safe short names (the engine's default out_dir, the
-CLI's bench run folders) and the one cache folder (converted weights, built tasks, analyses)."""
+"""Names, values and places as deltatune reads and writes them: file-name-safe short names (the
+engine's default out_dir, the CLI's bench run folders), numbers typed as text (`--set r=16`, CSV
+cells), and the one cache folder (converted weights, built tasks, analyses)."""
 from __future__ import annotations
 
 import os
@@ -33,3 +34,13 @@ def cache_dir() -> Path:
     if sys.platform == "darwin":
         return Path.home() / "Library" / "Caches" / "deltatune"
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deltatune"
+
+
+def number_or_text(text: str):
+    """'16' -> 16, '1e-3' -> 0.001, anything else stays the string (the CLI's --set, report CSV cells)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text

@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 from deltatune.errors import DataError
+from deltatune.names import number_or_text  # noqa: F401  (re-exported)
 
 # Columns written first to results.csv, in this order; any other scalar key of a summary follows, sorted.
 CSV_COLUMNS = [
@@ -79,16 +80,6 @@ def write_csv(rows: list[dict], path) -> Path:
         for r in rows:
             writer.writerow({k: "" if r.get(k) is None else r.get(k) for k in columns})
     return path
-
-
-def number_or_text(text: str):
-    """'16' -> 16, '1e-3' -> 0.001, anything else stays the string (shared with the CLI's --set)."""
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
 
 
 def _parse_cell(text: str):
