@@ -297,3 +297,39 @@ def test_generation_with_the_cache_equals_generation_without_it(method, family):
     assert cached.sequences.tolist() == fresh.sequences.tolist()
     for a, b in zip(cached.scores, fresh.scores):  # the logits of every step, not only their argmax
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- gates and composites
+
+
+def test_unipelt_gates_scale_each_example_by_what_it_reads():
+    """UniPELT (Mao et al. 2022, §3): G = mean over tokens of sigmoid(W x + b), one scalar per
+    example; the LoRA gate replaces alpha/r, the prefix gate scales P_K and P_V."""
+    from deltatune.deltas import Gated, PrefixGated
+
+    model = dt.attach(tiny.model("bert"), "unipelt")
+    _perturb(model, scale=0.3)
+    modules = dict(model.deltatune.adapters["default"].items())
+    lora = next(m for k, m in modules.items() if isinstance(m, Gated) and hasattr(m.delta, "A"))
+    assert lora.delta.scale == 1.0
+    x = torch.randn(3, 5, 32)
+    g = torch.sigmoid(x @ lora.gate.proj.weight.t() + lora.gate.proj.bias).mean(dim=1, keepdim=True)  # (3, 1, 1)
+    torch.testing.assert_close(lora(x), g * (x @ lora.delta.A.t() @ lora.delta.B.t()), atol=1e-6, rtol=1e-5)
+    prefix = next(m for m in modules.values() if isinstance(m, PrefixGated))
+    keys, values = prefix(x)
+    base_k, base_v = prefix.table()
+    assert keys.shape == (3, *base_k.shape)
+    g = torch.sigmoid(x @ prefix.gate.proj.weight.t() + prefix.gate.proj.bias).mean(dim=1)[:, :, None, None]
+    torch.testing.assert_close(keys, g * base_k, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(values, g * base_v, atol=1e-6, rtol=1e-5)
+
+
+def test_a_composite_is_the_union_of_its_parts():
+    """MAM = prefix + scaled parallel adapter: the same deltas, under one adapter, as the two methods."""
+    mam = dt.attach(tiny.model("bert"), "mam", prefix_length=4, prefix_hidden=8, bottleneck=6, scale=2.0)
+    keys = list(mam.deltatune.adapters["default"].keys())
+    assert {k.split("~")[-1] for k in keys} == {"prefix", "adapter"}
+    parts = dt.attach(tiny.model("bert"), "prefix", adapter="p", length=4, hidden=8)
+    dt.attach(parts, "parallel", adapter="a", bottleneck=6, scale=2.0)
+    trained = lambda m: sum(p.numel() for n, p in m.named_parameters() if n.startswith("deltatune."))  # noqa: E731
+    assert trained(mam) == trained(parts)
