@@ -46,6 +46,8 @@ TRAINING_FLAGS = [
     ("--dp-clip", float, "DP per-example gradient norm bound (default 1.0)"),
     ("--recycle", None, "run the frozen lower blocks once and train from their cached output (embedding recycling)"),
     ("--recycle-dtype", str, "the recycling cache's dtype: float32 (default, exact), float16 or bfloat16"),
+    ("--nproc", int, "data-parallel processes on this machine (gloo on CPU, NCCL on GPUs); --batch-size stays the "
+                     "global batch and must divide by N. Or run under `torchrun --nproc_per_node N -m deltatune train`"),
 ]
 
 # `deltatune demo`: the whole comparison on embedded defaults, sized to finish in about ten minutes
@@ -208,6 +210,10 @@ def cmd_train(args) -> int:
     if unsupported:
         raise ConfigError(f"the engine does not support {', '.join('--' + k.replace('_', '-') for k in unsupported)}")
     summary = train(TrainConfig(**config))
+    from deltatune.distributed import rank
+
+    if rank():  # under torchrun: rank 0 prints
+        return 0
     if args.json:
         print(json.dumps(summary, default=_jsonable), flush=True)
     else:

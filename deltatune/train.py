@@ -34,7 +34,7 @@ import torch
 
 import deltatune as dt
 from deltatune.errors import AdapterFileError, ConfigError, DataError, StorageError, TrainingError
-from deltatune import privacy, storage, updates
+from deltatune import distributed, privacy, storage, updates
 from deltatune.storage import RunFolder, atomic_write_bytes, atomic_write_json, storage_error
 from deltatune.models import build_task_model
 from deltatune.names import slug
@@ -78,12 +78,13 @@ class TrainConfig:
     dp_epsilon: float | None = None  # differentially private training to this epsilon (deltatune.privacy); None: off
     dp_delta: float | None = None  # None: 1/N rounded down to a power of ten (N training examples)
     dp_clip: float | None = None  # per-example gradient norm bound C; None: 1.0
+    nproc: int = 1  # data-parallel processes (deltatune.distributed); batch_size stays the global batch
 
 
 # Fields that may differ between a run and its resumption without changing the result.
 # lr and max_grad_norm may change too: the way to go on after a NaN loss.
 _RESUMABLE_CHANGES = {"resume", "stop_after", "log_every", "json_log", "progress", "out_dir", "device", "lr", "max_grad_norm",
-                      "overwrite"}
+                      "overwrite", "nproc"}
 
 
 # ------------------------------------------------------------------------------------ train
@@ -98,7 +99,9 @@ def train(cfg: TrainConfig, task=None) -> dict:
     cfg = _resolved(cfg, task)
     from deltatune.analysis.freeze import resolve_options
     cfg = resolve_options(cfg, task)  # telly k="auto": the freeze depth from a layer analysis (cached)
-    with _deterministic(cfg.deterministic), RunFolder(cfg.out_dir) as folder:
+    if distributed.spawns(cfg):  # nproc > 1: that many processes, each running train(); rank 0's summary
+        return distributed.spawn(train, cfg, task)
+    with _deterministic(cfg.deterministic), distributed.group(cfg) as cfg, distributed.folder(RunFolder, cfg.out_dir) as folder:
         return _train(cfg, task, folder)
 
 
@@ -106,7 +109,8 @@ def _train(cfg: TrainConfig, task, folder: RunFolder) -> dict:
     # Data, model, method, and what they ask of the machine, are all checked before out_dir is
     # touched: a bad input leaves the previous run in out_dir as it was.
     out = Path(cfg.out_dir)
-    checkpoint, restart = _check_out_dir(folder, cfg)
+    checkpoint, restart = distributed.rank0(lambda: _check_out_dir(folder, cfg))  # only rank 0 touches out_dir
+    loads = checkpoint is not None and distributed.is_rank0()  # the other ranks take its tensors (distributed.sync)
     _seed_everything(cfg.seed)
     task = task or _load_task(cfg)
     if not task.train:
@@ -120,12 +124,12 @@ def _train(cfg: TrainConfig, task, folder: RunFolder) -> dict:
              "zero_shot_value": None, "train_seconds": 0.0, "step_seconds": []}
 
     zero_shot = None
-    if checkpoint is None and data["test"]:  # the pretrained model before attach (a classifier: its untrained head)
+    if checkpoint is None and data["test"] and distributed.is_rank0():  # the pretrained model before attach (a classifier: its untrained head)
         with torch.random.fork_rng(devices=[]):  # a method that does not fit fails before the scoring
             dt.detach(_check_positions(cfg, dt.attach(model, cfg.method, **cfg.options), task.kind))
         zero_shot, zero_shot_records = _score(model.to(cfg.device), objective, data["test"], task, "test", cfg)
         state["zero_shot_value"] = zero_shot[task.metric]
-    if checkpoint is None:
+    if not loads:
         dt.attach(model, cfg.method, **cfg.options)
     else:
         dt.load_adapter(model, checkpoint / "adapter")
@@ -136,17 +140,19 @@ def _train(cfg: TrainConfig, task, folder: RunFolder) -> dict:
     if cfg.recycle:  # the frozen lower part runs once; training and evaluation start from its cached output
         from deltatune.analysis import recycle
         objective, data = recycle.prepare(cfg, model, objective, data)
-    _check_batch_fits(cfg, model, objective, data["train"])
+    _check_batch_fits(distributed.local(cfg), model, objective, data["train"])
     trainable, total = dt.count_parameters(model)
     names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     private = privacy.rule_for(cfg, task.kind, len(data["train"]), dict(zip(names, params)),
                                lambda b: _to(b, cfg.device), lambda: _autocast(cfg))
     rule = updates.build(model, dict(zip(names, params)), max_steps=cfg.max_steps, private=private)  # None: no hooks
-    if checkpoint is not None:
+    distributed.check_rule(rule)
+    if loads:
         state = _load_checkpoint(checkpoint, optimizer, names, cfg, rule)
-    _prepare_out_dir(folder, cfg, checkpoint, restart)
-    log = _Log(out / "log.jsonl" if cfg.json_log else None, keep_until=_step_of(checkpoint))
+    state = distributed.sync(model, optimizer, rule, state)
+    distributed.rank0(lambda: _prepare_out_dir(folder, cfg, checkpoint, restart))
+    log = _Log(out / "log.jsonl" if cfg.json_log and distributed.is_rank0() else None, keep_until=_step_of(checkpoint))
     if zero_shot is not None:
         for stale in PREDICTIONS.values():  # a fresh run: the previous run's predictions go with its metrics
             (out / stale).unlink(missing_ok=True)
@@ -155,7 +161,9 @@ def _train(cfg: TrainConfig, task, folder: RunFolder) -> dict:
 
     if _loop(cfg, model, optimizer, names, objective, data, task, state, log, out, rule) == "interrupted":
         return {"stopped_at": state["step"], "max_steps": cfg.max_steps, "out_dir": str(out),
-                "checkpoint": str(_latest_checkpoint(out))}
+                "checkpoint": str(distributed.rank0(lambda: _latest_checkpoint(out)))}
+    if not distributed.is_rank0():
+        return distributed.result(None)  # rank 0's summary, once it has scored the best adapter
     del model, optimizer  # the test score comes from the saved best adapter, exactly as evaluate() sees it
     best, _ = _restore(cfg, task, out / "best")
     test, records = _score(best.to(cfg.device), objective, data["test"], task, "test", cfg)
@@ -175,7 +183,7 @@ def _train(cfg: TrainConfig, task, folder: RunFolder) -> dict:
     summary.update(rule.metrics() if rule is not None else {})  # e.g. the privacy budget spent
     summary.update({k: v for k, v in test.items() if k not in summary})
     atomic_write_json(out / "metrics.json", summary)
-    return summary
+    return distributed.result(summary)
 
 
 def _loop(cfg, model, optimizer, names, objective, data, task, state, log, out, rule=None) -> str:
@@ -207,14 +215,14 @@ def _loop(cfg, model, optimizer, names, objective, data, task, state, log, out, 
             if validate or step % cfg.log_every == 0 or step == stop_at:
                 shown.update({"loss": f"{_read_losses(pending, log, out):.4f}",
                               "ex/s": f"{examples / seconds_here:.1f}"})
-            if validate:
-                value = _validate(cfg, model, objective, data, task, state, log, out)
+            if validate:  # on rank 0, which tells the others the outcome (state: best, early stopping)
+                value = distributed.rank0(lambda: _validate(cfg, model, objective, data, task, state, log, out), state)
                 if value is not None:
                     shown[task.metric] = f"{value:.4f}"
                 model.train()
             bar.set_postfix(shown, refresh=False)
             if validate or step == stop_at:
-                _save_checkpoint(out, model, optimizer, names, state, rule)
+                distributed.rank0(lambda: _save_checkpoint(out, model, optimizer, names, state, rule))
             if cfg.early_stop_patience is not None and state["bad_evals"] >= cfg.early_stop_patience:
                 return "early-stop"
     return "done" if state["step"] == cfg.max_steps else "interrupted"
@@ -229,6 +237,8 @@ def _step(cfg, model, optimizer, params, objective, examples, order, rule=None, 
         rule.before_step(step)
     if rule is not None and rule.computes_grads:
         loss = rule.backward(model, objective, examples, order, step)
+    elif distributed.active():  # this rank's share of each micro-batch, then the gradients summed over ranks
+        loss = distributed.backward(cfg, model, params, objective, examples, order, step)
     else:
         loss = 0.0
         for _ in range(cfg.grad_accum):
@@ -461,7 +471,7 @@ _SETTINGS = {
     "bf16": ((bool,),), "grad_checkpointing": ((bool,),), "deterministic": ((bool,),), "resume": ((bool,),),
     "json_log": ((bool,),), "progress": ((bool,),), "overwrite": ((bool,),),
     "out_dir": ((str, None),), "device": ((str, None),),
-    "recycle": ((bool,),), "recycle_dtype": ((str,),),
+    "recycle": ((bool,),), "recycle_dtype": ((str,),), "nproc": ((int,), 1, distributed.MAX_PROCS),
 }
 
 

@@ -1,0 +1,444 @@
+"""Data-parallel training: N processes, one global batch, the same result as one process.
+
+    deltatune train ... --nproc 2                          # spawns 2 local processes itself
+    torchrun --nproc_per_node 2 -m deltatune train ...     # or under torchrun (any --nnodes)
+    train(TrainConfig(..., nproc=2))                       # the API; returns rank 0's summary
+
+Every process holds the whole model and all the data, and takes its share of every global
+micro-batch: ``batch_size`` stays the global batch (it must divide by N), rank r takes rows
+[r*B/N, (r+1)*B/N) of the order one process would take, and the order and its position live in
+the run, not in the processes, so a checkpoint resumes under any number of processes.
+
+Gradients: each rank's loss is scaled to its share of the global loss (its examples, or for
+generation its target tokens, over the global batch's), the backward passes run as in one
+process, and once per optimizer step the gradients of the trainable parameters alone are summed
+over the ranks in flat buckets (the frozen base has none to send). That is DDP's reduction,
+done after the micro-batches rather than through DDP's autograd hooks, which assume one forward
+per backward: retrieval encodes queries and code separately, and update rules (DPS) read the
+gradients between backward and step. Retrieval gathers every rank's embeddings (this rank's keep
+their graph), so the in-batch negatives are the whole global batch's, as in one process.
+
+Only rank 0 touches ``out_dir``: it checks it, loads a checkpoint, validates, writes the log,
+the checkpoints, the best adapter and metrics.json; the other ranks receive what it loaded
+(adapter tensors, optimizer and update-rule state, RNG state, loop state) by broadcast, and the
+outcome of what it decided (early stopping, errors) likewise. Dropout draws a per-rank stream
+seeded from (seed, step, micro-batch, rank), so the shared RNG stream (what a checkpoint saves,
+what DPS draws its masks from) stays the same on every rank. With dropout the result is the same
+in distribution as one process, not the same numbers; without it, the same to rounding.
+
+Refused with N > 1: private training (per-example clipping and its noise run in one process),
+embedding recycling (its cache is built by one process), sift (it picks its entries from one
+process's first gradient). DPS works: its masks come from the shared stream, its scores from the
+summed gradients.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import os
+import queue as queues
+import random
+import socket
+import sys
+import warnings
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from deltatune.errors import ConfigError, DeltatuneError, TrainingError
+
+MAX_PROCS = 1024
+_BUCKET = 1 << 24  # elements per all-reduce: 64 MB of float32 at most, however large the model
+_TIMEOUT = datetime.timedelta(hours=2)  # the other ranks wait while rank 0 validates or scores
+_REFUSED_RULES = {"sift": "sift picks its entries from the first step's gradient in one process; train sift "
+                          "without --nproc"}
+
+
+# ------------------------------------------------------------------------------------ who am I
+
+
+def rank() -> int:
+    """This process's rank (0 in one process; RANK under torchrun before the group exists)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def size() -> int:
+    """The number of processes of the run (1 in one process)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def is_rank0() -> bool:
+    return rank() == 0
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+# ------------------------------------------------------------------------------------ checks
+
+
+def check(cfg, nproc: int) -> None:
+    """What cannot run in ``nproc`` processes, as one ConfigError naming the fix (before any process starts)."""
+    if nproc <= 1:
+        return
+    if cfg.batch_size % nproc:
+        up = -(-cfg.batch_size // nproc) * nproc
+        raise ConfigError(f"batch_size {cfg.batch_size} does not divide among {nproc} processes: each takes an equal "
+                          f"share of the global batch; use --batch-size {up} (or another multiple of {nproc}), "
+                          f"or --nproc that divides {cfg.batch_size}")
+    if cfg.dp_epsilon is not None:
+        raise ConfigError("private training (--dp-epsilon) runs in one process (its per-example clipping and noise "
+                          "are not split across processes); drop --nproc")
+    if cfg.recycle:
+        raise ConfigError("--recycle builds its cache in one process; drop --nproc or --recycle")
+    device = torch.device(cfg.device)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", nproc))
+    if device.type == "cuda" and local > torch.cuda.device_count():
+        raise ConfigError(f"{local} processes on this machine need {local} GPUs, it has {torch.cuda.device_count()}; "
+                          "lower --nproc, or train on the CPU (device='cpu')")
+
+
+def check_rule(rule) -> None:
+    """Update rules that read what only one process has are refused with N > 1."""
+    if rule is None or not active():
+        return
+    for part in getattr(rule, "rules", [rule]):
+        if part.name in _REFUSED_RULES:
+            raise ConfigError(_REFUSED_RULES[part.name])
+
+
+def local(cfg):
+    """The config as one rank sees its batches: batch_size is its share (for the memory check)."""
+    return dataclasses.replace(cfg, batch_size=cfg.batch_size // size()) if active() else cfg
+
+
+# ------------------------------------------------------------------------------------ the group
+
+
+def spawns(cfg) -> bool:
+    """Should train() start ``cfg.nproc`` processes itself (rather than be one of them)?"""
+    inside = size()
+    if inside > 1 and cfg.nproc > 1 and cfg.nproc != inside:
+        raise ConfigError(f"nproc {cfg.nproc} inside a run of {inside} processes (torchrun started them); drop --nproc")
+    return cfg.nproc > 1 and inside == 1
+
+
+@contextlib.contextmanager
+def group(cfg):
+    """Join the process group when started as one of several processes (torchrun, or spawn()); yields
+    the config this rank runs: its device (cuda:LOCAL_RANK), nproc = the number of processes,
+    progress on rank 0 only. In one process: ``cfg`` unchanged."""
+    world = size()
+    if world <= 1:
+        yield cfg
+        return
+    check(cfg, world)
+    created = not dist.is_initialized()
+    device = cfg.device
+    if torch.device(device).type == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(torch.device(device))
+    if created:
+        dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo", timeout=_TIMEOUT)
+    cfg = dataclasses.replace(cfg, nproc=world, device=device, progress=cfg.progress and rank() == 0)
+    try:
+        with warnings.catch_warnings():
+            if rank():  # rank 0 says it once
+                warnings.simplefilter("ignore")
+            yield cfg
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def folder(make, path):
+    """Rank 0's run folder (``make(path)``); the other ranks get None and never touch ``path``."""
+    return make(path) if is_rank0() else contextlib.nullcontext()
+
+
+def rank0(fn, sync: dict | None = None):
+    """``fn()`` on rank 0, its result (or its DeltatuneError) on every rank; ``sync`` (a dict) is
+    made rank 0's on every rank afterwards. In one process: ``fn()``."""
+    if not active():
+        return fn()
+    box = [None]
+    if is_rank0():
+        try:
+            box[0] = ("ok", fn(), sync)
+        except DeltatuneError as err:
+            box[0] = ("error", type(err).__name__, str(err), None)
+            dist.broadcast_object_list(box, src=0)
+            raise
+    dist.broadcast_object_list(box, src=0)
+    kind, *rest = box[0]
+    if kind == "error":
+        raise _error(rest[0], rest[1])
+    if sync is not None and not is_rank0():
+        sync.clear()
+        sync.update(rest[1])
+    return rest[0]
+
+
+def result(summary):
+    """Rank 0's ``summary`` on every rank (the others pass None and wait for it)."""
+    if not active():
+        return summary
+    box = [summary]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _error(name: str, message: str) -> Exception:
+    from deltatune import errors
+
+    kind = getattr(errors, name, None)
+    return kind(message) if isinstance(kind, type) and issubclass(kind, DeltatuneError) else TrainingError(message)
+
+
+# ------------------------------------------------------------------------------------ state
+
+
+def sync(model, optimizer, rule, state: dict) -> dict:
+    """Make every rank start where rank 0 does: the trainable parameters and the buffers, the
+    optimizer's and the update rule's state, the RNG streams and the loop state (what rank 0 loaded
+    from a checkpoint, or its fresh initialisation). Returns the loop state."""
+    if not active():
+        return state
+    tensors = [p.data for p in model.parameters() if p.requires_grad] + list(model.buffers())
+    for t in tensors:
+        if t.dtype == torch.bool:  # not every backend sends booleans
+            carrier = t.to(torch.uint8)
+            dist.broadcast(carrier, src=0)
+            t.copy_(carrier.bool())
+        else:
+            dist.broadcast(t, src=0)
+    box = [None]
+    if is_rank0():
+        rngs = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+                "cuda": torch.cuda.get_rng_state() if torch.device(_device(model)).type == "cuda" else None}
+        box[0] = (optimizer.state_dict(), rule.state_dict() if rule is not None else {}, rngs, state)
+    dist.broadcast_object_list(box, src=0)
+    optim, rule_state, rngs, state = box[0]
+    if not is_rank0():
+        if optim["state"]:
+            optimizer.load_state_dict(optim)
+        if rule is not None:
+            rule.load_state_dict(rule_state)
+        torch.set_rng_state(rngs["torch"])
+        random.setstate(rngs["python"])
+        np.random.set_state(rngs["numpy"])
+        if rngs["cuda"] is not None:
+            torch.cuda.set_rng_state(rngs["cuda"])
+    return state
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+# ------------------------------------------------------------------------------------ the step
+
+
+def backward(cfg, model, params, objective, examples, order, step) -> torch.Tensor:
+    """This rank's share of every micro-batch of the step, forward and backward, then the trainable
+    gradients summed over the ranks; returns the step's global loss (as one process logs it)."""
+    from deltatune.objectives import Retrieval, _to
+    from deltatune.train import _autocast
+
+    me, world = rank(), size()
+    per = cfg.batch_size // world
+    gathered = isinstance(objective, Retrieval)
+    loss = torch.zeros((), device=cfg.device)
+    for micro in range(cfg.grad_accum):
+        rows = [examples[i] for i in order.take(cfg.batch_size)]
+        shards = [rows[r * per:(r + 1) * per] for r in range(world)]
+        share = 1.0 if gathered else _share(objective, model, shards, me)
+        batch = _to(objective.collate(shards[me]), cfg.device)
+        with _rank_rng(cfg, step, micro, me), _autocast(cfg):
+            value = objective.loss(_Gathered(model) if gathered else model, batch)
+        (value * (share / cfg.grad_accum)).backward()
+        # Every rank computes the whole retrieval loss (its gradient reaches only this rank's rows).
+        loss = loss + value.detach().float() * ((1.0 / world if gathered else share) / cfg.grad_accum)
+    return all_reduce_grads(params, loss)
+
+
+def _share(objective, model, shards, me) -> float:
+    """This rank's weight in the global micro-batch's loss: its target tokens over all ranks' for
+    generation (the loss is a mean over target tokens), its examples over all ranks' otherwise."""
+    from deltatune.objectives import Generation
+
+    if isinstance(objective, Generation):
+        skip = 0 if getattr(getattr(model, "config", None), "is_encoder_decoder", False) else 1  # causal LMs shift
+        counts = [sum(sum(1 for t in ex["labels"][skip:] if t != -100) for ex in shard) for shard in shards]
+    else:
+        counts = [len(shard) for shard in shards]
+    total = sum(counts)
+    return counts[me] / total if total else 1.0 / len(shards)
+
+
+class _Gathered:
+    """``model(**inputs)`` returning every rank's rows in rank order (the global batch); this
+    rank's rows keep their graph, the others' are constants here (their ranks backpropagate them)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, **inputs):
+        mine = self.model(**inputs)
+        parts = [torch.empty_like(mine) for _ in range(size())]
+        dist.all_gather(parts, mine.detach().contiguous())
+        parts[rank()] = mine
+        return torch.cat(parts)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+@contextlib.contextmanager
+def _rank_rng(cfg, step: int, micro: int, me: int):
+    """Dropout's stream on this rank for this micro-batch, seeded from (seed, step, micro, rank); the
+    shared stream is left as it was, so it stays the same on every rank."""
+    device = torch.device(cfg.device)
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed((((cfg.seed * 1_000_003 + step) * 1_009 + micro) * 1_013 + me) % (2**63))
+        yield
+
+
+@torch.no_grad()
+def all_reduce_grads(params, loss: torch.Tensor) -> torch.Tensor:
+    """Sum ``.grad`` of ``params`` over the ranks in flat buckets (a parameter without a gradient on
+    every rank keeps none, as in one process); returns ``loss`` summed likewise."""
+    device = loss.device
+    flags = torch.tensor([p.grad is not None for p in params] + [0.0], dtype=torch.float32, device=device)
+    flags[-1] = loss.float()
+    dist.all_reduce(flags)
+    bucket, filled = [], 0
+    for p in params:
+        if bucket and (filled + p.numel() > _BUCKET or p.dtype != bucket[0].dtype or p.device != bucket[0].device):
+            _reduce(bucket)
+            bucket, filled = [], 0
+        bucket.append(p)
+        filled += p.numel()
+    if bucket:
+        _reduce(bucket)
+    for p, flag in zip(params, flags[:-1].tolist()):
+        if flag == 0:
+            p.grad = None
+    return flags[-1]
+
+
+def _reduce(params) -> None:
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    offset = 0
+    for p in params:
+        part = flat[offset:offset + p.numel()].view_as(p)
+        if p.grad is None:
+            p.grad = part.clone()
+        else:
+            p.grad.copy_(part)
+        offset += p.numel()
+
+
+# ------------------------------------------------------------------------------------ launching
+
+
+def launch(fn, args: tuple, nproc: int, device: str = "cpu") -> list:
+    """Run ``fn(*args)`` in ``nproc`` new local processes joined in one process group (gloo on the
+    CPU, NCCL on GPUs, one GPU each); returns their results in rank order. The first failure ends
+    the others and is raised here: a DeltatuneError as itself, anything else as a TrainingError."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")  # fork would copy torch's threads and locks
+    results = ctx.Queue()
+    port = _free_port()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = None if "OMP_NUM_THREADS" in os.environ else max(1, cores // nproc)
+    procs = [ctx.Process(target=_child, args=(r, nproc, port, threads, device, fn, args, results), daemon=False)
+             for r in range(nproc)]
+    for p in procs:
+        p.start()
+    done, failed = {}, {}
+    try:
+        while len(done) + len(failed) < nproc and not failed:
+            try:
+                r, kind, *payload = results.get(timeout=0.5)
+            except queues.Empty:
+                for r, p in enumerate(procs):
+                    if p.exitcode is not None and r not in done and r not in failed:
+                        try:  # what it sent before it ended may still be on its way
+                            r2, kind, *payload = results.get(timeout=2)
+                            (done if kind == "ok" else failed)[r2] = payload
+                        except queues.Empty:
+                            failed[r] = ["TrainingError", f"process {r} of {nproc} ended with exit code {p.exitcode} "
+                                         "without a result (killed, or out of memory?)", ""]
+                        break
+                continue
+            (done if kind == "ok" else failed)[r] = payload
+    finally:
+        for p in procs:
+            if p.is_alive() and failed:
+                p.terminate()
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    if failed:
+        first = min(failed, key=lambda r: (failed[r][0] not in _ERRORS, r))  # a DeltatuneError, lowest rank first
+        name, message, trace = failed[first]
+        if name in _ERRORS:
+            raise _error(name, message)
+        sys.stderr.write(trace)
+        raise TrainingError(f"process {first} of {nproc} failed: {name}: {message}")
+    return [done[r][0] for r in range(nproc)]
+
+
+def _errors() -> set[str]:
+    from deltatune import errors
+
+    return {n for n, v in vars(errors).items() if isinstance(v, type) and issubclass(v, DeltatuneError)}
+
+
+_ERRORS = _errors()
+
+
+def _child(me, nproc, port, threads, device, fn, args, results) -> None:
+    os.environ.update(RANK=str(me), LOCAL_RANK=str(me), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        cuda = torch.device(device).type == "cuda"
+        if cuda:
+            torch.cuda.set_device(me)
+        dist.init_process_group("nccl" if cuda else "gloo", rank=me, world_size=nproc, timeout=_TIMEOUT)
+        try:
+            out = fn(*args)
+        finally:
+            dist.destroy_process_group()
+        results.put((me, "ok", out))
+    except BaseException as err:  # reported to the parent, which ends the other ranks
+        import traceback
+
+        results.put((me, "error", type(err).__name__, str(err), traceback.format_exc()))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(train, cfg, task=None) -> dict:
+    """``train(cfg, task)`` in ``cfg.nproc`` local processes; rank 0's summary."""
+    check(cfg, cfg.nproc)
+    return launch(train, (cfg, task), cfg.nproc, cfg.device)[0]
