@@ -48,6 +48,7 @@ TRAINING_FLAGS = [
     ("--recycle-dtype", str, "the recycling cache's dtype: float32 (default, exact), float16 or bfloat16"),
     ("--nproc", int, "data-parallel processes on this machine (gloo on CPU, NCCL on GPUs); --batch-size stays the "
                      "global batch and must divide by N. Or run under `torchrun --nproc_per_node N -m deltatune train`"),
+    ("--fsdp", None, "with several processes: shard the frozen base's weights over them (FSDP), for bases too large for one device"),
 ]
 
 # `deltatune demo`: the whole comparison on embedded defaults, sized to finish in about ten minutes

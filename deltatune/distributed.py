@@ -114,6 +114,37 @@ def check_rule(rule) -> None:
             raise ConfigError(_REFUSED_RULES[part.name])
 
 
+_SHARDED: list = []  # the modules shard_frozen sharded, while they train
+
+
+def sharded(cfg) -> bool:
+    return bool(cfg.fsdp) and active()
+
+
+def shard_frozen(cfg, model) -> None:
+    """fsdp: the frozen weights of every transformer block (and the rest) sharded over the ranks
+    with FSDP2, all-gathered around each block's forward and backward; the trainable parameters
+    stay whole on every rank (their gradients are summed by all_reduce_grads, as without fsdp)."""
+    _SHARDED.clear()
+    if not sharded(cfg):
+        return
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(torch.device(cfg.device).type, (size(),))
+    trainable = {p for p in model.parameters() if p.requires_grad}
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    inner = {id(sub) for m in lists for child in m for sub in child.modules() if sub is not child}
+    for blocks in lists:
+        if id(blocks) not in inner:  # the outermost lists: the transformer's blocks
+            for block in blocks:
+                if any(not p.requires_grad for p in block.parameters()):
+                    fully_shard(block, mesh=mesh, ignored_params=trainable)
+    fully_shard(model, mesh=mesh, ignored_params=trainable)
+    _SHARDED.append(model)
+
+
 def local(cfg):
     """The config as one rank sees its batches: batch_size is its share (for the memory check)."""
     return dataclasses.replace(cfg, batch_size=cfg.batch_size // size()) if active() else cfg
@@ -154,6 +185,7 @@ def group(cfg):
                 warnings.simplefilter("ignore")
             yield cfg
     finally:
+        _SHARDED.clear()
         if created:
             dist.destroy_process_group()
 
@@ -163,12 +195,16 @@ def folder(make, path):
     return make(path) if is_rank0() else contextlib.nullcontext()
 
 
-def rank0(fn, sync: dict | None = None):
+def rank0(fn, sync: dict | None = None, others=None):
     """``fn()`` on rank 0, its result (or its DeltatuneError) on every rank; ``sync`` (a dict) is
-    made rank 0's on every rank afterwards. In one process: ``fn()``."""
+    made rank 0's on every rank afterwards. With a sharded base (fsdp) the other ranks run
+    ``others()`` meanwhile: the same forward passes as rank 0, whose weights they hold shards of.
+    In one process: ``fn()``."""
     if not active():
         return fn()
     box = [None]
+    if others is not None and not is_rank0() and _SHARDED:
+        others()
     if is_rank0():
         try:
             box[0] = ("ok", fn(), sync)

@@ -79,12 +79,13 @@ class TrainConfig:
     dp_delta: float | None = None  # None: 1/N rounded down to a power of ten (N training examples)
     dp_clip: float | None = None  # per-example gradient norm bound C; None: 1.0
     nproc: int = 1  # data-parallel processes (deltatune.distributed); batch_size stays the global batch
+    fsdp: bool = False  # with nproc > 1: shard the frozen base's weights over the processes (FSDP2)
 
 
 # Fields that may differ between a run and its resumption without changing the result.
 # lr and max_grad_norm may change too: the way to go on after a NaN loss.
 _RESUMABLE_CHANGES = {"resume", "stop_after", "log_every", "json_log", "progress", "out_dir", "device", "lr", "max_grad_norm",
-                      "overwrite", "nproc"}
+                      "overwrite", "nproc", "fsdp"}
 
 
 # ------------------------------------------------------------------------------------ train
@@ -124,7 +125,7 @@ def _train(cfg: TrainConfig, task, folder: RunFolder) -> dict:
              "zero_shot_value": None, "train_seconds": 0.0, "step_seconds": []}
 
     zero_shot = None
-    if checkpoint is None and data["test"] and distributed.is_rank0():  # the pretrained model before attach (a classifier: its untrained head)
+    if checkpoint is None and data["test"] and distributed.is_rank0() and not distributed.sharded(cfg):  # the pretrained model before attach (a classifier: its untrained head)
         with torch.random.fork_rng(devices=[]):  # a method that does not fit fails before the scoring
             dt.detach(_check_positions(cfg, dt.attach(model, cfg.method, **cfg.options), task.kind))
         zero_shot, zero_shot_records = _score(model.to(cfg.device), objective, data["test"], task, "test", cfg)
@@ -136,6 +137,7 @@ def _train(cfg: TrainConfig, task, folder: RunFolder) -> dict:
     _check_positions(cfg, model, task.kind)
     if cfg.grad_checkpointing:
         _enable_checkpointing(model)
+    distributed.shard_frozen(cfg, model)  # fsdp: each rank keeps its shard of the frozen base
     model.to(cfg.device)
     if cfg.recycle:  # the frozen lower part runs once; training and evaluation start from its cached output
         from deltatune.analysis import recycle
@@ -216,7 +218,8 @@ def _loop(cfg, model, optimizer, names, objective, data, task, state, log, out, 
                 shown.update({"loss": f"{_read_losses(pending, log, out):.4f}",
                               "ex/s": f"{examples / seconds_here:.1f}"})
             if validate:  # on rank 0, which tells the others the outcome (state: best, early stopping)
-                value = distributed.rank0(lambda: _validate(cfg, model, objective, data, task, state, log, out), state)
+                value = distributed.rank0(lambda: _validate(cfg, model, objective, data, task, state, log, out), state,
+                                          others=lambda: data["valid"] and _score(model, objective, data["valid"], task, "valid", cfg))
                 if value is not None:
                     shown[task.metric] = f"{value:.4f}"
                 model.train()
@@ -472,6 +475,7 @@ _SETTINGS = {
     "json_log": ((bool,),), "progress": ((bool,),), "overwrite": ((bool,),),
     "out_dir": ((str, None),), "device": ((str, None),),
     "recycle": ((bool,),), "recycle_dtype": ((str,),), "nproc": ((int,), 1, distributed.MAX_PROCS),
+    "fsdp": ((bool,),),
 }
 
 

@@ -108,14 +108,15 @@ def runs(tasks):
     back = _cfg(root, paths, "1p-then-2p", method="houlsby", stop_after=2)  # 1 process, then resumed by 2
     with float64():
         train(back)
-    out = _launch(root, paths, same, [cut, dataclasses.replace(back, resume=True, stop_after=None),
+    fsdp = _cfg(root, paths, "2p-fsdp", fsdp=True)  # the frozen base sharded over the 2 processes
+    out = _launch(root, paths, same, [fsdp, cut, dataclasses.replace(back, resume=True, stop_after=None),
                                       _cfg(root, paths, "2p-sift", method="sift")], "fast")
     with float64():
         train(dataclasses.replace(cut, resume=True, stop_after=None))
         whole = {m: _cfg(root, paths, f"1p-{m}", method=m) for m in ("prefix", "houlsby")}
         for cfg in whole.values():
             train(cfg)
-    return {**out, "cut": cut, "back": back, "whole": whole}
+    return {**out, "cut": cut, "back": back, "whole": whole, "fsdp": fsdp}
 
 
 @pytest.fixture(scope="module")
@@ -170,14 +171,21 @@ def test_only_rank_0_touches_the_run_folder(runs):
             p.name for p in Path(runs["one"][key].out_dir).iterdir())
 
 
-def test_a_two_process_checkpoint_resumes_in_one_process(runs):
+def test_fsdp_of_the_frozen_base_trains_the_same_adapter(runs):
     assert runs["ranks"][0]["errors"][len(runs["two"])] is None
+    _assert_same(_final(runs["fsdp"]), _final(runs["one"]["lora"]))
+    valid = [r for r in _log(runs["fsdp"]) if r.get("split") == "valid"]  # validated by both ranks' shards
+    assert valid == [r for r in _log(runs["one"]["lora"]) if r.get("split") == "valid"]
+
+
+def test_a_two_process_checkpoint_resumes_in_one_process(runs):
+    assert runs["ranks"][0]["errors"][len(runs["two"]) + 1] is None
     _assert_same(_final(runs["cut"]), _final(runs["whole"]["prefix"]))
     assert [r["step"] for r in _log(runs["cut"]) if "loss" in r] == list(range(1, STEPS + 1))
 
 
 def test_a_one_process_checkpoint_resumes_in_two(runs):
-    assert runs["ranks"][0]["errors"][len(runs["two"]) + 1] is None
+    assert runs["ranks"][0]["errors"][len(runs["two"]) + 2] is None
     _assert_same(_final(runs["back"]), _final(runs["whole"]["houlsby"]))
     assert json.loads((Path(runs["back"].out_dir) / "run.json").read_text())["nproc"] == 2
 
