@@ -402,7 +402,7 @@ def launch(fn, args: tuple, nproc: int, device: str = "cpu") -> list:
              for r in range(nproc)]
     for p in procs:
         p.start()
-    done, failed = {}, {}
+    done, failed, finished = {}, {}, False
     try:
         while len(done) + len(failed) < nproc and not failed:
             try:
@@ -419,9 +419,10 @@ def launch(fn, args: tuple, nproc: int, device: str = "cpu") -> list:
                         break
                 continue
             (done if kind == "ok" else failed)[r] = payload
+        finished = True
     finally:
-        for p in procs:
-            if p.is_alive() and failed:
+        for p in procs:  # a failure (or ^C here) ends the ranks still waiting on the failed one
+            if p.is_alive() and (failed or not finished):
                 p.terminate()
         for p in procs:
             p.join(timeout=30)

@@ -245,6 +245,16 @@ def test_under_torchrun_rank_0_prints_and_writes(tmp_path):
     assert [r["step"] for r in _log(TrainConfig(out_dir=str(out))) if "loss" in r] == [1, 2]
 
 
+@pytest.mark.slow
+def test_an_error_on_rank_0_ends_every_process_with_its_line(capsys, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("not a run")  # only rank 0 checks --out, then tells the others
+    code, err = _cli(capsys, tmp_path, "--nproc", "2", "--batch-size", "4")
+    assert code == 2 and "is not empty and is not a deltatune run folder" in err, err
+    assert err.count("error:") == 1
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["notes.txt"]
+
+
 def test_one_process_calls_no_collective(tmp_path):
     assert distributed.size() == 1 and not distributed.active()
     assert distributed.rank0(lambda: 7) == 7 and distributed.result({"a": 1}) == {"a": 1}
