@@ -125,7 +125,8 @@ def _train(cfg: TrainConfig, task, folder: RunFolder) -> dict:
              "zero_shot_value": None, "train_seconds": 0.0, "step_seconds": []}
 
     zero_shot = None
-    if checkpoint is None and data["test"] and distributed.is_rank0() and not distributed.sharded(cfg):  # the pretrained model before attach (a classifier: its untrained head)
+    # The pretrained model before attach (a classifier: its untrained head); by rank 0, with the whole base.
+    if checkpoint is None and data["test"] and distributed.is_rank0() and not distributed.sharded(cfg):
         with torch.random.fork_rng(devices=[]):  # a method that does not fit fails before the scoring
             dt.detach(_check_positions(cfg, dt.attach(model, cfg.method, **cfg.options), task.kind))
         zero_shot, zero_shot_records = _score(model.to(cfg.device), objective, data["test"], task, "test", cfg)
