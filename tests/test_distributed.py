@@ -1,14 +1,13 @@
 """Data-parallel training (deltatune.distributed): 2 processes with gloo on the CPU, tiny random models.
 
-Every 2-process run of the module happens in one launch of 2 processes (they start once, then train
-each job in turn), so the module costs one process start-up, not one per test.
+The 2-process runs of a fixture share one launch of 2 processes (they start once, then train each
+job in turn), so the module costs one process start-up for the fast tests, not one per test.
 
 The tolerance. Both sides train in float64 on tiny-llama, which has no dropout, so the two runs
 compute the same sums in a different order only (the batch's rows split between two processes,
 then added): their gradients differ by rounding of about 1e-16 of the summands. AdamW divides by
 sqrt(v) + eps (eps = 1e-8), which can turn a gradient difference d into an update difference of
-at most lr * d / eps: about 1e-10 at lr 1e-2, far below ROOT = Path(__file__).resolve().parent.parent
-ATOL = 1e-8 on any CPU, however its SIMD
+at most lr * d / eps: about 1e-10 at lr 1e-2, far below ATOL = 1e-8 on any CPU, however its SIMD
 width orders the sums. The float32 steps inside the model (the classification loss's logits, the
 attention softmax) round the same float64 value the same way, unless it lies within 1e-16 of a
 float32 rounding boundary. A missing all-reduce, a wrong share of the loss or a misplaced batch
@@ -49,8 +48,8 @@ def float64():
 
 
 def _cfg(root: Path, tasks: dict, name: str, kind="classification", **over) -> TrainConfig:
-    base = dict(model="tiny-llama", task=tasks[kind], method="lora", max_steps=STEPS, batch_size=8,
-                lr=1e-2, max_len=24, max_new_tokens=3, max_eval=8, out_dir=str(root / "runs" / name), progress=False, eval_every=STEPS)
+    base = dict(model="tiny-llama", task=tasks[kind], method="lora", max_steps=STEPS, eval_every=STEPS, batch_size=8,
+                lr=1e-2, max_len=24, max_new_tokens=3, max_eval=8, out_dir=str(root / "runs" / name), progress=False)
     return TrainConfig(**{**base, **over})
 
 
