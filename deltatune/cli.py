@@ -39,6 +39,7 @@ TRAINING_FLAGS = [
     ("--max-eval", int, "use at most N validation/test examples"),
     ("--bf16", None, "train in bfloat16 autocast"),
     ("--grad-checkpointing", None, "recompute activations in the backward pass to save memory"),
+    ("--full-logits", None, "generation: compute the LM head at every position (default: only where labels count, in chunks)"),
     ("--resume", None, "continue from the checkpoint in the output directory"),
     ("--overwrite", None, "replace the previous run in the output directory (else it is refused)"),
     ("--dp-epsilon", float, "train with differential privacy (DP-SGD) to this epsilon"),

@@ -62,6 +62,7 @@ class TrainConfig:
     max_new_tokens: int = 64  # generation tasks: greedy decoding length limit
     bf16: bool = False  # bfloat16 autocast
     grad_checkpointing: bool = False  # recompute activations in backward (non-reentrant)
+    full_logits: bool = False  # generation: logits at every position (the plain path); default: the LM head in chunks where labels count
     deterministic: bool = False  # torch.use_deterministic_algorithms(True, warn_only=True)
     max_train: int | None = None  # passed to load_task
     max_eval: int | None = None
@@ -85,7 +86,7 @@ class TrainConfig:
 # Fields that may differ between a run and its resumption without changing the result.
 # lr and max_grad_norm may change too: the way to go on after a NaN loss.
 _RESUMABLE_CHANGES = {"resume", "stop_after", "log_every", "json_log", "progress", "out_dir", "device", "lr", "max_grad_norm",
-                      "overwrite", "nproc", "fsdp"}
+                      "overwrite", "nproc", "fsdp", "full_logits"}
 
 
 # ------------------------------------------------------------------------------------ train
@@ -472,7 +473,7 @@ _SETTINGS = {
     "max_grad_norm": ((float, None), 0.0, 1e12),
     "dp_epsilon": ((float, None), 1e-6, 1e6), "dp_delta": ((float, None), 1e-300, 0.999999),
     "dp_clip": ((float, None), 1e-12, 1e12),
-    "bf16": ((bool,),), "grad_checkpointing": ((bool,),), "deterministic": ((bool,),), "resume": ((bool,),),
+    "bf16": ((bool,),), "grad_checkpointing": ((bool,),), "full_logits": ((bool,),), "deterministic": ((bool,),), "resume": ((bool,),),
     "json_log": ((bool,),), "progress": ((bool,),), "overwrite": ((bool,),),
     "out_dir": ((str, None),), "device": ((str, None),),
     "recycle": ((bool,),), "recycle_dtype": ((str,),), "nproc": ((int,), 1, distributed.MAX_PROCS),
