@@ -106,6 +106,13 @@ def _train(cfg: TrainConfig, task, folder: RunFolder) -> dict:
     # Data, model, method, and what they ask of the machine, are all checked before out_dir is
     # touched: a bad input leaves the previous run in out_dir as it was.
     out = Path(cfg.out_dir)
+    phases, mark = {}, [time.perf_counter()]  # where the whole job's time goes (summary["phase_seconds"])
+
+    def lap(name):
+        now = time.perf_counter()
+        phases[name] = phases.get(name, 0.0) + now - mark[0]
+        mark[0] = now
+
     checkpoint, restart = _check_out_dir(folder, cfg)
     _seed_everything(cfg.seed)
     task = task or _load_task(cfg)
@@ -118,6 +125,7 @@ def _train(cfg: TrainConfig, task, folder: RunFolder) -> dict:
     objective.warn_truncated(stacklevel=3)  # at the caller of train()
     state = {"step": 0, "consumed": 0, "best_value": None, "best_step": None, "bad_evals": 0,
              "zero_shot_value": None, "train_seconds": 0.0, "step_seconds": []}
+    lap("setup")
 
     zero_shot = None
     if checkpoint is None and data["test"]:  # the pretrained model before attach (a classifier: its untrained head)
@@ -125,6 +133,7 @@ def _train(cfg: TrainConfig, task, folder: RunFolder) -> dict:
             dt.detach(_check_positions(cfg, dt.attach(model, cfg.method, **cfg.options), task.kind))
         zero_shot, zero_shot_records = _score(model.to(cfg.device), objective, data["test"], task, "test", cfg)
         state["zero_shot_value"] = zero_shot[task.metric]
+        lap("zero_shot")
     if checkpoint is None:
         dt.attach(model, cfg.method, **cfg.options)
     else:
@@ -136,7 +145,9 @@ def _train(cfg: TrainConfig, task, folder: RunFolder) -> dict:
     if cfg.recycle:  # the frozen lower part runs once; training and evaluation start from its cached output
         from deltatune.analysis import recycle
         objective, data = recycle.prepare(cfg, model, objective, data)
+    lap("setup")
     _check_batch_fits(cfg, model, objective, data["train"])
+    lap("batch_check")
     trainable, total = dt.count_parameters(model)
     names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -153,7 +164,11 @@ def _train(cfg: TrainConfig, task, folder: RunFolder) -> dict:
         _write_predictions(out / PREDICTIONS["zero-shot"], zero_shot_records)
         log.write({"step": 0, "split": "test", "zero_shot": True, **zero_shot})
 
-    if _loop(cfg, model, optimizer, names, objective, data, task, state, log, out, rule) == "interrupted":
+    lap("setup")
+    ended = _loop(cfg, model, optimizer, names, objective, data, task, state, log, out, rule, phases)
+    lap("train")
+    phases["train"] -= phases.get("validate", 0.0) + phases.get("checkpoint", 0.0)
+    if ended == "interrupted":
         return {"stopped_at": state["step"], "max_steps": cfg.max_steps, "out_dir": str(out),
                 "checkpoint": str(_latest_checkpoint(out))}
     del model, optimizer  # the test score comes from the saved best adapter, exactly as evaluate() sees it
@@ -161,6 +176,7 @@ def _train(cfg: TrainConfig, task, folder: RunFolder) -> dict:
     test, records = _score(best.to(cfg.device), objective, data["test"], task, "test", cfg)
     _write_predictions(out / PREDICTIONS["test"], records)
     log.write({"step": state["step"], "split": "test", "best_step": state["best_step"], **test})
+    lap("test")
     summary = {
         "method": cfg.method, "task": task.name, "model": cfg.model, "metric": task.metric,
         "value": test[task.metric], "zero_shot_value": state["zero_shot_value"],
@@ -168,6 +184,7 @@ def _train(cfg: TrainConfig, task, folder: RunFolder) -> dict:
         "step_seconds_median": statistics.median(state["step_seconds"]), "peak_rss_mb": _peak_rss_mb(),
         "steps": state["step"], "max_steps": cfg.max_steps, "stopped_early": state["step"] < cfg.max_steps,
         "best_step": state["best_step"], "valid_value": state["best_value"], "seed": cfg.seed, "lr": cfg.lr,
+        "phase_seconds": {k: round(v, 3) for k, v in phases.items()},
         "batch_size": cfg.batch_size, "options": cfg.options, "out_dir": str(out), "adapter_dir": str(out / "best"),
         "predictions_file": str(out / PREDICTIONS["test"]),
         "zero_shot_predictions_file": str(out / PREDICTIONS["zero-shot"]) if state["zero_shot_value"] is not None else None,
@@ -178,8 +195,10 @@ def _train(cfg: TrainConfig, task, folder: RunFolder) -> dict:
     return summary
 
 
-def _loop(cfg, model, optimizer, names, objective, data, task, state, log, out, rule=None) -> str:
-    """Optimizer steps from ``state["step"]``: returns "done", "early-stop" or "interrupted" (stop_after)."""
+def _loop(cfg, model, optimizer, names, objective, data, task, state, log, out, rule=None, phases=None) -> str:
+    """Optimizer steps from ``state["step"]``: returns "done", "early-stop" or "interrupted" (stop_after).
+    ``phases`` (a dict) gathers the seconds spent validating and checkpointing."""
+    phases = {} if phases is None else phases
     order = DataOrder(len(data["train"]), cfg.seed, state["consumed"])
     stop_at = min(cfg.max_steps, state["step"] + cfg.stop_after) if cfg.stop_after else cfg.max_steps
     warmup = int(cfg.warmup_ratio * cfg.max_steps)
@@ -208,13 +227,17 @@ def _loop(cfg, model, optimizer, names, objective, data, task, state, log, out, 
                 shown.update({"loss": f"{_read_losses(pending, log, out):.4f}",
                               "ex/s": f"{examples / seconds_here:.1f}"})
             if validate:
+                t0 = time.perf_counter()
                 value = _validate(cfg, model, objective, data, task, state, log, out)
+                phases["validate"] = phases.get("validate", 0.0) + time.perf_counter() - t0
                 if value is not None:
                     shown[task.metric] = f"{value:.4f}"
                 model.train()
             bar.set_postfix(shown, refresh=False)
             if validate or step == stop_at:
+                t0 = time.perf_counter()
                 _save_checkpoint(out, model, optimizer, names, state, rule)
+                phases["checkpoint"] = phases.get("checkpoint", 0.0) + time.perf_counter() - t0
             if cfg.early_stop_patience is not None and state["bad_evals"] >= cfg.early_stop_patience:
                 return "early-stop"
     return "done" if state["step"] == cfg.max_steps else "interrupted"
