@@ -5,6 +5,7 @@
     .venv/bin/python bench/jobs.py --rounds 3 --json docs/bench/jobs-codesearch.json
     .venv/bin/python bench/jobs.py --steps 2 --max-train 64 --max-eval 64 --rounds 1 --json /tmp/j.json --out /tmp/p.md
     .venv/bin/python bench/jobs.py ab --rounds 12           # in-process A/B of one training step's options
+    .venv/bin/python bench/jobs.py tokens                   # tokens computed, plain padding vs length-sorted groups
 
 Each job runs in its own child process, the way a user runs it: ``deltatune train`` (the whole job:
 zero-shot test score, training, validation every 50 steps with the best adapter kept, checkpoints,
@@ -213,8 +214,49 @@ def ab(args) -> None:
               f"{statistics.median(t / r for t, r in zip(times[s], ref)):.3f}x")
 
 
+def tokens(args) -> None:
+    """Tokens the model runs on (rows x padded width), plain padding against length-sorted groups: deterministic."""
+    from deltatune.lengths import groups
+    from deltatune.models import load_backbone
+    from deltatune.objectives import Retrieval
+    from deltatune.tasks import load_task
+    from deltatune.train import DataOrder, TrainConfig
+
+    task = load_task("code-search")
+    objective = Retrieval(load_backbone("minilm", "base")[1], TrainConfig(max_len=128))
+
+    def cost(lengths, size):
+        return sum(len(g) * max(lengths[i] for i in g) for g in groups(lengths, size))
+
+    train = objective.encode(task.train, True)
+    order = DataOrder(len(train), 0)
+    plain = grouped = real = 0
+    for _ in range(args.steps):
+        idx = order.take(32)
+        for side in (0, 1):
+            lengths = [len(train[i][side]["input_ids"]) for i in idx]
+            plain, grouped, real = plain + 32 * max(lengths), grouped + cost(lengths, args.group), real + sum(lengths)
+    print(f"training, {args.steps} steps of 32 (queries + codes), max_len 128: padded to each batch's longest "
+          f"{plain} tokens, in length-sorted groups of {args.group} {grouped} ({grouped / plain:.2f}x), real {real}")
+    for split in ("valid", "test"):
+        examples = objective.encode(task.split(split), False)
+        plain = sorted_ = real = 0
+        for side in (0, 1):
+            lengths = [len(e[side]["input_ids"]) for e in examples]
+            plain += sum(len(lengths[s:s + 32]) * max(lengths[s:s + 32]) for s in range(0, len(lengths), 32))
+            sorted_, real = sorted_ + cost(lengths, 32), real + sum(lengths)
+        print(f"scoring {split} ({len(examples)} queries + codes, batch 32): in split order {plain} tokens, "
+              f"length-sorted {sorted_} ({sorted_ / plain:.2f}x), real {real}")
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["tokens"]:
+        ap = argparse.ArgumentParser(prog="jobs.py tokens", description=tokens.__doc__)
+        ap.add_argument("--steps", type=int, default=100)
+        ap.add_argument("--group", type=int, default=8)
+        tokens(ap.parse_args(argv[1:]))
+        return 0
     if argv[:1] == ["ab"]:
         ap = argparse.ArgumentParser(prog="jobs.py ab", description=ab.__doc__)
         ap.add_argument("--groups", default="32,16,8", help="rows per forward (32: the whole batch, plain padding)")

@@ -60,7 +60,7 @@ class TrainConfig:
     seed: int = 0
     max_len: int = 128  # tokens per input; longer inputs are truncated (with one warning)
     max_new_tokens: int = 64  # generation tasks: greedy decoding length limit
-    bf16: bool = False  # bfloat16 autocast
+    bf16: bool | str = False  # bfloat16 autocast; "auto": on where the device computes bf16 natively (native_bf16), else fp32
     grad_checkpointing: bool = False  # recompute activations in backward (non-reentrant)
     deterministic: bool = False  # torch.use_deterministic_algorithms(True, warn_only=True)
     max_train: int | None = None  # passed to load_task
@@ -450,7 +450,9 @@ def _permutation(n: int, seed: int, epoch: int) -> list[int]:
 
 
 def _resolved(cfg: TrainConfig, task) -> TrainConfig:
-    """The config with its defaults filled in: lr, out_dir, device, and the task name of a TaskData."""
+    """The config with its defaults filled in: lr, out_dir, device, bf16="auto", and the task name of a TaskData."""
+    if isinstance(cfg.bf16, str) and cfg.bf16 == "auto":
+        cfg = dataclasses.replace(cfg, bf16=native_bf16(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")))
     _check_settings(cfg)
     task_name = task.name if task is not None else cfg.task
     return dataclasses.replace(
@@ -740,6 +742,23 @@ def _enable_checkpointing(model) -> None:
         hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def native_bf16(device: str, cpu_flags: str | None = None) -> bool:
+    """Does ``device`` compute bfloat16 natively? A GPU that supports it; a CPU with AVX512-BF16 or AMX-BF16
+    (x86) or the BF16 extension (ARM), read from /proc/cpuinfo (``cpu_flags`` stands in for it in tests).
+    Elsewhere (no such flags, or no /proc/cpuinfo) bf16 would be emulated and slower: fp32 is kept."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if torch.device(device).type != "cpu":
+        return False
+    if cpu_flags is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpu_flags = next((line.split(":", 1)[1] for line in f if line.startswith(("flags", "Features"))), "")
+        except OSError:
+            return False
+    return bool({"avx512_bf16", "amx_bf16", "bf16"} & set(cpu_flags.split()))
 
 
 def _autocast(cfg: TrainConfig):

@@ -101,3 +101,36 @@ def test_summary_says_where_the_job_went(tmp_path):
     assert set(phases) == {"setup", "zero_shot", "batch_check", "train", "validate", "checkpoint", "test"}
     assert all(v >= 0 for v in phases.values())
     assert phases["train"] <= summary["train_seconds"] + sum(phases.values())
+
+
+@pytest.mark.parametrize("flags, native", [("fpu sse2 avx2 avx512f avx512bw", False), ("fpu avx512f avx512_bf16", True),
+                                           ("fpu avx2 amx_bf16 amx_tile", True), ("fp asimd sve bf16", True),
+                                           ("fp asimd sve", False), ("", False)])
+def test_native_bf16_reads_the_cpu_flags(flags, native):
+    from deltatune.train import native_bf16
+
+    assert native_bf16("cpu", flags) is native
+
+
+def test_bf16_auto_resolves_per_machine_and_keeps_fp32_without_native_bf16(monkeypatch):
+    import deltatune.train as T
+
+    assert T._resolved(TrainConfig(bf16="auto", device="cpu"), None).bf16 is T.native_bf16("cpu")
+    monkeypatch.setattr(T, "native_bf16", lambda device, cpu_flags=None: False)  # a CPU without bf16
+    assert T._resolved(TrainConfig(bf16="auto", device="cpu"), None).bf16 is False
+    assert T._resolved(TrainConfig(bf16=True, device="cpu"), None).bf16 is True
+    with pytest.raises(Exception, match="bf16"):
+        T._resolved(TrainConfig(bf16="yes", device="cpu"), None)
+
+
+def test_bf16_loss_within_tolerance_of_fp32(encoder):
+    """bf16 autocast (8 bits of mantissa) moves the in-batch-negatives loss by well under 2 %."""
+    model, objective, examples = encoder
+    batch = objective.collate(examples)
+    model.eval()
+    with torch.no_grad():
+        fp32 = objective.loss(model, batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = objective.loss(model, batch)
+    assert bf16.dtype == torch.float32 or bf16.dtype == torch.bfloat16
+    assert abs(bf16.float().item() - fp32.item()) <= 0.02 * abs(fp32.item()), (bf16, fp32)
