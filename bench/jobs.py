@@ -146,6 +146,9 @@ def section(results: list[dict], args) -> str:
         lines.append(f"Where deltatune's whole job goes (median seconds per phase, inside `train()`): {parts}; "
                      "the rest of the wall time is the interpreter, imports and the CLI.")
     lines += ["", f"Raw results, one object per job with its command: `{args.json}`.", ""]
+    findings = ROOT / "bench" / "jobs-findings.md"  # what the engine does for the whole job (kept by hand)
+    if findings.is_file():
+        lines += [findings.read_text().rstrip("\n"), ""]
     return "\n".join(lines)
 
 
