@@ -28,7 +28,7 @@ def forward_by_length(model, batch: dict, size: int) -> torch.Tensor:
     """``model(**batch)`` for a right-padded batch, computed in length-sorted groups of ``size`` rows,
     each cut to its longest row; rows come back in the batch's order."""
     n = batch["attention_mask"].shape[0]
-    if size >= n:
+    if size is None or size >= n:
         return model(**batch)
     lengths = lengths_of(batch).tolist()
     outs, order = [], []
