@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from deltatune.lengths import forward_by_length, groups
 from deltatune.models import format_prompt
 
 
@@ -96,16 +97,23 @@ class Retrieval(_Objective):
     def collate(self, examples):
         return self.pad([q for q, _ in examples]), self.pad([c for _, c in examples])
 
+    # Rows per forward in training: length-sorted groups, each cut to its longest row (deltatune.lengths);
+    # None: the whole padded batch at once (the default: groups of 8 were slower in bench/jobs.py ab on this CPU).
+    group = None
+
     def loss(self, model, batch):
-        queries, codes = model(**batch[0]), model(**batch[1])  # (B, d) each, unit length
+        queries, codes = forward_by_length(model, batch[0], self.group), forward_by_length(model, batch[1], self.group)  # (B, d)
         logits = self.scale * queries @ codes.T  # (B, B): row i's positive is column i
         target = torch.arange(len(logits), device=logits.device)
         return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
     def predict(self, model, examples, batch_size, device):
-        def embed(rows):
-            return torch.cat([model(**_to(self.pad(rows[i:i + batch_size]), device)).float().cpu()
-                              for i in range(0, len(rows), batch_size)]).numpy()
+        def embed(rows):  # batches of rows of similar length (no wasted padding), returned in the rows' order
+            if not rows:
+                return np.zeros((0, 0), dtype=np.float32)
+            batches = groups([len(r["input_ids"]) for r in rows], batch_size)
+            out = torch.cat([model(**_to(self.pad([rows[i] for i in idx]), device)).float().cpu() for idx in batches])
+            return out[torch.argsort(torch.tensor([i for idx in batches for i in idx]))].numpy()
 
         return embed([q for q, _ in examples]), embed([c for _, c in examples])
 

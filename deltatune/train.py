@@ -60,7 +60,7 @@ class TrainConfig:
     seed: int = 0
     max_len: int = 128  # tokens per input; longer inputs are truncated (with one warning)
     max_new_tokens: int = 64  # generation tasks: greedy decoding length limit
-    bf16: bool = False  # bfloat16 autocast
+    bf16: bool | str = False  # bfloat16 autocast; "auto": on where the device computes bf16 natively (native_bf16), else fp32
     grad_checkpointing: bool = False  # recompute activations in backward (non-reentrant)
     full_logits: bool = False  # generation: logits at every position (the plain path); default: the LM head in chunks where labels count
     deterministic: bool = False  # torch.use_deterministic_algorithms(True, warn_only=True)
@@ -111,6 +111,13 @@ def _train(cfg: TrainConfig, task, folder: RunFolder) -> dict:
     # Data, model, method, and what they ask of the machine, are all checked before out_dir is
     # touched: a bad input leaves the previous run in out_dir as it was.
     out = Path(cfg.out_dir)
+    phases, mark = {}, [time.perf_counter()]  # where the whole job's time goes (summary["phase_seconds"])
+
+    def lap(name):
+        now = time.perf_counter()
+        phases[name] = phases.get(name, 0.0) + now - mark[0]
+        mark[0] = now
+
     checkpoint, restart = distributed.rank0(lambda: _check_out_dir(folder, cfg))  # only rank 0 touches out_dir
     loads = checkpoint is not None and distributed.is_rank0()  # the other ranks take its tensors (distributed.sync)
     _seed_everything(cfg.seed)
@@ -124,6 +131,7 @@ def _train(cfg: TrainConfig, task, folder: RunFolder) -> dict:
     objective.warn_truncated(stacklevel=3)  # at the caller of train()
     state = {"step": 0, "consumed": 0, "best_value": None, "best_step": None, "bad_evals": 0,
              "zero_shot_value": None, "train_seconds": 0.0, "step_seconds": []}
+    lap("setup")
 
     zero_shot = None
     # The pretrained model before attach (a classifier: its untrained head); by rank 0, with the whole base.
@@ -132,6 +140,7 @@ def _train(cfg: TrainConfig, task, folder: RunFolder) -> dict:
             dt.detach(_check_positions(cfg, dt.attach(model, cfg.method, **cfg.options), task.kind))
         zero_shot, zero_shot_records = _score(model.to(cfg.device), objective, data["test"], task, "test", cfg)
         state["zero_shot_value"] = zero_shot[task.metric]
+        lap("zero_shot")
     if not loads:
         dt.attach(model, cfg.method, **cfg.options)
     else:
@@ -144,7 +153,9 @@ def _train(cfg: TrainConfig, task, folder: RunFolder) -> dict:
     if cfg.recycle:  # the frozen lower part runs once; training and evaluation start from its cached output
         from deltatune.analysis import recycle
         objective, data = recycle.prepare(cfg, model, objective, data)
+    lap("setup")
     _check_batch_fits(distributed.local(cfg), model, objective, data["train"])
+    lap("batch_check")
     trainable, total = dt.count_parameters(model)
     names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -163,7 +174,11 @@ def _train(cfg: TrainConfig, task, folder: RunFolder) -> dict:
         _write_predictions(out / PREDICTIONS["zero-shot"], zero_shot_records)
         log.write({"step": 0, "split": "test", "zero_shot": True, **zero_shot})
 
-    if _loop(cfg, model, optimizer, names, objective, data, task, state, log, out, rule) == "interrupted":
+    lap("setup")
+    ended = _loop(cfg, model, optimizer, names, objective, data, task, state, log, out, rule, phases)
+    lap("train")
+    phases["train"] -= phases.get("validate", 0.0) + phases.get("checkpoint", 0.0)
+    if ended == "interrupted":
         return {"stopped_at": state["step"], "max_steps": cfg.max_steps, "out_dir": str(out),
                 "checkpoint": str(distributed.rank0(lambda: _latest_checkpoint(out)))}
     if not distributed.is_rank0():
@@ -173,6 +188,7 @@ def _train(cfg: TrainConfig, task, folder: RunFolder) -> dict:
     test, records = _score(best.to(cfg.device), objective, data["test"], task, "test", cfg)
     _write_predictions(out / PREDICTIONS["test"], records)
     log.write({"step": state["step"], "split": "test", "best_step": state["best_step"], **test})
+    lap("test")
     summary = {
         "method": cfg.method, "task": task.name, "model": cfg.model, "metric": task.metric,
         "value": test[task.metric], "zero_shot_value": state["zero_shot_value"],
@@ -180,6 +196,7 @@ def _train(cfg: TrainConfig, task, folder: RunFolder) -> dict:
         "step_seconds_median": statistics.median(state["step_seconds"]), "peak_rss_mb": _peak_rss_mb(),
         "steps": state["step"], "max_steps": cfg.max_steps, "stopped_early": state["step"] < cfg.max_steps,
         "best_step": state["best_step"], "valid_value": state["best_value"], "seed": cfg.seed, "lr": cfg.lr,
+        "phase_seconds": {k: round(v, 3) for k, v in phases.items()},
         "batch_size": cfg.batch_size, "options": cfg.options, "out_dir": str(out), "adapter_dir": str(out / "best"),
         "predictions_file": str(out / PREDICTIONS["test"]),
         "zero_shot_predictions_file": str(out / PREDICTIONS["zero-shot"]) if state["zero_shot_value"] is not None else None,
@@ -190,8 +207,10 @@ def _train(cfg: TrainConfig, task, folder: RunFolder) -> dict:
     return distributed.result(summary)
 
 
-def _loop(cfg, model, optimizer, names, objective, data, task, state, log, out, rule=None) -> str:
-    """Optimizer steps from ``state["step"]``: returns "done", "early-stop" or "interrupted" (stop_after)."""
+def _loop(cfg, model, optimizer, names, objective, data, task, state, log, out, rule=None, phases=None) -> str:
+    """Optimizer steps from ``state["step"]``: returns "done", "early-stop" or "interrupted" (stop_after).
+    ``phases`` (a dict) gathers the seconds spent validating and checkpointing."""
+    phases = {} if phases is None else phases
     order = DataOrder(len(data["train"]), cfg.seed, state["consumed"])
     stop_at = min(cfg.max_steps, state["step"] + cfg.stop_after) if cfg.stop_after else cfg.max_steps
     warmup = int(cfg.warmup_ratio * cfg.max_steps)
@@ -220,14 +239,18 @@ def _loop(cfg, model, optimizer, names, objective, data, task, state, log, out, 
                 shown.update({"loss": f"{_read_losses(pending, log, out):.4f}",
                               "ex/s": f"{examples / seconds_here:.1f}"})
             if validate:  # on rank 0, which tells the others the outcome (state: best, early stopping)
+                t0 = time.perf_counter()
                 value = distributed.rank0(lambda: _validate(cfg, model, objective, data, task, state, log, out), state,
                                           others=lambda: data["valid"] and _score(model, objective, data["valid"], task, "valid", cfg))
+                phases["validate"] = phases.get("validate", 0.0) + time.perf_counter() - t0
                 if value is not None:
                     shown[task.metric] = f"{value:.4f}"
                 model.train()
             bar.set_postfix(shown, refresh=False)
             if validate or step == stop_at:
+                t0 = time.perf_counter()
                 distributed.rank0(lambda: _save_checkpoint(out, model, optimizer, names, state, rule))
+                phases["checkpoint"] = phases.get("checkpoint", 0.0) + time.perf_counter() - t0
             if cfg.early_stop_patience is not None and state["bad_evals"] >= cfg.early_stop_patience:
                 return "early-stop"
     return "done" if state["step"] == cfg.max_steps else "interrupted"
@@ -442,7 +465,9 @@ def _permutation(n: int, seed: int, epoch: int) -> list[int]:
 
 
 def _resolved(cfg: TrainConfig, task) -> TrainConfig:
-    """The config with its defaults filled in: lr, out_dir, device, and the task name of a TaskData."""
+    """The config with its defaults filled in: lr, out_dir, device, bf16="auto", and the task name of a TaskData."""
+    if isinstance(cfg.bf16, str) and cfg.bf16 == "auto":
+        cfg = dataclasses.replace(cfg, bf16=native_bf16(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")))
     _check_settings(cfg)
     task_name = task.name if task is not None else cfg.task
     return dataclasses.replace(
@@ -733,6 +758,23 @@ def _enable_checkpointing(model) -> None:
         hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def native_bf16(device: str, cpu_flags: str | None = None) -> bool:
+    """Does ``device`` compute bfloat16 natively? A GPU that supports it; a CPU with AVX512-BF16 or AMX-BF16
+    (x86) or the BF16 extension (ARM), read from /proc/cpuinfo (``cpu_flags`` stands in for it in tests).
+    Elsewhere (no such flags, or no /proc/cpuinfo) bf16 would be emulated and slower: fp32 is kept."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if torch.device(device).type != "cpu":
+        return False
+    if cpu_flags is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpu_flags = next((line.split(":", 1)[1] for line in f if line.startswith(("flags", "Features"))), "")
+        except OSError:
+            return False
+    return bool({"avx512_bf16", "amx_bf16", "bf16"} & set(cpu_flags.split()))
 
 
 def _autocast(cfg: TrainConfig):

@@ -1,0 +1,286 @@
+#!/usr/bin/env python
+"""The whole job, side by side: `deltatune train` against the same job written with the peer's tools.
+
+    .venv/bin/python bench/jobs.py                          # 2 rounds of 100 steps each (about 20 min on 2 idle cores)
+    .venv/bin/python bench/jobs.py --rounds 3 --json docs/bench/jobs-codesearch.json
+    .venv/bin/python bench/jobs.py --steps 2 --max-train 64 --max-eval 64 --rounds 1 --json /tmp/j.json --out /tmp/p.md
+    .venv/bin/python bench/jobs.py ab --rounds 12           # in-process A/B of one training step's options
+    .venv/bin/python bench/jobs.py tokens                   # tokens computed, plain padding vs length-sorted groups
+
+Each job runs in its own child process, the way a user runs it: ``deltatune train`` (the whole job:
+zero-shot test score, training, validation every 50 steps with the best adapter kept, checkpoints,
+the test score of the best adapter) and ``bench/peers/st_peft_codesearch.py`` (sentence-transformers +
+peft: training, the test score). Jobs alternate (round 1 deltatune first, round 2 the peer first, ...),
+so the machine's drift hits both alike; the report quotes medians and the median of the per-round
+ratios. Wall time is the child's whole life (interpreter start to exit); training time is what each
+reports (deltatune: its optimizer steps; the peer: ``trainer.train()``). While each job runs, the
+other processes' share of the machine's busy CPU time (/proc/stat) is recorded as its load.
+
+Results are appended to ``--json`` job by job; a run that is stopped goes on where it stopped (jobs
+already in the file are not run again). ``--out`` gets (or has replaced) the section "## The whole
+job" of the page; nothing else of the page changes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from recycle import _cpu_times, _other_load  # noqa: E402  (bench/recycle.py: other processes' load)
+
+SECTION = "## The whole job"
+JOBS = ("deltatune", "st+peft")
+
+
+def job_command(job: str, args, out: Path) -> list[str]:
+    py = sys.executable
+    limits = [f"--max-train={args.max_train}"] if args.max_train else []
+    limits += [f"--max-eval={args.max_eval}"] if args.max_eval else []
+    if job == "deltatune":
+        return [py, "-m", "deltatune", "train", "--model", "minilm", "--task", "code-search", "--method", "lora",
+                "--max-steps", str(args.steps), "--batch-size", "32", "--max-len", "128", "--seed", "0",
+                "--out", str(out), "--overwrite", "--json", *limits]
+    return [py, str(ROOT / "bench" / "peers" / "st_peft_codesearch.py"), "--out", str(out),
+            "--steps", str(args.steps), *limits]
+
+
+def run_job(job: str, args, scratch: Path) -> dict:
+    """One job in a child process: wall time, its CPU time, the others' load, and its last JSON line."""
+    cmd = job_command(job, args, scratch / job.replace("+", "-"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    before, cpu0 = _cpu_times(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    own = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+    if proc.returncode != 0:
+        raise SystemExit(f"jobs: {job} failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    last = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+    return {"job": job, "wall_s": wall, "cpu_s": own, "load": _other_load(before, _cpu_times(), own),
+            "value": last["value"], "pool": last.get("pool"), "pool_protocol": last.get("pool_protocol"),
+            "train_seconds": last["train_seconds"], "phase_seconds": last.get("phase_seconds"),
+            "zero_shot_value": last.get("zero_shot_value"), "valid_value": last.get("valid_value"),
+            "best_step": last.get("best_step"), "command": " ".join(cmd[1:])}
+
+
+def measure(args) -> list[dict]:
+    path = Path(args.json)
+    results = json.loads(path.read_text()) if path.is_file() else []
+    done = {(r["round"], r["job"]) for r in results}
+    with tempfile.TemporaryDirectory(prefix="dt-jobs-") as scratch:
+        for rnd in range(args.rounds):
+            for job in (JOBS if rnd % 2 == 0 else JOBS[::-1]):
+                if (rnd, job) in done:
+                    continue
+                print(f"round {rnd + 1}/{args.rounds}: {job} ...", flush=True)
+                row = {"round": rnd, "steps": args.steps, "max_train": args.max_train, "max_eval": args.max_eval,
+                       "started": time.strftime("%Y-%m-%d %H:%M:%S"), **run_job(job, args, Path(scratch))}
+                print(f"  {row['wall_s']:.1f} s whole job, {row['train_seconds']:.1f} s training, "
+                      f"MRR {row['value']:.4f} (pool {row['pool']}), other load {100 * (row['load'] or 0):.0f}%",
+                      flush=True)
+                results.append(row)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(results, indent=1) + "\n")
+    return results
+
+
+def section(results: list[dict], args) -> str:
+    from results import machine  # bench/results.py
+
+    rows = [r for r in results if r["steps"] == args.steps]
+    by = {j: [r for r in rows if r["job"] == j] for j in JOBS}
+    med = {j: {k: statistics.median(r[k] for r in by[j]) for k in ("wall_s", "train_seconds", "value", "cpu_s")}
+           for j in JOBS if by[j]}
+    rounds = sorted({r["round"] for r in rows})
+    pair = {n: [next(r for r in rows if r["round"] == n and r["job"] == j) for j in JOBS] for n in rounds
+            if all(any(r["round"] == n and r["job"] == j for r in rows) for j in JOBS)}
+    ratio = {k: statistics.median(a[k] / b[k] for a, b in pair.values()) for k in ("wall_s", "train_seconds", "cpu_s")} if pair else {}
+    loads = [r["load"] for r in rows if r.get("load") is not None]
+    m = machine()
+    lines = [SECTION, "",
+             f"Generated by `bench/jobs.py` from `{args.json}` ({len(rows)} jobs, {len(pair)} complete rounds, "
+             f"{time.strftime('%Y-%m-%d %H:%M')}); machine: {m['cpu']}, {m['cores']} cores, {m['ram']}.", "",
+             "The code-search bi-encoder job as a user runs it, each in its own process, alternating: "
+             "`deltatune train --model minilm --task code-search --method lora --max-steps "
+             f"{args.steps} --batch-size 32 --max-len 128` (zero-shot test score, training, validation every 50 steps "
+             "keeping the best adapter, checkpoints, the best adapter's test score) against "
+             "`bench/peers/st_peft_codesearch.py` (sentence-transformers `SentenceTransformerTrainer` + peft LoRA, "
+             "same data, LoRA r 8 / alpha 16 on query and value, batch 32, max length 128, lr 2e-3, 10 % warm-up, "
+             "symmetric in-batch-negatives loss at scale 20, then `model.encode` of the test split). "
+             "Metric: test MRR, each query ranked against every code of the test split; seed 0.", "",
+             "| job | whole job (s) | training (s) | CPU (s) | test MRR | pool | runs |", "|---|---|---|---|---|---|---|"]
+    for j in JOBS:
+        if j in med:
+            pools = sorted({str(r["pool"]) for r in by[j]})
+            lines.append(f"| {j} | {med[j]['wall_s']:.1f} | {med[j]['train_seconds']:.1f} | {med[j]['cpu_s']:.1f} | "
+                         f"{med[j]['value']:.4f} | {'/'.join(pools)} | {len(by[j])} |")
+    if ratio:
+        lines.append(f"| deltatune / peer (median of per-round ratios) | **{ratio['wall_s']:.2f}×** | "
+                     f"{ratio['train_seconds']:.2f}× | {ratio['cpu_s']:.2f}× | | | {len(pair)} |")
+    lines.append("")
+    if ratio:
+        met = ratio["wall_s"] <= 0.7 and med["deltatune"]["value"] >= med["st+peft"]["value"]
+        lines.append(f"Goal (whole job at most 0.7× the peer's wall time at an equal or better metric): "
+                     f"{ratio['wall_s']:.2f}×, MRR {med['deltatune']['value']:.4f} vs {med['st+peft']['value']:.4f}: "
+                     f"{'met' if met else '**not met**'}.")
+    if loads:
+        lines.append(f"Load: other processes took {100 * min(loads):.0f}-{100 * max(loads):.0f} % (median "
+                     f"{100 * statistics.median(loads):.0f} %) of the machine's busy CPU time while a job ran; on a busy "
+                     "machine every wall time stretches, and only the paired ratios are comparable between runs. "
+                     "CPU seconds (the job's own user + system time) are less exposed to the load than wall time.")
+    phases = [r["phase_seconds"] for r in by["deltatune"] if r.get("phase_seconds")]
+    if phases:
+        keys = list(phases[0])
+        parts = ", ".join(f"{k.replace('_', ' ')} {statistics.median(p.get(k, 0.0) for p in phases):.1f}" for k in keys)
+        lines.append(f"Where deltatune's whole job goes (median seconds per phase, inside `train()`): {parts}; "
+                     "the rest of the wall time is the interpreter, imports and the CLI.")
+    lines += ["", f"Raw results, one object per job with its command: `{args.json}`.", ""]
+    findings = ROOT / "bench" / "jobs-findings.md"  # what the engine does for the whole job (kept by hand)
+    if findings.is_file():
+        lines += [findings.read_text().rstrip("\n"), ""]
+    return "\n".join(lines)
+
+
+def write_section(page: Path, text: str) -> None:
+    """Put ``text`` in place of the page's "## The whole job" section (up to the next "## "), or append it."""
+    old = page.read_text() if page.is_file() else ""
+    start = old.find("\n" + SECTION + "\n")
+    if start < 0:
+        new = old.rstrip("\n") + "\n\n" + text
+    else:
+        end = old.find("\n## ", start + 1)
+        new = old[:start + 1] + text + (old[end + 1:] if end >= 0 else "")
+    page.write_text(new.rstrip("\n") + "\n")
+
+
+# ----------------------------------------------------------------------------------- A/B
+
+
+def ab(args) -> None:
+    """One process, interleaved training steps on the same real batches: padding groups x bf16."""
+    import torch
+    from torch.nn import functional as F
+
+    import deltatune as dt
+    from deltatune.lengths import forward_by_length
+    from deltatune.models import build_task_model
+    from deltatune.objectives import Retrieval
+    from deltatune.tasks import load_task
+    from deltatune.train import DataOrder, TrainConfig
+
+    task = load_task("code-search")
+    model, tok = build_task_model("minilm", "retrieval")
+    dt.attach(model, "lora")
+    objective = Retrieval(tok, TrainConfig())
+    examples = objective.encode(task.train, True)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
+    specs = [(int(g), b) for b in args.bf16 for g in args.groups.split(",")]
+
+    def step(batch, group, bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            q, c = forward_by_length(model, batch[0], group), forward_by_length(model, batch[1], group)
+            logits = 20 * q.float() @ c.float().T
+            target = torch.arange(len(logits))
+            loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    order, times = DataOrder(len(examples), 0), {s: [] for s in specs}
+    before, own0 = _cpu_times(), time.process_time()
+    for rnd in range(args.rounds + 1):  # round 0 warms up
+        batch = objective.collate([examples[i] for i in order.take(32)])
+        for s in specs if rnd % 2 else specs[::-1]:
+            t0 = time.perf_counter()
+            step(batch, *s)
+            if rnd:
+                times[s].append(time.perf_counter() - t0)
+    load = _other_load(before, _cpu_times(), time.process_time() - own0)
+    ref = times[specs[0]]
+    print(f"minilm lora, code-search train batches of 32, max_len 128, {torch.get_num_threads()} threads, "
+          f"{args.rounds} rounds (a new batch each round), other load {100 * (load or 0):.0f}%; ratio: median over "
+          f"rounds of the step time over the reference's (group {specs[0][0]}, fp32) in the same round")
+    for s in specs:
+        print(f"  group {s[0]:3d} {'bf16' if s[1] else 'fp32'}  median {statistics.median(times[s]):7.3f} s  ratio "
+              f"{statistics.median(t / r for t, r in zip(times[s], ref)):.3f}x")
+
+
+def tokens(args) -> None:
+    """Tokens the model runs on (rows x padded width), plain padding against length-sorted groups: deterministic."""
+    from deltatune.lengths import groups
+    from deltatune.models import load_backbone
+    from deltatune.objectives import Retrieval
+    from deltatune.tasks import load_task
+    from deltatune.train import DataOrder, TrainConfig
+
+    task = load_task("code-search")
+    objective = Retrieval(load_backbone("minilm", "base")[1], TrainConfig(max_len=128))
+
+    def cost(lengths, size):
+        return sum(len(g) * max(lengths[i] for i in g) for g in groups(lengths, size))
+
+    train = objective.encode(task.train, True)
+    order = DataOrder(len(train), 0)
+    plain = grouped = real = 0
+    for _ in range(args.steps):
+        idx = order.take(32)
+        for side in (0, 1):
+            lengths = [len(train[i][side]["input_ids"]) for i in idx]
+            plain, grouped, real = plain + 32 * max(lengths), grouped + cost(lengths, args.group), real + sum(lengths)
+    print(f"training, {args.steps} steps of 32 (queries + codes), max_len 128: padded to each batch's longest "
+          f"{plain} tokens, in length-sorted groups of {args.group} {grouped} ({grouped / plain:.2f}x), real {real}")
+    for split in ("valid", "test"):
+        examples = objective.encode(task.split(split), False)
+        plain = sorted_ = real = 0
+        for side in (0, 1):
+            lengths = [len(e[side]["input_ids"]) for e in examples]
+            plain += sum(len(lengths[s:s + 32]) * max(lengths[s:s + 32]) for s in range(0, len(lengths), 32))
+            sorted_, real = sorted_ + cost(lengths, 32), real + sum(lengths)
+        print(f"scoring {split} ({len(examples)} queries + codes, batch 32): in split order {plain} tokens, "
+              f"length-sorted {sorted_} ({sorted_ / plain:.2f}x), real {real}")
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["tokens"]:
+        ap = argparse.ArgumentParser(prog="jobs.py tokens", description=tokens.__doc__)
+        ap.add_argument("--steps", type=int, default=100)
+        ap.add_argument("--group", type=int, default=8)
+        tokens(ap.parse_args(argv[1:]))
+        return 0
+    if argv[:1] == ["ab"]:
+        ap = argparse.ArgumentParser(prog="jobs.py ab", description=ab.__doc__)
+        ap.add_argument("--groups", default="32,16,8", help="rows per forward (32: the whole batch, plain padding)")
+        ap.add_argument("--bf16", type=lambda v: [x == "on" for x in v.split(",")], default=[False, True],
+                        help="off,on (default both)")
+        ap.add_argument("--rounds", type=int, default=8)
+        ab(ap.parse_args(argv[1:]))
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--max-train", type=int, default=None, help="smoke tests only")
+    ap.add_argument("--max-eval", type=int, default=None, help="smoke tests only")
+    ap.add_argument("--json", default="docs/bench/jobs-codesearch.json")
+    ap.add_argument("--out", default="docs/performance.md")
+    args = ap.parse_args(argv)
+    results = measure(args)
+    write_section(Path(args.out), section(results, args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
