@@ -239,8 +239,8 @@ def _print_summary(summary: dict, out) -> None:
 
 
 # What `deltatune eval` used, printed on one line of its own rather than among the metrics.
-_EVAL_SETTINGS = ("task", "split", "metric", "value", "examples", "max_eval", "max_len", "batch_size", "truncated",
-                  "adapter", "predictions_file")
+_EVAL_SETTINGS = ("task", "split", "metric", "value", "examples", "max_eval", "max_len", "max_len_source", "run_max_len",
+                  "batch_size", "truncated", "adapter", "predictions_file")
 
 
 def cmd_eval(args) -> int:
@@ -260,8 +260,11 @@ def cmd_eval(args) -> int:
     for key, value in metrics.items():
         if key not in _EVAL_SETTINGS and key != metrics["metric"]:
             print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
-    print(f"used: {metrics['examples']} examples ({whole}), max_len {metrics['max_len']} "
-          f"({metrics['truncated']} inputs truncated), batch size {metrics['batch_size']}; adapter {metrics['adapter']}")
+    print(f"used: {metrics['examples']} examples ({whole}), max_len {metrics['max_len']} ({metrics['max_len_source']}; "
+          f"{metrics['truncated']} inputs truncated), batch size {metrics['batch_size']}; adapter {metrics['adapter']}")
+    if metrics["max_len_source"] != "--max-len" and metrics["run_max_len"] != metrics["max_len"]:
+        print(f"  the run trained and was tested at max_len {metrics['run_max_len']}: "
+              f"--max-len {metrics['run_max_len']} reproduces its own scoring")
     print(f"metrics and predictions in {out}")
     return 0
 
@@ -488,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "valid", "test"], help="default test")
     p.add_argument("--max-eval", type=int, metavar="N",
                    help="score N examples of the split, picked with the run's seed (default: the whole split)")
-    p.add_argument("--max-len", type=int, metavar="N", help="truncate inputs to N tokens (default: the run's max_len)")
+    p.add_argument("--max-len", type=int, metavar="N", help="truncate inputs to N tokens (default: the longest the model takes, so inputs are scored whole)")
     p.add_argument("--batch-size", type=int, metavar="N", help="examples per forward pass (default: the run's)")
     p.add_argument("--out", metavar="DIR", help="where metrics-<split>.json and predictions-<split>.jsonl go "
                    "(default: <run dir>/eval-<task>/)")

@@ -356,13 +356,19 @@ def evaluate(adapter_dir, task=None, split: str = "test", *, max_eval: int | Non
     The model (and by default the task) come from the ``run.json`` that ``train`` wrote next to the
     adapter; an ``out_dir`` of ``train`` stands for its ``best`` adapter. The whole split is scored
     unless ``max_eval`` is given (the run's seed then picks the examples, so the run's own max_eval
-    reproduces the subset it was tested on). ``max_len`` and ``batch_size`` default to the run's.
-    With ``out_dir``, ``metrics-<split>.json`` and ``predictions-<split>.jsonl`` are written there.
-    Returns the metrics plus what was used: examples, max_len, batch_size, truncated, adapter.
+    reproduces the subset it was tested on). ``max_len`` defaults to the longest input the model takes
+    (its position table, less the prompt tokens and, when generating, max_new_tokens; the tokenizer's
+    model_max_length where there is no table), not to the length the run trained at: inputs are
+    scored whole unless the model cannot take them; ``max_len_source`` says which applied, and
+    ``run_max_len`` is the run's (pass it to reproduce the run's own metrics.json). ``batch_size``
+    defaults to the run's. With ``out_dir``, ``metrics-<split>.json`` and ``predictions-<split>.jsonl``
+    are written there. Returns the metrics plus what was used: examples, max_len, max_len_source,
+    run_max_len, batch_size, truncated, adapter.
     """
     adapter_dir = resolve_adapter(adapter_dir)
     run_json = _run_json_of(adapter_dir)
     cfg = _config_from(_read_run_json(run_json), run_json)
+    run_max_len = cfg.max_len
     cfg = _resolved(dataclasses.replace(cfg, max_eval=max_eval, max_len=cfg.max_len if max_len is None else max_len,
                                         batch_size=cfg.batch_size if batch_size is None else batch_size), None)
     if max_eval is not None and max_eval < 1:
@@ -375,13 +381,18 @@ def evaluate(adapter_dir, task=None, split: str = "test", *, max_eval: int | Non
     if not rows:
         raise DataError(f"task {task.name} has no {split} examples to evaluate")
     model, tokenizer = _restore(cfg, task, adapter_dir)
+    source = "--max-len"
+    if max_len is None:  # the whole input: as long as the model takes (dynamic padding: short inputs cost no more)
+        longest, source = _longest_input(cfg, model, task.kind, tokenizer)
+        cfg = dataclasses.replace(cfg, max_len=max(2, longest))
     objective = OBJECTIVES[task.kind](tokenizer, cfg)
     examples = objective.encode(rows, train=False)
     truncated = objective.truncated
     objective.warn_truncated(stacklevel=2)
     metrics, records = _score(model.to(cfg.device), objective, examples, task, split, cfg)
     result = {"task": task.name, "split": split, "metric": task.metric, "value": metrics[task.metric], **metrics,
-              "examples": len(rows), "max_eval": max_eval, "max_len": cfg.max_len, "batch_size": cfg.batch_size,
+              "examples": len(rows), "max_eval": max_eval, "max_len": cfg.max_len, "max_len_source": source,
+              "run_max_len": run_max_len, "batch_size": cfg.batch_size,
               "truncated": truncated, "adapter": str(adapter_dir)}
     if out_dir is not None:
         out_dir = Path(out_dir)
@@ -612,21 +623,41 @@ def _prepare_out_dir(folder: RunFolder, cfg: TrainConfig, checkpoint: Path | Non
     atomic_write_json(out / "run.json", dataclasses.asdict(cfg))
 
 
-def _check_positions(cfg: TrainConfig, model, kind: str):
-    """The longest input (max_len tokens, then max_new_tokens more when generating) plus the prompt
-    tokens a method prepends fits in the model's positions; returns ``model``."""
+def _longest_input(cfg: TrainConfig, model, kind: str, tokenizer) -> tuple[int, str]:
+    """(the longest max_len that fits the model's positions, with the prompt tokens and generated tokens
+    it also needs; where that came from). No position table (T5): the tokenizer's model_max_length, or
+    else the run's max_len."""
+    limit, prompt = _position_limit(model)
+    new = cfg.max_new_tokens if kind == "generation" else 0
+    if limit is not None:
+        return limit - new - prompt, f"the model's maximum: {limit} positions" + (
+            f" less {prompt} prompt tokens" if prompt else "") + (f" less max_new_tokens {new}" if new else "")
+    known = getattr(tokenizer, "model_max_length", None)
+    if isinstance(known, int) and 2 <= known < 1_000_000:
+        return known, "the tokenizer's model_max_length"
+    return cfg.max_len, "the run's max_len (the model states no maximum)"
+
+
+def _position_limit(model) -> tuple[int | None, int]:
+    """(the positions the model's table has, None for relative positions; the soft-prompt tokens attached)."""
     from deltatune.deltas import SoftPrompt
     from deltatune.sites import find_backbone
 
     _, backbone = find_backbone(model)
     limit = next((v for k in ("max_position_embeddings", "n_positions")
                   if isinstance(v := getattr(backbone.config, k, None), int) and not isinstance(v, bool)), None)
+    offset = getattr(getattr(backbone, "embeddings", None), "padding_idx", None)
+    if limit is not None and isinstance(offset, int):  # RoBERTa-style position ids start after the padding index
+        limit -= offset + 1
+    return limit, sum(m.prompt.shape[0] for m in model.modules() if isinstance(m, SoftPrompt))
+
+
+def _check_positions(cfg: TrainConfig, model, kind: str):
+    """The longest input (max_len tokens, then max_new_tokens more when generating) plus the prompt
+    tokens a method prepends fits in the model's positions; returns ``model``."""
+    limit, prompt = _position_limit(model)
     if limit is None:  # relative positions (T5): no table to run off
         return model
-    offset = getattr(getattr(backbone, "embeddings", None), "padding_idx", None)
-    if isinstance(offset, int):  # RoBERTa-style position ids start after the padding index
-        limit -= offset + 1
-    prompt = sum(m.prompt.shape[0] for m in model.modules() if isinstance(m, SoftPrompt))
     new = cfg.max_new_tokens if kind == "generation" else 0
     if cfg.max_len + new + prompt > limit:
         parts = f"max_len {cfg.max_len}" + (f" + max_new_tokens {new}" if new else "") + (

@@ -83,9 +83,9 @@ def test_metrics_json_fields_and_evaluate_reproduces(tmp_path, tasks):
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert records[0]["zero_shot"] and records[0]["mrr"] == summary["zero_shot_value"]
     assert [r["step"] for r in records if r.get("split") == "valid"] == [6, 12]
-    again = evaluate(out / "best")  # model and task come from run.json
+    again = evaluate(out / "best", max_len=32)  # model and task come from run.json; the run's max_len reproduces it
     assert again["value"] == summary["value"] and again["mrr"] == summary["mrr"]
-    assert evaluate(out, split="valid")["value"] == summary["valid_value"]  # out_dir means its best adapter
+    assert evaluate(out, split="valid", max_len=32)["value"] == summary["valid_value"]  # out_dir means its best adapter
 
 
 @pytest.mark.parametrize("method", ["lora", "prefix"])
@@ -185,7 +185,7 @@ def test_train_accepts_a_loaded_task_and_evaluate_takes_it_too(tmp_path, tasks):
     data = TaskData("toy", data.kind, "exact_match", None, data.train, data.valid, data.test)
     summary = train(config(tmp_path, "ignored", model="tiny-gpt2", max_steps=4, eval_every=4), task=data)
     assert summary["task"] == "toy"
-    assert evaluate(tmp_path / "run" / "best", task=data)["value"] == summary["value"]
+    assert evaluate(tmp_path / "run" / "best", task=data, max_len=32)["value"] == summary["value"]
 
 
 def test_generation_loss_counts_target_tokens_only(tmp_path, tasks):
@@ -286,8 +286,9 @@ def test_evaluate_scores_the_whole_split_unless_told(tmp_path, tasks):
     out = tmp_path / "run"
     assert resolve_adapter(out) == out / "best" and resolve_adapter(out / "best") == out / "best"
     whole = evaluate(out)  # the run scored 6 test examples at max_len 8; evaluate does not inherit that
-    assert whole["examples"] == 16 and whole["max_eval"] is None and whole["max_len"] == 8
-    again = evaluate(out, max_eval=6)  # the run's own subset (the run's seed picks it)
+    assert whole["examples"] == 16 and whole["max_eval"] is None and whole["max_len"] == 512  # tiny-bert's 512 positions
+    assert whole["max_len_source"] == "the model's maximum: 512 positions" and whole["run_max_len"] == 8
+    again = evaluate(out, max_eval=6, max_len=8)  # the run's own subset (the run's seed picks it) and length
     assert again["examples"] == 6 and again["mrr"] == json.loads((out / "metrics.json").read_text())["mrr"]
     chosen = evaluate(out, max_eval=4, max_len=24, batch_size=3, out_dir=tmp_path / "elsewhere")
     assert (chosen["examples"], chosen["max_len"], chosen["batch_size"]) == (4, 24, 3)
