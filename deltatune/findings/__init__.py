@@ -155,9 +155,12 @@ def _claims() -> dict[str, Claim]:
               [group("cs-telly", "telly", f"telly K={k}", {"k": k}, lr_from=full_cs.id) for k in range(0, 7)]
               + [group("sum-telly", "telly", f"telly K={k}", {"k": k}, lr_from=group("sum", "full").id)
                  for k in (15, 28)],
-              extra_runs=[{"kind": "analyze", "model": "minilm", "task": "code-search", "adapters_of": [full_cs.id,
-                                                                                                       group("cs", "lora").id]},
-                          {"kind": "analyze", "model": "smollm2", "task": "code-summarization",
+              extra_runs=[{"kind": "analyze", "model": "minilm", "task": "code-search", "probing": True, "adapters_of": []},
+                          {"kind": "analyze", "model": "minilm", "task": "code-search", "probing": False,
+                           "adapters_of": [full_cs.id, group("cs", "lora").id]},
+                          {"kind": "analyze", "model": "smollm2", "task": "code-summarization", "probing": True,
+                           "adapters_of": []},
+                          {"kind": "analyze", "model": "smollm2", "task": "code-summarization", "probing": False,
                            "adapters_of": [group("sum", "full").id, group("sum", "lora").id]}]),
         Claim("6", "Embedding recycling: about twice the training speed at no cost in quality",
               "Caching the output of a frozen intermediate layer once and training only what is above it gives "
@@ -301,12 +304,28 @@ def part_of(g: Group, n: int) -> int:
 def planned_runs(store: Store, claim_ids, seeds, part: tuple[int, int] | None = None) -> list[dict]:
     """Every run of the claims, in run order: {"group", "config" (None: lr not chosen yet), "phase", "done"}."""
     groups = all_groups(claim_ids)
-    out = []
+    out, block = [], []  # block: consecutive groups that borrow their lr, run seed-major (interleaved)
+
+    def flush():
+        for seed in seeds:
+            for g in block:
+                lr = group_lr(store, g, groups)
+                config = None if lr is None else run_config(SETTINGS[g.setting], g, lr, seed)
+                out.append({"group": g, "config": config, "phase": "seed", "seed": seed,
+                            "done": config is not None and store.get(config) is not None})
+        block.clear()
+
     for g in groups.values():
         if part is not None and part_of(g, part[1]) != part[0]:
             continue
+        if g.lr_from is not None:
+            # e.g. Telly-K and its recycled runs: alternating configurations, so that a drift of the
+            # shared machine's speed spreads over all of them instead of landing on the last ones
+            block.append(g)
+            continue
+        flush()
         setting = SETTINGS[g.setting]
-        tuned = g.lr_from is None and g.fixed_lr is None and g.tune
+        tuned = g.fixed_lr is None and g.tune
         if tuned:
             for lr in grid_lrs(g):
                 config = run_config(setting, g, lr, GRID_SEED)
@@ -318,6 +337,7 @@ def planned_runs(store: Store, claim_ids, seeds, part: tuple[int, int] | None = 
             config = None if lr is None else run_config(setting, g, lr, seed)
             out.append({"group": g, "config": config, "phase": "seed", "seed": seed,
                         "done": config is not None and store.get(config) is not None})
+    flush()
     for cid in sorted(claim_ids, key=_claim_rank):
         for extra in CLAIMS[cid].extra_runs:
             config = {"schema": SCHEMA, **extra}
@@ -342,16 +362,19 @@ def estimate_seconds(store: Store, run: dict) -> float:
     config = run["config"] or run_config(SETTINGS[run["group"].setting], run["group"], 0.0, 0)
     if config.get("kind") == "analyze":
         return _GUESS_ANALYSIS.get(config["model"], 900.0)
-    same = []
+    same, similar = [], []  # finished runs of this budget: of the same method, of any method
     for path in store.runs.glob("*.json") if store.runs.is_dir() else ():
         try:
             record = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
         c = record.get("config", {})
-        if all(c.get(k) == config.get(k) for k in ("kind", "model", "task", "steps", "batch", "max_len", "method")):
-            same.append(record.get("wall_seconds") or 0)
-    return statistics.median(same) if same else _GUESS.get(config["model"], 300.0)
+        if all(c.get(k) == config.get(k) for k in ("kind", "model", "task", "steps", "batch", "max_len")):
+            similar.append(record.get("wall_seconds") or 0)
+            if c.get("method") == config.get("method"):
+                same.append(record.get("wall_seconds") or 0)
+    found = same or similar
+    return statistics.median(found) if found else _GUESS.get(config["model"], 300.0)
 
 
 def run_suite(claims=("1", "3", "4", "5", "7", "2", "6"), seeds=(0, 1, 2), out=DEFAULT_OUT, part=None,
@@ -480,7 +503,8 @@ def _train_one(config: dict, work: Path, store: Store) -> dict:
 
 
 def _analyze_one(config: dict, work: Path, store: Store) -> dict:
-    """Probing and RSA/CKA of a model against the seed-0 adapters of the groups named (as chosen on validation)."""
+    """Probing (``probing``) and RSA/CKA of a model against the seed-0 adapters of the groups in ``adapters_of``
+    (each at the lr its grid chose on validation); either part may be left out."""
     from ..analysis import analyze
     from ..report import machine_info
 
@@ -501,6 +525,7 @@ def _analyze_one(config: dict, work: Path, store: Store) -> dict:
     small = config["model"] != "minilm"
     started = time.monotonic()
     result = analyze(config["model"], config["task"], adapters=adapters, out_dir=work, finetune=(),
+                     probing=config.get("probing", True),
                      n_train=300 if small else 600, n_valid=100 if small else 150, n_test=200 if small else 300,
                      search_samples=200 if small else 500, samples=200 if small else 500, max_len=128,
                      progress=False)
@@ -570,3 +595,10 @@ def main(args) -> int:
     path = render(claims=claims, seeds=seeds, out=args.out, page=args.page, command=getattr(args, "command_line", ""))
     print(f"wrote {path}")
     return 0
+
+
+def render(*args, **kwargs) -> str:
+    """Write docs/findings.md from the run files: :func:`deltatune.findings.page.render`."""
+    from .page import render as write_page
+
+    return write_page(*args, **kwargs)

@@ -72,6 +72,8 @@ def group_stats(store: Store, g, groups: dict, seeds) -> dict:
     values = [records[s]["result"]["value"] for s in seeds if s in records]
     mean, std = mean_std(values)
     first = next(iter(records.values()), None)
+    if first is None and tuned:  # parameter counts do not depend on the lr: any finished grid run has them
+        first = next((store.get(run_config(setting, g, r["lr"], GRID_SEED)) for r in grid if r["done"]), None)
     res = first["result"] if first else {}
     trainable, total = res.get("trainable_params"), res.get("total_params")
 
@@ -99,7 +101,7 @@ def _pm(s: dict) -> str:
 def _lr_cell(s: dict, groups: dict) -> str:
     g = s["group"]
     if s["lr"] is None:
-        return "grid not done"
+        return f"waits for {groups[g.lr_from].name}'s grid on {groups[g.lr_from].setting}" if g.lr_from else "grid not done"
     if g.lr_from:
         return f"{s['lr']:.3g} (= {groups[g.lr_from].name} on {groups[g.lr_from].setting})"
     return f"{s['lr']:.3g}" + (" (grid)" if s["tuned"] else " (fixed)")
@@ -368,12 +370,17 @@ def _analysis_section(store: Store, claim) -> list[str]:
         config = {"schema": SCHEMA, **extra}
         record = store.get(config)
         if record is None:
-            out.append(f"- Layer analysis of {extra['model']} ({extra['task']}): not run yet.")
+            out.append(f"- {'Probing' if extra.get('probing', True) else 'RSA after fine-tuning'} of {extra['model']} "
+                       f"({extra['task']}): not run yet.")
             continue
         a = record["result"]
-        lines = [f"**{a['model']}** ({a.get('blocks')} blocks; hidden state 0 = embeddings), analysed in "
-                 f"{record['wall_seconds'] / 60:.1f} min; adapters compared: "
-                 + ", ".join(f"{u['group']} (seed 0, lr {u['lr']:.3g})" for u in record.get("adapters", [])) + "."]
+        what = "probing" if extra.get("probing", True) else "representational similarity"
+        adapters = ", ".join(f"{u['group']} (seed 0, lr {u['lr']:.3g})" for u in record.get("adapters", []))
+        lines = [f"**{a['model']}, {what}** ({a.get('blocks')} blocks; hidden state 0 = embeddings), "
+                 f"{record['wall_seconds'] / 60:.1f} min" + (f"; fine-tuned adapters compared: {adapters}" if adapters else "")
+                 + (f"; probes on {a['settings']['n_train']}/{a['settings']['n_valid']}/{a['settings']['n_test']} "
+                    "standard-library functions (train/valid/test, split by module), semantic probe over "
+                    f"{a['settings']['search_samples']} code-search test pairs" if a.get("probing") else "") + "."]
         probing = a.get("probing") or {}
         if probing:
             lines.append("\n| property | metric | peak layer | peak score | score at 0 / middle / top | baseline |")
@@ -515,10 +522,12 @@ def render(claims=None, seeds=(0, 1, 2), out="docs/findings", page="docs/finding
           "Each run's test score is that of its best validation checkpoint. MRR ranks each query's code among the "
           "candidate pool named in the budget table. Budgets are small (a shared 2-core CPU): these are findings at "
           "these budgets, not the papers' settings.", "",
-          "Budgets:", "", budget_table([SETTINGS[s] for s in used]), ""]
+          "Budgets:", "", budget_table([SETTINGS[s] for s in used]), "", "SUMMARY", ""]
+    summary = ["| claim | verdict | runs done |", "|---|---|---|"]
 
     for cid in claims:
         claim = F.CLAIMS[cid]
+        start = len(md)
         gs = [g for g in claim.groups]
         cstats = [stats[g.id] for g in gs]
         md += [f"## Claim {cid}: {claim.title}", "", f"> {claim.paper}", "", f"Source: {SOURCES.get(cid, '')}.", ""]
@@ -570,10 +579,34 @@ def render(claims=None, seeds=(0, 1, 2), out="docs/findings", page="docs/finding
                    + (" ..." if len(missing) > 40 else "") + f". Complete them with `deltatune findings --claims {cid}` "
                    "(resumable).", ""]
         md += [f"Command: `deltatune findings --claims {cid} --seeds {seeds_text}`", ""]
+        heads = [item.split("\n", 1)[0] for item in md[start:] if item.startswith("**") and "erdict" in item.split("\n", 1)[0]]
+        head = heads[0].replace("**", "") if heads else "–"
+        mine = [r for r in runs if (r["group"] is not None and r["group"].id in {g.id for g in gs})
+                or (r["group"] is None and any(r["config"] == {"schema": r["config"].get("schema"), **e} for e in claim.extra_runs))]
+        summary.append(f"| [{cid}](#claim-{cid}-{_anchor(claim.title)}) {claim.title} | {head} | "
+                       f"{sum(r['done'] for r in mine)}/{len(mine)} |")
+    todo = [r for r in runs if not r["done"]]
+    if todo:
+        from . import estimate_seconds
+
+        hours = sum(estimate_seconds(store, r) for r in todo) / 3600
+        summary.append(f"\nThe {len(todo)} missing runs need about {hours:.1f} h more on this machine at the load "
+                       "measured (estimated from the finished runs of each budget): "
+                       f"`deltatune findings --claims {','.join(F.ORDER)}` resumes where it stopped, and "
+                       "`--part I/N` splits them across machines (copy the run files into one docs/findings/runs/).")
+    at = md.index("SUMMARY")
+    md[at:at + 1] = summary
     page = Path(page)
     page.parent.mkdir(parents=True, exist_ok=True)
     page.write_text("\n".join(md).rstrip() + "\n")
     return str(page)
+
+
+def _anchor(title: str) -> str:
+    """GitHub's anchor of a heading's text (after 'Claim N: ')."""
+    import re
+
+    return re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
 
 
 def _provisional(text: str, missing: list, cstats: list) -> str:
@@ -605,7 +638,7 @@ def _n_train(s: dict) -> int | None:
 def _describe(r: dict) -> str:
     c = r["config"]
     if r["group"] is None:
-        return f"layer analysis of {c['model']}"
+        return f"{'probing' if c.get('probing', True) else 'RSA'} of {c['model']}"
     if c is None:
         return f"{r['group'].name} [{r['group'].setting}] seed {r['seed']} (after its lr grid)"
     return f"{r['group'].name} [{r['group'].setting}] lr {c['lr']:.3g} seed {c['seed']}"
