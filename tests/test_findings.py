@@ -135,3 +135,24 @@ def test_cli_plan_and_bad_flags(capsys):
     assert "compacter++" in out and "to do" in out
     assert main(["findings", "--claims", "9", "--plan"]) == 2
     assert "the claims are" in capsys.readouterr().err
+
+
+def test_page_reads_the_layer_analysis(tmp_path, monkeypatch):
+    monkeypatch.setattr(F, "ORDER", ["2"])
+    store = F.Store(tmp_path / "out")
+    probe_cfg, rsa_cfg = [{"schema": F.SCHEMA, **e} for e in F.CLAIMS["2"].extra_runs[:2]]
+    scores = {"lexical": [.5, .9, .8, .7, .6, .5, .4], "syntactic": [.3, .4, .6, .5, .4, .3, .3],
+              "structural": [.3, .4, .4, .5, .4, .3, .6]}  # structural peaks at the top, lexical low: the paper's order
+    probing = {k: {"metric": "accuracy", "score": v, "baseline": .2, "peak_layer": v.index(max(v))} for k, v in scores.items()}
+    settings = {"n_train": 6, "n_valid": 2, "n_test": 3, "search_samples": 5}
+    store.put(probe_cfg, {"result": {"model": "minilm", "blocks": 6, "settings": settings, "probing": probing},
+                          "adapters": [], "wall_seconds": 60.0})
+    rsa = [1, .99, .6, .97, .95, .8, .9]  # least similar: hidden states 2 and 5, not the top two
+    store.put(rsa_cfg, {"result": {"model": "minilm", "blocks": 6, "similarity": {"samples": 9, "split": "valid", "models": {
+        "full": {"rsa_spearman": rsa, "rsa_pearson": rsa, "cka": rsa}}}}, "adapters": [], "wall_seconds": 30.0})
+    P.render(["2"], [0, 1, 2], out=tmp_path / "out", page=tmp_path / "p.md")
+    text = (tmp_path / "p.md").read_text()
+    assert "lexical 1, syntactic 2, structural 6" in text and "as the paper found" in text
+    assert "the two least similar hidden states are [2, 5] of 0..6 (not the top two)" in text
+    assert "some differ from the paper" in text
+    assert (tmp_path / "out" / "probing-minilm.png").is_file() and (tmp_path / "out" / "rsa-minilm.png").is_file()

@@ -200,27 +200,40 @@ def plot_telly(stats: list[dict], path: Path) -> Path | None:
     return path
 
 
-def plot_layers(analysis: dict, path: Path) -> Path | None:
-    probing, similarity = analysis.get("probing") or {}, (analysis.get("similarity") or {}).get("models") or {}
-    if not probing and not similarity:
+def plot_probing(analysis: dict, path: Path) -> Path | None:
+    probing = analysis.get("probing") or {}
+    if not probing:
         return None
     plt = _plt()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, ax = plt.subplots(figsize=(6, 3.6))
     for name, p in probing.items():
         scores = p.get("score") or []
         lo, hi = min(scores, default=0), max(scores, default=1)
-        a.plot(range(len(scores)), [(x - lo) / (hi - lo) if hi > lo else 0 for x in scores], "o-", label=name, ms=3)
-    a.set_xlabel("hidden state (0 = embeddings)")
-    a.set_ylabel("probe score, min-max scaled per property")
-    a.legend(fontsize=7)
-    a.grid(alpha=0.3)
-    for name, c in similarity.items():
-        b.plot(range(len(c["rsa_spearman"])), c["rsa_spearman"], "o-", label=name, ms=3)
-    b.set_xlabel("hidden state (0 = embeddings)")
-    b.set_ylabel("RSA (Spearman), pretrained vs fine-tuned")
-    b.legend(fontsize=7)
-    b.grid(alpha=0.3)
-    fig.suptitle(f"{analysis.get('model')}: where properties peak, and what a fine-tune changes", fontsize=10)
+        ax.plot(range(len(scores)), [(x - lo) / (hi - lo) if hi > lo else 0 for x in scores], "o-", label=name, ms=3)
+    ax.set_xlabel("hidden state (0 = embeddings)")
+    ax.set_ylabel("probe score, min-max scaled per property")
+    ax.set_title(f"{analysis.get('model')}: where each property peaks", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_rsa(analysis: dict, path: Path) -> Path | None:
+    models = (analysis.get("similarity") or {}).get("models") or {}
+    if not models:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for name, c in models.items():
+        ax.plot(range(len(c["rsa_spearman"])), c["rsa_spearman"], "o-", label=name, ms=3)
+    ax.set_xlabel("hidden state (0 = embeddings)")
+    ax.set_ylabel("RSA (Spearman), pretrained vs fine-tuned")
+    ax.set_title(f"{analysis.get('model')}: which layers a fine-tune changes", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -406,11 +419,15 @@ def _analysis_section(store: Store, claim) -> list[str]:
                          + "; ".join(f"{name}: {sorted(v)}" for name, v in lowest.items()) + f" (top = {n - 1}).")
         if a.get("freeze"):
             lines.append(f"\nRecommended freeze depth: K = {a['freeze']['k']} ({a['freeze']['rule']}).")
-        png = plot_layers(a, store.out / f"layers-{a['model']}.png")
+        kind = "probing" if extra.get("probing", True) else "rsa"
+        png = (plot_probing if kind == "probing" else plot_rsa)(a, store.out / f"{kind}-{a['model']}.png")
         if png:
-            lines.append(f"\n![layers {a['model']}]({_rel(png)})")
+            lines.append(f"\n![{kind} {a['model']}]({_rel(png)})")
         out.append("\n".join(lines))
-    return out
+    return ["\n\n".join(out)] if out else []
+
+
+_PROPERTY_ORDER = ["lexical", "syntactic", "syntactic-depth", "structural", "semantic"]
 
 
 def _probe_verdict(store: Store, claim) -> list[str]:
@@ -428,8 +445,9 @@ def _probe_verdict(store: Store, claim) -> list[str]:
         if {"lexical", "syntactic", "structural"} <= set(rel):
             order_ok = rel["lexical"] <= rel["syntactic"] <= rel["structural"]
             holds.append(order_ok)
+            named = sorted(rel, key=lambda k: (_PROPERTY_ORDER.index(k) if k in _PROPERTY_ORDER else 9, k))
             parts.append(f"{a['model']} probing peaks (layer/{top}): " + ", ".join(f"{k} {probing[k]['peak_layer']}"
-                                                                                  for k in rel) +
+                                                                                  for k in named) +
                          (": lexical <= syntactic <= structural, as the paper found" if order_ok else
                           ": not the paper's lexical < syntactic < structural order"))
         sim = (a.get("similarity") or {}).get("models") or {}
@@ -613,9 +631,8 @@ def _provisional(text: str, missing: list, cstats: list) -> str:
     """A verdict drawn while runs are missing says so, with how many seeds each number rests on."""
     if not missing or "not enough runs" in text or "not measured" in text or "not run yet" in text:
         return text
-    done = sum(s["n"] for s in cstats)
-    return text.replace("**Verdict:", f"**Provisional verdict ({len(missing)} runs missing; the numbers rest on "
-                        f"{done} finished seed runs, see the seeds column):", 1)
+    return text.replace("**Verdict:", f"**Provisional verdict ({len(missing)} of this claim's runs missing; see "
+                        "the seeds column for what each number rests on):", 1)
 
 
 _N_TRAIN: dict = {}
