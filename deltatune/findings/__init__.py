@@ -382,7 +382,7 @@ def run_suite(claims=("1", "3", "4", "5", "7", "2", "6"), seeds=(0, 1, 2), out=D
     """Run every run of ``claims`` that has no file yet; returns {"ran", "skipped", "failed", "waiting"}.
 
     Runs of a group whose lr is not chosen yet wait for its grid; the loop goes round again until
-    nothing more can run. ``trainer(config, work) -> record`` replaces the real training (tests).
+    nothing more can run. ``trainer(config, work_dir, store) -> record`` stands in for :func:`_train_one`.
     """
     claims = [str(c) for c in claims]
     unknown = [c for c in claims if c not in CLAIMS]
