@@ -61,7 +61,7 @@ def test_parts_partition_the_runs_and_keep_groups_together(tmp_path):
     assert all(parts)
     groups = F.all_groups(claims)
     for g in groups.values():  # a group's grid, its seeds and the groups borrowing its lr: one part
-        assert F.part_of(g, 3) == F.part_of(groups[F.lr_root(g)], 3)
+        assert F.part_of(g, 3, groups) == F.part_of(groups[F.lr_root(g)], 3, groups)
     with pytest.raises(ConfigError, match="I/N"):
         F._parse_part("0/2")
 

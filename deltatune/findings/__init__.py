@@ -295,15 +295,33 @@ def lr_root(g: Group) -> str:
     return g.lr_from or g.id
 
 
-def part_of(g: Group, n: int) -> int:
-    """Which of n parts (1..n) runs group g: a stable hash of the group its lr comes from, so a
-    group's grid and seeds, and the groups borrowing its lr, land in the same part."""
-    return int(hashlib.sha256(lr_root(g).encode()).hexdigest(), 16) % n + 1
+def parts(groups: dict, n: int, seeds) -> dict[str, int]:
+    """Which of n parts (1..n) runs each group. A group goes with the group its lr comes from (its
+    grid, its seeds and the groups borrowing that lr run in one part); these blocks are dealt out
+    largest first to the part with the least estimated work (runs, a SmolLM2 run counting 5), so the
+    assignment depends only on the claims asked for: run every part with the same --claims."""
+    blocks: dict[str, float] = {}
+    for g in groups.values():
+        runs = (len(GRID) + len([s for s in seeds if s != GRID_SEED])) if g.lr_from is None and g.tune and g.fixed_lr is None \
+            else len(seeds)
+        blocks[lr_root(g)] = blocks.get(lr_root(g), 0) + runs * (1 if _model_rank(SETTINGS[g.setting].model) == 0 else 5)
+    load, owner = [0.0] * n, {}
+    for root in sorted(blocks, key=lambda r: (-blocks[r], r)):
+        i = min(range(n), key=lambda k: (load[k], k))
+        owner[root] = i + 1
+        load[i] += blocks[root]
+    return {gid: owner[lr_root(g)] for gid, g in groups.items()}
+
+
+def part_of(g: Group, n: int, groups: dict | None = None, seeds=(0, 1, 2)) -> int:
+    """The part (1..n) that runs group g among ``groups`` (default: every claim's)."""
+    return parts(groups or all_groups(list(CLAIMS)), n, seeds)[g.id]
 
 
 def planned_runs(store: Store, claim_ids, seeds, part: tuple[int, int] | None = None) -> list[dict]:
     """Every run of the claims, in run order: {"group", "config" (None: lr not chosen yet), "phase", "done"}."""
     groups = all_groups(claim_ids)
+    owner = parts(groups, part[1], seeds) if part is not None else {}
     out, block = [], []  # block: consecutive groups that borrow their lr, run seed-major (interleaved)
 
     def flush():
@@ -316,7 +334,7 @@ def planned_runs(store: Store, claim_ids, seeds, part: tuple[int, int] | None = 
         block.clear()
 
     for g in groups.values():
-        if part is not None and part_of(g, part[1]) != part[0]:
+        if part is not None and owner[g.id] != part[0]:
             continue
         if g.lr_from is not None:
             # e.g. Telly-K and its recycled runs: alternating configurations, so that a drift of the
