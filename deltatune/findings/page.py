@@ -128,10 +128,13 @@ def grid_table(stats: list[dict]) -> str:
     lines = ["| setting | method | " + " | ".join(f"lr x {f:.3g}" for f in GRID) + " | chosen |", "|---|---|" + "---|" * (len(GRID) + 1)]
     for s in rows:
         cells = [f"{r['lr']:.3g}: " + (_fmt(r["valid"]) if r["done"] else "not run") for r in s["grid"]]
-        lines.append(f"| {s['setting'].name} | {s['group'].name} | " + " | ".join(cells) + f" | {s['lr']:.3g} |"
+        edge = "" if s["lr"] is None or len(s["grid"]) < 2 or s["lr"] not in (s["grid"][0]["lr"], s["grid"][-1]["lr"]) \
+            else " (edge of the grid)"
+        lines.append(f"| {s['setting'].name} | {s['group'].name} | " + " | ".join(cells) + f" | {s['lr']:.3g}{edge} |"
                      if s["lr"] is not None else f"| {s['setting'].name} | {s['group'].name} | " + " | ".join(cells) + " | – |")
     return ("Learning-rate grids (seed 0, validation score at the end of the run; the best is chosen, the test "
-            "split is not looked at):\n\n" + "\n".join(lines))
+            "split is not looked at; a choice at the edge of the grid means a wider grid might find a better lr):\n\n"
+            + "\n".join(lines))
 
 
 def budget_table(settings: list) -> str:
