@@ -448,6 +448,12 @@ def _add_training_flags(p) -> None:
             p.add_argument(flag, type=kind, metavar="X" if flag.startswith("--dp-") else {float: "LR", str: "NAME"}.get(kind, "N"), help=help_text)
 
 
+def cmd_findings(args) -> int:
+    from deltatune import findings
+
+    return findings.main(args)
+
+
 def cmd_serve(args) -> int:
     from .serve import run
 
@@ -525,6 +531,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .analysis.cli import add_arguments as add_analyze_arguments, run as run_analyze  # flags live with the analysis
     add_analyze_arguments(p)
     p.set_defaults(run=run_analyze)
+
+    p = sub.add_parser("findings", help="measure the seed papers' claims on our tasks and write docs/findings.md "
+                       "(resumable, mergeable run files)")
+    from .findings import add_arguments as add_findings_arguments  # flags live with the findings
+    add_findings_arguments(p)
+    p.set_defaults(run=cmd_findings)
 
     p = sub.add_parser("serve", help="serve adapters over HTTP, batched across adapters (docs/serving.md)")
     from .serve import add_arguments as add_serve_arguments  # the server's flags live with the server
