@@ -178,3 +178,19 @@ def test_completion_rows_skip_the_chat_template():
     objective = Generation(tokenizer, TrainConfig(max_len=64))
     assert objective.prompt_text({"prompt": "def f():\n", "prompt_format": "completion"}) == "def f():\n"
     assert objective.prompt_text({"prompt": "hello"}) == "<user>hello</user><assistant>"
+
+
+def test_chat_answers_run_their_code_block():
+    problem = humaneval.load_problems(limit=1)[0]
+    whole = ("Sure!\n```python\nfrom typing import List\n\ndef has_close_elements(numbers, threshold):\n"
+             "    return any(abs(a - b) < threshold for i, a in enumerate(numbers) for b in numbers[i + 1:])\n"
+             "```\nIt compares every pair.")
+    assert humaneval.cut_chat(whole[:40]) is None  # the block is still open: generation goes on
+    assert humaneval.cut_chat(whole).endswith("numbers[i + 1:])\n```")
+    body_only = "```python\nreturn any(abs(a - b) < threshold for i, a in enumerate(numbers) for b in numbers[i + 1:])\n```"
+    wrong = "```python\ndef has_close_elements(numbers, threshold):\n    return False\n```"
+    results = run_programs([humaneval.program(problem, humaneval.cut_chat(whole), "chat"),
+                            humaneval.program(problem, body_only, "chat"),
+                            humaneval.program(problem, wrong, "chat"),
+                            humaneval.program(problem, "no code at all", "chat")], workers=2, timeout=5)
+    assert [r.status for r in results] == ["passed", "passed", "failed", "failed"]
