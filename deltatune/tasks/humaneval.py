@@ -13,7 +13,9 @@ test); that package's execution code is not used. Protocol (the paper's):
 - the model continues the prompt (a signature and docstring) as plain text, no chat template;
   greedy decoding for n = 1, else n samples per problem at ``temperature`` with top-p 0.95;
 - a completion is cut at the first stop sequence (:data:`STOP_SEQUENCES`: a new top-level
-  ``class``/``def``/``#``/``if``/``print``) or at ``max_new_tokens``;
+  ``class``/``def``/``#``/``if``/``print``, the paper's, and a closing markdown fence) or at
+  ``max_new_tokens``; ``prompt_format="chat"`` (not the paper's) asks an instruct model in its chat
+  template instead and runs its answer's first code block;
 - program = prompt + completion + the problem's test + ``check(entry_point)``, run by
   :mod:`deltatune.sandbox` in a confined child process (time, memory, process, file and network
   limits), never in this process; it passes if it exits normally in time;
