@@ -175,7 +175,7 @@ class Generation(_Objective):
 
     def encode(self, rows, train):
         tok, eos = self.tokenizer, self.tokenizer.eos_token_id
-        prompts = [tok(format_prompt(tok, self.clip(r["prompt"], keep_end=True)), add_special_tokens=False, verbose=False)["input_ids"] for r in rows]
+        prompts = [tok(self.prompt_text(r), add_special_tokens=False, verbose=False)["input_ids"] for r in rows]
         if not train:  # the prompt alone, keeping its end when it is too long
             self.count(sum(len(p) > self.max_len for p in prompts), len(prompts))
             return [{"input_ids": p[-self.max_len:], "attention_mask": [1] * len(p[-self.max_len:])} for p in prompts]
@@ -190,6 +190,12 @@ class Generation(_Objective):
                         "labels": [-100] * len(prompt) + target})
         self.count(truncated, len(rows))
         return out
+
+    def prompt_text(self, row: dict) -> str:
+        """The text before the answer: the chat-formatted prompt, or the prompt itself for rows marked
+        ``"prompt_format": "completion"`` (code the model continues, as HumanEval is evaluated)."""
+        text = self.clip(row["prompt"], keep_end=True)
+        return text if row.get("prompt_format") == "completion" else format_prompt(self.tokenizer, text)
 
     def collate(self, examples):
         return self.pad(examples)

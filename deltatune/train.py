@@ -364,7 +364,13 @@ def evaluate(adapter_dir, task=None, split: str = "test", *, max_eval: int | Non
     defaults to the run's. With ``out_dir``, ``metrics-<split>.json`` and ``predictions-<split>.jsonl``
     are written there. Returns the metrics plus what was used: examples, max_len, max_len_source,
     run_max_len, batch_size, truncated, adapter.
+    ``task="humaneval"`` scores pass@1 of greedy completions instead (``deltatune.tasks.humaneval``;
+    ``max_eval``: the first N problems).
     """
+    if task == "humaneval":
+        from deltatune.tasks import humaneval
+        return humaneval.evaluate(model=None, adapter=adapter_dir, limit=max_eval, batch_size=batch_size or 8,
+                                  out_dir=out_dir)
     adapter_dir = resolve_adapter(adapter_dir)
     run_json = _run_json_of(adapter_dir)
     cfg = _config_from(_read_run_json(run_json), run_json)

@@ -14,6 +14,7 @@ Every split is a list of dicts. Shapes by ``kind``:
   candidate pool: ``pool`` (candidates per query) and ``pool_protocol`` ("1-in-1000" or "whole-split").
 - ``"classification"``: ``{"text", "label"}`` (+ ``"text_pair"``); ``score(pred_ids or logits)`` -> accuracy, macro_f1.
 - ``"generation"``: ``{"prompt", "target"}``; ``score(list_of_strings)`` -> exact_match (+ bleu4 or subtoken_f1).
+  A row with ``"prompt_format": "completion"`` is continued as plain text (no chat template).
 
 Examples may carry extra keys (``"path"``, ``"name"``, ``"bug"``...) for traceability; ignore them.
 """
@@ -40,6 +41,8 @@ TASKS: dict[str, str] = {
     "code-summarization": "write the docstring summary line of a function (CodeXGLUE code-to-text; smoothed BLEU-4)",
     "function-naming": "predict a function's name, masked as __NAME__ "
                        "(code2seq method naming; exact match, subtoken F1)",
+    "code-generation": "write a function's body from its signature and docstring, HumanEval-style "
+                       "(smoothed BLEU-4; the functional test is `deltatune eval --task humaneval`)",
 }
 
 _TEXT_FIELDS = {"retrieval": ("query", "code"), "classification": ("text", "text_pair"),
@@ -177,7 +180,10 @@ def load_task(name_or_path: str, seed: int = 0, max_train: int | None = None, ma
     names the classes of a user classification file (integer labels must then be in 0..K-1).
     """
     name_or_path = str(name_or_path)
-    if name_or_path in TASKS:
+    if name_or_path == "code-generation":
+        from deltatune.tasks import codegen
+        data = codegen.build_task()
+    elif name_or_path in TASKS:
         from deltatune.tasks import code
         data = code.build_task(name_or_path)
     else:
