@@ -203,44 +203,41 @@ def plot_telly(stats: list[dict], path: Path) -> Path | None:
     return path
 
 
-def plot_probing(analysis: dict, path: Path) -> Path | None:
-    probing = analysis.get("probing") or {}
-    if not probing:
+def _per_layer_plot(series: dict, ylabel: str, title: str, path: Path) -> Path | None:
+    """One line per name over the hidden states (0 = embeddings)."""
+    if not series:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    for name, p in probing.items():
-        scores = p.get("score") or []
-        lo, hi = min(scores, default=0), max(scores, default=1)
-        ax.plot(range(len(scores)), [(x - lo) / (hi - lo) if hi > lo else 0 for x in scores], "o-", label=name, ms=3)
+    for name, values in series.items():
+        ax.plot(range(len(values)), values, "o-", label=name, ms=3)
     ax.set_xlabel("hidden state (0 = embeddings)")
-    ax.set_ylabel("probe score, min-max scaled per property")
-    ax.set_title(f"{analysis.get('model')}: where each property peaks", fontsize=10)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _scaled(scores: list) -> list:
+    lo, hi = min(scores, default=0), max(scores, default=1)
+    return [(x - lo) / (hi - lo) if hi > lo else 0 for x in scores]
+
+
+def plot_probing(analysis: dict, path: Path) -> Path | None:
+    series = {name: _scaled(p.get("score") or []) for name, p in (analysis.get("probing") or {}).items()}
+    return _per_layer_plot(series, "probe score, min-max scaled per property",
+                           f"{analysis.get('model')}: where each property peaks", path)
 
 
 def plot_rsa(analysis: dict, path: Path) -> Path | None:
     models = (analysis.get("similarity") or {}).get("models") or {}
-    if not models:
-        return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for name, c in models.items():
-        ax.plot(range(len(c["rsa_spearman"])), c["rsa_spearman"], "o-", label=name, ms=3)
-    ax.set_xlabel("hidden state (0 = embeddings)")
-    ax.set_ylabel("RSA (Spearman), pretrained vs fine-tuned")
-    ax.set_title(f"{analysis.get('model')}: which layers a fine-tune changes", fontsize=10)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    series = {name: c["rsa_spearman"] for name, c in models.items()}
+    return _per_layer_plot(series, "RSA (Spearman), pretrained vs fine-tuned",
+                           f"{analysis.get('model')}: which layers a fine-tune changes", path)
 
 
 # ----------------------------------------------------------------------------- verdicts
