@@ -24,7 +24,8 @@ same 30522-token vocabulary): speed does not depend on the weights, and no bert-
 on this machine.
 
 Writes ``results.jsonl`` (every measurement), ``results.json`` (medians) and ``results.md`` to
-``--out`` (default runs/bench-recycle-<model>). Load: other processes' share of the CPU while the
+``--out`` (default runs/bench-recycle-<model>); ``bench/recycle.py --write-doc FOLDER ...`` puts the
+tables of those folders into docs/analysis.md's measured section. Load: other processes' share of the CPU while the
 measurement ran (from /proc/stat) and the 1-minute load average; quote numbers with it.
 """
 from __future__ import annotations
@@ -177,7 +178,7 @@ def run(args, out: Path) -> list[dict]:
             epoch(model, objective, examples[:args.batch_size * 2], args.batch_size, lr, args.seed)  # warm-up
             with Timer() as t:
                 epoch(model, objective, examples, args.batch_size, lr, args.seed)
-            row.update(epoch_s=t.seconds, load=t.load, loadavg=t.loadavg)
+            row.update(epoch_s=t.seconds, load=t.load, loadavg=t.loadavg, when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
             if method != "full":
                 for old in (Path(args.cache) / "recycle").glob("*.safetensors"):
                     old.unlink()  # ours (a fresh folder): every round measures the build
@@ -255,7 +256,34 @@ def markdown(rows: list[dict]) -> str:
               "measurements); load avg: the 1-minute load average (all processes, this one included).\n")
 
 
+def write_doc(folders: list[str], doc: Path) -> str:
+    """Fill docs/analysis.md's measured section (between <!-- recycle:start --> and <!-- recycle:end -->)
+    with the tables of the result folders given (each written by a run of this script)."""
+    parts = []
+    for folder in folders:
+        measured = [json.loads(line) for line in (Path(folder) / "results.jsonl").read_text().splitlines() if line.strip()]
+        rows = summarize(measured)
+        stamp = max(r.get("when", "") for r in measured) if any("when" in r for r in measured) else ""
+        parts.append(f"#### {rows[0]['model']}\n\n" + markdown(rows).strip()
+                     + f"\n\nRaw results: `{folder}/results.jsonl`{' (' + stamp + ')' if stamp else ''}.\n")
+    text = ("Measured by `bench/recycle.py` (see its docstring); the tables below are its output, the reading "
+            "after them is by hand.\n\n" + "\n".join(parts))
+    start, end = "<!-- recycle:start -->", "<!-- recycle:end -->"
+    current = doc.read_text()
+    if start not in current or end not in current:
+        raise SystemExit(f"{doc} has no {start} ... {end} section to fill")
+    head, rest = current.split(start, 1)
+    _, tail = rest.split(end, 1)
+    doc.write_text(f"{head}{start}\n{text}\n{end}{tail}")
+    return text
+
+
 def main(argv=None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--write-doc"]:  # bench/recycle.py --write-doc docs/bench/recycle-minilm ...
+        print(write_doc(argv[1:], Path(__file__).resolve().parent.parent / "docs" / "analysis.md"))
+        return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="minilm", help=f"minilm, smollm2, {BERT_BASE}, tiny-*, or a folder")
     p.add_argument("--task", default="code-search")

@@ -117,8 +117,8 @@ def test_prune_removes_the_least_recently_used_of_its_own_files_only(tmp_path):
     assert sorted(removed) == sorted([ours[3], ours[4]])  # ours[1] is in use: kept although the oldest
     assert all(p.exists() for p in (ours[0], ours[1], ours[2], foreign, wrong_key, other, outside)) and link.is_symlink()
     size = ours[0].stat().st_size
-    removed = recycle.prune(folder, max_files=100, max_gb=1.5 * size / 2**30)
-    assert removed == [ours[1]] and ours[0].exists() and ours[2].exists()  # by size: the older one goes
+    removed = recycle.prune(folder, max_files=100, max_gb=2.5 * size / 2**30)
+    assert removed == [ours[1]] and ours[0].exists() and ours[2].exists()  # by size: the least recently used goes
     assert recycle.prune(folder, max_files=1, max_gb=1.0) == [ours[0]]
 
 

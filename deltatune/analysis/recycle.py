@@ -246,8 +246,15 @@ def _ours(path: Path, st: os.stat_result) -> bool:
     match = _NAME.match(path.name)
     if not match or not stat.S_ISREG(st.st_mode) or st.st_size < 8:
         return False
+    noatime = getattr(os, "O_NOATIME", 0)  # reading the header is not a use: the access time must not move
     try:
-        fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW | noatime)
+    except PermissionError:  # O_NOATIME needs the file's owner
+        noatime = 0
+        try:
+            fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
+        except OSError:
+            return False
     except OSError:
         return False
     try:
@@ -258,7 +265,13 @@ def _ours(path: Path, st: os.stat_result) -> bool:
             meta = json.loads(f.read(n)).get("__metadata__", {})
     except (OSError, ValueError, AttributeError, struct.error):
         return False
-    return meta.get(MARKER[0]) == MARKER[1] and meta.get("key") == match.group(1)
+    ours = meta.get(MARKER[0]) == MARKER[1] and meta.get("key") == match.group(1)
+    if ours and not noatime:  # put back the access time the read may have moved
+        try:
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+        except (OSError, NotImplementedError):
+            pass
+    return ours
 
 
 def prune(folder=None, *, max_gb: float | None = None, max_files: int | None = None, keep=()) -> list[Path]:
