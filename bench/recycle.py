@@ -72,7 +72,8 @@ class Timer:
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.t0
-        self.load = _other_load(self.cpu, _cpu_times(), time.process_time() - self.own)
+        self.cpu_seconds = time.process_time() - self.own  # this process's CPU time: with 1 thread, the work done
+        self.load = _other_load(self.cpu, _cpu_times(), self.cpu_seconds)
         self.loadavg = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
@@ -178,20 +179,20 @@ def run(args, out: Path) -> list[dict]:
             epoch(model, objective, examples[:args.batch_size * 2], args.batch_size, lr, args.seed)  # warm-up
             with Timer() as t:
                 epoch(model, objective, examples, args.batch_size, lr, args.seed)
-            row.update(epoch_s=t.seconds, load=t.load, loadavg=t.loadavg, when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+            row.update(epoch_s=t.seconds, epoch_cpu_s=t.cpu_seconds, load=t.load, loadavg=t.loadavg, when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
             if method != "full":
                 for old in (Path(args.cache) / "recycle").glob("*.safetensors"):
                     old.unlink()  # ours (a fresh folder): every round measures the build
                 cached = OBJECTIVES[task.kind](tokenizer, cfg)
                 with Timer() as t:
                     cached, data = recycle.prepare(cfg, model, cached, {"train": examples}, progress=False)
-                row.update(build_s=t.seconds, build_load=t.load)
+                row.update(build_s=t.seconds, build_cpu_s=t.cpu_seconds, build_load=t.load)
                 (file,) = (Path(args.cache) / "recycle").glob("train-*.safetensors")
                 row["cache_mb"] = file.stat().st_size / 2**20
                 epoch(model, cached, data["train"][:args.batch_size * 2], args.batch_size, lr, args.seed)
                 with Timer() as t:
                     epoch(model, cached, data["train"], args.batch_size, lr, args.seed)
-                row.update(recycled_epoch_s=t.seconds, recycled_load=t.load, recycled_loadavg=t.loadavg)
+                row.update(recycled_epoch_s=t.seconds, recycled_cpu_s=t.cpu_seconds, recycled_load=t.load, recycled_loadavg=t.loadavg)
             with open(log, "a") as f:
                 f.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)
@@ -205,7 +206,7 @@ def summarize(measured: list[dict]) -> list[dict]:
         runs = [r for r in measured if r["config"] == name]
         row = {k: v for k, v in runs[0].items() if k not in ("round",)}
         row["rounds"] = len(runs)
-        for key in ("epoch_s", "build_s", "recycled_epoch_s", "cache_mb"):
+        for key in ("epoch_s", "build_s", "recycled_epoch_s", "cache_mb", "epoch_cpu_s", "build_cpu_s", "recycled_cpu_s"):
             values = [r[key] for r in runs if r.get(key) is not None]
             if values:
                 row[key] = statistics.median(values)
@@ -220,14 +221,21 @@ def summarize(measured: list[dict]) -> list[dict]:
         rows.append(row)
     full = next((r for r in rows if r["config"] == "full"), None)
     for r in rows:
-        if full is not None and "recycled_epoch_s" in r:
-            f, b, e = full["epoch_s"], r["build_s"], r["recycled_epoch_s"]
-            r["vs_full"] = f / e  # per epoch once the cache is there
-            r["vs_full_with_build"] = f / (e + b)  # one epoch, the build counted
-            r["vs_full_3_epochs"] = 3 * f / (3 * e + b)  # the build counted once over 3 epochs
+        for suffix, (fk, bk, ek, pk) in {"": ("epoch_s", "build_s", "recycled_epoch_s", "epoch_s"),
+                                          "_cpu": ("epoch_cpu_s", "build_cpu_s", "recycled_cpu_s", "epoch_cpu_s")}.items():
+            if r.get(ek) is None:
+                continue
+            r["speedup" + suffix] = r[pk] / r[ek]
+            r["speedup_with_build" + suffix] = r[pk] / (r[ek] + r[bk])
+            if full is None or full.get(fk) is None:
+                continue
+            f, b, e = full[fk], r[bk], r[ek]
+            r["vs_full" + suffix] = f / e  # per epoch once the cache is there
+            r["vs_full_with_build" + suffix] = f / (e + b)  # one epoch, the build counted
+            r["vs_full_3_epochs" + suffix] = 3 * f / (3 * e + b)  # the build counted once over 3 epochs
             # the fewest epochs after which the cached run is 5x faster than full fine-tuning, build counted
-            r["epochs_for_5x"] = math.ceil(5 * b / (f - 5 * e)) if f > 5 * e else None
-            r["vs_full_plain"] = f / r["epoch_s"]  # telly without the cache
+            r["epochs_for_5x" + suffix] = math.ceil(5 * b / (f - 5 * e)) if f > 5 * e else None
+            r["vs_full_plain" + suffix] = f / r[pk]  # telly without the cache
     return rows
 
 
@@ -238,20 +246,26 @@ def markdown(rows: list[dict]) -> str:
     head = ("| config | trainable | plain epoch s | cache build s | recycled epoch s | cache MB | recycled vs plain "
             "(build counted) | vs full | vs full, 1 epoch with build | 3 epochs with build | epochs to 5x | "
             "other load (max) | load avg |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    lines = [head]
-    for r in rows:
-        ratio = (f"{f(r.get('speedup'), '.2f')}x ({f(r.get('speedup_with_build'), '.2f')}x)"
-                 if r.get("speedup") else "")
-        lines.append(f"| {r['config']} ({r['method']} {r['options']}) | {r['trainable_params']:,} | {f(r['epoch_s'], '.2f')} | "
-                     f"{f(r.get('build_s'), '.2f')} | {f(r.get('recycled_epoch_s'), '.2f')} | {f(r.get('cache_mb'), '.1f')} | "
-                     f"{ratio} | {f(r.get('vs_full'), '.2f')} | {f(r.get('vs_full_with_build'), '.2f')} | "
-                     f"{f(r.get('vs_full_3_epochs'), '.2f')} | {f(r.get('epochs_for_5x'), 'd')} | "
-                     f"{f(r.get('load'), '.0%')} | {f(r.get('loadavg'), '.1f')} |")
+    lines = []
+    for suffix, what in (("", "wall seconds"), ("_cpu", "CPU seconds of this process (1 thread: the work done, "
+                                                         "whatever the other processes did)")):
+        if suffix and not any(r.get("epoch_cpu_s") is not None for r in rows):
+            continue
+        key = {"": ("epoch_s", "build_s", "recycled_epoch_s"), "_cpu": ("epoch_cpu_s", "build_cpu_s", "recycled_cpu_s")}[suffix]
+        lines += ["", f"In {what}:", "", head.replace(" s |", f"{' CPU' if suffix else ''} s |")]
+        for r in rows:
+            ratio = (f"{f(r.get('speedup' + suffix), '.2f')}x ({f(r.get('speedup_with_build' + suffix), '.2f')}x)"
+                     if r.get("speedup" + suffix) else "")
+            lines.append(f"| {r['config']} ({r['method']} {r['options']}) | {r['trainable_params']:,} | "
+                         f"{f(r.get(key[0]), '.2f')} | {f(r.get(key[1]), '.2f')} | {f(r.get(key[2]), '.2f')} | "
+                         f"{f(r.get('cache_mb'), '.1f')} | {ratio} | {f(r.get('vs_full' + suffix), '.2f')} | "
+                         f"{f(r.get('vs_full_with_build' + suffix), '.2f')} | {f(r.get('vs_full_3_epochs' + suffix), '.2f')} | "
+                         f"{f(r.get('epochs_for_5x' + suffix), 'd')} | {f(r.get('load'), '.0%')} | {f(r.get('loadavg'), '.1f')} |")
     r0 = rows[0]
     return (f"Embedding recycling on {r0['model']} ({r0['blocks']} blocks): one epoch of {r0['examples']} code-search "
             f"examples ({r0['steps_per_epoch']} steps), batch {r0['batch_size']}, max_len {r0['max_len']}, cache dtype "
             f"{r0['dtype']}, {r0.get('threads', '?')} threads; medians of {min(r['rounds'] for r in rows)} alternating "
-            "rounds.\n\n" + "\n".join(lines)
+            "rounds.\n" + "\n".join(lines)
             + "\n\nother load: other processes' share of the CPU while the row ran (the largest over its "
               "measurements); load avg: the 1-minute load average (all processes, this one included).\n")
 

@@ -146,7 +146,7 @@ def part1(args) -> list[dict]:
             order = plans if round_ % 2 else list(reversed(plans))
             for kind, label, fn in order:
                 if kind == "merged":
-                    enc, tok2, reqs = merged, tok, models["1 LoRA"][2]
+                    enc, tok2, reqs = merged, tok, next(iter(models.values()))[2]  # the same texts, one adapter
                     fn = run_plain
                 else:
                     enc, tok2, reqs = models[label]
