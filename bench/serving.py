@@ -45,6 +45,14 @@ sys.path.insert(0, str(ROOT))
 import deltatune as dt  # noqa: E402
 from deltatune.models import BiEncoder, load_backbone  # noqa: E402
 
+LOADS: list[float] = []  # the 1-minute load average after every round and server row
+
+
+def _load_now() -> float:
+    LOADS.append(os.getloadavg()[0])
+    return LOADS[-1]
+
+
 MIXED_METHODS = [("lora", {}), ("ia3", {}), ("prefix", {"length": 10}), ("prompt", {"length": 10, "init": "random"}),
                  ("pfeiffer", {}), ("parallel", {}), ("houlsby", {"train_ln": False}), ("mam", {})]
 
@@ -138,7 +146,7 @@ def part1(args) -> list[dict]:
             order = plans if round_ % 2 else list(reversed(plans))
             for kind, label, fn in order:
                 if kind == "merged":
-                    enc, tok2, reqs = merged, tok, models["1 LoRA"][2]
+                    enc, tok2, reqs = merged, tok, next(iter(models.values()))[2]  # the same texts, one adapter
                     fn = run_plain
                 else:
                     enc, tok2, reqs = models[label]
@@ -146,7 +154,7 @@ def part1(args) -> list[dict]:
                 fn(enc, tok2, reqs, args.window)
                 if round_:
                     times[(kind, label)].append(time.perf_counter() - start)
-            print(f"round {round_}/{args.rounds} done, load {os.getloadavg()[0]:.1f}", file=sys.stderr)
+            print(f"round {round_}/{args.rounds} done, load {_load_now():.1f}", file=sys.stderr)
     rows = []
     for (kind, label), ts in times.items():
         med = statistics.median(ts)
@@ -208,7 +216,7 @@ def part2(args) -> list[dict]:
                     wall = time.monotonic() - start
                     latencies.sort()
                     q = lambda f: latencies[min(len(latencies) - 1, int(f * len(latencies)))] * 1000  # noqa: E731
-                    rows.append({"max_batch": max_batch, "clients": clients, "rps": len(latencies) / wall,
+                    rows.append({"max_batch": max_batch, "clients": clients, "rps": len(latencies) / wall, "load": _load_now(),
                                  "p50_ms": q(0.50), "p99_ms": q(0.99), "ok": len(latencies),
                                  "other": {k: v for k, v in codes.items() if k != 200}})
                     print(f"server max_batch={max_batch} clients={clients}: {rows[-1]}", file=sys.stderr)
@@ -226,20 +234,25 @@ async def _load(base, names, inputs, seconds, clients, latencies, codes):
 def markdown(args, part1_rows, part2_rows, load_before, load_after) -> str:
     out = [f"Measured by `bench/serving.py` ({' '.join(sys.argv[1:]) or 'defaults'}) on {args.model}, "
            f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs. "
-           + (f"The machine was busy (load average {load_before:.1f} before, {load_after:.1f} after, 1-minute, all "
-              "processes), so absolute numbers are low and noisy" if max(load_before, load_after) > os.cpu_count()
+           + (f"The machine was busy (load average {load_before:.1f} before, {load_after:.1f} after, "
+              f"{min(LOADS, default=load_after):.1f} to {max(LOADS, default=load_after):.1f} during the run, "
+              "1-minute, all processes), so absolute numbers are low and noisy; the ratios between configurations "
+              "that alternated are what this run measures" if max([load_before, load_after, *LOADS]) > os.cpu_count()
               else f"Load average {load_before:.1f} before and {load_after:.1f} after (1-minute, all processes; the "
               "benchmark itself adds up to its thread count)")
            + f"; the configurations alternated round by round and each number is the median of {args.rounds} rounds.", ""]
     if part1_rows:
         ceiling = next(r for r in part1_rows if r["strategy"] == "merged")["rps"]
         out += [f"### Throughput: {args.requests} requests, windows of {args.window} rows (in process)", "",
-                "| adapters | strategy | requests/s | vs merged single adapter | vs swap |",
-                "| --- | --- | ---: | ---: | ---: |"]
+                "| adapters | strategy | requests/s | vs merged single adapter | vs swap | vs per-request |",
+                "| --- | --- | ---: | ---: | ---: | ---: |"]
         swap = {r["setup"]: r["rps"] for r in part1_rows if r["strategy"] == "swap"}
+        single = {r["setup"]: r["rps"] for r in part1_rows if r["strategy"] == "per-request"}
         for r in part1_rows:
             vs_swap = f"{r['rps'] / swap[r['setup']]:.2f}x" if r["setup"] in swap else ""
-            out.append(f"| {r['setup']} | {r['strategy']} | {r['rps']:.1f} | {r['rps'] / ceiling:.0%} | {vs_swap} |")
+            vs_one = f"{r['rps'] / single[r['setup']]:.2f}x" if r["setup"] in single else ""
+            out.append(f"| {r['setup']} | {r['strategy']} | {r['rps']:.1f} | {r['rps'] / ceiling:.0%} | {vs_swap} | "
+                       f"{vs_one} |")
         out.append("")
     if part2_rows:
         out += [f"### Server: embed requests over HTTP on 127.0.0.1, 8 LoRA adapters, {args.seconds:g} s per row", "",
@@ -270,7 +283,8 @@ def main(argv=None) -> int:
     p.add_argument("--requests", type=int, default=256)
     p.add_argument("--window", type=int, default=32, help="rows per batch (the server's max batch)")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--per-request", action="store_true", help="also time one forward per request (slow)")
+    p.add_argument("--per-request", action="store_true", help="also time one forward per request, the adapter "
+                   "swapped in for each (the baseline of the 3x goal)")
     p.add_argument("--clients", type=int, nargs="+", default=[8, 32])
     p.add_argument("--server-batches", type=int, nargs="+", default=[32, 1])
     p.add_argument("--max-wait-ms", type=float, default=5.0)
@@ -279,6 +293,8 @@ def main(argv=None) -> int:
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
     p.add_argument("--no-write", action="store_true", help="print the section instead of writing docs/serving.md")
+    p.add_argument("--raw", default=str(ROOT / "docs" / "bench" / "serving.json"),
+                   help="where the raw results go (JSON; default docs/bench/serving.json; '' for nowhere)")
     args = p.parse_args(argv)
     if args.quick:
         args.adapters, args.requests, args.rounds, args.clients, args.seconds = [1, 8], 64, 1, [4], 2.0
@@ -288,6 +304,13 @@ def main(argv=None) -> int:
     rows2 = [] if args.skip_server else part2(args)
     text = markdown(args, rows1, rows2, load_before, os.getloadavg()[0])
     print(text)
+    if args.raw and not args.no_write:
+        import json
+
+        Path(args.raw).write_text(json.dumps({"argv": sys.argv[1:], "model": args.model, "torch": torch.__version__,
+                                              "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+                                              "load_before": load_before, "loads": LOADS, "throughput": rows1,
+                                              "server": rows2}, indent=2) + "\n")
     if not args.no_write:
         write(ROOT / "docs" / "serving.md", text)
     return 0

@@ -78,6 +78,9 @@ def adapter_tensors(model, adapter: str | None = None, fold: bool = True) -> tup
         "base": {**base_identity(model), "fingerprint": info.fingerprint},
         "tensors": {k: list(v.shape) for k, v in tensors.items()},
     }
+    labels = getattr(model, "label_names", None)  # a classifier's class names (train sets them from the task)
+    if info.head and labels:
+        config["labels"] = [str(x) for x in labels]
     return tensors, config
 
 

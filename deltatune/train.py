@@ -126,6 +126,8 @@ def _train(cfg: TrainConfig, task, folder: RunFolder) -> dict:
         raise DataError(f"task {task.name} has no training examples"
                         + (f" (max_train={cfg.max_train})" if cfg.max_train is not None else ""))
     model, tokenizer = build_task_model(cfg.model, task.kind, len(task.labels or []))
+    if task.kind == "classification" and task.labels:  # saved with the adapter: deltatune serve names the classes
+        model.label_names = list(task.labels)
     objective = OBJECTIVES[task.kind](tokenizer, cfg)
     data = {split: objective.encode(task.split(split), train=split == "train") for split in ("train", "valid", "test")}
     objective.warn_truncated(stacklevel=3)  # at the caller of train()
@@ -350,7 +352,7 @@ def resolve_adapter(path) -> Path:
 
 
 def evaluate(adapter_dir, task=None, split: str = "test", *, max_eval: int | None = None,
-             max_len: int | None = None, batch_size: int | None = None, out_dir=None) -> dict:
+             max_len: int | None = None, batch_size: int | None = None, out_dir=None, recycle: bool | None = None) -> dict:
     """Score a saved adapter on ``split`` of its training task (or of ``task``: a name, path or TaskData).
 
     The model (and by default the task) come from the ``run.json`` that ``train`` wrote next to the
@@ -366,6 +368,7 @@ def evaluate(adapter_dir, task=None, split: str = "test", *, max_eval: int | Non
     run_max_len, batch_size, truncated, adapter.
     ``task="humaneval"`` scores pass@1 of greedy completions instead (``deltatune.tasks.humaneval``;
     ``max_eval``: the first N problems).
+    ``recycle`` (default: as the run was trained) scores from the cache of the frozen lower blocks.
     """
     if task == "humaneval":
         from deltatune.tasks import humaneval
@@ -395,7 +398,12 @@ def evaluate(adapter_dir, task=None, split: str = "test", *, max_eval: int | Non
     examples = objective.encode(rows, train=False)
     truncated = objective.truncated
     objective.warn_truncated(stacklevel=2)
-    metrics, records = _score(model.to(cfg.device), objective, examples, task, split, cfg)
+    model.to(cfg.device)
+    if cfg.recycle if recycle is None else recycle:  # the frozen lower blocks' output from the cache (built once)
+        from deltatune.analysis import recycle as recycling
+        objective, examples = recycling.prepare(dataclasses.replace(cfg, recycle=True), model, objective, {split: examples})
+        examples = examples[split]
+    metrics, records = _score(model, objective, examples, task, split, cfg)
     result = {"task": task.name, "split": split, "metric": task.metric, "value": metrics[task.metric], **metrics,
               "examples": len(rows), "max_eval": max_eval, "max_len": cfg.max_len, "max_len_source": source,
               "run_max_len": run_max_len, "batch_size": cfg.batch_size,

@@ -427,3 +427,154 @@ def test_minilm_mixed_burst_matches_each_adapter_alone(tmp_path):
         else:
             torch.testing.assert_close(torch.tensor(r.json()["embeddings"][0]),
                                        S.alone_embedding("minilm", paths[name], body["text"]), atol=1e-4, rtol=1e-3)
+
+
+# ------------------------------------------------------------------------- label names, device, OpenAPI
+
+
+def test_classify_answers_the_label_names_saved_with_the_adapter(saved, tmp_path):
+    from deltatune.models import Classifier
+
+    clf = Classifier(S.fresh("tiny-bert", "base")[0], 3)
+    clf.label_names = ["ok", "bug", "style"]
+    dt.attach(clf, "lora")
+    S.perturb(clf, 6)
+    named = dt.save_adapter(clf, tmp_path / "named")
+    engine = _engine({"named": named, "bugs": saved["bugs"]})
+    try:
+        with S.running(engine) as url, httpx.Client(base_url=url) as c:
+            r = c.post("/v1/adapters/named/classify", json={"texts": TEXTS[:3]}).json()
+            plain = c.post("/v1/adapters/bugs/classify", json={"text": TEXTS[0]}).json()
+            listed = {a["name"]: a for a in c.get("/v1/adapters").json()["adapters"]}
+    finally:
+        engine.close()
+    assert r["labels"] == ["ok", "bug", "style"] and "note" not in r
+    for text, got in zip(TEXTS[:3], r["results"]):
+        want = int(S.alone_logits("tiny-bert", named, text).argmax())
+        assert got["index"] == want and got["label"] == ["ok", "bug", "style"][want]
+    # an adapter saved without names: indices, and the answer says so
+    assert plain["labels"] is None and "no label names" in plain["note"]
+    assert plain["results"][0]["label"] == plain["results"][0]["index"]
+    assert listed["named"]["label_names"] == ["ok", "bug", "style"] and listed["bugs"]["label_names"] is None
+
+
+def test_train_saves_the_task_label_names_with_a_classifier(tmp_path):
+    from deltatune.train import TrainConfig, train
+
+    folder = tmp_path / "task"
+    folder.mkdir()
+    for split, n in (("train", 16), ("valid", 8), ("test", 8)):
+        rows = [{"text": f"{'cold ice snow' if i % 2 else 'warm sun fire'} {i}", "label": "cold" if i % 2 else "warm"}
+                for i in range(n)]
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train(TrainConfig(model="tiny-bert", task=str(folder), method="lora", max_steps=2, batch_size=8, eval_every=2,
+                      max_len=16, out_dir=str(tmp_path / "run"), progress=False))
+    config, _ = dt.read_adapter(tmp_path / "run" / "best")
+    assert config["labels"] == ["cold", "warm"]  # string labels map to classes in sorted order
+    engine = Engine("tiny-bert", max_wait=0.01)
+    try:
+        engine.load("t", tmp_path / "run")
+        (future,) = engine.submit([Job("classify", "t", "cold ice", time.monotonic() + 60)])
+        result = future.result(60)
+    finally:
+        engine.close()
+    assert result["label"] == ["cold", "warm"][result["index"]]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_serve_device_option_refuses_a_device_this_machine_lacks(capsys):
+    from deltatune import cli
+
+    assert cli.main(["serve", "--model", "tiny-bert", "--device", "cuda"]) != 0
+    err = capsys.readouterr().err
+    assert "--device cuda" in err and "--device cpu" in err and len(err.strip().splitlines()) == 1
+    assert cli.main(["serve", "--model", "tiny-bert", "--device", "banana"]) != 0
+    assert "not a device" in capsys.readouterr().err
+
+
+def test_engine_runs_on_the_device_it_is_given(saved):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    engine = _engine(saved, ["lora", "bugs"], device=device)
+    try:
+        assert {p.device.type for p in engine.model.parameters()} == {device}
+        assert engine.adapters["bugs"].head.weight.device.type == device
+        jobs = [Job("embed", "lora", TEXTS[0], time.monotonic() + 60), Job("classify", "bugs", TEXTS[1], time.monotonic() + 60)]
+        emb, cls = [f.result(60) for f in engine.submit(jobs)]
+    finally:
+        engine.close()
+    torch.testing.assert_close(torch.tensor(emb["embedding"]), S.alone_embedding("tiny-bert", saved["lora"], TEXTS[0]),
+                               atol=1e-4, rtol=1e-3)
+    want = S.alone_logits("tiny-bert", saved["bugs"], TEXTS[1]).softmax(-1)
+    torch.testing.assert_close(torch.tensor(cls["probabilities"]), want, atol=1e-4, rtol=0)
+
+
+def test_the_openapi_description_documents_answers_errors_and_the_token(saved):
+    engine = _engine(saved, ["lora"])
+    try:
+        with S.running(engine, token="t") as url:
+            spec = httpx.get(url + "/openapi.json").json()
+    finally:
+        engine.close()
+    paths, schemas = spec["paths"], spec["components"]["schemas"]
+    embed = paths["/v1/adapters/{name}/embed"]["post"]["responses"]
+    assert {"200", "404", "413", "429", "504"} <= set(embed) and "Retry-After" in embed["429"]["description"]
+    assert embed["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/Embeddings")
+    classify = paths["/v1/adapters/{name}/classify"]["post"]["responses"]["200"]["content"]["application/json"]
+    assert classify["schema"]["$ref"].endswith("/Classes") and "label_names" in schemas["AdapterOut"]["properties"]
+    assert "application/x-ndjson" in paths["/v1/adapters/{name}/generate"]["post"]["responses"]["200"]["content"]
+    assert any(s.get("scheme") == "bearer" for s in spec["components"]["securitySchemes"].values())
+    assert paths["/v1/adapters"]["post"].get("security") and not paths["/v1/adapters/{name}/embed"]["post"].get("security")
+    assert "429" in spec["info"]["description"] and "token" in spec["info"]["description"]
+
+
+def test_a_request_that_runs_out_of_time_gets_504_and_the_server_goes_on(saved):
+    engine = _engine(saved, ["lora"], max_wait=8.0)  # the row waits for company longer than the timeout
+    try:
+        with S.running(engine, timeout=3.0) as url, httpx.Client(base_url=url, timeout=30) as c:
+            slow = c.post("/v1/adapters/lora/embed", json={"text": "x"})
+            assert slow.status_code == 504 and "timeout" in slow.json()["detail"]
+            engine.max_wait = 0.0  # the next row runs at once (3 s is room enough on a loaded machine)
+            assert c.post("/v1/adapters/lora/embed", json={"text": "x"}).status_code == 200
+    finally:
+        engine.close()
+
+
+def test_loading_an_adapter_while_rows_are_queued_serves_them_all(saved):
+    engine = _engine(saved, ["lora"], max_wait=3.0)  # the rows wait for company: the load comes between batches
+
+    async def scenario(url):
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            tasks = [asyncio.ensure_future(client.post("/v1/adapters/lora/embed", json={"text": t})) for t in TEXTS[:4]]
+            for _ in range(250):
+                if engine.queue_depth() == 4:
+                    break
+                await asyncio.sleep(0.01)
+            assert engine.queue_depth() == 4
+            loaded = await client.post("/v1/adapters", json={"name": "late", "path": str(saved["ia3"])})
+            late = await client.post("/v1/adapters/late/embed", json={"text": TEXTS[0]})
+            return loaded, late, await asyncio.gather(*tasks)
+
+    try:
+        with S.running(engine) as url:
+            loaded, late, responses = asyncio.run(scenario(url))
+    finally:
+        engine.close()
+    assert loaded.status_code == 201 and late.status_code == 200
+    torch.testing.assert_close(torch.tensor(late.json()["embeddings"][0]),
+                               S.alone_embedding("tiny-bert", saved["ia3"], TEXTS[0]), atol=1e-5, rtol=1e-4)
+    for t, r in zip(TEXTS[:4], responses):
+        assert r.status_code == 200
+        torch.testing.assert_close(torch.tensor(r.json()["embeddings"][0]),
+                                   S.alone_embedding("tiny-bert", saved["lora"], t), atol=1e-5, rtol=1e-4)
+
+
+def test_the_serving_benchmark_times_the_per_request_baseline(capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import serving as bench_serving
+
+    assert bench_serving.main(["--quick", "--model", "tiny-bert", "--skip-server", "--per-request", "--no-write"]) == 0
+    table = capsys.readouterr().out
+    assert "| vs per-request |" in table
+    row = next(line for line in table.splitlines() if line.startswith("| 8 LoRA | mixed |"))
+    assert row.rstrip(" |").endswith("x")  # mixed batches against one forward per request
+    assert "| 8 LoRA | per-request |" in table and "| 8 mixed methods | per-request |" in table

@@ -15,7 +15,12 @@ block K:
   blocks need (the attention mask from ``attention_mask``, positions, rotary tables) as usual, so
   every architecture with one stack of blocks works unchanged;
 - the cache's name is a hash of the frozen part's weights, K, the token ids of every input (so the
-  data, the tokenizer and max_len), the dtype and bf16 autocast: any change builds a new one.
+  data, the tokenizer and max_len), the dtype and bf16 autocast: any change builds a new one;
+- the folder is pruned after every use (:func:`prune`): while it holds more than
+  ``$DELTATUNE_RECYCLE_MAX_GB`` gigabytes (default 20) or ``$DELTATUNE_RECYCLE_MAX_FILES`` files
+  (default 100), the least recently used files go first. Only regular files that carry
+  deltatune's marker (``"deltatune": "recycle-cache"`` and their own key in the safetensors
+  metadata) are counted or removed, never through a symbolic link, never a cache in use.
 
 Generation (each decoding step feeds new tokens), prompt tuning (it changes the input sequence),
 ``frozen_dropout`` (the frozen part would change every step) and adapters that train the embeddings
@@ -26,7 +31,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import stat
 import struct
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -40,6 +49,11 @@ from ..store import require_store
 FORMAT = 1
 DTYPES = {"float32": (torch.float32, "F32"), "float16": (torch.float16, "F16"), "bfloat16": (torch.bfloat16, "BF16")}
 KEY = "recycled"  # the batch key that carries the cached states
+MARKER = ("deltatune", "recycle-cache")  # in every cache file's metadata: what prune() may remove
+MAX_GB_ENV, MAX_GB_DEFAULT = "DELTATUNE_RECYCLE_MAX_GB", 20.0
+MAX_FILES_ENV, MAX_FILES_DEFAULT = "DELTATUNE_RECYCLE_MAX_FILES", 100
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+-([0-9a-f]{24})\.safetensors$")
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 class RecycleError(ConfigError):
@@ -173,7 +187,7 @@ def build(model, objective, rows: list[dict], k: int, dtype: str, path: Path, *,
                         pass
                     out = form.pop("out").to(torch_dtype).cpu()
                     if start is None:  # the header names the blocks' output form, known from the first batch
-                        meta = {**(meta or {}), "format": FORMAT, "k": k, "form": form["form"], "rows": len(rows),
+                        meta = {**(meta or {}), MARKER[0]: MARKER[1], "format": FORMAT, "k": k, "form": form["form"], "rows": len(rows),
                                 "dtype": dtype}
                         start = _write_header(f, tensors, meta)
                         f.truncate(start + total * d * item + 8 * (len(rows) + 1))
@@ -192,6 +206,116 @@ def build(model, objective, rows: list[dict], k: int, dtype: str, path: Path, *,
         if tmp.exists():
             tmp.unlink()
     return Cache(path)
+
+
+# ------------------------------------------------------------------------------------ pruning
+
+
+def _touch(path: Path) -> None:
+    """Record a use: the access time says when a cache was last used (set explicitly: mounts with
+    relatime or noatime do not), the modification time when it was written."""
+    try:
+        st = os.lstat(path)
+        os.utime(path, ns=(time.time_ns(), st.st_mtime_ns), follow_symlinks=False)
+    except (OSError, NotImplementedError):
+        pass
+
+
+def _regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _limit(env: str, default: float, kind) -> float:
+    text = os.environ.get(env, "").strip()
+    if not text:
+        return default
+    try:
+        value = kind(text)
+    except ValueError:
+        value = -1
+    if not value > 0:
+        raise ConfigError(f"{env}={text!r} must be a positive {'number of gigabytes' if kind is float else 'whole number'}")
+    return value
+
+
+def _ours(path: Path, st: os.stat_result) -> bool:
+    """A regular file (not a link) named like a cache, whose metadata carries the marker and its own key."""
+    match = _NAME.match(path.name)
+    if not match or not stat.S_ISREG(st.st_mode) or st.st_size < 8:
+        return False
+    noatime = getattr(os, "O_NOATIME", 0)  # reading the header is not a use: the access time must not move
+    try:
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW | noatime)
+    except PermissionError:  # O_NOATIME needs the file's owner
+        noatime = 0
+        try:
+            fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
+        except OSError:
+            return False
+    except OSError:
+        return False
+    try:
+        with os.fdopen(fd, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            if n > min(st.st_size - 8, 1 << 20):
+                return False
+            meta = json.loads(f.read(n)).get("__metadata__", {})
+    except (OSError, ValueError, AttributeError, struct.error):
+        return False
+    ours = meta.get(MARKER[0]) == MARKER[1] and meta.get("key") == match.group(1)
+    if ours and not noatime:  # put back the access time the read may have moved
+        try:
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+        except (OSError, NotImplementedError):
+            pass
+    return ours
+
+
+def prune(folder=None, *, max_gb: float | None = None, max_files: int | None = None, keep=()) -> list[Path]:
+    """Remove the least recently used recycling caches of ``folder`` (default ``<cache>/recycle``) until
+    it holds at most ``max_gb`` gigabytes and ``max_files`` files (defaults: ``$DELTATUNE_RECYCLE_MAX_GB``,
+    20; ``$DELTATUNE_RECYCLE_MAX_FILES``, 100). Only files deltatune wrote (its marker in their
+    metadata) count and go; a symbolic link is never followed (a linked folder is left alone); the
+    paths in ``keep`` (caches in use) stay. Returns the paths removed."""
+    folder = Path(folder) if folder is not None else cache_dir() / "recycle"
+    max_bytes = (max_gb if max_gb is not None else _limit(MAX_GB_ENV, MAX_GB_DEFAULT, float)) * 2**30
+    max_files = max_files if max_files is not None else int(_limit(MAX_FILES_ENV, MAX_FILES_DEFAULT, int))
+    try:
+        if not stat.S_ISDIR(os.lstat(folder).st_mode):  # absent, a file, or a link: nothing of ours to prune
+            return []
+        entries = list(os.scandir(folder))
+    except OSError:
+        return []
+    keep = {os.path.abspath(p) for p in keep}
+    files = []
+    for entry in entries:
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if _ours(Path(entry.path), st):
+            files.append((st.st_atime_ns, st.st_size, Path(entry.path)))
+    files.sort()  # least recently used first
+    total, count, removed = sum(size for _, size, _ in files), len(files), []
+    for _, size, path in files:
+        if total <= max_bytes and count <= max_files:
+            break
+        if os.path.abspath(path) in keep:
+            continue
+        try:
+            os.unlink(path)  # unlinks the entry itself, never what a link points at
+        except OSError:
+            continue
+        total, count = total - size, count - 1
+        removed.append(path)
+    if removed:
+        print(f"recycling: removed {len(removed)} least recently used cache file(s) from {folder} "
+              f"(limits: {max_bytes / 2**30:g} GB, {max_files} files; see {MAX_GB_ENV}, {MAX_FILES_ENV})",
+              file=sys.stderr)
+    return removed
 
 
 # ------------------------------------------------------------------------------------ replay
@@ -271,17 +395,18 @@ def prepare(cfg, model, objective, data: dict, progress: bool | None = None) -> 
         raise RecycleError("--recycle caches the frozen part's output for fixed inputs; generation feeds new tokens "
                            "at every step, so it applies to retrieval and classification tasks")
     k = frozen_depth(model)
+    limits = _limit(MAX_GB_ENV, MAX_GB_DEFAULT, float), int(_limit(MAX_FILES_ENV, MAX_FILES_DEFAULT, int))  # checked first
     weights = lower_weights_key(model, k)
     device = cfg.device or "cpu"
     progress = cfg.progress if progress is None else progress
-    out, form = {}, "tensor"
+    out, form, used = {}, "tensor", []
     for split, examples in data.items():
         rows = [part for ex in examples for part in ex if isinstance(part, dict)]
         key = hashlib.sha256(json.dumps([FORMAT, weights, k, dtype, bool(cfg.bf16), cfg.max_len, type(model).__name__,
                                          transformers.__version__, _tokens_key(rows)]).encode()).hexdigest()[:24]
         path = cache_dir() / "recycle" / f"{split}-{key}.safetensors"
         cache = None
-        if path.is_file():
+        if _regular(path):  # a link in its place is not read (it is replaced by the build)
             try:
                 cache = Cache(path)
                 if int(cache.meta.get("rows", -1)) != len(rows) or cache.k != k:
@@ -293,6 +418,8 @@ def prepare(cfg, model, objective, data: dict, progress: bool | None = None) -> 
                           bf16=cfg.bf16, progress=progress, meta={"split": split, "key": key})
         if cache is not None:
             form = cache.form
+            used.append(path)
+            _touch(path)
         wrapped, n = [], 0
         for ex in examples:
             parts = []
@@ -306,6 +433,7 @@ def prepare(cfg, model, objective, data: dict, progress: bool | None = None) -> 
             wrapped.append(type(ex)(parts) if isinstance(ex, tuple) else parts)
         out[split] = wrapped
     _wrap(objective, k, form, weights, dtype=next(p.dtype for p in model.parameters() if p.is_floating_point()))
+    prune(max_gb=limits[0], max_files=limits[1], keep=used)
     return objective, out
 
 

@@ -32,6 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token", default=None,
                    help=f"bearer token for loading, unloading and indexing (default: ${TOKEN_ENV}; none: open)")
     p.add_argument("--index-dir", default=None, help="where search indexes are saved (default: the deltatune cache)")
+    p.add_argument("--device", default="cpu",
+                   help="where the model runs: cpu (default), cuda, cuda:N or mps when this machine has it")
 
 
 def _pairs(items: list[str], flag: str) -> list[tuple[str, str]]:
@@ -57,7 +59,7 @@ def run(args) -> int:
     adapters, indexes = _pairs(args.adapter, "--adapter"), _pairs(args.index, "--index")
     token = args.token or os.environ.get(TOKEN_ENV) or None
     engine = Engine(args.model, max_batch=args.max_batch, max_wait=args.max_wait_ms / 1000, queue_size=args.queue,
-                    max_len=args.max_len, index_dir=args.index_dir)
+                    max_len=args.max_len, index_dir=args.index_dir, device=args.device)
     app = create_app(engine, token=token, timeout=args.timeout, max_chars=args.max_chars)  # metrics before work
     try:
         for name, path in adapters:
@@ -72,7 +74,8 @@ def run(args) -> int:
             print(f"deltatune serve: warning: listening on {args.host} without a token: anyone who reaches it may "
                   f"load and unload adapters; set --token or ${TOKEN_ENV}", file=sys.stderr)
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
-        print(f"deltatune serve: http://{args.host}:{args.port}/ (OpenAPI: /docs)", file=sys.stderr)
+        print(f"deltatune serve: http://{args.host}:{args.port}/ (OpenAPI: /docs), model on {engine.device}",
+              file=sys.stderr)
         asyncio.run(uvicorn.Server(config).serve())
     finally:
         engine.close()

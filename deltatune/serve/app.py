@@ -17,6 +17,7 @@ from pathlib import Path
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPBearer
 from pydantic import BaseModel, Field
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -74,14 +75,100 @@ class IndexRequest(BaseModel):
     path: str = Field(..., description="a folder of Python files on the server")
 
 
+# What the endpoints answer, for the OpenAPI description (the handlers return plain dicts).
+class Error(BaseModel):
+    detail: str = Field(..., description="one line naming the problem and what to do")
+
+
+class AdapterOut(BaseModel):
+    name: str
+    kind: str = Field(..., description="retrieval, classification or generation")
+    method: str
+    path: str
+    parameters: int
+    size_bytes: int
+    requests: int = Field(..., description="requests answered")
+    rows: int = Field(..., description="texts run (a request may carry several)")
+    labels: int | None = Field(None, description="classes of a classification adapter")
+    label_names: list[str] | None = Field(None, description="their names, when the adapter carries them")
+    indexed: dict | None = Field(None, description="the search index: root and functions")
+
+
+class AdapterList(BaseModel):
+    model: str
+    adapters: list[AdapterOut]
+
+
+class Embeddings(BaseModel):
+    adapter: str
+    embeddings: list[list[float]] = Field(..., description="one unit-length vector per text")
+    tokens: list[int] = Field(..., description="tokens read per text (after truncation to --max-len)")
+
+
+class ClassResult(BaseModel):
+    label: str | int = Field(..., description="the class name, or its index when the adapter carries no names")
+    index: int
+    probabilities: list[float] = Field(..., description="in class order")
+    tokens: int
+
+
+class Classes(BaseModel):
+    adapter: str
+    labels: list[str] | None
+    results: list[ClassResult]
+    note: str | None = Field(None, description="present when the adapter carries no label names")
+
+
+class Hit(BaseModel):
+    name: str
+    file: str
+    line: int
+    code: str
+    score: float
+
+
+class Hits(BaseModel):
+    adapter: str
+    query: str
+    results: list[Hit]
+    tokens: int
+
+
+class Generated(BaseModel):
+    adapter: str
+    text: str
+    tokens: int
+
+
+ERRORS = {400: "malformed JSON, empty input, the wrong task for this adapter, a bad adapter file",
+          404: "no adapter of that name", 409: "the name is taken, or search before the adapter is indexed",
+          410: "the adapter was unloaded while the request waited", 413: "input over --max-chars, or too many texts",
+          422: "a field of the wrong type", 429: "the queue is full; retry after Retry-After seconds",
+          499: "the client left", 504: "the request took longer than --timeout"}
+
+
+def _errors(*codes: int) -> dict:
+    return {c: {"model": Error, "description": ERRORS[c]} for c in codes}
+
+
+DESCRIPTION = """One frozen {model} and many task adapters, batched across adapters: concurrent requests for
+different adapters share one forward pass (per-row routing).
+
+Errors are JSON `{{"detail": "..."}}` naming the problem: 400 malformed JSON, empty input or the wrong task
+for the adapter; 401 a missing or wrong token; 404 an unknown adapter; 409 a name already loaded or no
+index yet; 410 an adapter unloaded while the request waited; 413 an input too large; 422 a field of the
+wrong type; 429 a full queue (with Retry-After); 504 a request that ran out of time.
+Loading, unloading and indexing need the bearer token when the server has one ({guarded})."""
+
+
 def create_app(engine: Engine, *, token: str | None = None, timeout: float = 30.0, max_chars: int = 20000,
                max_items: int = 64) -> FastAPI:
     metrics = engine.metrics or Metrics()
     engine.metrics = metrics
     metrics.queue.set_function(engine.queue_depth)
     metrics.adapters.set_function(lambda: len(engine.adapters))
-    app = FastAPI(title="deltatune serve", version="1",
-                  description=f"One frozen {engine.model_name} and many task adapters, batched across adapters.")
+    app = FastAPI(title="deltatune serve", version="1", description=DESCRIPTION.format(
+        model=engine.model_name, guarded="set" if token is not None else "this one has none: they are open"))
     app.state.engine = engine
 
     @app.exception_handler(ServeError)
@@ -105,7 +192,9 @@ def create_app(engine: Engine, *, token: str | None = None, timeout: float = 30.
 
     app.add_middleware(_Counted, engine=engine, metrics=metrics)
 
-    def guard(request: Request) -> None:
+    bearer = HTTPBearer(auto_error=False, description="the server's --token (or $DELTATUNE_SERVE_TOKEN)")
+
+    def guard(request: Request, _=Depends(bearer)) -> None:  # the scheme documents it; the check is here
         if token is None:
             return
         given = request.headers.get("authorization", "")
@@ -175,47 +264,66 @@ def create_app(engine: Engine, *, token: str | None = None, timeout: float = 30.
     async def prometheus():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/adapters", summary="the loaded adapters: kind, method, size, traffic")
+    @app.get("/v1/adapters", summary="the loaded adapters: kind, method, size, traffic", response_model=AdapterList)
     async def list_adapters():
         return {"model": engine.model_name, "adapters": [i.public() for i in engine.adapters.values()]}
 
-    @app.post("/v1/adapters", status_code=201, dependencies=[Depends(guard)],
+    @app.post("/v1/adapters", status_code=201, dependencies=[Depends(guard)], response_model=AdapterOut,
+              responses={401: {"model": Error, "description": "no or wrong token"}, **_errors(400, 409, 422)},
               summary="load an adapter folder under a name (validated as dt.load_adapter does)")
     async def load(body: LoadRequest):
         info = await asyncio.to_thread(engine.load, body.name, body.path)
         return info.public()
 
-    @app.delete("/v1/adapters/{name}", dependencies=[Depends(guard)], summary="unload an adapter")
+    @app.delete("/v1/adapters/{name}", dependencies=[Depends(guard)], summary="unload an adapter",
+                responses={401: {"model": Error, "description": "no or wrong token"}, **_errors(404)})
     async def unload(name: str):
         await asyncio.to_thread(engine.unload, name)
         return {"unloaded": name}
 
-    @app.post("/v1/adapters/{name}/embed", summary="unit-length embeddings (retrieval adapters)")
+    @app.post("/v1/adapters/{name}/embed", summary="unit-length embeddings (retrieval adapters)",
+              responses={200: {"model": Embeddings}, **_errors(400, 404, 410, 413, 422, 429, 504)})
     async def embed(name: str, body: Texts, request: Request):
         results = await run(request, task_jobs(name, "embed", rows(body)))
         counted(name)
         return {"adapter": name, "embeddings": [r["embedding"] for r in results],
                 "tokens": [r["tokens"] for r in results]}
 
-    @app.post("/v1/adapters/{name}/classify", summary="class probabilities (classification adapters)")
+    @app.post("/v1/adapters/{name}/classify", summary="the class and class probabilities (classification adapters)",
+              responses={200: {"model": Classes}, **_errors(400, 404, 410, 413, 422, 429, 504)},
+              description="Per text: `label` (the class name saved with the adapter, or its index when the "
+                          "adapter carries no names), `index`, and `probabilities` in class order. `labels` lists "
+                          "the class names, or is null with a `note` when the adapter has none.")
     async def classify(name: str, body: Texts, request: Request):
+        names = engine.info(name, "classify").label_names
         results = await run(request, task_jobs(name, "classify", rows(body)))
         counted(name)
-        return {"adapter": name, "results": results}
+        out = {"adapter": name, "labels": names, "results": results}
+        if names is None:
+            out["note"] = ("this adapter carries no label names (train saves them from the task's labels); "
+                           "'label' is the class index")
+        return out
 
-    @app.post("/v1/adapters/{name}/search", summary="the indexed functions closest to a query")
+    @app.post("/v1/adapters/{name}/search", summary="the indexed functions closest to a query",
+              responses={200: {"model": Hits}, **_errors(400, 404, 409, 410, 413, 422, 429, 504)})
     async def search_(name: str, body: Query, request: Request):
         (result,) = await run(request, task_jobs(name, "search", [check_text(body.query, "query")], k=body.k))
         counted(name)
         return {"adapter": name, "query": body.query, **result}
 
     @app.post("/v1/adapters/{name}/index", dependencies=[Depends(guard)],
+              responses={401: {"model": Error, "description": "no or wrong token"}, **_errors(400, 404, 410, 422)},
               summary="index a folder of Python files (functions split with ast) for search")
     async def index(name: str, body: IndexRequest):
         engine.info(name, "search")
         return await asyncio.to_thread(build_index, engine, name, body.path)
 
-    @app.post("/v1/adapters/{name}/generate", summary="generated text (causal-LM adapters); streams NDJSON")
+    @app.post("/v1/adapters/{name}/generate", summary="generated text (causal-LM adapters); streams NDJSON",
+              description="With `stream` (the default) the answer is NDJSON: `{\"token\": ...}` lines as tokens are "
+                          "made, then `{\"done\": true, \"text\", \"tokens\"}` (or `{\"error\", \"status\"}`). "
+                          "With `stream: false`, one JSON object.",
+              responses={200: {"model": Generated, "content": {"application/x-ndjson": {}}},
+                         **_errors(400, 404, 410, 413, 422, 429, 504)})
     async def generate(name: str, body: Prompt, request: Request):
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue = asyncio.Queue()

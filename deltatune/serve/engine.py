@@ -11,13 +11,18 @@ validated before the operation is queued, and rows still queued for an unloaded 
 
 Task kinds follow from the adapter file: ``head.*`` tensors -> classification (the head becomes an
 ``nn.Linear`` kept with the adapter and applied to the mean-pooled backbone output; the model's
-own head is never used); otherwise generation on a causal LM, retrieval on an encoder
-(mean pooling + L2 normalisation, as ``models.BiEncoder``).
+own head is never used; the class names are the ``labels`` its config carries, written by
+``train`` from the task, or indices when it carries none); otherwise generation on a causal LM,
+retrieval on an encoder (mean pooling + L2 normalisation, as ``models.BiEncoder``).
+
+``device``: ``cpu`` (default), ``cuda``/``cuda:N`` or ``mps`` when torch has it; anything else is a
+ConfigError naming what this machine has.
 """
 from __future__ import annotations
 
 import concurrent.futures as cf
 import hashlib
+import json
 import math
 import threading
 import time
@@ -30,7 +35,7 @@ import torch
 from torch import nn
 
 import deltatune as dt
-from ..errors import DeltatuneError
+from ..errors import ConfigError, DeltatuneError
 from ..train import resolve_adapter
 from ..models import BiEncoder, cache_dir, format_prompt, load_backbone, mean_pool
 
@@ -55,6 +60,7 @@ class AdapterInfo:
     size_bytes: int
     identity: str  # hash of the adapter file: keys the saved search index
     head: nn.Linear | None = None
+    label_names: list[str] | None = None  # the classes' names from the adapter's config, or None: indices
     requests: int = 0
     rows: int = 0
     index: object = None  # search.Index
@@ -63,6 +69,7 @@ class AdapterInfo:
         out = {k: getattr(self, k) for k in ("name", "kind", "method", "path", "parameters", "size_bytes",
                                               "requests", "rows")}
         out["labels"] = self.head.out_features if self.head is not None else None
+        out["label_names"] = self.label_names
         out["indexed"] = None if self.index is None else {"root": self.index.root, "functions": len(self.index.items)}
         return out
 
@@ -89,14 +96,16 @@ class Engine:
     """``Engine("minilm")``; ``load(name, dir)``; ``submit([Job(...)])``; ``close()``."""
 
     def __init__(self, model: str = "minilm", *, max_batch: int = 32, max_wait: float = 0.005,
-                 queue_size: int = 256, max_len: int = 256, index_dir: str | None = None, metrics=None):
+                 queue_size: int = 256, max_len: int = 256, index_dir: str | None = None, metrics=None,
+                 device: str = "cpu"):
         if max_batch < 1 or queue_size < 1 or max_wait < 0 or max_len < 8:
             raise ValueError("max_batch and queue_size must be >= 1, max_wait >= 0, max_len >= 8")
+        self.device = check_device(device)
         self.model_name = model
         base, self.tokenizer = load_backbone(model)
         self.generative = hasattr(base, "generate") and base.get_output_embeddings() is not None
         self.model = base if self.generative else BiEncoder(base)
-        self.model.eval()
+        self.model.to(self.device).eval()
         if self.generative:
             self.tokenizer.padding_side = self.tokenizer.truncation_side = "left"
         self.max_batch, self.max_wait, self.queue_size, self.max_len = max_batch, max_wait, queue_size, max_len
@@ -303,11 +312,11 @@ class Engine:
 
     def _encode(self, batch: list[Job]) -> None:
         enc = self.tokenizer([j.text for j in batch], padding=True, truncation=True, max_length=self.max_len,
-                             return_tensors="pt")
+                             return_tensors="pt").to(self.device)
         with dt.routing(self.model, [j.adapter for j in batch]):
             hidden = self.model.backbone(**enc).last_hidden_state
         pooled = mean_pool(hidden, enc["attention_mask"])
-        unit = nn.functional.normalize(pooled, dim=-1)
+        unit = nn.functional.normalize(pooled, dim=-1).float().cpu()
         tokens = enc["attention_mask"].sum(1).tolist()
         for i, job in enumerate(batch):
             info = self.adapters[job.adapter]
@@ -315,8 +324,10 @@ class Engine:
                 result = {"embedding": unit[i].tolist()}
             elif job.task == "classify":
                 logits = info.head(pooled[i].to(info.head.weight.dtype))
-                probs = torch.softmax(logits.float(), -1)
-                result = {"label": int(probs.argmax()), "probabilities": [round(p, 6) for p in probs.tolist()]}
+                probs = torch.softmax(logits.float(), -1).cpu()
+                index = int(probs.argmax())
+                result = {"label": info.label_names[index] if info.label_names else index, "index": index,
+                          "probabilities": [round(p, 6) for p in probs.tolist()]}
             else:  # search
                 if info.index is None:
                     raise_later = ServeError(409, f"adapter {job.adapter!r} has no search index yet; index a "
@@ -334,7 +345,7 @@ class Engine:
         tok = self.tokenizer
         prompts = [format_prompt(tok, j.text) for j in batch]
         enc = tok(prompts, padding=True, truncation=True, max_length=self.max_len, return_tensors="pt",
-                  add_special_tokens=False)
+                  add_special_tokens=False).to(self.device)
         ids = [[] for _ in batch]
         texts = [""] * len(batch)
         done = torch.zeros(len(batch), dtype=torch.bool)
@@ -367,7 +378,7 @@ class Engine:
                                 job.sink(piece)
                     if new[i] == eos or len(ids[i]) >= job.max_new_tokens:
                         finish(i)
-                return done.clone()
+                return done.clone().to(input_ids.device)
 
         with dt.routing(self.model, [j.adapter for j in batch]):
             self.model.generate(**enc, max_new_tokens=max(j.max_new_tokens for j in batch), do_sample=False,
@@ -396,6 +407,7 @@ class Engine:
         heads: dict = {}
         dt.load_adapter(self.model, path, adapter=name, heads=heads)
         try:
+            self.model.to(self.device)  # the adapter's parameters join the model on its device
             head = self._head(name, heads)
             store = dt.store.require_store(self.model)
             rec = store.records[name]
@@ -407,7 +419,8 @@ class Engine:
                 raise ServeError(400, f"{path}: a classification adapter cannot be served on the causal LM "
                                       f"{self.model_name}; serve it on the encoder it was trained on")
             kind = "classification" if head is not None else "generation" if self.generative else "retrieval"
-            info = AdapterInfo(name, kind, rec.method.name, str(path), n, size, _file_identity(path), head)
+            info = AdapterInfo(name, kind, rec.method.name, str(path), n, size, _file_identity(path), head,
+                               _label_names(path, head))
             dt.set_active(self.model)  # idle outside dt.routing: a stray forward pass is the bare base
         except BaseException:
             dt.detach(self.model, name)
@@ -433,7 +446,7 @@ class Engine:
             head.weight.copy_(weight)
             if bias is not None:
                 head.bias.copy_(bias)
-        return head.eval().requires_grad_(False)
+        return head.to(self.device).eval().requires_grad_(False)
 
     def _unload(self, name: str) -> None:
         if name not in self.adapters:
@@ -441,6 +454,45 @@ class Engine:
         del self.adapters[name]  # first: rows still queued for it fail with 410 from here on
         dt.detach(self.model, name)
         return None
+
+
+def check_device(device: str) -> torch.device:
+    """``device`` as a torch.device this machine has; a ConfigError naming what it has otherwise."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"--device {device!r} is not a device; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            why = "this torch is built without CUDA" if not torch.backends.cuda.is_built() else "no CUDA device is visible"
+            raise ConfigError(f"--device {device}: {why} (torch {torch.__version__}); serve on --device cpu")
+        if dev.index is not None and dev.index >= count:
+            raise ConfigError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+        return dev
+    if dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ConfigError(f"--device {device}: MPS is not available here; serve on --device cpu")
+        return dev
+    raise ConfigError(f"--device {device!r}: the server runs on cpu, cuda[:N] or mps")
+
+
+def _label_names(path: Path, head) -> list[str] | None:
+    """The class names the adapter's config carries (``labels``, one per row of its head), else None."""
+    if head is None:
+        return None
+    from safetensors import safe_open
+
+    try:  # the header only: the file was read and validated by load_adapter already
+        with safe_open(str(path / "adapter.safetensors" if path.is_dir() else path), framework="pt") as f:
+            names = json.loads((f.metadata() or {}).get("deltatune", "{}")).get("labels")
+    except Exception:  # a PEFT folder (no deltatune config), or no header to read: indices
+        return None
+    if isinstance(names, list) and len(names) == head.out_features and all(isinstance(x, str) for x in names):
+        return names
+    return None
 
 
 def _file_identity(path: Path) -> str:

@@ -18,7 +18,7 @@ PAGE = """<!doctype html>
 <h1>deltatune serve</h1>
 <p id="model"></p>
 <h2>Adapters</h2>
-<table id="adapters"><thead><tr><th>name</th><th>kind</th><th>method</th><th>size</th><th>requests</th><th>index</th></tr></thead><tbody></tbody></table>
+<table id="adapters"><thead><tr><th>name</th><th>kind</th><th>method</th><th>size</th><th>parameters</th><th>requests</th><th>rows</th><th>index</th></tr></thead><tbody></tbody></table>
 <h2>Try one</h2>
 <p><label>adapter <select id="adapter"></select></label> <span id="hint"></span></p>
 <textarea id="input" placeholder="a query, or paste code"></textarea>
@@ -41,7 +41,7 @@ async function refresh() {
   sel.innerHTML = "";
   for (const a of adapters) {
     const row = document.createElement("tr");
-    for (const t of [a.name, a.kind, a.method, kb(a.size_bytes), a.requests,
+    for (const t of [a.name, a.kind, a.method, kb(a.size_bytes), a.parameters.toLocaleString("en"), a.requests, a.rows,
                      a.indexed ? a.indexed.functions + " functions" : "-"]) cell(row, t);
     body.appendChild(row);
     const opt = document.createElement("option");
@@ -89,7 +89,8 @@ async function go() {
       const data = await (await post(base + "/classify", {text: text})).json();
       const r = data.results[0];
       const p = document.createElement("p"); p.className = "result";
-      p.textContent = "class " + r.label + " (p = " + r.probabilities[r.label].toFixed(3) + ")";
+      p.textContent = "class " + r.label + " (p = " + r.probabilities[r.index].toFixed(3) + ")"
+        + (data.labels ? "" : " \u2014 " + data.note);
       out.appendChild(p);
     } else {
       const pre = document.createElement("pre"); pre.className = "result"; out.appendChild(pre);
