@@ -154,7 +154,11 @@ def _crash_all(task, tmp_path, methods, kills, section):
             counts[method] = crash_and_resume(server, task, tmp_path / method, method, kills, f"crash:{method}")
     figures.record(section, counts)
     total = sum(c["kills"] for c in counts.values())
-    assert total >= len(methods) * kills // 2, counts  # most attempts were killed before they finished
+    # Every method was killed at least once before it finished: the first attempt dies at a file-system
+    # operation counted from the reference run, which does not depend on the machine's speed. The
+    # later kills at a random moment may come after a resumed run has finished (it ran faster than the
+    # reference did on a busy machine), so how many land is not asserted.
+    assert total >= len(methods) and all(c["kills"] for c in counts.values()), counts
     return counts
 
 
