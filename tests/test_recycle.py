@@ -55,12 +55,14 @@ def test_evaluate_of_a_recycled_run_scores_from_the_cache_with_the_uncached_resu
     built = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")}
     assert len(built) == 3  # train, valid, test
     calls = _block0_calls(monkeypatch)
-    cached = evaluate(tmp_path / "run", split="test", out_dir=tmp_path / "eval-cached")
+    # max_len=32: the run's length (evaluate's default is the longest input the model takes, which keys
+    # another cache); with it, the run's own cache and scores are reproduced.
+    cached = evaluate(tmp_path / "run", split="test", max_len=32, out_dir=tmp_path / "eval-cached")
     assert calls == []  # block 0 never ran: its output came from the cache
     assert {p.name: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")} == built  # the run's cache, reused
-    valid = evaluate(tmp_path / "run", split="valid")
+    valid = evaluate(tmp_path / "run", split="valid", max_len=32)
     assert calls == [] and valid["value"] == summary["valid_value"]
-    plain = evaluate(tmp_path / "run", split="test", recycle=False, out_dir=tmp_path / "eval-plain")
+    plain = evaluate(tmp_path / "run", split="test", max_len=32, recycle=False, out_dir=tmp_path / "eval-plain")
     assert calls  # computed through block 0
     assert cached["value"] == plain["value"] == summary["value"]
     for key in cached:
@@ -77,7 +79,7 @@ def test_evaluate_builds_the_cache_of_a_split_the_run_did_not_cache(tmp_path, ca
     for p in cache.glob("test-*.safetensors"):
         p.unlink()
     calls = _block0_calls(monkeypatch)
-    assert evaluate(tmp_path / "run")["value"] == summary["value"]
+    assert evaluate(tmp_path / "run", max_len=32)["value"] == summary["value"]
     assert calls == [] and len(list(cache.glob("test-*.safetensors"))) == 1
 
 
