@@ -156,3 +156,11 @@ def test_page_reads_the_layer_analysis(tmp_path, monkeypatch):
     assert "the two least similar hidden states are [2, 5] of 0..6 (not the top two)" in text
     assert "some differ from the paper" in text
     assert (tmp_path / "out" / "probing-minilm.png").is_file() and (tmp_path / "out" / "rsa-minilm.png").is_file()
+
+
+def test_a_comparison_where_nothing_beats_the_untrained_model_says_so():
+    from deltatune.findings.page import _unlearned
+    at_chance = {"mean": 0.505, "zero_shot": 0.524, "metric": "accuracy"}
+    learned = {"mean": 0.62, "zero_shot": 0.524, "metric": "accuracy"}
+    assert "not learned" in _unlearned(at_chance, dict(at_chance, mean=0.50))
+    assert _unlearned(at_chance, learned) == ""

@@ -258,6 +258,16 @@ def _complete(*stats) -> bool:
     return all(s is not None and s["mean"] is not None for s in stats)
 
 
+def _unlearned(*stats) -> str:
+    """A warning when no group beats the untrained model (its zero-shot score) by a point: at this
+    budget the task was not learned, and a comparison of the groups says little."""
+    zero = [s["zero_shot"] for s in stats if s.get("zero_shot") is not None]
+    if not zero or any(s["mean"] > max(zero) + _point(s["metric"]) for s in stats):
+        return ""
+    return (f" (but none beats the untrained model's {max(zero):.4f} by a point: at this budget the task is "
+            "not learned, so this comparison says little)")
+
+
 def verdict_1(st: dict) -> str:
     parts, holds = [], []
     for setting in ("cs", "bd"):
@@ -268,9 +278,11 @@ def verdict_1(st: dict) -> str:
             continue
         best = max(peft, key=lambda s: s["mean"])
         ok = best["mean"] >= full["mean"] or _within(full, best, 1)
-        holds.append(ok)
-        parts.append(f"{full['setting'].task}: best PEFT {_diff_text(full, best)}: "
-                     + ("matches full fine-tuning" if ok else "falls behind full fine-tuning"))
+        unlearned = _unlearned(full, *peft)
+        if not unlearned:  # a task no group learned at this budget counts neither way
+            holds.append(ok)
+        parts.append(f"{full['setting'].task}, full vs the better PEFT method: {_diff_text(full, best)}: "
+                     + ("matches full fine-tuning" if ok else "falls behind full fine-tuning") + unlearned)
     full, lora = st.get("sum:full"), st.get("sum:lora")
     if _complete(full, lora):
         behind = full["mean"] - lora["mean"] > max(_point(full["metric"]), (full["std"] or 0) + (lora["std"] or 0))
@@ -291,13 +303,16 @@ def verdict_3(st: dict) -> str:
             parts.append(f"{setting}: not enough runs yet")
             continue
         stable = dps["std"] < full["std"]
-        holds.append(stable)
+        unlearned = _unlearned(full, dps)
+        if not unlearned:  # a task no group learned at this budget counts neither way
+            holds.append(stable)
         what = f"{full['setting'].task}, {full['setting'].max_train or 'all'} training examples"
         parts.append(f"{what}: std over {dps['n']} seeds DPS {dps['std']:.4f} vs full {full['std']:.4f} "
-                     f"({'lower' if stable else 'not lower'}); mean {_diff_text(full, dps)}")
+                     f"({'lower' if stable else 'not lower'}); mean {_diff_text(full, dps)}{unlearned}")
         if setting == "bd500":
             better = dps["mean"] > full["mean"]
-            holds.append(better)
+            if not unlearned:
+                holds.append(better)
             parts.append(f"500 examples: DPS is {'better' if better else 'not better'} than full fine-tuning on the mean")
     return _verdict(holds, parts, "stable = lower sample std over the seeds; better = higher mean test accuracy")
 
@@ -359,7 +374,9 @@ def verdict_6(st: dict) -> str:
 
 
 def _verdict(holds: list[bool], parts: list[str], rule: str) -> str:
-    if not holds:
+    if not holds and any("not learned" in p for p in parts):
+        head = "**Verdict: no evidence either way at this budget: the task was not learned.**"
+    elif not holds:
         head = "**Verdict: not measured yet.**"
     elif all(holds):
         head = "**Verdict: holds on our tasks.**"
