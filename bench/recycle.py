@@ -282,13 +282,8 @@ def write_doc(folders: list[str], doc: Path) -> str:
                      + f"\n\nRaw results: `{folder}/results.jsonl`{' (' + stamp + ')' if stamp else ''}.\n")
     text = ("Measured by `bench/recycle.py` (see its docstring); the tables below are its output, the reading "
             "after them is by hand.\n\n" + "\n".join(parts))
-    start, end = "<!-- recycle:start -->", "<!-- recycle:end -->"
-    current = doc.read_text()
-    if start not in current or end not in current:
-        raise SystemExit(f"{doc} has no {start} ... {end} section to fill")
-    head, rest = current.split(start, 1)
-    _, tail = rest.split(end, 1)
-    doc.write_text(f"{head}{start}\n{text}\n{end}{tail}")
+    from results import fill_section
+    fill_section(doc, "recycle", text)
     return text
 
 

@@ -308,3 +308,14 @@ def report(rows, cells, results, started, elapsed, command) -> str:
     if findings.exists():
         lines += ["", findings.read_text().rstrip()]
     return "\n".join(lines) + "\n"
+
+
+def fill_section(doc: Path, tag: str, text: str) -> None:
+    """Replace what stands between ``<!-- TAG:start -->`` and ``<!-- TAG:end -->`` in ``doc``."""
+    start, end = f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
+    current = doc.read_text()
+    if start not in current or end not in current:
+        raise SystemExit(f"{doc} has no {start} ... {end} section to fill")
+    head, rest = current.split(start, 1)
+    _, tail = rest.split(end, 1)
+    doc.write_text(f"{head}{start}\n{text}\n{end}{tail}")

@@ -267,13 +267,8 @@ def markdown(args, part1_rows, part2_rows, load_before, load_after) -> str:
 
 
 def write(doc: Path, text: str) -> None:
-    start, end = "<!-- bench:start -->", "<!-- bench:end -->"
-    current = doc.read_text()
-    if start not in current or end not in current:
-        raise SystemExit(f"{doc} has no {start} ... {end} section to fill")
-    head, rest = current.split(start, 1)
-    _, tail = rest.split(end, 1)
-    doc.write_text(f"{head}{start}\n{text}\n{end}{tail}")
+    from results import fill_section
+    fill_section(doc, "bench", text)
 
 
 def main(argv=None) -> int:
