@@ -98,8 +98,9 @@ class Retrieval(_Objective):
         return self.pad([q for q, _ in examples]), self.pad([c for _, c in examples])
 
     # Rows per forward in training: length-sorted groups, each cut to its longest row (deltatune.lengths);
-    # None: the whole padded batch at once (the default: groups of 8 were slower in bench/jobs.py ab on this CPU).
-    group = None
+    # None: the whole padded batch at once. Groups of 16 took 0.69x the padded batch's step time on a quiet
+    # 2-core CPU (bench/jobs.py ab, docs/bench/jobs-ab.txt); the loss is the padded batch's to float rounding.
+    group = 16
 
     def loss(self, model, batch):
         queries, codes = forward_by_length(model, batch[0], self.group), forward_by_length(model, batch[1], self.group)  # (B, d)

@@ -37,7 +37,7 @@ from deltatune.errors import AdapterFileError, ConfigError, DataError, StorageEr
 from deltatune import distributed, privacy, storage, updates
 from deltatune.storage import RunFolder, atomic_write_bytes, atomic_write_json, storage_error
 from deltatune.models import build_task_model
-from deltatune.names import slug
+from deltatune.names import cache_dir, slug
 from deltatune.checkpoints import _COUNT, _checkpoints, _latest_checkpoint, _load_checkpoint, _save_checkpoint, _step_of
 from deltatune.objectives import CHARS_PER_TOKEN, OBJECTIVES, Classification, Generation, Retrieval, _to  # noqa: F401  (re-exported)
 
@@ -140,7 +140,8 @@ def _train(cfg: TrainConfig, task, folder: RunFolder) -> dict:
     if checkpoint is None and data["test"] and distributed.is_rank0() and not distributed.sharded(cfg):
         with torch.random.fork_rng(devices=[]):  # a method that does not fit fails before the scoring
             dt.detach(_check_positions(cfg, dt.attach(model, cfg.method, **cfg.options), task.kind))
-        zero_shot, zero_shot_records = _score(model.to(cfg.device), objective, data["test"], task, "test", cfg)
+        zero_shot, zero_shot_records, state["zero_shot_cached"] = _zero_shot(cfg, model.to(cfg.device), objective,
+                                                                             data["test"], task)
         state["zero_shot_value"] = zero_shot[task.metric]
         lap("zero_shot")
     if not loads:
@@ -194,6 +195,7 @@ def _train(cfg: TrainConfig, task, folder: RunFolder) -> dict:
     summary = {
         "method": cfg.method, "task": task.name, "model": cfg.model, "metric": task.metric,
         "value": test[task.metric], "zero_shot_value": state["zero_shot_value"],
+        "zero_shot_cached": state.get("zero_shot_cached", False),
         "trainable_params": trainable, "total_params": total, "train_seconds": state["train_seconds"],
         "step_seconds_median": statistics.median(state["step_seconds"]), "peak_rss_mb": _peak_rss_mb(),
         "steps": state["step"], "max_steps": cfg.max_steps, "stopped_early": state["step"] < cfg.max_steps,
@@ -449,6 +451,63 @@ def _score(model, objective, examples, task, split, cfg) -> tuple[dict, list[dic
         predictions = objective.predict(model, examples, cfg.batch_size, cfg.device)
     metrics = task.score(predictions, split)
     return metrics, objective.records(task.split(split), predictions, task)
+
+
+def _zero_shot(cfg: TrainConfig, model, objective, examples, task) -> tuple[dict, list[dict], bool]:
+    """The pretrained model's test score and predictions, and whether they came from the cache.
+
+    A sweep scores the same pretrained model on the same test split in every run: the score is kept in
+    ``cache_dir()/zero-shot/`` under a hash of everything it depends on (every parameter and buffer of
+    the model, a classifier's seeded head included; the test examples; the tokenizer; max_len,
+    max_new_tokens, batch_size, bf16 and the device type), so a hit is the score the run would compute.
+    ``DELTATUNE_ZERO_SHOT_CACHE=0`` turns the cache off; an entry that cannot be read or written only
+    costs the time of scoring.
+    """
+    use = os.environ.get("DELTATUNE_ZERO_SHOT_CACHE", "1") != "0"
+    path = cache_dir() / "zero-shot" / f"{_zero_shot_key(cfg, model, objective, task)}.json" if use else None
+    if path is not None:
+        try:
+            hit = json.loads(path.read_text())
+            return hit["metrics"], hit["records"], True
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    with torch.random.fork_rng(devices=[]):  # scoring leaves the run's random stream as it was, hit or miss
+        metrics, records = _score(model, objective, examples, task, "test", cfg)
+    if path is not None:
+        try:
+            atomic_write_json(path, {"metrics": metrics, "records": records, "model": cfg.model, "task": task.name})
+        except (OSError, StorageError, TypeError, ValueError):
+            pass
+    return metrics, records, False
+
+
+def _zero_shot_key(cfg: TrainConfig, model, objective, task) -> str:
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=16)
+    tok = objective.tokenizer
+    digest.update(_scoring_code())
+    digest.update(json.dumps(["zero-shot/1", task.name, task.metric, task.kind, getattr(task, "retrieval_pool", None),
+                              type(tok).__name__, len(tok), cfg.max_len, cfg.max_new_tokens, cfg.batch_size,
+                              bool(cfg.bf16),
+                              torch.device(cfg.device).type, task.split("test")],
+                             sort_keys=True, default=str).encode())
+    for name, tensor in sorted({**dict(model.named_parameters()), **dict(model.named_buffers())}.items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
+        digest.update((t.view(torch.uint8) if t.dtype == torch.bfloat16 else t).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@lru_cache(maxsize=1)
+def _scoring_code() -> bytes:
+    """The source of what turns a model into a score (objectives, metrics, tasks): a change to it is
+    a change of the score, so cached zero-shot scores from older code are not reused."""
+    import hashlib
+
+    root = Path(__file__).resolve().parent
+    files = [root / "objectives.py", root / "metrics.py", root / "lengths.py", *sorted((root / "tasks").glob("*.py"))]
+    return hashlib.blake2b(b"".join(f.read_bytes() for f in files if f.is_file()), digest_size=16).digest()
 
 
 def _write_predictions(path: Path, records: list[dict], **extra) -> None:

@@ -313,3 +313,36 @@ def test_one_slug_for_the_engine_and_the_cli():
     assert engine._slug("Qwen/Qwen2.5-0.5B") == "Qwen2.5-0.5B"  # not cut at the dot as a file suffix
     assert engine._slug("data/my task.jsonl") == "my-task" and engine._slug("hf:glue/sst2") == "sst2"
     assert engine._slug("//") == "run"
+
+
+def test_zero_shot_score_is_cached_across_runs_and_changes_nothing_else(tmp_path, tasks, monkeypatch):
+    """A sweep scores the pretrained model once: the second run (another method) reads the same score and
+    predictions from the cache and trains exactly as the first; anything the score depends on misses."""
+    monkeypatch.setenv("DELTATUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("DELTATUNE_ZERO_SHOT_CACHE", "1")
+    first = train(config(tmp_path, tasks["retrieval"], out_dir=str(tmp_path / "a")))
+    again = train(config(tmp_path, tasks["retrieval"], out_dir=str(tmp_path / "b")))
+    other = train(config(tmp_path, tasks["retrieval"], method="ia3", out_dir=str(tmp_path / "c")))
+    assert (first["zero_shot_cached"], again["zero_shot_cached"], other["zero_shot_cached"]) == (False, True, True)
+    assert first["zero_shot_value"] == again["zero_shot_value"] == other["zero_shot_value"]
+    assert [json.loads(line) for line in (tmp_path / "a" / "predictions-test-zero-shot.jsonl").open()] == \
+        [json.loads(line) for line in (tmp_path / "b" / "predictions-test-zero-shot.jsonl").open()]
+    assert again["value"] == first["value"] and losses(tmp_path / "a") == losses(tmp_path / "b")
+    a, b = adapter(tmp_path / "a" / "best"), adapter(tmp_path / "b" / "best")  # a hit leaves the random stream as it was
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    changed = train(config(tmp_path, tasks["retrieval"], max_len=24, out_dir=str(tmp_path / "d")))
+    assert changed["zero_shot_cached"] is False
+    for entry in (tmp_path / "cache" / "zero-shot").glob("*.json"):  # a damaged entry is scored again
+        entry.write_text("{not json")
+    damaged = train(config(tmp_path, tasks["retrieval"], out_dir=str(tmp_path / "e")))
+    assert damaged["zero_shot_cached"] is False and damaged["zero_shot_value"] == first["zero_shot_value"]
+    monkeypatch.setenv("DELTATUNE_ZERO_SHOT_CACHE", "0")
+    assert train(config(tmp_path, tasks["retrieval"], out_dir=str(tmp_path / "f")))["zero_shot_cached"] is False
+
+
+def test_zero_shot_cache_of_a_classifier_keys_on_its_seeded_head(tmp_path, tasks, monkeypatch):
+    monkeypatch.setenv("DELTATUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("DELTATUNE_ZERO_SHOT_CACHE", "1")
+    train(config(tmp_path, tasks["classification"], out_dir=str(tmp_path / "a")))
+    assert train(config(tmp_path, tasks["classification"], out_dir=str(tmp_path / "b")))["zero_shot_cached"] is True
+    assert train(config(tmp_path, tasks["classification"], seed=1, out_dir=str(tmp_path / "c")))["zero_shot_cached"] is False

@@ -110,12 +110,22 @@ SETTINGS = {s.name: s for s in [
     Setting("cs", "minilm", "code-search", steps=30, batch=16, max_len=64, max_eval=200, eval_every=30),
     Setting("bd", "minilm", "bug-detect", steps=30, batch=16, max_len=96, eval_every=30),
     Setting("bd500", "minilm", "bug-detect", steps=30, batch=16, max_len=96, max_train=500, eval_every=30),
+    Setting("dm", "minilm", "docstring-match", steps=30, batch=16, max_len=128, eval_every=30),
+    Setting("dm500", "minilm", "docstring-match", steps=30, batch=16, max_len=128, max_train=500, eval_every=30),
     Setting("cs-telly", "minilm", "code-search", steps=30, batch=16, max_len=64, max_eval=200, eval_every=10),
     Setting("sum", "smollm2", "code-summarization", steps=12, batch=8, max_len=96, max_train=400, max_eval=40,
             eval_every=12, max_new_tokens=20),
     Setting("sum-telly", "smollm2", "code-summarization", steps=12, batch=8, max_len=96, max_train=400, max_eval=40,
             eval_every=12, max_new_tokens=20),
 ]}
+
+
+BUG_DETECT_NOTE = (
+    "Bug-detect is not learned by MiniLM at these budgets: at 30 steps no method beats the untrained classifier, "
+    "and a probe at ten times the budget did not either (300 steps x 16 at max_len 128, seed 0, 2026-11-30: full "
+    "fine-tuning lr 1e-4 ended at validation accuracy 0.524 and test 0.503, LoRA lr 2e-3 at validation 0.51, the "
+    "loss flat at 0.69; the untrained head scores 0.542 on test). So docstring-match (is this summary this "
+    "function's?) is measured beside it as the learnable code-understanding classification task.")
 
 
 def _claims() -> dict[str, Claim]:
@@ -125,15 +135,18 @@ def _claims() -> dict[str, Claim]:
               "LoRA and adapters match full fine-tuning on code understanding (code search, bug detection) but "
               "fall behind it on code generation (code summarization).",
               [full_cs, group("cs", "lora"), group("cs", "houlsby"), group("bd", "full"), group("bd", "lora"),
-               group("sum", "full"), group("sum", "lora")]),
+               group("dm", "full"), group("dm", "lora"), group("sum", "full"), group("sum", "lora")],
+              note=BUG_DETECT_NOTE),
         Claim("3", "DPS is more stable than full fine-tuning and better with little data",
               "Dynamic Parameter Selection is more stable than vanilla full fine-tuning across seeds (lower std) "
               "and better in a low-resource setting (500 training examples).",
-              [group("bd", "full"), group("bd", "dps", lr_from="bd:full"),
+              [group("dm", "full"), group("dm", "dps", lr_from="dm:full"),
+               group("dm500", "full", lr_from="dm:full"), group("dm500", "dps", lr_from="dm:full"),
+               group("bd", "full"), group("bd", "dps", lr_from="bd:full"),
                group("bd500", "full", lr_from="bd:full"), group("bd500", "dps", lr_from="bd:full")],
               note="DPS is a regulariser of full fine-tuning: it trains with the learning rate chosen for full "
                    "fine-tuning on the same task (validation split), so the two differ only in DPS's update rule; "
-                   "the 500-example runs take the lr chosen at the whole training split."),
+                   "the 500-example runs take the lr chosen at the whole training split. " + BUG_DETECT_NOTE),
         Claim("4", "LN-tuning beats the other methods under 0.1% of the parameters",
               "LN-tuning, with about 0.03% of the parameters, beats the other parameter-efficient methods that "
               "train under 0.1% of them.",
@@ -145,9 +158,11 @@ def _claims() -> dict[str, Claim]:
         Claim("7", "Private PEFT at epsilon 8 stays within a few points of non-private PEFT",
               "Parameter-efficient fine-tuning with differential privacy at epsilon = 8 stays within a few points "
               "of the non-private parameter-efficient model.",
-              [group("bd", "lora"), group("bd", "lora", "lora, DP eps=8", extra={"dp_epsilon": 8.0})],
+              [group("dm", "lora"), group("dm", "lora", "lora, DP eps=8", extra={"dp_epsilon": 8.0})],
               note="Private retrieval is refused by design (its in-batch contrastive loss makes each example's "
-                   "gradient depend on the others, so per-example clipping bounds nothing): bug-detect is used."),
+                   "gradient depend on the others, so per-example clipping bounds nothing): a classification task "
+                   "is used, docstring-match (bug-detect, the first choice, is not learned at these budgets; one "
+                   "private bug-detect run of that first choice stays in the run files, outside this claim)."),
         Claim("2", "Which layers hold what, and which a fine-tune changes (probing, RSA, Telly-K)",
               "Lexical properties of code peak in the lower layers, syntactic in the middle, structural in the "
               "higher, semantic across all; fine-tuning barely changes the lower layers and changes the top two "

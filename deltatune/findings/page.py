@@ -270,7 +270,7 @@ def _unlearned(*stats) -> str:
 
 def verdict_1(st: dict) -> str:
     parts, holds = [], []
-    for setting in ("cs", "bd"):
+    for setting in ("cs", "bd", "dm"):
         full = st.get(f"{setting}:full")
         peft = [st[k] for k in (f"{setting}:lora", f"{setting}:houlsby") if k in st and st[k]["mean"] is not None]
         if not _complete(full) or not peft:
@@ -297,7 +297,7 @@ def verdict_1(st: dict) -> str:
 
 def verdict_3(st: dict) -> str:
     parts, holds = [], []
-    for setting in ("bd", "bd500"):
+    for setting in ("dm", "dm500", "bd", "bd500"):
         full, dps = st.get(f"{setting}:full"), st.get(f"{setting}:dps")
         if not _complete(full, dps) or full["std"] is None or dps["std"] is None:
             parts.append(f"{setting}: not enough runs yet")
@@ -309,7 +309,7 @@ def verdict_3(st: dict) -> str:
         what = f"{full['setting'].task}, {full['setting'].max_train or 'all'} training examples"
         parts.append(f"{what}: std over {dps['n']} seeds DPS {dps['std']:.4f} vs full {full['std']:.4f} "
                      f"({'lower' if stable else 'not lower'}); mean {_diff_text(full, dps)}{unlearned}")
-        if setting == "bd500":
+        if setting.endswith("500"):
             better = dps["mean"] > full["mean"]
             if not unlearned:
                 holds.append(better)
@@ -346,13 +346,14 @@ def verdict_5(st: dict) -> str:
 
 
 def verdict_7(st: dict) -> str:
-    lora = st.get("bd:lora")
-    dp = next((s for k, s in st.items() if k.startswith("bd:lora:dp_epsilon")), None)
+    lora = st.get("dm:lora")
+    dp = next((s for k, s in st.items() if k.startswith("dm:lora:dp_epsilon")), None)
     if not _complete(lora, dp):
         return "**Verdict: not enough runs yet.**"
     gap = lora["mean"] - dp["mean"]
     eps = f"; epsilon spent {dp['dp_epsilon']:.2f}" if dp["dp_epsilon"] is not None else ""
-    return _verdict([gap <= 0.03], [f"bug-detect: {_diff_text(lora, dp)}{eps}"],
+    unlearned = _unlearned(lora, dp)
+    return _verdict([] if unlearned else [gap <= 0.03], [f"docstring-match: {_diff_text(lora, dp)}{eps}{unlearned}"],
                     "within a few points = at most 3 accuracy points (0.03) below non-private LoRA")
 
 
