@@ -124,6 +124,38 @@ def test_prune_removes_the_least_recently_used_of_its_own_files_only(tmp_path):
     assert recycle.prune(folder, max_files=1, max_gb=1.0) == [ours[0]]
 
 
+def test_prune_removes_the_files_of_killed_builds_only(tmp_path):
+    """A build killed by SIGKILL leaves its temporary file; the next prune removes it once its writer is gone
+    and it has not changed for an hour, and nothing else named like one."""
+    import subprocess
+    import sys
+    import time
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid with no process behind it
+    folder = tmp_path / "recycle"
+    folder.mkdir()
+    key = f"{5:024x}"
+    old = time.time() - 2 * recycle.STALE_AFTER_S
+
+    def tmp(pid, when, **kw):
+        path = _fake(folder / f".train-{key}.safetensors.tmp-{pid}", key=key, **kw)
+        os.utime(path, (when, when))
+        return path
+
+    stale = tmp(dead.pid, old)
+    recent = tmp(dead.pid + 10**6, time.time())  # its writer gone, but written to a moment ago
+    running = tmp(os.getpid(), old)  # its writer is alive
+    foreign = _fake(folder / f".valid-{key}.safetensors.tmp-{dead.pid}", key=key, marker=False)
+    os.utime(foreign, (old, old))
+    outside = tmp_path / "elsewhere"
+    outside.write_text("not ours")
+    link = folder / f".test-{key}.safetensors.tmp-{dead.pid}"
+    link.symlink_to(outside)
+    assert recycle.prune(folder, max_files=100, max_gb=1.0) == [stale]
+    assert all(p.exists() for p in (recent, running, foreign, outside)) and link.is_symlink() and not stale.exists()
+
+
 def test_prune_leaves_a_linked_folder_alone(tmp_path):
     real = tmp_path / "elsewhere"
     real.mkdir()

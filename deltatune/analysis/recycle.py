@@ -53,6 +53,8 @@ MARKER = ("deltatune", "recycle-cache")  # in every cache file's metadata: what 
 MAX_GB_ENV, MAX_GB_DEFAULT = "DELTATUNE_RECYCLE_MAX_GB", 20.0
 MAX_FILES_ENV, MAX_FILES_DEFAULT = "DELTATUNE_RECYCLE_MAX_FILES", 100
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+-([0-9a-f]{24})\.safetensors$")
+_TMP = re.compile(r"^\.([A-Za-z0-9_.-]+-[0-9a-f]{24}\.safetensors)\.tmp-([0-9]+)$")  # build()'s file while it writes
+STALE_AFTER_S = 3600  # an interrupted build's file: its writer is gone and it has not changed for an hour
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
@@ -241,9 +243,31 @@ def _limit(env: str, default: float, kind) -> float:
     return value
 
 
-def _ours(path: Path, st: os.stat_result) -> bool:
-    """A regular file (not a link) named like a cache, whose metadata carries the marker and its own key."""
-    match = _NAME.match(path.name)
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError, OverflowError):
+        return True  # it exists (another user's), or we cannot tell: keep its file
+    return True
+
+
+def _stale_build(path: Path, st: os.stat_result) -> bool:
+    """The file of a build that was killed before it finished (SIGKILL, power loss): named like build()'s
+    temporary file, carrying our marker and the key of the cache it was becoming, its writer process
+    gone and the file unchanged for STALE_AFTER_S (a live build on another machine sharing the folder
+    keeps writing, so its file stays)."""
+    match = _TMP.match(path.name)
+    if not match or _alive(int(match.group(2))) or time.time() - st.st_mtime < STALE_AFTER_S:
+        return False
+    return _ours(path, st, name=match.group(1))
+
+
+def _ours(path: Path, st: os.stat_result, name: str | None = None) -> bool:
+    """A regular file (not a link) named like a cache (or ``name``: the cache a temporary file was
+    becoming), whose metadata carries the marker and its own key."""
+    match = _NAME.match(name or path.name)
     if not match or not stat.S_ISREG(st.st_mode) or st.st_size < 8:
         return False
     noatime = getattr(os, "O_NOATIME", 0)  # reading the header is not a use: the access time must not move
@@ -279,7 +303,8 @@ def prune(folder=None, *, max_gb: float | None = None, max_files: int | None = N
     it holds at most ``max_gb`` gigabytes and ``max_files`` files (defaults: ``$DELTATUNE_RECYCLE_MAX_GB``,
     20; ``$DELTATUNE_RECYCLE_MAX_FILES``, 100). Only files deltatune wrote (its marker in their
     metadata) count and go; a symbolic link is never followed (a linked folder is left alone); the
-    paths in ``keep`` (caches in use) stay. Returns the paths removed."""
+    paths in ``keep`` (caches in use) stay. The files of builds that were killed before they finished
+    go too (:func:`_stale_build`). Returns the paths removed."""
     folder = Path(folder) if folder is not None else cache_dir() / "recycle"
     max_bytes = (max_gb if max_gb is not None else _limit(MAX_GB_ENV, MAX_GB_DEFAULT, float)) * 2**30
     max_files = max_files if max_files is not None else int(_limit(MAX_FILES_ENV, MAX_FILES_DEFAULT, int))
@@ -290,7 +315,7 @@ def prune(folder=None, *, max_gb: float | None = None, max_files: int | None = N
     except OSError:
         return []
     keep = {os.path.abspath(p) for p in keep}
-    files = []
+    files, removed = [], []
     for entry in entries:
         try:
             st = entry.stat(follow_symlinks=False)
@@ -298,8 +323,14 @@ def prune(folder=None, *, max_gb: float | None = None, max_files: int | None = N
             continue
         if _ours(Path(entry.path), st):
             files.append((st.st_atime_ns, st.st_size, Path(entry.path)))
+        elif _stale_build(Path(entry.path), st):
+            try:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+            except OSError:
+                pass
     files.sort()  # least recently used first
-    total, count, removed = sum(size for _, size, _ in files), len(files), []
+    total, count = sum(size for _, size, _ in files), len(files)
     for _, size, path in files:
         if total <= max_bytes and count <= max_files:
             break
@@ -312,7 +343,7 @@ def prune(folder=None, *, max_gb: float | None = None, max_files: int | None = N
         total, count = total - size, count - 1
         removed.append(path)
     if removed:
-        print(f"recycling: removed {len(removed)} least recently used cache file(s) from {folder} "
+        print(f"recycling: removed {len(removed)} least recently used or unfinished cache file(s) from {folder} "
               f"(limits: {max_bytes / 2**30:g} GB, {max_files} files; see {MAX_GB_ENV}, {MAX_FILES_ENV})",
               file=sys.stderr)
     return removed
