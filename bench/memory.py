@@ -28,9 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TASK = ["--model", "smollm2", "--task", "code-summarization", "--method", "lora"]
 CONFIGS = {  # name -> the extra flags of `deltatune train` (None: the peer)
-    "deltatune --full-logits": ["--full-logits"],
-    "deltatune": [],
-    "deltatune --grad-checkpointing": ["--grad-checkpointing"],
+    "deltatune --full-logits --grad-checkpointing off": ["--full-logits", "--grad-checkpointing", "off"],
+    "deltatune --grad-checkpointing off": ["--grad-checkpointing", "off"],
+    "deltatune": [],  # the defaults: the LM head in chunks, grad_checkpointing="auto" (on at this batch)
     "Trainer + peft": None,
 }
 
@@ -47,20 +47,20 @@ def steps_only(name: str, steps: int, max_train: int) -> None:
     from deltatune.models import build_task_model
     from deltatune.objectives import Generation
     from deltatune.tasks import load_task
-    from deltatune.train import DataOrder, TrainConfig, _enable_checkpointing, _resolved, _step
+    from deltatune.cli import on_off_auto
+    from deltatune.train import DataOrder, TrainConfig, _check_batch_fits, _resolved, _step
 
     flags = CONFIGS[name]
+    gc = on_off_auto(flags[flags.index("--grad-checkpointing") + 1]) if "--grad-checkpointing" in flags else "auto"
     cfg = _resolved(TrainConfig(model="smollm2", task="code-summarization", method="lora", max_steps=steps,
-                                max_train=max_train, full_logits="--full-logits" in flags,
-                                grad_checkpointing="--grad-checkpointing" in flags), None)
+                                max_train=max_train, full_logits="--full-logits" in flags, grad_checkpointing=gc), None)
     torch.manual_seed(cfg.seed)
     task = load_task(cfg.task, seed=cfg.seed, max_train=cfg.max_train, max_eval=1)
     model, tok = build_task_model(cfg.model, "generation")
     dt.attach(model, cfg.method)
-    if cfg.grad_checkpointing:
-        _enable_checkpointing(model)
     objective = Generation(tok, cfg)
     data = objective.encode(task.train, train=True)
+    checkpointing = _check_batch_fits(cfg, model, objective, data)  # the engine's own decision (and its check)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     order, seconds, losses = DataOrder(len(data), cfg.seed, 0), [], []
@@ -70,7 +70,7 @@ def steps_only(name: str, steps: int, max_train: int) -> None:
         losses.append(_step(cfg, model, optimizer, params, objective, data, order).item())
         seconds.append(time.perf_counter() - t0)
     print(json.dumps({"step_seconds": seconds, "step_seconds_median": statistics.median(seconds),
-                      "train_seconds": sum(seconds), "losses": losses,
+                      "train_seconds": sum(seconds), "losses": losses, "grad_checkpointing": checkpointing,
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}), flush=True)
 
 
@@ -94,7 +94,7 @@ def saved_for_backward(batch_size: int = 32) -> dict:
             continue
         model, tok = build_task_model("smollm2", "generation")
         dt.attach(model, "lora")
-        if "--grad-checkpointing" in flags:
+        if "--grad-checkpointing" not in flags:  # the defaults: "auto" checkpoints a batch of 32 here
             _enable_checkpointing(model)
         model.train()
         objective = Generation(tok, TrainConfig(full_logits="--full-logits" in flags))

@@ -29,6 +29,14 @@ EXIT_USAGE = 2
 
 # The flags `train` and `bench` share, as (flag, type, help). `bench` hands them on to every run
 # unchanged, so both commands read them from this one table. type None = an on/off switch.
+def on_off_auto(text: str):
+    """A switch with an automatic setting: on -> True, off -> False, auto -> "auto"."""
+    value = {"on": True, "off": False, "auto": "auto"}.get(text.strip().lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected on, off or auto, got {text!r}")
+    return value
+
+
 TRAINING_FLAGS = [
     ("--max-steps", int, "optimizer steps (default: the engine's)"),
     ("--batch-size", int, "examples per step (default: the engine's)"),
@@ -38,7 +46,9 @@ TRAINING_FLAGS = [
     ("--max-train", int, "use at most N training examples"),
     ("--max-eval", int, "use at most N validation/test examples"),
     ("--bf16", None, "train in bfloat16 autocast"),
-    ("--grad-checkpointing", None, "recompute activations in the backward pass to save memory"),
+    ("--grad-checkpointing", on_off_auto, "recompute activations in the backward pass to save memory: on (the bare flag), "
+                                          "off, or auto (the default: on when the largest batch would keep over 2 GiB of "
+                                          "activations; the same losses either way)"),
     ("--full-logits", None, "generation: compute the LM head at every position (default: only where labels count, in chunks)"),
     ("--resume", None, "continue from the checkpoint in the output directory"),
     ("--overwrite", None, "replace the previous run in the output directory (else it is refused)"),
@@ -205,7 +215,7 @@ def cmd_train(args) -> int:
               "seed": args.seed, "out_dir": out}
     for flag, kind, _ in TRAINING_FLAGS:
         value = getattr(args, _dest(flag))
-        if value is not None and value is not False:  # `not in (None, False)` would drop a 0 (0 == False)
+        if value is not None and (value is not False or kind is on_off_auto):  # `not in (None, False)` would drop a 0
             config[_dest(flag)] = value
     supported = {f.name for f in dataclasses.fields(TrainConfig)}
     unsupported = sorted(set(config) - supported)
@@ -400,6 +410,8 @@ def cmd_bench(args) -> int:
         value = getattr(args, _dest(flag))
         if kind is None and value:
             shared.append(flag)
+        elif kind is on_off_auto and value is not None:
+            shared += [flag, {True: "on", False: "off"}.get(value, "auto")]
         elif kind is not None and value is not None:
             shared += [flag, str(value)]
     meta = {**report.machine_info(), "command": args.command_line,
@@ -483,6 +495,8 @@ def _add_training_flags(p) -> None:
     for flag, kind, help_text in TRAINING_FLAGS:
         if kind is None:
             p.add_argument(flag, action="store_true", help=help_text)
+        elif kind is on_off_auto:
+            p.add_argument(flag, nargs="?", const=True, type=kind, metavar="on|off|auto", help=help_text)
         else:
             p.add_argument(flag, type=kind, metavar="X" if flag.startswith("--dp-") else {float: "LR", str: "NAME"}.get(kind, "N"), help=help_text)
 

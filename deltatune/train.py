@@ -61,7 +61,7 @@ class TrainConfig:
     max_len: int = 128  # tokens per input; longer inputs are truncated (with one warning)
     max_new_tokens: int = 64  # generation tasks: greedy decoding length limit
     bf16: bool | str = False  # bfloat16 autocast; "auto": on where the device computes bf16 natively (native_bf16), else fp32
-    grad_checkpointing: bool = False  # recompute activations in backward (non-reentrant)
+    grad_checkpointing: bool | str = "auto"  # recompute activations in backward (non-reentrant); "auto": when they would pass AUTO_CHECKPOINT_BYTES
     full_logits: bool = False  # generation: logits at every position (the plain path); default: the LM head in chunks where labels count
     deterministic: bool = False  # torch.use_deterministic_algorithms(True, warn_only=True)
     max_train: int | None = None  # passed to load_task
@@ -86,7 +86,12 @@ class TrainConfig:
 # Fields that may differ between a run and its resumption without changing the result.
 # lr and max_grad_norm may change too: the way to go on after a NaN loss.
 _RESUMABLE_CHANGES = {"resume", "stop_after", "log_every", "json_log", "progress", "out_dir", "device", "lr", "max_grad_norm",
-                      "overwrite", "nproc", "fsdp", "full_logits"}
+                      "overwrite", "nproc", "fsdp", "full_logits", "grad_checkpointing"}
+
+# grad_checkpointing="auto" recomputes activations in backward when the largest batch would keep more than
+# this for it (the batch-fit check measures it): the memory of big causal-LM batches (SmolLM2 at batch 32,
+# max_len 128: about 4 GiB -> 1 GiB), and nothing changes for small jobs. Same losses either way.
+AUTO_CHECKPOINT_BYTES = 2 * 2**30
 
 
 # ------------------------------------------------------------------------------------ train
@@ -149,7 +154,7 @@ def _train(cfg: TrainConfig, task, folder: RunFolder) -> dict:
     else:
         dt.load_adapter(model, checkpoint / "adapter")
     _check_positions(cfg, model, task.kind)
-    if cfg.grad_checkpointing:
+    if cfg.grad_checkpointing is True:
         _enable_checkpointing(model)
     distributed.shard_frozen(cfg, model)  # fsdp: each rank keeps its shard of the frozen base
     model.to(cfg.device)
@@ -157,7 +162,7 @@ def _train(cfg: TrainConfig, task, folder: RunFolder) -> dict:
         from deltatune.analysis import recycle
         objective, data = recycle.prepare(cfg, model, objective, data)
     lap("setup")
-    _check_batch_fits(distributed.local(cfg), model, objective, data["train"])
+    checkpointing = _check_batch_fits(distributed.local(cfg), model, objective, data["train"])
     lap("batch_check")
     trainable, total = dt.count_parameters(model)
     names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
@@ -200,7 +205,7 @@ def _train(cfg: TrainConfig, task, folder: RunFolder) -> dict:
         "step_seconds_median": statistics.median(state["step_seconds"]), "peak_rss_mb": _peak_rss_mb(),
         "steps": state["step"], "max_steps": cfg.max_steps, "stopped_early": state["step"] < cfg.max_steps,
         "best_step": state["best_step"], "valid_value": state["best_value"], "seed": cfg.seed, "lr": cfg.lr,
-        "phase_seconds": {k: round(v, 3) for k, v in phases.items()},
+        "phase_seconds": {k: round(v, 3) for k, v in phases.items()}, "grad_checkpointing": checkpointing,
         "batch_size": cfg.batch_size, "options": cfg.options, "out_dir": str(out), "adapter_dir": str(out / "best"),
         "predictions_file": str(out / PREDICTIONS["test"]),
         "zero_shot_predictions_file": str(out / PREDICTIONS["zero-shot"]) if state["zero_shot_value"] is not None else None,
@@ -594,7 +599,7 @@ def _check_settings(cfg: TrainConfig) -> None:
     """Every field of ``cfg`` of its type and in its range (finite numbers); a ConfigError naming the first that is not."""
     for name, (types, *bounds) in _SETTINGS.items():
         value = getattr(cfg, name)
-        if value is None and None in types:
+        if (value is None and None in types) or (name == "grad_checkpointing" and value == "auto"):
             continue
         if float in types:  # an int is a float here, a bool is neither
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -605,6 +610,7 @@ def _check_settings(cfg: TrainConfig) -> None:
             typ = types[0]
             ok = isinstance(value, typ) and (typ is not int or not isinstance(value, bool))
             kind = {str: "a string", dict: "a mapping of options", bool: "true or false"}[typ]
+            kind += ' or "auto"' if name == "grad_checkpointing" else ""
         if ok and bounds and not bounds[0] <= value <= bounds[1]:
             ok = False
         if not ok:
@@ -750,14 +756,16 @@ def _n_tokens(example) -> int:
     return 0
 
 
-def _check_batch_fits(cfg: TrainConfig, model, objective, examples) -> None:
+def _check_batch_fits(cfg: TrainConfig, model, objective, examples) -> bool:
     """The largest micro-batch the run can meet (batch_size copies of its longest example) fits in
     memory and gives a finite loss, checked before out_dir changes and leaving the parameters, their
-    gradients and every RNG as they were.
+    gradients and every RNG as they were. Returns whether activation checkpointing is on.
 
     First the memory it needs is predicted without building it: the tensors autograd keeps for the
-    backward pass, measured on batches of one and two copies, grow linearly with the batch. A batch
-    that cannot fit is refused there; one that may fit then runs one forward and backward pass.
+    backward pass, measured on batches of one and two copies, grow linearly with the batch. With
+    grad_checkpointing="auto", checkpointing is turned on here when that passes AUTO_CHECKPOINT_BYTES
+    (and measured again). A batch that cannot fit is refused there; one that may fit then runs one
+    forward and backward pass.
     """
     longest = max(examples, key=_n_tokens)
     device = torch.device(cfg.device)
@@ -781,6 +789,17 @@ def _check_batch_fits(cfg: TrainConfig, model, objective, examples) -> None:
     model.train()
     one, two = kept_for_backward(1), kept_for_backward(2)
     need = one + (cfg.batch_size - 1) * max(two - one, 0)
+    checkpointing = cfg.grad_checkpointing is True
+    if cfg.grad_checkpointing == "auto" and need > AUTO_CHECKPOINT_BYTES:
+        before = need
+        _enable_checkpointing(model)
+        one, two = kept_for_backward(1), kept_for_backward(2)
+        need, checkpointing = one + (cfg.batch_size - 1) * max(two - one, 0), True
+        if distributed.is_rank0():
+            print(f"{what} keeps about {before / 2**30:.3g} GiB of activations for the backward pass: recomputing "
+                  f"them there instead (grad_checkpointing='auto', over {AUTO_CHECKPOINT_BYTES / 2**30:g} GiB; about "
+                  f"{need / 2**30:.3g} GiB kept; the same losses, more time per step; --grad-checkpointing off "
+                  "turns it off)", file=sys.stderr)
     free = _free_memory(cfg.device)
     if free is not None and need > free:
         raise ConfigError(f"{what} needs about {need / 2**30:.3g} GiB for its activations, more than the "
@@ -804,6 +823,7 @@ def _check_batch_fits(cfg: TrainConfig, model, objective, examples) -> None:
     if not math.isfinite(value):
         raise ConfigError(f"the first batch gives a loss of {value} before any training: the method's options "
                           f"({cfg.method} {cfg.options}) make the model's outputs non-finite; choose smaller values")
+    return checkpointing
 
 
 def _free_memory(device: str) -> int | None:

@@ -346,3 +346,35 @@ def test_zero_shot_cache_of_a_classifier_keys_on_its_seeded_head(tmp_path, tasks
     train(config(tmp_path, tasks["classification"], out_dir=str(tmp_path / "a")))
     assert train(config(tmp_path, tasks["classification"], out_dir=str(tmp_path / "b")))["zero_shot_cached"] is True
     assert train(config(tmp_path, tasks["classification"], seed=1, out_dir=str(tmp_path / "c")))["zero_shot_cached"] is False
+
+
+def test_grad_checkpointing_auto_turns_on_over_its_threshold_only(tmp_path, tasks, monkeypatch, capsys):
+    """"auto" (the default) checkpoints when the largest batch would keep more activations than
+    AUTO_CHECKPOINT_BYTES, says so, and trains the same; off and small batches do not checkpoint."""
+    import deltatune.train as engine
+
+    common = dict(model="tiny-llama", method="lora", max_steps=4, eval_every=4)
+    small = train(config(tmp_path / "a", tasks["generation"], **common))
+    assert small["grad_checkpointing"] is False
+    monkeypatch.setattr(engine, "AUTO_CHECKPOINT_BYTES", 1)
+    capsys.readouterr()
+    big = train(config(tmp_path / "b", tasks["generation"], **common))
+    assert big["grad_checkpointing"] is True and "grad_checkpointing='auto'" in capsys.readouterr().err
+    assert train(config(tmp_path / "c", tasks["generation"], grad_checkpointing=False, **common))["grad_checkpointing"] is False
+    left, right = adapter(tmp_path / "a" / "run" / "best"), adapter(tmp_path / "b" / "run" / "best")
+    assert all(torch.allclose(left[k], right[k], atol=1e-6) for k in left) and small["value"] == big["value"]
+
+
+def test_grad_checkpointing_flag_takes_on_off_auto():
+    from deltatune import cli
+
+    parse = cli.build_parser().parse_args
+    base = ["train", "--model", "tiny-bert", "--task", "code-search", "--method", "lora"]
+    assert parse(base).grad_checkpointing is None  # the engine's default ("auto")
+    assert parse(base + ["--grad-checkpointing"]).grad_checkpointing is True
+    assert parse(base + ["--grad-checkpointing", "off"]).grad_checkpointing is False
+    assert parse(base + ["--grad-checkpointing", "auto"]).grad_checkpointing == "auto"
+    with pytest.raises(SystemExit):
+        parse(base + ["--grad-checkpointing", "sometimes"])
+    with pytest.raises(ConfigError, match="grad_checkpointing"):
+        train(TrainConfig(grad_checkpointing="sometimes"))

@@ -370,6 +370,10 @@ def verdict_6(st: dict) -> str:
         holds.append(speed >= 1.8 and _within(plain, rec, 1))
         parts.append(f"telly K={k}: {speed:.2f}x faster steps (median s/step {plain['step_s']:.3f} -> {rec['step_s']:.3f}), "
                      f"whole run (cache build, evaluations, loading included) {wall:.2f}x; test {_diff_text(plain, rec)}")
+    plain, half = st.get("cs-telly:telly:k=3"), st.get("cs-telly:telly:k=3:recycle=True:recycle_dtype=float16")
+    if _complete(plain, half):
+        parts.append(f"an fp16 cache (half the disk) for telly K=3: test {_diff_text(plain, half)} "
+                     f"({'within' if _within(plain, half, 1) else 'not within'} 1 point of the uncached run)")
     return _verdict(holds, parts, "holds = at least 1.8x faster training steps and test MRR within 1 point; "
                     "timings on a shared machine: see the load column")
 
