@@ -31,8 +31,16 @@ CONFIGS = {  # name -> the extra flags of `deltatune train` (None: the peer)
     "deltatune --full-logits --grad-checkpointing off": ["--full-logits", "--grad-checkpointing", "off"],
     "deltatune --grad-checkpointing off": ["--grad-checkpointing", "off"],
     "deltatune": [],  # the defaults: the LM head in chunks, grad_checkpointing="auto" (on at this batch)
+    "deltatune + malloc mmap threshold 1 MiB": [],
     "Trainer + peft": None,
 }
+
+
+# Environment of a configuration's child process: glibc's malloc puts blocks under its mmap threshold in
+# its heaps, and raises that threshold (up to 32 MiB) each time it frees an mmapped block, so a training
+# step's 10-25 MiB activations end up in heaps whose freed holes the RSS keeps. A fixed threshold turns
+# the raising off: every block of 1 MiB or more is mapped on allocation and returned on free.
+ENVS = {"deltatune + malloc mmap threshold 1 MiB": {"MALLOC_MMAP_THRESHOLD_": "1048576", "MALLOC_TRIM_THRESHOLD_": "1048576"}}
 
 
 def steps_only(name: str, steps: int, max_train: int) -> None:
@@ -124,7 +132,7 @@ def _cpu() -> tuple[float, float, float]:
 
 
 def run(name: str, args, out_dir: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **ENVS.get(name, {})}
     common = ["--max-steps", str(args.steps), "--max-train", str(args.max_train), "--max-eval", str(args.max_eval)]
     if CONFIGS[name] is None:
         command = [sys.executable, str(ROOT / "bench/peers/trainer_peft_generation.py"), *common, "--out", out_dir]

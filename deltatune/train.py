@@ -88,8 +88,8 @@ class TrainConfig:
 _RESUMABLE_CHANGES = {"resume", "stop_after", "log_every", "json_log", "progress", "out_dir", "device", "lr", "max_grad_norm",
                       "overwrite", "nproc", "fsdp", "full_logits", "grad_checkpointing"}
 
-# grad_checkpointing="auto" recomputes activations in backward when the largest batch would keep more than
-# this for it (the batch-fit check measures it): the memory of big causal-LM batches (SmolLM2 at batch 32,
+# grad_checkpointing="auto" recomputes activations in backward when the largest batch's activations kept for
+# it would pass this (the batch-fit check measures them: batch_size x the growth per example): the memory of big causal-LM batches (SmolLM2 at batch 32,
 # max_len 128: about 4 GiB -> 1 GiB), and nothing changes for small jobs. Same losses either way.
 AUTO_CHECKPOINT_BYTES = 2 * 2**30
 
@@ -790,8 +790,11 @@ def _check_batch_fits(cfg: TrainConfig, model, objective, examples) -> bool:
     one, two = kept_for_backward(1), kept_for_backward(2)
     need = one + (cfg.batch_size - 1) * max(two - one, 0)
     checkpointing = cfg.grad_checkpointing is True
-    if cfg.grad_checkpointing == "auto" and need > AUTO_CHECKPOINT_BYTES:
-        before = need
+    # The batch's own activations: the growth per example (a batch of one also counts the frozen weights
+    # that linear layers keep a reference to, memory the model holds anyway).
+    activations = cfg.batch_size * max(two - one, 0)
+    if cfg.grad_checkpointing == "auto" and activations > AUTO_CHECKPOINT_BYTES:
+        before = activations
         _enable_checkpointing(model)
         one, two = kept_for_backward(1), kept_for_backward(2)
         need, checkpointing = one + (cfg.batch_size - 1) * max(two - one, 0), True

@@ -550,8 +550,8 @@ def render(claims=None, seeds=(0, 1, 2), out="docs/findings", page="docs/finding
              "completes them (finished runs are skipped)."), "",
           f"**Machine:** {machine}. "
           + (f"Other processes took a median {100 * statistics.median(loads):.0f}% (max {100 * max(loads):.0f}%) of the "
-             "CPU while a run ran (from /proc/stat): the machine was shared by 8 engineers, so times and speed-ups here "
-             "are indicative only; the scores do not depend on the load." if loads else ""), "",
+             "CPU while a run ran (from /proc/stat): the machine was at times shared by 8 engineers, so times and speed-ups "
+             "read with the load column; the scores do not depend on the load." if loads else ""), "",
           "**Protocol.** Each method's learning rate is tuned on the **validation split only**: seed "
           f"{GRID_SEED}, the method's default lr times {', '.join(f'{f:.3g}' for f in GRID)}, each at the claim's full "
           "budget; the lr with the best validation score (at the end of the run) is chosen, and every seed then trains "
@@ -561,7 +561,9 @@ def render(claims=None, seeds=(0, 1, 2), out="docs/findings", page="docs/finding
           "subsets are the same for every seed (data seed 0): seeds change initialisation, dropout and data order. "
           "Each run's test score is that of its best validation checkpoint. MRR ranks each query's code among the "
           "candidate pool named in the budget table. Budgets are small (a shared 2-core CPU): these are findings at "
-          "these budgets, not the papers' settings.", "",
+          "these budgets, not the papers' settings. Code-search runs finished after 2026-11-30 06:00 UTC train on "
+          "length-sorted groups of 16 rows (the engine's default since then: the same loss to float rounding, the "
+          "dropout masks drawn per group); the earlier ones on the padded batch.", "",
           "Budgets:", "", budget_table([SETTINGS[s] for s in used]), "", "SUMMARY", ""]
     summary = ["| claim | verdict | runs done |", "|---|---|---|"]
 
