@@ -187,7 +187,8 @@ def _describe(args) -> str:
                 "`bench/peers/trainer_peft_generation.py --eval` (`transformers.Trainer` + peft LoRA: the same data, "
                 "chat-template prompts, loss on the target only, LoRA, lr, warm-up and decay, clipping, batch and max "
                 "length, then greedy decoding of up to 64 new tokens on the test split). Metric: the task's smoothed "
-                f"BLEU-4 on the first {args.max_eval} test examples; SmolLM2-135M-Instruct in float32; seed 0.")
+                f"BLEU-4 on {args.max_eval} test examples (the task's seeded subset, the same for both); SmolLM2-135M-Instruct "
+                "in float32; seed 0.")
     return ("The code-search bi-encoder job as a user runs it, each in its own process, alternating: "
             "`deltatune train --model minilm --task code-search --method lora --max-steps "
             f"{args.steps} --batch-size 32 --max-len 128` (`deltatune-bf16`: the same with `--bf16`, bfloat16 autocast; "
