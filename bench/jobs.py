@@ -110,7 +110,7 @@ def measure(args) -> list[dict]:
                 row = {"round": rnd, "steps": args.steps, "max_train": args.max_train, "max_eval": args.max_eval,
                        "started": time.strftime("%Y-%m-%d %H:%M:%S"), **run_job(job, args, Path(scratch))}
                 print(f"  {row['wall_s']:.1f} s whole job, {row['train_seconds']:.1f} s training, "
-                      f"MRR {row['value']:.4f} (pool {row['pool']}), other load {100 * (row['load'] or 0):.0f}%",
+                      f"test {row['value']:.4f} (pool {row['pool']}), other load {100 * (row['load'] or 0):.0f}%",
                       flush=True)
                 results.append(row)
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -170,8 +170,9 @@ def section(results: list[dict], args) -> str:
         lines.append(f"Where deltatune's whole job goes (median seconds per phase, inside `train()`): {parts}; "
                      "the rest of the wall time is the interpreter, imports and the CLI.")
     lines += ["", f"Raw results, one object per job with its command: `{args.json}`.", ""]
-    findings = ROOT / "bench" / "jobs-findings.md"  # what the engine does for the whole job (kept by hand)
-    if findings.is_file() and args.suite != "generation":
+    # what the engine does for the whole job (kept by hand)
+    findings = ROOT / "bench" / ("jobs-gen-findings.md" if args.suite == "generation" else "jobs-findings.md")
+    if findings.is_file():
         lines += [findings.read_text().rstrip("\n"), ""]
     return "\n".join(lines)
 
