@@ -498,6 +498,11 @@ def _telly_text(stats: list[dict]) -> str:
         k = dict(s["group"].options).get("k")
         near = base is not None and (s["mean"] >= base["mean"] or _within(base, s, 1))
         rows.append(f"K={k}: {_pm(s)}" + ("" if base is None or s is base else (" (within 1 point of K=0)" if near else " (below K=0 by more than 1 point)")))
+    last = max(dict(s["group"].options).get("k", 0) for s in done)
+    zero = next((s["zero_shot"] for s in done if s.get("zero_shot") is not None), None)
+    if zero is not None and F.SETTINGS[done[0]["group"].setting].task == "code-search":
+        rows.append(f"K={last + 1} (every block frozen: a bi-encoder has nothing left to train) = the pretrained "
+                    f"model, {zero:.4f}")
     return "Telly-K against K=0: " + "; ".join(rows) + "."
 
 
@@ -658,7 +663,8 @@ def _anchor(title: str) -> str:
 
 def _provisional(text: str, missing: list, cstats: list) -> str:
     """A verdict drawn while runs are missing says so, with how many seeds each number rests on."""
-    if not missing or "not enough runs" in text or "not measured" in text or "not run yet" in text:
+    head = text.split("\n", 1)[0]  # the verdict line (a part may say "not run yet" of itself alone)
+    if not missing or "not enough runs" in head or "not measured" in head or "not run yet" in head:
         return text
     return text.replace("**Verdict:", f"**Provisional verdict ({len(missing)} of this claim's runs missing; see "
                         "the seeds column for what each number rests on):", 1)
