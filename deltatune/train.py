@@ -786,18 +786,19 @@ def _check_batch_fits(cfg: TrainConfig, model, objective, examples) -> bool:
                 objective.loss(model, batch)
         return total[0]
 
+    def predicted() -> tuple[int, int]:
+        """(bytes the batch keeps for backward, of which its own activations): linear in the batch, measured
+        at 1 and 2 copies (a batch of one also counts the frozen weights linear layers keep a reference to)."""
+        one, two = kept_for_backward(1), kept_for_backward(2)
+        return one + (cfg.batch_size - 1) * max(two - one, 0), cfg.batch_size * max(two - one, 0)
+
     model.train()
-    one, two = kept_for_backward(1), kept_for_backward(2)
-    need = one + (cfg.batch_size - 1) * max(two - one, 0)
+    need, activations = predicted()
     checkpointing = cfg.grad_checkpointing is True
-    # The batch's own activations: the growth per example (a batch of one also counts the frozen weights
-    # that linear layers keep a reference to, memory the model holds anyway).
-    activations = cfg.batch_size * max(two - one, 0)
     if cfg.grad_checkpointing == "auto" and activations > AUTO_CHECKPOINT_BYTES:
         before = activations
         _enable_checkpointing(model)
-        one, two = kept_for_backward(1), kept_for_backward(2)
-        need, checkpointing = one + (cfg.batch_size - 1) * max(two - one, 0), True
+        (need, _), checkpointing = predicted(), True
         if distributed.is_rank0():
             print(f"{what} keeps about {before / 2**30:.3g} GiB of activations for the backward pass: recomputing "
                   f"them there instead (grad_checkpointing='auto', over {AUTO_CHECKPOINT_BYTES / 2**30:g} GiB; about "
