@@ -121,6 +121,16 @@ def head_parameter_names(model: nn.Module) -> list[str]:
     return names
 
 
+def hash_tensors(digest, named: dict, prefix: str = "") -> None:
+    """Feed ``digest`` every tensor of ``named`` (name -> tensor) in name order: the prefixed name, the
+    shape, the dtype and all of its bytes (the exact-content keys of the caches: representations,
+    recycled states, zero-shot scores)."""
+    for name, tensor in sorted(named.items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{prefix}{name}{tuple(t.shape)}{t.dtype}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
 def fingerprint(model: nn.Module, skip: set[str], dtype: torch.dtype | None = None) -> str:
     """A cheap fingerprint of the frozen base weights: shapes plus a strided sample of each tensor,
     taken at ``dtype`` (default: each tensor's own), so a copy in another precision can be compared."""

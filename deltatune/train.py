@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -38,6 +39,7 @@ from deltatune import distributed, privacy, storage, updates
 from deltatune.storage import RunFolder, atomic_write_bytes, atomic_write_json, storage_error
 from deltatune.models import build_task_model
 from deltatune.names import cache_dir, slug
+from deltatune.store import hash_tensors
 from deltatune.checkpoints import _COUNT, _checkpoints, _latest_checkpoint, _load_checkpoint, _save_checkpoint, _step_of
 from deltatune.objectives import CHARS_PER_TOKEN, OBJECTIVES, Classification, Generation, Retrieval, _to  # noqa: F401  (re-exported)
 
@@ -191,7 +193,12 @@ def _train(cfg: TrainConfig, task, folder: RunFolder) -> dict:
                 "checkpoint": str(distributed.rank0(lambda: _latest_checkpoint(out)))}
     if not distributed.is_rank0():
         return distributed.result(None)  # rank 0's summary, once it has scored the best adapter
-    del model, optimizer  # the test score comes from the saved best adapter, exactly as evaluate() sees it
+    rule_metrics = rule.metrics() if rule is not None else {}  # e.g. the privacy budget spent
+    # the test score comes from the saved best adapter, exactly as evaluate() sees it; every reference to the
+    # trained model goes first (params and the rules hold its trainable tensors, whose .grad is the size of them)
+    optimizer.zero_grad(set_to_none=True)
+    del model, optimizer, params, private, rule
+    gc.collect()  # hooks and stores refer back to their modules: the model is a cycle, freed by the collector
     best, _ = _restore(cfg, task, out / "best")
     test, records = _score(best.to(cfg.device), objective, data["test"], task, "test", cfg)
     _write_predictions(out / PREDICTIONS["test"], records)
@@ -210,7 +217,7 @@ def _train(cfg: TrainConfig, task, folder: RunFolder) -> dict:
         "predictions_file": str(out / PREDICTIONS["test"]),
         "zero_shot_predictions_file": str(out / PREDICTIONS["zero-shot"]) if state["zero_shot_value"] is not None else None,
     }
-    summary.update(rule.metrics() if rule is not None else {})  # e.g. the privacy budget spent
+    summary.update(rule_metrics)
     summary.update({k: v for k, v in test.items() if k not in summary})
     atomic_write_json(out / "metrics.json", summary)
     return distributed.result(summary)
@@ -497,10 +504,7 @@ def _zero_shot_key(cfg: TrainConfig, model, objective, task) -> str:
                               bool(cfg.bf16),
                               torch.device(cfg.device).type, task.split("test")],
                              sort_keys=True, default=str).encode())
-    for name, tensor in sorted({**dict(model.named_parameters()), **dict(model.named_buffers())}.items()):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
-        digest.update((t.view(torch.uint8) if t.dtype == torch.bfloat16 else t).numpy().tobytes())
+    hash_tensors(digest, {**dict(model.named_parameters()), **dict(model.named_buffers())})
     return digest.hexdigest()
 
 
@@ -776,11 +780,10 @@ def _check_batch_fits(cfg: TrainConfig, model, objective, examples) -> bool:
     def kept_for_backward(n: int) -> int:
         total = [0]
 
-        def pack(t):
+        def pack(t):  # counts; keeps nothing (a saved output packed as itself would be a cycle autograd never frees)
             total[0] += t.numel() * t.element_size()
-            return t
 
-        with torch.random.fork_rng(devices=devices), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.random.fork_rng(devices=devices), torch.autograd.graph.saved_tensors_hooks(pack, lambda _: None):
             batch = _to(objective.collate([longest] * n), cfg.device)
             with _autocast(cfg):
                 objective.loss(model, batch)

@@ -15,7 +15,7 @@ import deltatune as dt
 from deltatune.analysis import labels as LB
 from deltatune.analysis.freeze import recommend_k
 from deltatune.analysis.recycle import RecycleError
-from deltatune.analysis.similarity import linear_cka, rsa
+from deltatune.analysis.similarity import linear_cka, per_layer, rsa, standardize, top_dimension_share
 from deltatune.errors import ConfigError
 from deltatune.models import load_backbone
 from deltatune.train import TrainConfig, train
@@ -70,6 +70,25 @@ def test_rsa_and_cka_match_their_definitions():
     assert r["spearman"] == pytest.approx(stats.spearmanr(a, b).statistic)
     z = rng.normal(size=(40, 8))
     assert linear_cka(x, z) < 0.5 and abs(rsa(x, z)["spearman"]) < 0.3
+
+
+def test_a_rogue_dimension_decides_plain_rsa_and_standardising_removes_it():
+    """One huge dimension varying alike in both models (SmolLM2 has one from block 12 on) makes the plain RSA
+    and CKA of two otherwise unrelated representations near 1; z-scoring each dimension first gives the
+    rest their say."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 16))
+    y = rng.normal(size=(60, 16))  # unrelated to x
+    rogue = 1000.0 * np.exp(rng.normal(size=60))  # the same values in both models
+    xr, yr = x.copy(), y.copy()
+    xr[:, 0], yr[:, 0] = rogue, rogue
+    scores = per_layer([x, xr], [y, yr])
+    assert abs(scores["rsa_spearman"][0]) < 0.2 and scores["rsa_spearman"][1] > 0.9  # the rogue dimension's doing
+    assert scores["cka"][1] > 0.99  # linear CKA too: the variance is all in that dimension
+    assert abs(scores["rsa_spearman_std"][1]) < 0.3  # standardised: the unrelated rest decides again
+    assert standardize(xr).std(0) == pytest.approx(np.ones(16))
+    assert top_dimension_share(xr) > 0.99 and top_dimension_share(x) < 0.5
+    assert top_dimension_share(np.eye(4)) == pytest.approx(1.0)
 
 
 def test_recommend_k_is_the_deepest_run_above_the_threshold():

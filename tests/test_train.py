@@ -378,3 +378,30 @@ def test_grad_checkpointing_flag_takes_on_off_auto():
         parse(base + ["--grad-checkpointing", "sometimes"])
     with pytest.raises(ConfigError, match="grad_checkpointing"):
         train(TrainConfig(grad_checkpointing="sometimes"))
+
+
+@pytest.mark.parametrize("dp", [None, 8.0])
+def test_the_trained_model_is_freed_before_the_best_adapter_is_scored(tmp_path, tasks, monkeypatch, dp):
+    """The test score loads the best adapter into a fresh model: the trained one (and, under full
+    fine-tuning, its weights' gradients) must be gone by then, or the run holds two models at once."""
+    import weakref
+
+    import deltatune.train as T
+
+    built, alive = [], []
+    real_build, real_restore = T.build_task_model, T._restore
+
+    def build(*args, **kwargs):
+        out = real_build(*args, **kwargs)
+        built.append([weakref.ref(out[0])] + [weakref.ref(p) for p in out[0].parameters()])
+        return out
+
+    def restore(*args, **kwargs):
+        alive.append(sum(ref() is not None for ref in built[0]))
+        return real_restore(*args, **kwargs)
+
+    monkeypatch.setattr(T, "build_task_model", build)
+    monkeypatch.setattr(T, "_restore", restore)
+    summary = train(config(tmp_path, tasks["classification"], method="full", max_steps=2, eval_every=2, dp_epsilon=dp))
+    assert alive == [0]
+    assert (summary.get("dp_epsilon") is not None) == (dp is not None)

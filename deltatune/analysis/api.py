@@ -17,7 +17,7 @@ from ..errors import ConfigError
 from . import freeze as FZ
 from .features import extract
 from .probing import PROPERTIES, probe, probe_functions
-from .similarity import per_layer
+from .similarity import per_layer, top_dimension_share
 
 
 def _load_adapter_model(path, model_name: str, task):
@@ -57,6 +57,8 @@ def analyze(model: str = "minilm", task: str = "code-search", adapters=(), out_d
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     finetune = tuple(finetune) if finetune is not None else (() if adapters else ("full",))
     task_data = load_task(task, seed=seed)
+    if score not in FZ.SCORES:
+        raise ConfigError(f"unknown similarity score {score!r} for the freeze rule; choose one of {', '.join(FZ.SCORES)}")
     result = {"model": model, "task": task, "created": datetime.datetime.now().isoformat(timespec="seconds"),
               "settings": dict(n_train=n_train, n_valid=n_valid, n_test=n_test, tokens_per_function=tokens_per_function,
                                search_samples=search_samples, samples=samples, finetune=list(finetune),
@@ -101,7 +103,8 @@ def analyze(model: str = "minilm", task: str = "code-search", adapters=(), out_d
                                                               "method": method, **per_layer(before, after)}
     if compared:
         result["similarity"] = {"samples": len(texts), "split": "valid" if rows is task_data.valid else "train",
-                                "models": compared}
+                                "models": compared,
+                                "pretrained_top_dimension_share": [top_dimension_share(x) for x in before]}
         ks = {name: FZ.recommend_k(c[score], threshold) for name, c in compared.items()}
         result["freeze"] = {"k": min(ks.values()), "per_model": ks,
                             "rule": FZ.rule_text(threshold, score, finetune_steps if not adapters else None)}

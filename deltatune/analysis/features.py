@@ -26,6 +26,7 @@ import torch
 from .. import sites as S
 from ..errors import ConfigError
 from ..models import cache_dir
+from ..store import hash_tensors
 
 FORMAT = 1  # part of every key: bump when what is extracted changes
 
@@ -34,10 +35,7 @@ def weights_key(model: torch.nn.Module, name: str = "") -> str:
     """A hash of the name and of every parameter and buffer of the model's backbone (shape and data)."""
     _, backbone = S.find_backbone(model)
     digest = hashlib.sha256(f"{name}|{FORMAT}".encode())
-    for key, tensor in sorted({**dict(backbone.named_parameters()), **dict(backbone.named_buffers())}.items()):
-        digest.update(key.encode() + str(tuple(tensor.shape)).encode() + str(tensor.dtype).encode())
-        t = tensor.detach().cpu().contiguous()
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.dtype == torch.bfloat16 else t.numpy().tobytes())
+    hash_tensors(digest, {**dict(backbone.named_parameters()), **dict(backbone.named_buffers())})
     # deltas of attached adapters sit outside the backbone: hash them too
     store = getattr(model, "deltatune", None)
     if store is not None:

@@ -44,7 +44,7 @@ from torch import nn
 from .. import sites as S
 from ..errors import ConfigError
 from ..models import cache_dir
-from ..store import require_store
+from ..store import hash_tensors, require_store
 
 FORMAT = 1
 DTYPES = {"float32": (torch.float32, "F32"), "float16": (torch.float16, "F16"), "bfloat16": (torch.bfloat16, "BF16")}
@@ -92,10 +92,7 @@ def lower_weights_key(model: nn.Module, k: int) -> str:
     digest = hashlib.sha256()
     modules = list(store.frozen.inputs) + [m for layer, m in _blocks(model) if layer < k]
     for i, m in enumerate(modules):
-        for name, t in sorted({**dict(m.named_parameters()), **dict(m.named_buffers())}.items()):
-            t = t.detach().cpu().contiguous()
-            digest.update(f"{i}.{name}{tuple(t.shape)}{t.dtype}".encode())
-            digest.update(t.view(torch.uint8).numpy().tobytes() if t.dim() else t.reshape(1).view(torch.uint8).numpy().tobytes())
+        hash_tensors(digest, {**dict(m.named_parameters()), **dict(m.named_buffers())}, prefix=f"{i}.")
     return digest.hexdigest()[:20]
 
 

@@ -50,10 +50,13 @@ def plot_similarity(similarity: dict, path, threshold: float | None = None) -> P
         x = range(len(r["cka"]))
         axes[0].plot(x, r["rsa_spearman"], marker="o", color=color, label=name)
         axes[0].plot(x, r["rsa_pearson"], linestyle=":", color=color)
+        if "rsa_spearman_std" in r:
+            axes[0].plot(x, r["rsa_spearman_std"], linestyle="-.", color=color)
         axes[1].plot(x, r["cka"], marker="s", linestyle="--", color=color, label=name)
     if threshold is not None:
         axes[0].axhline(threshold, color="grey", linewidth=0.8)
-    axes[0].set_title("RSA with the pretrained model (solid: Spearman, dotted: Pearson)", fontsize=9)
+    axes[0].set_title("RSA with the pretrained model (solid: Spearman, dotted: Pearson, dash-dot: Spearman on "
+                      "standardised dimensions)", fontsize=8)
     axes[1].set_title("linear CKA with the pretrained model", fontsize=9)
     for ax in axes:
         ax.set_xticks(range(max(len(r["cka"]) for r in similarity["models"].values())))
@@ -103,7 +106,9 @@ def html_section(result: dict, images: dict) -> str:
     if sim:
         rows = []
         for name, r in sim["models"].items():
-            for key in ("rsa_spearman", "rsa_pearson", "cka"):
+            for key in ("rsa_spearman", "rsa_spearman_std", "rsa_pearson", "cka"):
+                if key not in r:
+                    continue
                 rows.append(f"<tr><td>{html.escape(name)}</td><td>{key}</td>"
                             + "".join(f"<td>{_num(v)}</td>" for v in r[key]) + "</tr>")
         n = max(len(r["cka"]) for r in sim["models"].values())

@@ -4,6 +4,12 @@
   real tokens and L2-normalised; the cosine-similarity matrix over the samples is built for both
   models; the score is the correlation of the two upper triangles (diagonal excluded). Both Pearson
   and Spearman are reported (the study does not say which it used).
+- The same RSA on standardised representations (``rsa_spearman_std``: every dimension z-scored over
+  the samples first, as Timkey & van Schijndel 2021 do against "rogue dimensions"). A model whose
+  pooled vectors are dominated by one huge dimension (SmolLM2: one dimension holds 99% of the squared
+  norm from block 12 on) has cosine similarities near 1 for every pair, and the plain RSA and CKA
+  then mostly see how that one dimension varies (two unrelated representations sharing it score near
+  1: tests/test_analysis.py); ``top_dimension_share`` measures how far that goes, layer by layer.
 - Linear CKA (Kornblith et al. 2019): ``||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F)`` on the
   column-centred pooled representations; 1 for representations equal up to rotation and scale.
 """
@@ -50,6 +56,20 @@ def rsa(x, y) -> dict:
     return {"pearson": _pearson(a, b), "spearman": _pearson(_rank(a), _rank(b))}
 
 
+def standardize(x) -> np.ndarray:
+    """Each dimension of (N, d) centred and scaled to unit variance over the N samples (constant ones: 0)."""
+    x = _as64(x)
+    std = x.std(0)
+    return (x - x.mean(0)) / np.where(std > 0, std, 1.0)
+
+
+def top_dimension_share(x) -> float:
+    """The mean over the samples of the share of a vector's squared norm held by its largest dimension:
+    1/d for evenly spread vectors, near 1 where one dimension decides every cosine."""
+    sq = np.square(_as64(x))
+    return float((sq.max(1) / np.maximum(sq.sum(1), 1e-300)).mean())
+
+
 def linear_cka(x, y) -> float:
     """Linear CKA of (N, d1) and (N, d2) representations of the same samples."""
     x, y = _as64(x), _as64(y)
@@ -65,10 +85,11 @@ def per_layer(base: list, tuned: list) -> dict:
     """Scores per hidden state for two lists of pooled (N, d) representations (index 0: embeddings)."""
     if len(base) != len(tuned):
         raise ValueError(f"the two models have {len(base)} and {len(tuned)} hidden states; compare the same architecture")
-    out = {"rsa_pearson": [], "rsa_spearman": [], "cka": []}
+    out = {"rsa_pearson": [], "rsa_spearman": [], "rsa_spearman_std": [], "cka": []}
     for x, y in zip(base, tuned):
         r = rsa(x, y)
         out["rsa_pearson"].append(r["pearson"])
         out["rsa_spearman"].append(r["spearman"])
+        out["rsa_spearman_std"].append(rsa(standardize(x), standardize(y))["spearman"])
         out["cka"].append(linear_cka(x, y))
     return out
