@@ -180,8 +180,10 @@ def _claims() -> dict[str, Claim]:
               + [group("sum-telly", "telly", f"telly K={k}", {"k": k}, lr_from=group("sum", "full").id)
                  for k in (15, 28)],
               extra_runs=[{"kind": "analyze", "model": "minilm", "task": "code-search", "probing": True, "adapters_of": []},
+                          # which layers full fine-tuning, LoRA, an adapter and telly (K = half) change most
                           {"kind": "analyze", "model": "minilm", "task": "code-search", "probing": False,
-                           "adapters_of": [full_cs.id, group("cs", "lora").id]},
+                           "adapters_of": [full_cs.id, group("cs", "lora").id, group("cs", "houlsby").id,
+                                           group("cs-telly", "telly", "telly K=3", {"k": 3}, lr_from=full_cs.id).id]},
                           {"kind": "analyze", "model": "smollm2", "task": "code-summarization", "probing": True,
                            "adapters_of": []},
                           {"kind": "analyze", "model": "smollm2", "task": "code-summarization", "probing": False,
@@ -508,7 +510,9 @@ def _cpu_busy():
     return _machine_cpu()
 
 
-def _train_one(config: dict, work: Path, store: Store) -> dict:
+def _train_one(config: dict, work: Path, store: Store, keep: bool | None = None) -> dict:
+    """One run of the suite; ``keep``: whether its best/ adapter stays in ``work`` (default: seed-0 runs of
+    KEEP_ADAPTERS, which the analysis runs compare)."""
     if config.get("kind") == "analyze":
         return _analyze_one(config, work, store)
     from ..tasks import load_task
@@ -539,7 +543,8 @@ def _train_one(config: dict, work: Path, store: Store) -> dict:
     wall = time.monotonic() - started
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     own = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
-    keep = config["method"] in KEEP_ADAPTERS and config["seed"] == GRID_SEED and not config.get("dp_epsilon")
+    if keep is None:
+        keep = config["method"] in KEEP_ADAPTERS and config["seed"] == GRID_SEED and not config.get("dp_epsilon")
     if keep:
         shutil.rmtree(work / "checkpoints", ignore_errors=True)  # the best/ adapter stays for the analysis
     else:
@@ -562,11 +567,16 @@ def _analyze_one(config: dict, work: Path, store: Store) -> dict:
     for gid in config.get("adapters_of", []):
         g = groups[gid]
         lr = group_lr(store, g, groups)
-        record = None if lr is None else store.get(run_config(SETTINGS[g.setting], g, lr, GRID_SEED))
-        path = record and record.get("adapter_dir")
+        run = None if lr is None else run_config(SETTINGS[g.setting], g, lr, GRID_SEED)
+        record = None if run is None else store.get(run)
+        path, again = record and record.get("adapter_dir"), False
+        if record is not None and not (path and Path(path, "adapter.safetensors").is_file()):
+            # finished on another machine, or before its adapter was kept: the same configuration trains
+            # again for its adapter (its record, and so the page's scores, stay those of the first run)
+            path, again = _train_one(run, work.parent / run_key(run), store, keep=True)["adapter_dir"], True
         if path and Path(path, "adapter.safetensors").is_file():
             adapters.append(path)
-            used.append({"group": gid, "lr": lr, "adapter_dir": path})
+            used.append({"group": gid, "lr": lr, "adapter_dir": path, **({"retrained": True} if again else {})})
     if len(adapters) < len(config.get("adapters_of", [])):
         missing = [g for g in config.get("adapters_of", []) if g not in {u["group"] for u in used}]
         raise ConfigError(f"the analysis of {config['model']} needs the seed-0 adapters of {', '.join(missing)}: "

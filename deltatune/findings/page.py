@@ -443,7 +443,8 @@ def _analysis_section(store: Store, claim) -> list[str]:
             continue
         a = record["result"]
         what = "probing" if extra.get("probing", True) else "representational similarity"
-        adapters = ", ".join(f"{u['group']} (seed 0, lr {u['lr']:.3g})" for u in record.get("adapters", []))
+        adapters = ", ".join(f"{u['group']} (seed 0, lr {u['lr']:.3g}" + ("; trained again for its adapter" if u.get("retrained")
+                                                                       else "") + ")" for u in record.get("adapters", []))
         lines = [f"**{a['model']}, {what}** ({a.get('blocks')} blocks; hidden state 0 = embeddings), "
                  f"{record['wall_seconds'] / 60:.1f} min" + (f"; fine-tuned adapters compared: {adapters}" if adapters else "")
                  + (f"; probes on {a['settings']['n_train']}/{a['settings']['n_valid']}/{a['settings']['n_test']} "
