@@ -540,6 +540,32 @@ def _probe_verdict(store: Store, claim) -> list[str]:
     return parts if not holds else [("all agree with the paper" if all(holds) else "some differ from the paper")] + parts
 
 
+def _rule_check(store: Store, claim, stats: list[dict]) -> list[str]:
+    """The freeze depth the RSA rule recommends against what Telly-K measured at (or nearest) that K."""
+    from . import SCHEMA
+
+    out = []
+    for extra in claim.extra_runs:
+        record = store.get({"schema": SCHEMA, **extra})
+        k = ((record or {}).get("result") or {}).get("freeze", {}).get("k")
+        if k is None:
+            continue
+        model = record["result"]["model"]
+        measured = [s for s in stats if s["setting"].model == model and s["mean"] is not None]
+        if not measured:
+            continue
+        near = min(measured, key=lambda s: abs(dict(s["group"].options).get("k", 0) - k))
+        best = max(measured, key=lambda s: s["mean"])
+        nk, bk = dict(near["group"].options).get("k"), dict(best["group"].options).get("k")
+        zero = near.get("zero_shot")
+        out.append(f"{model}: the RSA rule recommends K={k}; Telly-K measured at K={nk}: {_pm(near)}"
+                   + (f" (the untrained model: {zero:.4f})" if zero is not None else "")
+                   + (f", against the best measured K={bk}: {_pm(best)}" if best is not near else ", the best K measured")
+                   + (": at these budgets the similarity after fine-tuning does not tell how deep freezing is cheap"
+                      if best is not near and not _within(best, near, 1) else ""))
+    return out
+
+
 def _telly_text(stats: list[dict]) -> str:
     done = [s for s in stats if s["mean"] is not None]
     if not done:
@@ -648,7 +674,8 @@ def render(claims=None, seeds=(0, 1, 2), out="docs/findings", page="docs/finding
             telly = _telly_text([s for s in cstats if s["setting"].name == "cs-telly"])
             head = ("**Verdict: " + verdicts[0] + ".**") if verdicts else "**Verdict: layer analysis not run yet.**"
             head = _provisional(head, missing, cstats)
-            md += [head, ""] + [f"- {p}" for p in verdicts[1:]] + ([f"- {telly}"] if telly else []) + [""]
+            md += ([head, ""] + [f"- {p}" for p in verdicts[1:]] + ([f"- {telly}"] if telly else [])
+                   + [f"- {p}" for p in _rule_check(store, claim, cstats)] + [""])
             md += _analysis_section(store, claim) + [""]
             telly_cols = [("s/step (median)", lambda s: _fmt(s["step_s"], 3)),
                           ("time/epoch (s)", lambda s: _fmt(s["step_s"] * math.ceil(_n_train(s) / s["setting"].batch), 0)
