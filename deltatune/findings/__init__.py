@@ -169,7 +169,11 @@ def _claims() -> dict[str, Claim]:
               note="Private retrieval is refused by design (its in-batch contrastive loss makes each example's "
                    "gradient depend on the others, so per-example clipping bounds nothing): a classification task "
                    "is used, docstring-match (bug-detect, the first choice, is not learned at these budgets; one "
-                   "private bug-detect run of that first choice stays in the run files, outside this claim)."),
+                   "private bug-detect run of that first choice stays in the run files, outside this claim). Two "
+                   "budgets: the claim-1 budget (30 steps x 16), where DP-SGD's noise (sigma x clip / batch = 0.023 per "
+                   "coordinate) drowns the clipped gradient, and a private budget (dm-dp: 40 steps of an expected 128 "
+                   "examples, 16 x 8 accumulated, about 1.1 epochs; 0.0041 per coordinate), large batches being what "
+                   "DP-SGD needs (Yu et al. use thousands); the non-private LoRA gets the same budget each time."),
         Claim("2", "Which layers hold what, and which a fine-tune changes (probing, RSA, Telly-K)",
               "Lexical properties of code peak in the lower layers, syntactic in the middle, structural in the "
               "higher, semantic across all; fine-tuning barely changes the lower layers and changes the top two "
