@@ -266,3 +266,11 @@ def test_recycling_benchmark_script_runs_on_a_tiny_model(tmp_path):
     assert telly["steps_per_epoch"] == 3 and telly["cache_mb"] > 0 and telly["recycled_epoch_s"] > 0
     assert "vs_full_with_build" in telly and "epoch_s" in full
     assert "| telly-half" in (tmp_path / "b" / "results.md").read_text()
+
+
+def test_an_unknown_freeze_score_is_refused_before_any_work(tmp_path):
+    from deltatune.analysis import analyze
+
+    with pytest.raises(ConfigError, match="rsa_spearman_std"):
+        analyze("tiny-bert", "no-such-task", score="spearman", out_dir=tmp_path / "an")
+    assert not (tmp_path / "an").exists()

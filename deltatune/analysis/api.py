@@ -17,7 +17,7 @@ from ..errors import ConfigError
 from . import freeze as FZ
 from .features import extract
 from .probing import PROPERTIES, probe, probe_functions
-from .similarity import per_layer, top_dimension_share
+from .similarity import SCORES, per_layer, top_dimension_share
 
 
 def _load_adapter_model(path, model_name: str, task):
@@ -54,11 +54,12 @@ def analyze(model: str = "minilm", task: str = "code-search", adapters=(), out_d
     from ..tasks import load_task
     from ..train import OBJECTIVES, TrainConfig
 
+    if score not in SCORES:
+        raise ConfigError(f"unknown similarity score {score!r} for the freeze rule (--score); choose one of "
+                          f"{', '.join(SCORES)}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     finetune = tuple(finetune) if finetune is not None else (() if adapters else ("full",))
     task_data = load_task(task, seed=seed)
-    if score not in FZ.SCORES:
-        raise ConfigError(f"unknown similarity score {score!r} for the freeze rule; choose one of {', '.join(FZ.SCORES)}")
     result = {"model": model, "task": task, "created": datetime.datetime.now().isoformat(timespec="seconds"),
               "settings": dict(n_train=n_train, n_valid=n_valid, n_test=n_test, tokens_per_function=tokens_per_function,
                                search_samples=search_samples, samples=samples, finetune=list(finetune),

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 PROPERTIES = ("lexical", "syntactic", "syntactic-depth", "structural", "semantic")
-SCORES = ("rsa_spearman", "rsa_spearman_std", "rsa_pearson", "cka")  # what similarity.per_layer reports
 
 
 def add_arguments(p) -> None:
@@ -25,9 +24,10 @@ def add_arguments(p) -> None:
     p.add_argument("--search-samples", type=int, default=500, metavar="N",
                    help="code-search test queries for the semantic probe (default 500)")
     p.add_argument("--threshold", type=float, default=0.9, help="RSA threshold of the freeze-depth rule (default 0.9)")
-    p.add_argument("--score", default="rsa_spearman", choices=SCORES,
-                   help="the per-layer similarity the freeze-depth rule reads (default rsa_spearman, the Telly study's; "
-                        "rsa_spearman_std standardises every dimension first, for models with rogue dimensions)")
+    p.add_argument("--score", default="rsa_spearman",
+                   help="the per-layer similarity the freeze-depth rule reads: rsa_spearman (default, the Telly study's), "
+                        "rsa_spearman_std (every dimension standardised first, for models with rogue dimensions), "
+                        "rsa_pearson or cka")
     p.add_argument("--max-len", type=int, default=256, metavar="N")
     p.add_argument("--batch-size", type=int, default=16, metavar="N")
     p.add_argument("--seed", type=int, default=0)

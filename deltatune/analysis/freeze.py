@@ -25,7 +25,6 @@ import torch
 
 from ..errors import ConfigError
 from ..models import cache_dir
-from .cli import SCORES  # noqa: F401  (the per-layer scores similarity.per_layer reports; cli.py imports nothing heavy)
 
 THRESHOLD = 0.9
 SCORE = "rsa_spearman"

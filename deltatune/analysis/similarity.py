@@ -19,6 +19,9 @@ import numpy as np
 import torch
 
 
+SCORES = ("rsa_spearman", "rsa_spearman_std", "rsa_pearson", "cka")  # per_layer's scores, one list per hidden state
+
+
 def _as64(x) -> np.ndarray:
     return (x.detach().cpu().double().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float64))
 
@@ -85,7 +88,7 @@ def per_layer(base: list, tuned: list) -> dict:
     """Scores per hidden state for two lists of pooled (N, d) representations (index 0: embeddings)."""
     if len(base) != len(tuned):
         raise ValueError(f"the two models have {len(base)} and {len(tuned)} hidden states; compare the same architecture")
-    out = {"rsa_pearson": [], "rsa_spearman": [], "rsa_spearman_std": [], "cka": []}
+    out = {name: [] for name in SCORES}
     for x, y in zip(base, tuned):
         r = rsa(x, y)
         out["rsa_pearson"].append(r["pearson"])

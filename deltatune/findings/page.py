@@ -284,7 +284,7 @@ def _unlearned(*stats) -> str:
 
 def verdict_1(st: dict) -> str:
     parts, holds = [], []
-    for setting in ("cs", "bd", "dm"):
+    for setting in ("cs", "bd", "dm", "dm-dp"):
         full = st.get(f"{setting}:full")
         peft = [st[k] for k in (f"{setting}:lora", f"{setting}:houlsby") if k in st and st[k]["mean"] is not None]
         if not _complete(full) or not peft:
@@ -299,7 +299,9 @@ def verdict_1(st: dict) -> str:
         verdict = ("matches full fine-tuning" if close else
                    "more than a point behind, but within the seeds' spread: undecided at this number of seeds"
                    if undecided else "falls behind full fine-tuning")
-        parts.append(f"{full['setting'].task}, full vs the better PEFT method: {_diff_text(full, best)}: {verdict}"
+        st_ = full["setting"]
+        parts.append(f"{st_.task} ({st_.steps} steps x {st_.batch * st_.grad_accum}), full vs the better PEFT method: "
+                     f"{_diff_text(full, best)}: {verdict}"
                      + unlearned)
     full, lora = st.get("sum:full"), st.get("sum:lora")
     if _complete(full, lora):
