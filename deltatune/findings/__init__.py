@@ -141,10 +141,7 @@ def _claims() -> dict[str, Claim]:
               "LoRA and adapters match full fine-tuning on code understanding (code search, bug detection) but "
               "fall behind it on code generation (code summarization).",
               [full_cs, group("cs", "lora"), group("cs", "houlsby"), group("bd", "full"), group("bd", "lora"),
-               group("dm", "full"), group("dm", "lora"), group("sum", "full"), group("sum", "lora"),
-               # docstring-match at the larger budget claim 7 needed, where LoRA learns it well (full fine-tuning
-               # borrows its lr from the 30-step grid: there was no time for its own grid here)
-               group("dm-dp", "full", lr_from="dm:full"), group("dm-dp", "lora")],
+               group("dm", "full"), group("dm", "lora"), group("sum", "full"), group("sum", "lora")],
               note=BUG_DETECT_NOTE),
         Claim("3", "DPS is more stable than full fine-tuning and better with little data",
               "Dynamic Parameter Selection is more stable than vanilla full fine-tuning across seeds (lower std) "

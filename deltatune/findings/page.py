@@ -284,7 +284,7 @@ def _unlearned(*stats) -> str:
 
 def verdict_1(st: dict) -> str:
     parts, holds = [], []
-    for setting in ("cs", "bd", "dm", "dm-dp"):
+    for setting in ("cs", "bd", "dm"):
         full = st.get(f"{setting}:full")
         peft = [st[k] for k in (f"{setting}:lora", f"{setting}:houlsby") if k in st and st[k]["mean"] is not None]
         if not _complete(full) or not peft:
