@@ -60,6 +60,11 @@ class Setting:
     max_new_tokens: int | None = None  # generation tasks
     grad_accum: int = 1  # batches per optimizer step (a private run's expected sample: batch x grad_accum)
 
+    @property
+    def per_step(self) -> int:
+        """Examples per optimizer step (a private run's expected Poisson sample)."""
+        return self.batch * self.grad_accum
+
     def budget(self) -> dict:  # grad_accum only where it is not 1: the run keys of earlier settings stay the same
         return {k: v for k, v in dataclasses.asdict(self).items()
                 if k != "name" and not (k == "grad_accum" and v == 1)}

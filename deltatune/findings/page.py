@@ -144,7 +144,7 @@ def budget_table(settings: list) -> str:
         train = f"{st.max_train} (subset)" if st.max_train else "whole split (steps x batch drawn)"
         evals = f"{st.max_eval} each (retrieval pool {st.max_eval})" if st.max_eval and st.task == "code-search" else (
             f"{st.max_eval} each" if st.max_eval else "whole splits")
-        batch = f"{st.batch}" if st.grad_accum == 1 else f"{st.batch * st.grad_accum} ({st.batch} x {st.grad_accum} accumulated)"
+        batch = f"{st.batch}" if st.grad_accum == 1 else f"{st.per_step} ({st.batch} x {st.grad_accum} accumulated)"
         lines.append(f"| {st.name} | {st.model} | {st.task} | {st.steps} x {batch} | {st.max_len} | {train} | {evals} |")
     return "\n".join(lines)
 
@@ -235,6 +235,11 @@ def _ranges(xs: list[int]) -> str:
     return ", ".join(out)
 
 
+def _lowest_two(scores: list) -> list[int]:
+    """The hidden states of the two lowest scores, in layer order."""
+    return sorted(sorted(range(len(scores)), key=scores.__getitem__)[:2])
+
+
 def _scaled(scores: list) -> list:
     lo, hi = min(scores, default=0), max(scores, default=1)
     return [(x - lo) / (hi - lo) if hi > lo else 0 for x in scores]
@@ -300,7 +305,7 @@ def verdict_1(st: dict) -> str:
                    "more than a point behind, but within the seeds' spread: undecided at this number of seeds"
                    if undecided else "falls behind full fine-tuning")
         st_ = full["setting"]
-        parts.append(f"{st_.task} ({st_.steps} steps x {st_.batch * st_.grad_accum}), full vs the better PEFT method: "
+        parts.append(f"{st_.task} ({st_.steps} steps x {st_.per_step}), full vs the better PEFT method: "
                      f"{_diff_text(full, best)}: {verdict}"
                      + unlearned)
     full, lora = st.get("sum:full"), st.get("sum:lora")
@@ -375,7 +380,7 @@ def verdict_7(st: dict) -> str:
         dp = next((s for k, s in st.items() if k.startswith(f"{setting}:lora:dp_epsilon")), None)
         if lora is None or dp is None:
             continue
-        budget = f"{lora['setting'].steps} steps x {lora['setting'].batch * lora['setting'].grad_accum}"
+        budget = f"{lora['setting'].steps} steps x {lora['setting'].per_step}"
         if not _complete(lora, dp):
             parts.append(f"docstring-match at {budget}: not enough runs yet")
             continue
@@ -477,16 +482,14 @@ def _analysis_section(store: Store, claim) -> list[str]:
             share = a["similarity"].get("pretrained_top_dimension_share")
             if share:
                 lines.append("| pretrained: top-dimension share | " + " | ".join(f"{x:.2f}" for x in share) + " |")
-            lowest = {name: sorted(range(len(c["rsa_spearman"])), key=c["rsa_spearman"].__getitem__)[:2]
-                      for name, c in sim.items()}
+            lowest = {name: _lowest_two(c["rsa_spearman"]) for name, c in sim.items()}
             lines.append("\nLeast similar hidden states (the two lowest RSA): "
-                         + "; ".join(f"{name}: {sorted(v)}" for name, v in lowest.items()) + f" (top = {n - 1}).")
-            lowest_std = {name: sorted(range(len(c["rsa_spearman_std"])), key=c["rsa_spearman_std"].__getitem__)[:2]
-                          for name, c in sim.items() if "rsa_spearman_std" in c}
+                         + "; ".join(f"{name}: {v}" for name, v in lowest.items()) + f" (top = {n - 1}).")
+            lowest_std = {name: _lowest_two(c["rsa_spearman_std"]) for name, c in sim.items() if "rsa_spearman_std" in c}
             if lowest_std:
                 lines.append("On standardised representations (every dimension z-scored over the texts first, against "
                              "rogue dimensions; Timkey & van Schijndel 2021): "
-                             + "; ".join(f"{name}: {sorted(v)}" for name, v in lowest_std.items()) + ".")
+                             + "; ".join(f"{name}: {v}" for name, v in lowest_std.items()) + ".")
             if share and max(share) > 0.5:
                 rogue = [i for i, x in enumerate(share) if x > 0.5]
                 lines.append(f"\nCaveat: in hidden states {_ranges(rogue)} of the pretrained {a['model']}, one dimension "
@@ -529,16 +532,16 @@ def _probe_verdict(store: Store, claim) -> list[str]:
         sim = (a.get("similarity") or {}).get("models") or {}
         for name, c in sim.items():
             r = c["rsa_spearman"]
-            low2 = sorted(range(len(r)), key=r.__getitem__)[:2]
-            top2 = set(low2) == {len(r) - 1, len(r) - 2}
+            low2 = _lowest_two(r)
+            top2 = low2 == [len(r) - 2, len(r) - 1]
             holds.append(top2)
-            parts.append(f"{a['model']} {name}: the two least similar hidden states are {sorted(low2)} of 0..{len(r) - 1}"
+            parts.append(f"{a['model']} {name}: the two least similar hidden states are {low2} of 0..{len(r) - 1}"
                          + (" (the top two, as the paper found)" if top2 else " (not the top two)"))
             if "rsa_spearman_std" in c:  # reported beside the paper's measure, not counted in the verdict
                 r = c["rsa_spearman_std"]
-                low2 = sorted(sorted(range(len(r)), key=r.__getitem__)[:2])
+                low2 = _lowest_two(r)
                 parts.append(f"{a['model']} {name}, standardised RSA (not counted): {low2}"
-                             + (" (the top two)" if set(low2) == {len(r) - 1, len(r) - 2} else " (not the top two)"))
+                             + (" (the top two)" if low2 == [len(r) - 2, len(r) - 1] else " (not the top two)"))
     return parts if not holds else [("all agree with the paper" if all(holds) else "some differ from the paper")] + parts
 
 
