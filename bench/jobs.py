@@ -223,9 +223,10 @@ def ab(args) -> None:
     import deltatune as dt
     from deltatune.lengths import forward_by_length
     from deltatune.models import build_task_model
-    from deltatune.objectives import Retrieval
+    from deltatune.training.objectives import Retrieval
     from deltatune.tasks import load_task
-    from deltatune.train import DataOrder, TrainConfig
+    from deltatune.training import TrainConfig
+    from deltatune.training.loop import DataOrder
 
     task = load_task("code-search")
     model, tok = build_task_model("minilm", "retrieval")
@@ -269,9 +270,10 @@ def tokens(args) -> None:
     """Tokens the model runs on (rows x padded width), plain padding against length-sorted groups: deterministic."""
     from deltatune.lengths import groups
     from deltatune.models import load_backbone
-    from deltatune.objectives import Retrieval
+    from deltatune.training.objectives import Retrieval
     from deltatune.tasks import load_task
-    from deltatune.train import DataOrder, TrainConfig
+    from deltatune.training import TrainConfig
+    from deltatune.training.loop import DataOrder
 
     task = load_task("code-search")
     objective = Retrieval(load_backbone("minilm", "base")[1], TrainConfig(max_len=128))

@@ -44,7 +44,7 @@ ENVS = {"deltatune + malloc mmap threshold 1 MiB": {"MALLOC_MMAP_THRESHOLD_": "1
 
 
 def steps_only(name: str, steps: int, max_train: int) -> None:
-    """The child of --steps-only: the engine's own optimizer steps (deltatune.train._step: the
+    """The child of --steps-only: the engine's own optimizer steps (deltatune.training.loop.optimizer_step: the
     objective's loss, backward, clipping, AdamW) on the run's data, without the zero-shot,
     validation and test scoring a `deltatune train` run adds; one JSON line."""
     import resource
@@ -53,10 +53,13 @@ def steps_only(name: str, steps: int, max_train: int) -> None:
 
     import deltatune as dt
     from deltatune.models import build_task_model
-    from deltatune.objectives import Generation
+    from deltatune.training.objectives import Generation
     from deltatune.tasks import load_task
     from deltatune.cli import on_off_auto
-    from deltatune.train import DataOrder, TrainConfig, _check_batch_fits, _resolved, _step
+    from deltatune.training import TrainConfig
+    from deltatune.training.config import resolved as _resolved
+    from deltatune.training.loop import DataOrder, optimizer_step as _step
+    from deltatune.training.memory import check_batch_fits as _check_batch_fits
 
     flags = CONFIGS[name]
     gc = on_off_auto(flags[flags.index("--grad-checkpointing") + 1]) if "--grad-checkpointing" in flags else "auto"
@@ -91,9 +94,10 @@ def saved_for_backward(batch_size: int = 32) -> dict:
 
     import deltatune as dt
     from deltatune.models import build_task_model
-    from deltatune.objectives import Generation
+    from deltatune.training.objectives import Generation
     from deltatune.tasks import load_task
-    from deltatune.train import TrainConfig, _enable_checkpointing, _n_tokens
+    from deltatune.training import TrainConfig
+    from deltatune.training.memory import enable_checkpointing as _enable_checkpointing, n_tokens as _n_tokens
 
     task = load_task("code-summarization", seed=0, max_train=256, max_eval=1)
     out = {}

@@ -90,7 +90,7 @@ def epoch(model, objective, examples, batch_size: int, lr: float, seed: int) -> 
     """Seconds for one epoch of AdamW steps over ``examples`` in a seeded order."""
     import torch
 
-    from deltatune.analysis.freeze import _to
+    from deltatune.tensors import to_device as _to
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
@@ -135,11 +135,12 @@ def run(args, out: Path) -> list[dict]:
     import torch
 
     import deltatune as dt
-    from deltatune.analysis import recycle
+    from deltatune.training import recycle
     from deltatune.models import build_task_model
     from deltatune.sites import num_layers
     from deltatune.tasks import load_task
-    from deltatune.train import OBJECTIVES, TrainConfig
+    from deltatune.training import TrainConfig
+    from deltatune.training.objectives import OBJECTIVES
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -27,8 +27,8 @@ from .store import (
     use,
 )
 from .errors import AdapterFileError, ConfigError, DataError, DeltatuneError, SiteError, StorageError, TrainingError
-from . import io
-from .io import load_adapter, read_adapter, save_adapter
+from . import formats
+from .formats import load_adapter, read_adapter, save_adapter
 from . import compose  # registers the "stack" method; dt.compose.stack/average/fold_into_base
 from .sites import SITES, family_of, known_sites
 
@@ -41,7 +41,7 @@ def methods() -> list[str]:
 
 
 __all__ = [
-    "io", "compose", "methods", "method_info", "attach", "detach", "merge", "unmerge", "fold", "count_parameters",
+    "formats", "compose", "methods", "method_info", "attach", "detach", "merge", "unmerge", "fold", "count_parameters",
     "save_adapter", "load_adapter", "read_adapter", "set_active", "active_adapters", "adapters",
     "register", "option", "Method", "Composite", "Placement", "routing", "use", "merged_bytes", "set_frozen_dropout", "SITES", "family_of", "known_sites",
     "DeltatuneError", "ConfigError", "SiteError", "AdapterFileError", "DataError", "TrainingError",

@@ -208,7 +208,7 @@ def cmd_train(args) -> int:
     options = parse_sets(args.set)
     _check_method(args.method, options)
     _check_task(args.task)
-    from deltatune.train import TrainConfig, train
+    from deltatune.training import TrainConfig, train
 
     out = args.out or f"runs/{_slug(args.model)}-{_slug(args.task)}-{_slug(args.method)}-s{args.seed}"
     config = {"model": args.model, "task": args.task, "method": args.method, "options": options,
@@ -222,7 +222,7 @@ def cmd_train(args) -> int:
     if unsupported:
         raise ConfigError(f"the engine does not support {', '.join('--' + k.replace('_', '-') for k in unsupported)}")
     summary = train(TrainConfig(**config))
-    from deltatune.distributed import rank
+    from deltatune.training.distributed import rank
 
     if rank():  # under torchrun: rank 0 prints
         return 0
@@ -260,7 +260,7 @@ def cmd_eval(args) -> int:
         raise ConfigError("--adapter is required (a model without one is scored by --task humaneval only)")
     if args.task:
         _check_task(args.task)
-    from deltatune.train import default_eval_dir, evaluate, resolve_adapter
+    from deltatune.training import default_eval_dir, evaluate, resolve_adapter
 
     adapter = resolve_adapter(args.adapter)  # a run directory stands for its best/ adapter
     out = Path(args.out) if args.out else default_eval_dir(adapter, args.task)
@@ -295,7 +295,7 @@ def _cmd_eval_humaneval(args) -> int:
         raise ConfigError("HumanEval has one split, test; leave --split out")
     out = args.out
     if out is None:
-        from deltatune.train import default_eval_dir
+        from deltatune.training import default_eval_dir
 
         out = default_eval_dir(args.adapter, "humaneval") if args.adapter else \
             Path("runs") / f"humaneval-{_slug(args.model or 'model')}"

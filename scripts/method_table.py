@@ -42,7 +42,7 @@ def table() -> str:
             rows.append(f"| `{name}` | {info['paper']} | {shown} | needs options: {str(err).split(';')[0]} | | | {merge} | {deviates} |")
             continue
         trainable, _ = dt.count_parameters(model)
-        tensors, _ = dt.io.adapter_tensors(model, fold=True)
+        tensors, _ = dt.formats.native.adapter_tensors(model, fold=True)
         saved = sum(t.numel() for t in tensors.values())
         rows.append(f"| `{name}` | {info['paper']} | {shown} | {trainable:,} | {100 * trainable / total:.3f} | {saved:,} | {merge} | {deviates} |")
     return ("\n".join(rows) + f"\n\nMiniLM (all-MiniLM-L6-v2) has {total:,} parameters. 'saved adapter' counts the tensors "

@@ -27,7 +27,7 @@ COUNTED = ("replace", "rename", "mkdir", "unlink", "rmdir", "fsync")
 
 SERVER = r'''
 import json, os, signal, sys, time
-import deltatune.cli, deltatune.train, deltatune.models  # the engine, imported once
+import deltatune.cli, deltatune.training, deltatune.models  # the engine, imported once
 from transformers import BertModel, LlamaModel  # noqa: F401  transformers loads model classes lazily
 
 def count_ops(root, kill_at):

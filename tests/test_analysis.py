@@ -13,12 +13,12 @@ from scipy import stats
 
 import deltatune as dt
 from deltatune.analysis import labels as LB
-from deltatune.analysis.freeze import recommend_k
-from deltatune.analysis.recycle import RecycleError
+from deltatune.training.freeze import recommend_k
+from deltatune.training.recycle import RecycleError
 from deltatune.analysis.similarity import linear_cka, per_layer, rsa, standardize, top_dimension_share
 from deltatune.errors import ConfigError
 from deltatune.models import load_backbone
-from deltatune.train import TrainConfig, train
+from deltatune.training import TrainConfig, train
 from tests.test_train import losses, write_task
 
 

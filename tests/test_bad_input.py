@@ -177,7 +177,7 @@ def _with(argv: list[str], changes: list[str]) -> list[str]:
 PROBE = r'''
 import contextlib, io, json, sys, os
 from deltatune import cli
-HEAVY = ("transformers", "deltatune.train", "deltatune.models", "deltatune.tasks")
+HEAVY = ("transformers", "deltatune.training", "deltatune.models", "deltatune.tasks")
 results = []
 for case in json.loads(sys.stdin.read()):
     err = io.StringIO()
@@ -435,7 +435,8 @@ def test_a_huge_line_is_cut_before_the_tokenizer_sees_it(tmp_path):
     """A 50 MB line once took GBs inside the tokenizer: text is cut to CHARS_PER_TOKEN x max_len characters
     first, and the tokens kept are those that truncating the whole text keeps."""
     from deltatune.models import load_backbone
-    from deltatune.train import CHARS_PER_TOKEN, OBJECTIVES, TrainConfig
+    from deltatune.training import TrainConfig
+    from deltatune.training.objectives import CHARS_PER_TOKEN, OBJECTIVES
 
     tokenizer = load_backbone("tiny-bert")[1]
     longest = []

@@ -15,8 +15,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import deltatune as dt
 from deltatune.models import build_task_model
-from deltatune.objectives import (IGNORE, Generation, causal_lm_loss, head_in_chunks, linear_cross_entropy)
-from deltatune.train import TrainConfig
+from deltatune.training.objectives import (IGNORE, Generation, causal_lm_loss, head_in_chunks, linear_cross_entropy)
+from deltatune.training import TrainConfig
 from tests import tiny
 
 
@@ -161,7 +161,7 @@ def test_private_training_per_example_gradients_still_work():
     """privacy.per_example_grads calls the objective's loss under torch.func.grad (and vmap where
     the model allows; transformers' Llama masks do not): the plain path there, each example's
     loss its own."""
-    from deltatune.privacy import per_example_grads
+    from deltatune.training.privacy import per_example_grads
 
     model, tok = build_task_model("tiny-llama", "generation")
     dt.attach(model, "lora")

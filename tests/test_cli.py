@@ -65,7 +65,7 @@ def test_seeds_count_or_list():
 def test_help_lists_every_command_without_loading_the_engine():
     # Fast help: neither transformers (the engine) nor matplotlib (the report) is imported for it.
     probe = ("import sys\nfrom deltatune import cli\ntry:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
-             "print('LOADED', sorted(m for m in ('transformers', 'matplotlib', 'deltatune.train') if m in sys.modules))")
+             "print('LOADED', sorted(m for m in ('transformers', 'matplotlib', 'deltatune.training') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     for command in ("methods", "tasks", "train", "eval", "bench", "report", "demo"):

@@ -18,8 +18,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from deltatune.io import read_adapter
-from deltatune.train import TrainConfig, _latest_checkpoint, train
+from deltatune.formats.native import read_adapter
+from deltatune.training import TrainConfig, train
+from deltatune.training.checkpoints import latest_checkpoint as _latest_checkpoint
 
 from . import figures
 from .crashpoint import ForkServer, run_process

@@ -22,8 +22,9 @@ from safetensors.torch import load_file
 
 import deltatune as dt
 from deltatune import cli
-from deltatune.io import CONFIG, WEIGHTS, atomic_write_json
-from deltatune.train import TrainConfig, _Log, train
+from deltatune.formats.native import CONFIG, WEIGHTS, atomic_write_json
+from deltatune.training import TrainConfig, train
+from deltatune.training.outdir import Log as _Log
 
 from . import tiny
 from .test_train import write_task
@@ -77,7 +78,7 @@ def test_full_disk_while_saving_an_adapter_keeps_a_whole_adapter(tmp_path, monke
     # adapter.safetensors carries its own config, so what loads is one whole adapter, the old or the new.
     loaded = dt.load_adapter(tiny.model("bert"), tmp_path / "a")
     expected = old if failing_file == 1 else new
-    got, want = dt.io.adapter_tensors(loaded)[0], dt.io.adapter_tensors(expected)[0]
+    got, want = dt.formats.native.adapter_tensors(loaded)[0], dt.formats.native.adapter_tensors(expected)[0]
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 

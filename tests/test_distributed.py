@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 
 from deltatune import cli, distributed
 from deltatune.errors import ConfigError, DeltatuneError
-from deltatune.train import TrainConfig, train
+from deltatune.training import TrainConfig, train
 from tests.test_train import write_task
 
 ROOT = Path(__file__).resolve().parent.parent

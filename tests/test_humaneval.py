@@ -125,7 +125,7 @@ def test_eval_command(tmp_path, capsys):
 
 
 def test_adapter_trained_on_code_generation_evaluates_on_humaneval(tmp_path):
-    from deltatune.train import TrainConfig, evaluate, train
+    from deltatune.training import TrainConfig, evaluate, train
 
     run = tmp_path / "run"
     train(TrainConfig(model="tiny-llama", task="code-generation", method="lora", max_steps=1, batch_size=2,
@@ -170,8 +170,8 @@ def test_code_generation_splits_by_module_without_humaneval(codegen):
 
 def test_completion_rows_skip_the_chat_template():
     from deltatune.models import load_backbone
-    from deltatune.objectives import Generation
-    from deltatune.train import TrainConfig
+    from deltatune.training.objectives import Generation
+    from deltatune.training import TrainConfig
 
     _, tokenizer = load_backbone("tiny-llama")
     tokenizer.chat_template = "{% for m in messages %}<user>{{ m['content'] }}</user>{% endfor %}<assistant>"

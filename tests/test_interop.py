@@ -18,7 +18,7 @@ import transformers as T
 
 import deltatune as dt
 from deltatune.errors import AdapterFileError, ConfigError
-from deltatune.interop import peft as dtpeft
+from deltatune.formats import peft as dtpeft
 from tests import tiny
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -218,7 +218,7 @@ def test_prefix_refusal_reason_is_the_position_shift():
     model = dt.attach(tiny.model("gpt2"), "prefix", length=n, hidden=0)
     perturb(model)
     model.eval()
-    tensors, _ = dt.io.adapter_tensors(model)
+    tensors, _ = dt.formats.native.adapter_tensors(model)
     tables = [tensors[f"delta.transformer:h:{i}:attn.table"] for i in range(2)]
     theirs = peft.get_peft_model(tiny.model("gpt2"), peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n))
     theirs.prompt_encoder["default"].embedding.weight.data.copy_(torch.cat(tables, dim=1))

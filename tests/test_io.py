@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import deltatune as dt
-from deltatune.io import CONFIG, MAX_MB_ENV, WEIGHTS, atomic_write_bytes
+from deltatune.formats.native import CONFIG, MAX_MB_ENV, WEIGHTS, atomic_write_bytes
 
 from . import figures, tiny
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from deltatune import sites as S
-from deltatune import train as T
-from deltatune.analysis import recycle
+from deltatune.training import scoring as T
+from deltatune.training import recycle
 from deltatune.errors import ConfigError
-from deltatune.train import TrainConfig, evaluate, train
+from deltatune.training import TrainConfig, evaluate, train
 from tests.test_train import write_task
 
 
@@ -32,7 +32,7 @@ def _run(tmp_path, task, name, **over):
 
 def _block0_calls(monkeypatch) -> list:
     """Count the forward passes of block 0's first sub-module in every scoring (_score)."""
-    calls, score = [], T._score
+    calls, score = [], T.score
 
     def counted(model, *args, **kwargs):
         block = next(t.module for t in S.resolve(model, "block") if t.layer == 0)
@@ -42,7 +42,7 @@ def _block0_calls(monkeypatch) -> list:
         finally:
             handle.remove()
 
-    monkeypatch.setattr(T, "_score", counted)
+    monkeypatch.setattr(T, "score", counted)
     return calls
 
 

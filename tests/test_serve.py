@@ -459,7 +459,7 @@ def test_classify_answers_the_label_names_saved_with_the_adapter(saved, tmp_path
 
 
 def test_train_saves_the_task_label_names_with_a_classifier(tmp_path):
-    from deltatune.train import TrainConfig, train
+    from deltatune.training import TrainConfig, train
 
     folder = tmp_path / "task"
     folder.mkdir()

@@ -27,7 +27,7 @@ import deltatune as dt
 from deltatune import cli, storage
 from deltatune.errors import ConfigError, StorageError
 from deltatune.storage import MARKER, RunFolder
-from deltatune.train import TrainConfig, train
+from deltatune.training import TrainConfig, train
 
 from . import figures
 from .test_train import write_task
@@ -494,7 +494,7 @@ def test_remove_dir_removes_a_link_not_its_target(tmp_path):
 
 
 def test_storage_helpers_stay_importable_from_io():
-    assert dt.io.atomic_write_json is storage.atomic_write_json and dt.io.storage_error is storage.storage_error
+    assert dt.formats.native.atomic_write_json is storage.atomic_write_json and dt.formats.native.storage_error is storage.storage_error
 
 
 # ------------------------------------------------------------------ found in the adversarial pass

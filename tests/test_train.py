@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 from deltatune.errors import ConfigError, TrainingError
 from deltatune.tasks import TaskData, load_task
-from deltatune.train import DataOrder, TrainConfig, _lr_factor, evaluate, train
+from deltatune.training import TrainConfig, evaluate, train
+from deltatune.training.loop import DataOrder, lr_factor as _lr_factor
 
 WARM = "red green blue cat dog fish sun moon".split()
 COLD = "star tree rock river cloud apple pear plum".split()
@@ -144,7 +145,7 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path, tasks, monkeyp
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, tasks, monkeypatch):
-    from deltatune.train import Classification
+    from deltatune.training.objectives import Classification
 
     calls = {"n": 0}
     loss = Classification.loss
@@ -190,7 +191,7 @@ def test_train_accepts_a_loaded_task_and_evaluate_takes_it_too(tmp_path, tasks):
 
 def test_generation_loss_counts_target_tokens_only(tmp_path, tasks):
     from deltatune.models import load_backbone
-    from deltatune.train import Generation
+    from deltatune.training.objectives import Generation
 
     _, tokenizer = load_backbone("tiny-llama")
     objective = Generation(tokenizer, config(tmp_path, "x", max_len=6))
@@ -208,7 +209,7 @@ def test_generation_loss_counts_target_tokens_only(tmp_path, tasks):
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-gpt2"])
 def test_batched_generation_with_left_padding_equals_one_by_one(tmp_path, model):
     from deltatune.models import build_task_model
-    from deltatune.train import Generation
+    from deltatune.training.objectives import Generation
 
     lm, tokenizer = build_task_model(model, "generation")
     objective = Generation(tokenizer, config(tmp_path, "x", max_new_tokens=5))
@@ -280,7 +281,7 @@ def test_a_fresh_run_removes_the_previous_runs_predictions(tmp_path, tasks):
 
 
 def test_evaluate_scores_the_whole_split_unless_told(tmp_path, tasks):
-    from deltatune.train import resolve_adapter
+    from deltatune.training import resolve_adapter
 
     train(config(tmp_path, tasks["retrieval"], max_steps=2, eval_every=2, max_eval=6, max_len=8))
     out = tmp_path / "run"
@@ -307,12 +308,13 @@ def test_evaluate_of_a_missing_directory_names_the_fix(tmp_path):
 
 
 def test_one_slug_for_the_engine_and_the_cli():
-    from deltatune import cli, train as engine
+    from deltatune import cli
+    from deltatune.training import config as engine
 
-    assert cli._slug is engine._slug
-    assert engine._slug("Qwen/Qwen2.5-0.5B") == "Qwen2.5-0.5B"  # not cut at the dot as a file suffix
-    assert engine._slug("data/my task.jsonl") == "my-task" and engine._slug("hf:glue/sst2") == "sst2"
-    assert engine._slug("//") == "run"
+    assert cli._slug is engine.slug
+    assert engine.slug("Qwen/Qwen2.5-0.5B") == "Qwen2.5-0.5B"  # not cut at the dot as a file suffix
+    assert engine.slug("data/my task.jsonl") == "my-task" and engine.slug("hf:glue/sst2") == "sst2"
+    assert engine.slug("//") == "run"
 
 
 def test_zero_shot_score_is_cached_across_runs_and_changes_nothing_else(tmp_path, tasks, monkeypatch):
@@ -351,7 +353,7 @@ def test_zero_shot_cache_of_a_classifier_keys_on_its_seeded_head(tmp_path, tasks
 def test_grad_checkpointing_auto_turns_on_over_its_threshold_only(tmp_path, tasks, monkeypatch, capsys):
     """"auto" (the default) checkpoints when the largest batch would keep more activations than
     AUTO_CHECKPOINT_BYTES, says so, and trains the same; off and small batches do not checkpoint."""
-    import deltatune.train as engine
+    import deltatune.training.memory as engine
 
     common = dict(model="tiny-llama", method="lora", max_steps=4, eval_every=4)
     small = train(config(tmp_path / "a", tasks["generation"], **common))
@@ -386,10 +388,11 @@ def test_the_trained_model_is_freed_before_the_best_adapter_is_scored(tmp_path, 
     fine-tuning, its weights' gradients) must be gone by then, or the run holds two models at once."""
     import weakref
 
-    import deltatune.train as T
+    import deltatune.training.scoring as T
+    import deltatune.training.run as R
 
     built, alive = [], []
-    real_build, real_restore = T.build_task_model, T._restore
+    real_build, real_restore = R.build_task_model, T.restore
 
     def build(*args, **kwargs):
         out = real_build(*args, **kwargs)
@@ -400,8 +403,8 @@ def test_the_trained_model_is_freed_before_the_best_adapter_is_scored(tmp_path, 
         alive.append(sum(ref() is not None for ref in built[0]))
         return real_restore(*args, **kwargs)
 
-    monkeypatch.setattr(T, "build_task_model", build)
-    monkeypatch.setattr(T, "_restore", restore)
+    monkeypatch.setattr(R, "build_task_model", build)
+    monkeypatch.setattr(T, "restore", restore)
     summary = train(config(tmp_path, tasks["classification"], method="full", max_steps=2, eval_every=2, dp_epsilon=dp))
     assert alive == [0]
     assert (summary.get("dp_epsilon") is not None) == (dp is not None)

@@ -30,8 +30,8 @@ from safetensors.torch import load_file, save_file
 
 import deltatune as dt
 from deltatune import cli
-from deltatune.io import WEIGHTS
-from deltatune.train import TrainConfig, evaluate, train
+from deltatune.formats.native import WEIGHTS
+from deltatune.training import TrainConfig, evaluate, train
 
 from . import figures, tiny
 from .test_train import write_task

@@ -16,7 +16,7 @@ from deltatune import privacy
 from deltatune.errors import ConfigError
 from deltatune.methods.dps import DPSRule
 from deltatune.methods.sift import SiftRule
-from deltatune.train import TrainConfig, train
+from deltatune.training import TrainConfig, train
 
 from . import tiny
 

@@ -11,8 +11,8 @@ import torch
 import deltatune as dt
 from deltatune.lengths import forward_by_length, groups
 from deltatune.models import build_task_model
-from deltatune.objectives import Retrieval
-from deltatune.train import TrainConfig, train
+from deltatune.training.objectives import Retrieval
+from deltatune.training import TrainConfig, train
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
 
@@ -107,20 +107,20 @@ def test_summary_says_where_the_job_went(tmp_path):
                                            ("fpu avx2 amx_bf16 amx_tile", True), ("fp asimd sve bf16", True),
                                            ("fp asimd sve", False), ("", False)])
 def test_native_bf16_reads_the_cpu_flags(flags, native):
-    from deltatune.train import native_bf16
+    from deltatune.training import native_bf16
 
     assert native_bf16("cpu", flags) is native
 
 
 def test_bf16_auto_resolves_per_machine_and_keeps_fp32_without_native_bf16(monkeypatch):
-    import deltatune.train as T
+    import deltatune.training.config as T
 
-    assert T._resolved(TrainConfig(bf16="auto", device="cpu"), None).bf16 is T.native_bf16("cpu")
+    assert T.resolved(TrainConfig(bf16="auto", device="cpu"), None).bf16 is T.native_bf16("cpu")
     monkeypatch.setattr(T, "native_bf16", lambda device, cpu_flags=None: False)  # a CPU without bf16
-    assert T._resolved(TrainConfig(bf16="auto", device="cpu"), None).bf16 is False
-    assert T._resolved(TrainConfig(bf16=True, device="cpu"), None).bf16 is True
+    assert T.resolved(TrainConfig(bf16="auto", device="cpu"), None).bf16 is False
+    assert T.resolved(TrainConfig(bf16=True, device="cpu"), None).bf16 is True
     with pytest.raises(Exception, match="bf16"):
-        T._resolved(TrainConfig(bf16="yes", device="cpu"), None)
+        T.resolved(TrainConfig(bf16="yes", device="cpu"), None)
 
 
 def test_bf16_loss_within_tolerance_of_fp32(encoder):

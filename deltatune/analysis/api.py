@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
-from . import freeze as FZ
+from ..training import freeze as FZ
 from .features import extract
 from .probing import PROPERTIES, probe, probe_functions
 from .similarity import SCORES, per_layer, top_dimension_share
@@ -22,15 +22,15 @@ from .similarity import SCORES, per_layer, top_dimension_share
 
 def _load_adapter_model(path, model_name: str, task):
     """The task model a ``train`` run (or its adapter folder) was trained as, with the adapter loaded."""
-    from .. import train as T
+    from ..training import runs as R, scoring as E
 
-    adapter_dir = T.resolve_adapter(path)
-    run_json = T._run_json_of(adapter_dir)
-    cfg = T._config_from(T._read_run_json(run_json), run_json)
+    adapter_dir = R.resolve_adapter(path)
+    run_json = R.run_json_of(adapter_dir)
+    cfg = R.config_from(R.read_run_json(run_json), run_json)
     if cfg.model != model_name:
         raise ConfigError(f"adapter {path} was trained on model {cfg.model!r}, not {model_name!r}; compare adapters "
                           f"of the model being analysed (--model {cfg.model})")
-    model, _ = T._restore(cfg, task if task is not None and cfg.task == task.name else T._load_task(cfg), adapter_dir)
+    model, _ = E.restore(cfg, task if task is not None and cfg.task == task.name else E.load_task(cfg), adapter_dir)
     return model, cfg
 
 
@@ -46,13 +46,14 @@ def analyze(model: str = "minilm", task: str = "code-search", adapters=(), out_d
     fine-tune briefly (``finetune_steps`` steps, train split) for the same comparison when no
     trained adapter is at hand (default: ``("full",)`` without ``adapters``, none with them);
     ``finetune_steps=0`` skips it. The recommended freeze depth K
-    follows :func:`deltatune.analysis.freeze.recommend_k` and its rule is written beside it.
+    follows :func:`deltatune.training.freeze.recommend_k` and its rule is written beside it.
     """
     import deltatune as dt
     from ..models import build_task_model, load_backbone
     from ..sites import num_layers
     from ..tasks import load_task
-    from ..train import OBJECTIVES, TrainConfig
+    from ..training.config import TrainConfig
+    from ..training.objectives import OBJECTIVES
 
     if score not in SCORES:
         raise ConfigError(f"unknown similarity score {score!r} for the freeze rule (--score); choose one of "

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-PROPERTIES = ("lexical", "syntactic", "syntactic-depth", "structural", "semantic")
+from .labels import PROPERTIES
 
 
 def add_arguments(p) -> None:

@@ -20,6 +20,9 @@ import io
 import keyword
 import tokenize
 
+# The probed properties, named here (a light module) so that `deltatune analyze --help` imports no model code.
+PROPERTIES = ("lexical", "syntactic", "syntactic-depth", "structural", "semantic")
+
 TOKEN_TYPES = ("keyword", "name", "number", "string", "operator")
 COMPLEXITY_BUCKETS = ("1", "2", "3", "4", "5", ">5")
 DEPTH_BUCKETS = ("1", "2", "3", "4", "5", "6", "7", ">7")

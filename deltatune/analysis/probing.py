@@ -31,7 +31,7 @@ from .features import extract
 L2_GRID = (1e-4, 1e-2, 1.0)
 SYNTACTIC_CLASSES = 12  # the most frequent node types of the train split; the rest are "other"
 TOKEN_PROPERTIES = ("lexical", "syntactic", "syntactic-depth")
-from .cli import PROPERTIES  # noqa: E402  (named in the light CLI module, so `--help` imports no model code)
+from .labels import PROPERTIES  # noqa: E402
 
 
 def probe_functions(n_train: int = 600, n_valid: int = 150, n_test: int = 300, seed: int = 0,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .. import io
+from ..formats import native as io
 from ..errors import ConfigError, StorageError
 
 

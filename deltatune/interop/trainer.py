@@ -16,7 +16,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .. import io
+from .. import formats
 from ..errors import ConfigError
 
 
@@ -44,7 +44,7 @@ class DeltatuneCallback(TrainerCallback):
         for name in names:
             for fmt in self.formats:
                 out = where / self.subdir / (name if fmt == "deltatune" else f"{name}-peft")
-                io.save_adapter(model, out, adapter=name, format=fmt)
+                formats.save_adapter(model, out, adapter=name, format=fmt)
                 self.saved.append(out)
 
     def on_save(self, args, state, control, model=None, **kwargs):

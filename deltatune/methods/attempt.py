@@ -13,7 +13,7 @@ from ..sites import attention_shape, resolve
 def read_sources(dirs: list) -> torch.Tensor:
     """The prompts of adapters saved by the 'prompt' method (directories, or train out dirs), stacked:
     (t, length, d)."""
-    from ..io import read_adapter
+    from ..formats.native import read_adapter
 
     prompts = []
     for path in map(Path, dirs):

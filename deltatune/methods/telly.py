@@ -42,7 +42,7 @@ class Telly(Method):
 
     # object: a whole number or "auto" (checked in __post_init__; the registry checks one type per option)
     k: object | None = option(None, help="number of frozen bottom layers (default: half); 'auto': `deltatune train` "
-                                         "picks it from a layer analysis (deltatune.analysis.freeze)")
+                                         "picks it from a layer analysis (deltatune.training.freeze)")
 
     def __post_init__(self):
         if self.k is not None and self.k != "auto" and (isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 0):
@@ -51,7 +51,7 @@ class Telly(Method):
     def frozen_layers(self, model) -> int:
         if self.k == "auto":
             raise ConfigError("telly: k='auto' is chosen from the task's data by `deltatune train --method telly --set "
-                              "k=auto` (or deltatune.analysis.freeze_depth); dt.attach needs a number of layers")
+                              "k=auto` (or deltatune.training.freeze.freeze_depth); dt.attach needs a number of layers")
         return num_layers(model) // 2 if self.k is None else self.k
 
     def check(self, model):

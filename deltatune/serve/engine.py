@@ -36,7 +36,7 @@ from torch import nn
 
 import deltatune as dt
 from ..errors import ConfigError, DeltatuneError
-from ..train import resolve_adapter
+from ..training.runs import resolve_adapter
 from ..models import BiEncoder, cache_dir, format_prompt, load_backbone, mean_pool
 
 KINDS = {"embed": "retrieval", "search": "retrieval", "classify": "classification", "generate": "generation"}
@@ -191,9 +191,7 @@ class Engine:
         if name in self.adapters:
             raise ServeError(409, f"adapter {name!r} is already loaded; unload it first or pick another name")
         path = Path(path)
-        from ..interop import peft
-
-        if not peft.is_peft_dir(path):
+        if dt.formats.format_of(path) == "deltatune":
             dt.read_adapter(resolve_adapter(path) if path.is_dir() else path)  # AdapterFileError
         return self._control_op(("load", name, path), timeout)
 

@@ -269,11 +269,11 @@ def evaluate(model: str | None = "smollm2", adapter=None, *, n: int = 1, ks=(1, 
         raise ConfigError(f"pass@k needs k <= n; with n={n} no k of {ks} can be reported (raise n)")
     adapter_dir = None
     if adapter is not None:
-        from deltatune.train import _read_run_json, _run_json_of, resolve_adapter
+        from deltatune.training.runs import read_run_json, run_json_of, resolve_adapter
 
         adapter_dir = resolve_adapter(adapter)
         try:
-            trained_on = _read_run_json(_run_json_of(adapter_dir)).get("model")
+            trained_on = read_run_json(run_json_of(adapter_dir)).get("model")
         except ConfigError:
             trained_on = None
         if model is None:

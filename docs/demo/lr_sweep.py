@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from deltatune.tasks import load_task
-from deltatune.train import TrainConfig, train
+from deltatune.training import TrainConfig, train
 
 
 # The per-method lr defaults before this sweep (deltatune at 7c7d734): the table compares each lr with them.

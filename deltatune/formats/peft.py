@@ -41,13 +41,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
-from .. import io, sites
+from .. import sites
+from . import native as io
 from ..errors import AdapterFileError, ConfigError
 
 CONFIG, WEIGHTS, PICKLE = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
 PEFT_TYPE = {"lora": "LORA", "ia3": "IA3", "prompt": "PROMPT_TUNING", "prefix": "PREFIX_TUNING"}
 METHOD_OF = {v: k for k, v in PEFT_TYPE.items()}
-FORMATS = ("deltatune", "peft")
 _MAX_CONFIG_BYTES = 1 << 20
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # Task types whose peft forward prepends prompts and prefixes as described above.
@@ -400,10 +400,9 @@ def _prefix_out(model, root, task, deltas, options):
         "prefix_projection": False}
 
 
-def save(model, path, adapter: str | None = None, format: str = "peft") -> Path:
-    """Write ``adapter`` of ``model`` to directory ``path`` in the PEFT format (atomically, file by file)."""
-    if format not in FORMATS:
-        raise ConfigError(f"unknown adapter format {format!r}; formats: {', '.join(FORMATS)}")
+def save(model, path, adapter: str | None = None, fold: bool = True) -> Path:
+    """Write ``adapter`` of ``model`` to directory ``path`` in the PEFT format (atomically, file by file).
+    PEFT files hold folded adapters only (``fold`` is accepted for the common signature)."""
     path = Path(path)
     if (path / io.WEIGHTS).exists():
         raise ConfigError(f"{path} holds a deltatune adapter ({io.WEIGHTS}); write the PEFT export to another "
@@ -416,7 +415,7 @@ def save(model, path, adapter: str | None = None, format: str = "peft") -> Path:
 
 # ------------------------------------------------------------------ PEFT -> deltatune
 
-def is_peft_dir(path) -> bool:
+def recognises(path) -> bool:
     """A directory written by peft (or by :func:`save`) rather than by deltatune's own format."""
     path = Path(path)
     return path.is_dir() and not (path / io.WEIGHTS).exists() and (

@@ -24,7 +24,10 @@ import tempfile
 import torch
 
 from ..errors import ConfigError
-from ..models import cache_dir
+from ..names import cache_dir
+from .config import TrainConfig
+from .loop import optimizer_step
+from .objectives import OBJECTIVES
 
 THRESHOLD = 0.9
 SCORE = "rsa_spearman"
@@ -57,12 +60,15 @@ def text_field(kind: str) -> str:
 
 def short_finetune(model, objective, examples: list, *, steps: int, batch_size: int, lr: float, seed: int,
                    device: str, progress: bool = True):
-    """``steps`` AdamW steps (linear warmup over the first tenth, then constant) of the attached adapter."""
+    """``steps`` AdamW steps of the attached adapter through the training loop's own step (gradient clipping
+    at 1.0), on batches drawn afresh each step; the learning rate warms up linearly over the first tenth of
+    the steps, then stays constant."""
     from tqdm.auto import tqdm
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
-    gen = torch.Generator().manual_seed(seed)
+    cfg = TrainConfig(batch_size=batch_size, grad_accum=1, max_grad_norm=1.0, bf16=False, device=device)
+    draws = _Draws(len(examples), seed)
     warm = max(1, steps // 10)
     model.to(device).train()
     with torch.random.fork_rng(devices=[]), tqdm(total=steps, desc="short fine-tune", disable=not progress, leave=False) as bar:
@@ -70,26 +76,20 @@ def short_finetune(model, objective, examples: list, *, steps: int, batch_size: 
         for step in range(steps):
             for g in opt.param_groups:
                 g["lr"] = lr * min(1.0, (step + 1) / warm)
-            idx = torch.randperm(len(examples), generator=gen)[:batch_size].tolist()
-            batch = _to(objective.collate([examples[i] for i in idx]), device)
-            loss = objective.loss(model, batch)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            optimizer_step(cfg, model, opt, params, objective, examples, draws)
             bar.update()
     model.eval()
     return model
 
 
-def _to(batch, device):
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, dict):
-        return {k: _to(v, device) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_to(v, device) for v in batch)
-    return batch
+class _Draws:
+    """A batch order for :func:`short_finetune`: each batch a fresh random subset (``take`` as DataOrder's)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.generator = n, torch.Generator().manual_seed(seed)
+
+    def take(self, k: int) -> list[int]:
+        return torch.randperm(self.n, generator=self.generator)[:k].tolist()
 
 
 def _data_hash(task) -> str:
@@ -105,9 +105,8 @@ def freeze_depth(model_name: str, task, *, method: str = "full", steps: int = AU
     ``rule``, the per-layer scores, and what it was computed from."""
     import deltatune as dt
     from ..models import build_task_model
-    from ..train import OBJECTIVES, TrainConfig
-    from .features import extract, weights_key
-    from .similarity import per_layer
+    from ..analysis.features import extract, weights_key
+    from ..analysis.similarity import per_layer
 
     base, tokenizer = build_task_model(model_name, task.kind, len(task.labels or []))
     lr = lr if lr is not None else dt.method_info(method)["lr"]
@@ -159,9 +158,9 @@ def resolve_options(cfg, task=None):
     """``cfg`` with telly's ``k="auto"`` replaced by the recommended depth (other configs unchanged)."""
     if cfg.method != "telly" or cfg.options.get("k") != "auto":
         return cfg
-    from ..train import _load_task
+    from .scoring import load_task
 
-    task = task if task is not None else _load_task(cfg)
+    task = task if task is not None else load_task(cfg)
     found = freeze_depth(cfg.model, task, steps=min(AUTO_STEPS, cfg.max_steps), max_len=cfg.max_len,
                          batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device or "cpu", progress=cfg.progress)
     print(f"telly k=auto: K={found['k']} ({'cached analysis' if found['cached'] else 'analysis'}: {found['cache_file']}); "

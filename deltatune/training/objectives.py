@@ -6,7 +6,6 @@ One small class per kind (retrieval, classification, generation); the training l
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -14,19 +13,10 @@ from torch.nn import functional as F
 
 from deltatune.lengths import forward_by_length, groups
 from deltatune.models import format_prompt
+from deltatune.tensors import to_device
 
 
 
-if TYPE_CHECKING:
-    from deltatune.train import TrainConfig
-
-
-def _to(batch, device):
-    if isinstance(batch, dict):
-        return {k: v.to(device) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_to(b, device) for b in batch)
-    return batch.to(device)
 
 
 def _traceable(row: dict) -> dict:
@@ -38,9 +28,12 @@ CHARS_PER_TOKEN = 128  # above the longest token of a BPE or WordPiece vocabular
 
 
 class _Objective:
+    # Does the loss of a row depend on the other rows of the batch (in-batch negatives)? Data-parallel
+    # training then gathers every rank's rows (distributed.backward).
+    in_batch = False
     """Tokenising is shared: inputs longer than max_len are truncated and counted for one warning."""
 
-    def __init__(self, tokenizer, cfg: TrainConfig):
+    def __init__(self, tokenizer, cfg):
         self.tokenizer, self.max_len, self.cfg = tokenizer, cfg.max_len, cfg
         self.truncated = self.seen = 0
 
@@ -75,6 +68,10 @@ class _Objective:
                           "tokens and were truncated; raise max_len to keep them whole", stacklevel=stacklevel + 1)
         self.truncated = self.seen = 0
 
+    def units(self, model, examples: list) -> int:
+        """What the loss is a mean over in ``examples``: one unit per example (generation: target tokens)."""
+        return len(examples)
+
     def pad(self, rows: list[dict], left: bool = False) -> dict:
         """Stack token lists into (B, T) tensors, padding on the right (or the left, for generate)."""
         width = max(len(row["input_ids"]) for row in rows)
@@ -90,6 +87,7 @@ class Retrieval(_Objective):
     """In-batch negatives: each query's code is the positive, the other codes of the batch are negatives."""
 
     scale = 20.0  # cosine similarity x 20, MiniLM's own training temperature (0.05)
+    in_batch = True
 
     def encode(self, rows, train):
         return list(zip(self.tokens([r["query"] for r in rows]), self.tokens([r["code"] for r in rows])))
@@ -113,7 +111,7 @@ class Retrieval(_Objective):
             if not rows:
                 return np.zeros((0, 0), dtype=np.float32)
             batches = groups([len(r["input_ids"]) for r in rows], batch_size)
-            out = torch.cat([model(**_to(self.pad([rows[i] for i in idx]), device)).float().cpu() for idx in batches])
+            out = torch.cat([model(**to_device(self.pad([rows[i] for i in idx]), device)).float().cpu() for idx in batches])
             return out[torch.argsort(torch.tensor([i for idx in batches for i in idx]))].numpy()
 
         return embed([q for q, _ in examples]), embed([c for _, c in examples])
@@ -157,7 +155,7 @@ class Classification(_Objective):
     def predict(self, model, examples, batch_size, device):
         rows = [x for x, _ in examples]
         return [int(i) for start in range(0, len(rows), batch_size)
-                for i in model(**_to(self.pad(rows[start:start + batch_size]), device)).argmax(-1).tolist()]
+                for i in model(**to_device(self.pad(rows[start:start + batch_size]), device)).argmax(-1).tolist()]
 
     def records(self, rows, predictions, task):
         names = task.labels or []
@@ -173,6 +171,10 @@ class Classification(_Objective):
 
 class Generation(_Objective):
     """Prompt (see models.format_prompt) then target + EOS; the loss counts the target tokens only."""
+
+    def units(self, model, examples: list) -> int:
+        skip = 0 if getattr(getattr(model, "config", None), "is_encoder_decoder", False) else 1  # causal LMs shift
+        return sum(sum(1 for t in ex["labels"][skip:] if t != IGNORE) for ex in examples)
 
     def encode(self, rows, train):
         tok, eos = self.tokenizer, self.tokenizer.eos_token_id
@@ -209,7 +211,7 @@ class Generation(_Objective):
     def predict(self, model, examples, batch_size, device):
         texts = []
         for start in range(0, len(examples), batch_size):
-            batch = _to(self.pad(examples[start:start + batch_size], left=True), device)
+            batch = to_device(self.pad(examples[start:start + batch_size], left=True), device)
             out = model.generate(**batch, max_new_tokens=self.cfg.max_new_tokens, do_sample=False,
                                  pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
             texts += self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)

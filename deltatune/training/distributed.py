@@ -48,6 +48,7 @@ import torch
 import torch.distributed as dist
 
 from deltatune.errors import ConfigError, DeltatuneError, TrainingError
+from deltatune.tensors import autocast, to_device
 
 MAX_PROCS = 1024
 _BUCKET = 1 << 24  # elements per all-reduce: 64 MB of float32 at most, however large the model
@@ -285,19 +286,16 @@ def _device(model) -> torch.device:
 def backward(cfg, model, params, objective, examples, order, step) -> torch.Tensor:
     """This rank's share of every micro-batch of the step, forward and backward, then the trainable
     gradients summed over the ranks; returns the step's global loss (as one process logs it)."""
-    from deltatune.objectives import Retrieval, _to
-    from deltatune.train import _autocast
-
     me, world = rank(), size()
     per = cfg.batch_size // world
-    gathered = isinstance(objective, Retrieval)
+    gathered = objective.in_batch
     loss = torch.zeros((), device=cfg.device)
     for micro in range(cfg.grad_accum):
         rows = [examples[i] for i in order.take(cfg.batch_size)]
         shards = [rows[r * per:(r + 1) * per] for r in range(world)]
         share = 1.0 if gathered else _share(objective, model, shards, me)
-        batch = _to(objective.collate(shards[me]), cfg.device)
-        with _rank_rng(cfg, step, micro, me), _autocast(cfg):
+        batch = to_device(objective.collate(shards[me]), cfg.device)
+        with _rank_rng(cfg, step, micro, me), autocast(cfg):
             value = objective.loss(_Gathered(model) if gathered else model, batch)
         (value * (share / cfg.grad_accum)).backward()
         # Every rank computes the whole retrieval loss (its gradient reaches only this rank's rows).
@@ -308,13 +306,7 @@ def backward(cfg, model, params, objective, examples, order, step) -> torch.Tens
 def _share(objective, model, shards, me) -> float:
     """This rank's weight in the global micro-batch's loss: its target tokens over all ranks' for
     generation (the loss is a mean over target tokens), its examples over all ranks' otherwise."""
-    from deltatune.objectives import Generation
-
-    if isinstance(objective, Generation):
-        skip = 0 if getattr(getattr(model, "config", None), "is_encoder_decoder", False) else 1  # causal LMs shift
-        counts = [sum(sum(1 for t in ex["labels"][skip:] if t != -100) for ex in shard) for shard in shards]
-    else:
-        counts = [len(shard) for shard in shards]
+    counts = [objective.units(model, shard) for shard in shards]
     total = sum(counts)
     return counts[me] / total if total else 1.0 / len(shards)
 

@@ -17,10 +17,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
-from . import registry, sites, store as core
-from .errors import AdapterFileError, ConfigError, DeltatuneError
+from .. import registry, sites, store as core
+from ..errors import AdapterFileError, ConfigError, DeltatuneError
 # The durable-storage helpers live in storage.py; imported here so that io.atomic_write_* keep working.
-from .storage import atomic_write_bytes, atomic_write_json, fsync_dir, storage_error  # noqa: F401
+from ..storage import atomic_write_bytes, atomic_write_json, fsync_dir, storage_error  # noqa: F401
 
 FORMAT, VERSION = "deltatune.adapter", 1
 WEIGHTS, CONFIG = "adapter.safetensors", "adapter_config.json"
@@ -84,12 +84,9 @@ def adapter_tensors(model, adapter: str | None = None, fold: bool = True) -> tup
     return tensors, config
 
 
-def save_adapter(model, path, adapter: str | None = None, fold: bool = True, format: str = "deltatune") -> Path:
-    """Save one adapter to directory ``path`` (atomically). ``fold=False`` keeps training-only parts.
-    ``format="peft"`` writes the Hugging Face PEFT format instead (see deltatune.interop.peft)."""
-    if format != "deltatune":
-        from .interop import peft
-        return peft.save(model, path, adapter, format)
+def save(model, path, adapter: str | None = None, fold: bool = True) -> Path:
+    """Save one adapter to directory ``path`` (atomically) in deltatune's format. ``fold=False`` keeps
+    training-only parts."""
     tensors, config = adapter_tensors(model, adapter, fold)
     path = Path(path)
     blob = st_save(tensors, metadata={"deltatune": json.dumps(config, sort_keys=True)})
@@ -217,16 +214,11 @@ def _check_config(file, config) -> None:
                                    f"got {key!r}: {shape!r}")
 
 
-def load_adapter(model, path, adapter: str | None = None, check_base: bool = True, heads: dict | None = None):
-    """Attach the adapter saved at ``path`` to ``model`` (a fresh base) and load its weights.
-
-    Everything is validated first (format, method, options, base architecture, shapes, finite
-    values, and a fingerprint of the base weights unless ``check_base=False``); on any error the
-    model is left as it was. With a dict ``heads``, the file's task-head tensors (``head.*``) are put
-    there instead of into the model.
-    """
-    from .interop import peft  # a PEFT directory is converted to deltatune's (config, tensors) here
-    config, tensors = peft.to_deltatune(model, path) if peft.is_peft_dir(path) else read_adapter(path)
+def attach_loaded(model, path, config: dict, tensors: dict, adapter: str | None = None, check_base: bool = True,
+                  heads: dict | None = None):
+    """Attach the adapter described by ``(config, tensors)`` (as :func:`read_adapter` returns them, or as a
+    format converts them) to ``model`` and load its weights; ``path`` names the source in errors.
+    See :func:`deltatune.formats.load_adapter`."""
     if heads is not None:  # the caller keeps the task head (one per adapter in deltatune.serve), not the model
         heads.update({k: tensors.pop(k) for k in [k for k in tensors if k.startswith("head.")]})
     name = adapter or config["adapter"]

@@ -18,14 +18,13 @@ bounds nothing. The run's ``max_grad_norm`` is not applied (the per-example clip
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from .errors import ConfigError
-from .updates import UpdateRule, load_tensor
+from ..errors import ConfigError
+from ..updates import UpdateRule, load_tensor
 
 
 def default_delta(n: int) -> float:

@@ -8,7 +8,6 @@ import json
 import math
 import random
 import re
-from typing import TYPE_CHECKING
 from pathlib import Path
 
 import numpy as np
@@ -20,16 +19,15 @@ import deltatune as dt
 from deltatune.errors import AdapterFileError, StorageError
 from deltatune import storage
 from deltatune.storage import atomic_write_bytes, atomic_write_json
+from .config import COUNT, TrainConfig
 
 
 
-if TYPE_CHECKING:
-    from deltatune.train import TrainConfig
-
-_COUNT = 2**53  # counts stay exact in JSON (a double)
 
 
-def _save_checkpoint(out: Path, model, optimizer, names, state, rule=None) -> None:
+
+
+def save_checkpoint(out: Path, model, optimizer, names, state, rule=None) -> None:
     """checkpoints/step-N/: adapter (unfolded), optimizer + RNG tensors (safetensors), the rest as JSON."""
     optim = optimizer.state_dict()
     tensors = {f"optim/{names[i]}/{k}": v for i, s in optim["state"].items() for k, v in s.items() if torch.is_tensor(v)}
@@ -55,16 +53,16 @@ def _save_checkpoint(out: Path, model, optimizer, names, state, rule=None) -> No
     try:
         path = storage.replace_dir(out / "checkpoints" / f"step-{state['step']:06d}", write)
     except StorageError as err:
-        kept = _latest_checkpoint(out)
+        kept = latest_checkpoint(out)
         where = f"the last good checkpoint is kept at {kept}" if kept else "no earlier checkpoint exists"
         raise StorageError(f"the checkpoint of step {state['step']} was not saved: {err}. {where}; once that is "
                            "fixed, run again with resume") from None
-    for old in _checkpoints(out):  # only once the new one is complete
+    for old in checkpoints(out):  # only once the new one is complete
         if old != path:
             storage.remove_dir(old)
 
 
-def _load_checkpoint(path: Path, optimizer, names, cfg: TrainConfig, rule=None) -> dict:
+def load_checkpoint(path: Path, optimizer, names, cfg: TrainConfig, rule=None) -> dict:
     """Restore the optimizer and every RNG from ``path``; returns the loop state saved with them.
 
     The files are data (safetensors and JSON, never pickle), checked field by field before use;
@@ -76,7 +74,7 @@ def _load_checkpoint(path: Path, optimizer, names, cfg: TrainConfig, rule=None) 
     except (OSError, ValueError, RecursionError, SafetensorError) as err:
         raise AdapterFileError(f"checkpoint {path} cannot be read ({err}); delete it to resume from an older one") from None
     try:
-        _check_trainer_json(meta, _step_of(path), cfg, optimizer.param_groups[0])
+        _check_trainer_json(meta, step_of(path), cfg, optimizer.param_groups[0])
         saved = {k[len("rule/"):]: v for k, v in tensors.items() if k.startswith("rule/")}
         if rule is not None:  # the update rule's masks, accumulators, counters (deltatune.updates)
             rule.load_state_dict(saved)
@@ -99,8 +97,8 @@ def _check_trainer_json(meta, step: int, cfg: TrainConfig, group: dict) -> None:
     if not isinstance(meta, dict):
         raise ValueError(f"trainer.json must hold a JSON object, got {type(meta).__name__}")
     rules = {  # field -> (check, what it must be)
-        "step": (lambda v: v == step and whole(v, 1, _COUNT), f"{step}, the step of its directory"),
-        "consumed": (lambda v: whole(v, 0, _COUNT) and v == step * cfg.batch_size * cfg.grad_accum,
+        "step": (lambda v: v == step and whole(v, 1, COUNT), f"{step}, the step of its directory"),
+        "consumed": (lambda v: whole(v, 0, COUNT) and v == step * cfg.batch_size * cfg.grad_accum,
                      f"{step} steps x batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum}"),
         "best_value": (lambda v: v is None or number(v), "a finite number or null"),
         "best_step": (lambda v: v is None or whole(v, 1, step), f"a step in [1, {step}] or null"),
@@ -176,18 +174,18 @@ def _restore_trainer(path: Path, meta: dict, tensors: dict, optimizer, names) ->
     return meta
 
 
-def _checkpoints(out: Path) -> list[Path]:
+def checkpoints(out: Path) -> list[Path]:
     folder = out / "checkpoints"  # real folders only: a link is never followed (RunFolder refuses them anyway)
     found = [p for p in folder.iterdir() if re.fullmatch(r"step-\d+", p.name) and storage.is_dir(p)] if storage.is_dir(folder) else []
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def _latest_checkpoint(out: Path) -> Path | None:
-    found = _checkpoints(out)
+def latest_checkpoint(out: Path) -> Path | None:
+    found = checkpoints(out)
     return found[-1] if found else None
 
 
-def _step_of(checkpoint: Path | None) -> int:
+def step_of(checkpoint: Path | None) -> int:
     return int(checkpoint.name.split("-")[1]) if checkpoint else 0
 
 

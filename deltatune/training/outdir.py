@@ -1,0 +1,113 @@
+"""The out folder of a run: may this run use it, taking it (marked, locked, tidied), and ``log.jsonl``.
+
+A folder deltatune did not write is refused unless empty; a previous run there is continued
+(``resume``), replaced only when asked (``overwrite``), and otherwise left alone.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+
+from .. import storage
+from ..errors import StorageError, ConfigError
+from ..storage import RunFolder, atomic_write_bytes, atomic_write_json, storage_error
+from .checkpoints import checkpoints, latest_checkpoint, step_of
+from .config import RESUMABLE_CHANGES, TrainConfig
+from .runs import PREDICTIONS, config_from, read_run_json
+
+
+def check_out_dir(folder: RunFolder, cfg: TrainConfig) -> tuple[Path | None, bool]:
+    """May this run use out_dir? Returns the checkpoint it goes on from (None: step 0), and whether
+    it restarts a run of its own settings that wrote no checkpoint yet. Writes nothing.
+
+    A folder deltatune did not write is refused unless empty; a previous run there is continued
+    (``resume``), replaced only when asked (``overwrite``), and otherwise left alone. A run folder
+    is locked from here on, so nothing else changes it while it is read.
+    """
+    folder.check()
+    out, run_json = folder.path, folder.path / "run.json"
+    if not (cfg.resume and folder.is_run()):
+        if cfg.resume:
+            warnings.warn(f"resume=True but {out} holds no run; starting from step 0", stacklevel=5)
+        refuse_to_replace(folder, cfg)
+        return None, False
+    checkpoint = latest_checkpoint(out)
+    if os.path.lexists(run_json):  # the run it continues had these settings
+        saved = read_run_json(run_json)
+        config_from(saved, run_json)
+        now = json.loads(json.dumps(dataclasses.asdict(cfg)))
+        changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
+        if changed:
+            raise ConfigError(f"cannot resume {out}: {', '.join(f'{k} was {saved.get(k)!r}, now {now[k]!r}' for k in changed)}; "
+                              "use the original settings, or a new out_dir without resume")
+    elif checkpoint is None:
+        refuse_to_replace(folder, cfg)
+    if checkpoint is None:  # what it wrote before its first checkpoint is recomputed the same way
+        warnings.warn(f"resume=True but {out} holds no checkpoint yet; starting from step 0", stacklevel=5)
+    return checkpoint, checkpoint is None
+
+
+def refuse_to_replace(folder: RunFolder, cfg: TrainConfig) -> None:
+    """A fresh run never replaces a previous one unless asked to (overwrite)."""
+    if cfg.overwrite or not folder.holds_run():
+        return
+    out = folder.path
+    kept = latest_checkpoint(out)
+    what = ("a finished run" if os.path.lexists(out / "metrics.json") else
+            f"a run with its last checkpoint at step {step_of(kept)}" if kept else "a run that wrote no checkpoint")
+    raise StorageError(f"--out {out} holds {what}; pass --resume to continue it (resume=True), --overwrite to "
+                       "replace it (overwrite=True), or choose another --out")
+
+
+def prepare_out_dir(folder: RunFolder, cfg: TrainConfig, checkpoint: Path | None, restart: bool) -> None:
+    """Take out_dir (created, marked and locked), tidy what a crash left, clear a replaced run; run.json records cfg."""
+    out = folder.path
+    try:
+        folder.open()
+        if checkpoint is None and not restart:
+            refuse_to_replace(folder, cfg)  # again under the lock: another run may have written here meanwhile
+        storage.recover_dir(out / "best")
+        folder.clear_leftovers()
+        folder.clear_leftovers(out / "checkpoints")
+        for old in checkpoints(out) if checkpoint is not None else ():  # superseded, when a crash struck first
+            if old != checkpoint:
+                storage.remove_dir(old)
+        if checkpoint is None:  # allowed by now: a resumed run that wrote no checkpoint yet, or overwrite
+            for stale in ("checkpoints", "best", "log.jsonl", "metrics.json", *PREDICTIONS.values()):
+                storage.remove(out / stale)
+    except OSError as err:
+        raise storage_error(err, out, "prepare") from err
+    atomic_write_json(out / "run.json", dataclasses.asdict(cfg))
+
+
+class Log:
+    """log.jsonl: one JSON object per line. On resume, lines after the checkpoint's step are dropped."""
+
+    def __init__(self, path: Path | None, keep_until: int):
+        self.path = path
+        if path is not None and os.path.lexists(path) and keep_until:
+            try:  # bytes that are not UTF-8 (a damaged line) do not parse, and so are dropped
+                text = storage.read_bytes(path).decode("utf-8", errors="replace")
+            except OSError as err:
+                raise storage_error(err, path, "read") from None
+            kept = [line for line in text.split("\n") if line and logged_step(line) <= keep_until]
+            atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
+
+    def write(self, record: dict) -> None:
+        if self.path is not None:
+            storage.append_text(self.path, json.dumps(record) + "\n")
+
+
+def logged_step(line: str) -> float:
+    """When a log line was written, as a step: the final test score (written after the last checkpoint,
+    with its step) and a line cut short by a crash mid-append count as after every checkpoint."""
+    try:
+        record = json.loads(line)
+        final = record.get("split") == "test" and not record.get("zero_shot")
+        return math.inf if final else record.get("step", 0)
+    except (ValueError, AttributeError):
+        return math.inf
