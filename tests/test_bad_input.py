@@ -177,7 +177,7 @@ def _with(argv: list[str], changes: list[str]) -> list[str]:
 PROBE = r'''
 import contextlib, io, json, sys, os
 from deltatune import cli
-HEAVY = ("transformers", "deltatune.training", "deltatune.models", "deltatune.tasks")
+HEAVY = ("transformers", "deltatune.training.run", "deltatune.models", "deltatune.tasks")
 results = []
 for case in json.loads(sys.stdin.read()):
     err = io.StringIO()

@@ -65,7 +65,7 @@ def test_seeds_count_or_list():
 def test_help_lists_every_command_without_loading_the_engine():
     # Fast help: neither transformers (the engine) nor matplotlib (the report) is imported for it.
     probe = ("import sys\nfrom deltatune import cli\ntry:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
-             "print('LOADED', sorted(m for m in ('transformers', 'matplotlib', 'deltatune.training') if m in sys.modules))")
+             "print('LOADED', sorted(m for m in ('transformers', 'matplotlib', 'deltatune.training.run') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     for command in ("methods", "tasks", "train", "eval", "bench", "report", "demo"):
@@ -208,7 +208,7 @@ def test_bench_marks_runs_timed_while_the_machine_was_busy(capsys, tmp_path, mon
     # Other work on the machine during a run: the bench measures it, the report marks that run's
     # time per step (table, note, plot, HTML) instead of showing it as a slow method.
     loads = iter([0.02, 0.5])
-    monkeypatch.setattr(cli, "_other_load", lambda *args: next(loads))
+    monkeypatch.setattr(cli.bench, "_other_load", lambda *args: next(loads))
     code, out, err = run(capsys, "bench", "--model", "tiny-bert", "--task", "code-search", "--methods", "lora,bitfit",
                          "--max-steps", "1", "--batch-size", "4", "--max-train", "8", "--max-eval", "8",
                          "--out", str(tmp_path))

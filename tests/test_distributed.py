@@ -1,4 +1,4 @@
-"""Data-parallel training (deltatune.distributed): 2 processes with gloo on the CPU, tiny random models.
+"""Data-parallel training (deltatune.training.distributed): 2 processes with gloo on the CPU, tiny random models.
 
 The 2-process runs of a fixture share one launch of 2 processes (they start once, then train each
 job in turn), so the module costs one process start-up for the fast tests, not one per test.
@@ -27,7 +27,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from deltatune import cli, distributed
+from deltatune import cli
+from deltatune.training import distributed
 from deltatune.errors import ConfigError, DeltatuneError
 from deltatune.training import TrainConfig, train
 from tests.test_train import write_task

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from torch.nn import functional as F
 
 import deltatune as dt
-from deltatune import privacy
+from deltatune.training import privacy
 from deltatune.errors import ConfigError
 from deltatune.methods.dps import DPSRule
 from deltatune.methods.sift import SiftRule

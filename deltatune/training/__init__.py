@@ -11,9 +11,17 @@ folder's guards and log), ``runs`` (run folders as their readers see them), ``ch
 ``objectives``, ``distributed``, ``privacy``, ``recycle`` (embedding recycling) and ``freeze`` (telly's
 ``k=auto``: a freeze depth from a short fine-tune through the same loop).
 """
-from .config import TrainConfig, native_bf16
-from .scoring import evaluate
-from .run import train
-from .runs import PREDICTIONS, default_eval_dir, resolve_adapter
+import importlib
+
+# Imported on first use, so that `deltatune train --help` (which reads TrainConfig's declarations) loads no
+# more of the engine than its configuration.
+_LAZY = {"TrainConfig": "config", "native_bf16": "config", "evaluate": "scoring", "train": "run",
+         "resolve_adapter": "runs", "default_eval_dir": "runs", "PREDICTIONS": "runs"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["TrainConfig", "train", "evaluate", "resolve_adapter", "default_eval_dir", "PREDICTIONS", "native_bf16"]

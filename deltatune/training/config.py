@@ -6,14 +6,14 @@ Every field is checked here, for a config from the API or the CLI and for one re
 from __future__ import annotations
 
 import dataclasses
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 import deltatune as dt
-from ..errors import ConfigError
 from ..names import slug
+from .. import settings
+from ..settings import setting
 from . import distributed
 
 COUNT = 2**53  # counts stay exact in JSON (a double)
@@ -21,43 +21,69 @@ COUNT = 2**53  # counts stay exact in JSON (a double)
 
 @dataclass
 class TrainConfig:
-    model: str = "minilm"  # minilm, smollm2, tiny-bert/-llama/-gpt2, a local folder or a cached HF id
-    task: str = "code-search"  # a task name or data path, see deltatune.tasks.load_task
-    method: str = "lora"
-    options: dict = field(default_factory=dict)  # method options, e.g. {"r": 16, "sites": ["attn.q", "attn.v"]}
-    max_steps: int = 200  # optimizer steps
-    batch_size: int = 32  # examples per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float | None = None  # None: the method's own default (dt.method_info(method)["lr"])
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.1  # linear warmup over this share of the steps, then linear decay to 0
-    max_grad_norm: float | None = 1.0  # gradient clipping; None or 0 turns it off
-    eval_every: int = 50  # validate (and checkpoint) every N steps and at the end
-    early_stop_patience: int | None = None  # stop after N validations without improvement
-    seed: int = 0
-    max_len: int = 128  # tokens per input; longer inputs are truncated (with one warning)
-    max_new_tokens: int = 64  # generation tasks: greedy decoding length limit
-    bf16: bool | str = False  # bfloat16 autocast; "auto": on where the device computes bf16 natively (native_bf16), else fp32
-    grad_checkpointing: bool | str = "auto"  # recompute activations in backward (non-reentrant); "auto": when they would pass AUTO_CHECKPOINT_BYTES
-    full_logits: bool = False  # generation: logits at every position (the plain path); default: the LM head in chunks where labels count
-    deterministic: bool = False  # torch.use_deterministic_algorithms(True, warn_only=True)
-    max_train: int | None = None  # passed to load_task
-    max_eval: int | None = None
-    out_dir: str | None = None  # None: runs/<model>-<task>-<method>-s<seed>
-    resume: bool = False  # continue from the latest checkpoint in out_dir
-    stop_after: int | None = None  # stop (with a checkpoint) after N steps in this call; resume continues
-    log_every: int = 10  # read the loss back from the device every N steps (one sync)
-    json_log: bool = True
-    progress: bool = True
-    device: str | None = None  # None: cuda if available, else cpu
-    overwrite: bool = False  # a fresh run may replace the previous run in out_dir (else: resume, or another out_dir)
-    recycle: bool = False  # run the frozen lower blocks once and start from their cached output (deltatune.analysis.recycle)
-    recycle_dtype: str = "float32"  # the cache's dtype: float32 (exact), float16 or bfloat16
-    dp_epsilon: float | None = None  # differentially private training to this epsilon (deltatune.privacy); None: off
-    dp_delta: float | None = None  # None: 1/N rounded down to a power of ten (N training examples)
-    dp_clip: float | None = None  # per-example gradient norm bound C; None: 1.0
-    nproc: int = 1  # data-parallel processes (deltatune.distributed); batch_size stays the global batch
-    fsdp: bool = False  # with nproc > 1: shard the frozen base's weights over the processes (FSDP2)
+    """Every setting of a run, declared once: its type (the annotation), range, default and help. The CLI's
+    `train` and `bench` flags are generated from these declarations (``settings.add_flags``), and
+    :func:`check_settings` checks them once per run (also for a config read back from ``run.json``)."""
+
+    model: str = setting("minilm", flag=False, help="minilm, smollm2, tiny-<family>, a local folder or a cached HF id")
+    task: str = setting("code-search", flag=False, help="a task name or data path, see deltatune.tasks.load_task")
+    method: str = setting("lora", flag=False, help="a registered method")
+    options: dict = setting({}, flag=False, help='method options, e.g. {"r": 16, "sites": ["attn.q", "attn.v"]}')
+    max_steps: int = setting(200, min=1, max=COUNT, help="optimizer steps")
+    batch_size: int = setting(32, min=1, max=COUNT, help="examples per micro-batch (with --nproc: the global batch)")
+    grad_accum: int = setting(1, min=1, max=COUNT, help="micro-batches per optimizer step (a bigger effective batch "
+                                                         "in the memory of one)")
+    lr: float | None = setting(None, min=0.0, max=10.0, metavar="LR",  # 10: room for any sweep, refuses overflows
+                               default_text="the method's own, see `deltatune methods`", help="learning rate")
+    weight_decay: float = setting(0.0, min=0.0, max=1e6, help="AdamW weight decay")
+    warmup_ratio: float = setting(0.1, min=0.0, max=1.0, help="linear warm-up over this share of the steps, "
+                                                              "then linear decay to 0")
+    max_grad_norm: float | None = setting(1.0, min=0.0, max=1e12, help="gradient clipping norm; 0 turns it off")
+    eval_every: int = setting(50, min=1, max=COUNT, help="validate (and checkpoint) every N steps and at the end")
+    early_stop_patience: int | None = setting(None, min=1, max=COUNT,
+                                              default_text="off", help="stop after N validations without improvement")
+    seed: int = setting(0, min=0, max=2**32 - 1, flag=False, help="random seed")  # NumPy's seeds
+    max_len: int = setting(128, min=2, max=COUNT, help="tokens per input; longer inputs are truncated (one warning)")
+    max_new_tokens: int = setting(64, min=1, max=COUNT, help="generation tasks: greedy decoding length limit")
+    bf16: bool | str = setting(False, choices=(True, False, "auto"),
+                               help="bfloat16 autocast: on (the bare flag), off, or auto (on where the device "
+                                    "computes bf16 natively; emulated bf16 is many times slower)")
+    grad_checkpointing: bool | str = setting("auto", choices=(True, False, "auto"),
+                                             help="recompute activations in the backward pass to save memory: on "
+                                                  "(the bare flag), off, or auto (on when the largest batch would keep "
+                                                  "over 2 GiB of activations; the same losses either way)")
+    full_logits: bool = setting(False, help="generation: compute the LM head at every position (default: only "
+                                            "where labels count, in chunks)")
+    frozen_dropout: bool = setting(False, help="keep dropout on in frozen lower layers (telly: the paper's behaviour; "
+                                               "default off: a fixed feature extractor)")
+    deterministic: bool = setting(False, flag=False, help="torch.use_deterministic_algorithms(True, warn_only=True)")
+    max_train: int | None = setting(None, min=1, max=COUNT, default_text="all", help="use at most N training examples")
+    max_eval: int | None = setting(None, min=1, max=COUNT, default_text="all", help="use at most N validation/test examples")
+    out_dir: str | None = setting(None, flag=False, help="None: runs/<model>-<task>-<method>-s<seed>")
+    resume: bool = setting(False, help="continue from the checkpoint in the output directory")
+    stop_after: int | None = setting(None, min=1, max=COUNT, flag=False,
+                                     help="stop (with a checkpoint) after N steps in this call; resume continues")
+    log_every: int = setting(10, min=1, max=COUNT, flag=False,
+                             help="read the loss back from the device every N steps (one sync)")
+    json_log: bool = setting(True, flag=False, help="write log.jsonl")
+    progress: bool = setting(True, flag=False, help="progress bars on stderr")
+    device: str | None = setting(None, flag=False, help="None: cuda if available, else cpu")
+    overwrite: bool = setting(False, help="replace the previous run in the output directory (else it is refused)")
+    recycle: bool = setting(False, help="run the frozen lower blocks once and train from their cached output "
+                                        "(embedding recycling)")
+    recycle_dtype: str = setting("float32", help="the recycling cache's dtype: float32 (exact), float16 or bfloat16")
+    dp_epsilon: float | None = setting(None, min=1e-6, max=1e6, default_text="off, not private",
+                                       help="train with differential privacy (DP-SGD) to this epsilon")
+    dp_delta: float | None = setting(None, min=1e-300, max=0.999999, default_text="see deltatune.training.privacy.default_delta",
+                                     help="DP delta")
+    dp_clip: float | None = setting(None, min=1e-12, max=1e12, default_text="1.0",
+                                    help="DP per-example gradient norm bound C")
+    nproc: int = setting(1, min=1, max=distributed.MAX_PROCS,
+                         help="data-parallel processes on this machine (gloo on CPU, NCCL on GPUs); --batch-size "
+                              "stays the global batch and must divide by N. Or run under `torchrun --nproc_per_node N "
+                              "-m deltatune train`")
+    fsdp: bool = setting(False, help="with several processes: shard the frozen base's weights over them (FSDP), for "
+                                     "bases too large for one device")
 
 
 # Fields that may differ between a run and its resumption without changing the result.
@@ -82,51 +108,9 @@ def resolved(cfg: TrainConfig, task) -> TrainConfig:
     )
 
 
-# The type and range of every TrainConfig field, checked in one place for a config from the API or the
-# CLI and for one read back from run.json: (types, lowest, highest); None in types: may be None.
-SETTINGS = {
-    "model": ((str,),), "task": ((str,),), "method": ((str,),), "options": ((dict,),),
-    "max_steps": ((int,), 1, COUNT), "batch_size": ((int,), 1, COUNT), "grad_accum": ((int,), 1, COUNT),
-    "eval_every": ((int,), 1, COUNT), "log_every": ((int,), 1, COUNT), "max_len": ((int,), 2, COUNT),
-    "max_new_tokens": ((int,), 1, COUNT), "seed": ((int,), 0, 2**32 - 1),  # NumPy's seeds
-    "early_stop_patience": ((int, None), 1, COUNT), "max_train": ((int, None), 1, COUNT),
-    "max_eval": ((int, None), 1, COUNT), "stop_after": ((int, None), 1, COUNT),
-    # The largest default lr of a method is 0.3 (prompt); 10 leaves room for any sweep, and refuses
-    # values that can only overflow (1e308).
-    "lr": ((float, None), 0.0, 10.0), "weight_decay": ((float,), 0.0, 1e6), "warmup_ratio": ((float,), 0.0, 1.0),
-    "max_grad_norm": ((float, None), 0.0, 1e12),
-    "dp_epsilon": ((float, None), 1e-6, 1e6), "dp_delta": ((float, None), 1e-300, 0.999999),
-    "dp_clip": ((float, None), 1e-12, 1e12),
-    "bf16": ((bool,),), "grad_checkpointing": ((bool,),), "full_logits": ((bool,),), "deterministic": ((bool,),), "resume": ((bool,),),
-    "json_log": ((bool,),), "progress": ((bool,),), "overwrite": ((bool,),),
-    "out_dir": ((str, None),), "device": ((str, None),),
-    "recycle": ((bool,),), "recycle_dtype": ((str,),), "nproc": ((int,), 1, distributed.MAX_PROCS),
-    "fsdp": ((bool,),),
-}
-
-
 def check_settings(cfg: TrainConfig) -> None:
-    """Every field of ``cfg`` of its type and in its range (finite numbers); a ConfigError naming the first that is not."""
-    for name, (types, *bounds) in SETTINGS.items():
-        value = getattr(cfg, name)
-        if (value is None and None in types) or (name == "grad_checkpointing" and value == "auto"):
-            continue
-        if float in types:  # an int is a float here, a bool is neither
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            kind = "a finite number"
-        elif int in types:
-            ok, kind = isinstance(value, int) and not isinstance(value, bool), "a whole number"
-        else:
-            typ = types[0]
-            ok = isinstance(value, typ) and (typ is not int or not isinstance(value, bool))
-            kind = {str: "a string", dict: "a mapping of options", bool: "true or false"}[typ]
-            kind += ' or "auto"' if name == "grad_checkpointing" else ""
-        if ok and bounds and not bounds[0] <= value <= bounds[1]:
-            ok = False
-        if not ok:
-            where = f" in [{bounds[0]}, {bounds[1]}]" if bounds else ""
-            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
-            raise ConfigError(f"{name} must be {kind}{where}{' or None' if None in types else ''}, got {shown}")
+    """Every field of ``cfg`` of its declared type, range and choices; a ConfigError naming the first that is not."""
+    settings.check(cfg)
 
 
 def native_bf16(device: str, cpu_flags: str | None = None) -> bool:

@@ -96,6 +96,8 @@ def _train(cfg: TrainConfig, task, folder: RunFolder) -> dict:
         dt.attach(model, cfg.method, **cfg.options)
     else:
         dt.load_adapter(model, checkpoint / "adapter")
+    if cfg.frozen_dropout:  # the frozen lower layers keep training-mode dropout (telly as in its paper)
+        dt.set_frozen_dropout(model, True)
     check_positions(cfg, model, task.kind)
     if cfg.grad_checkpointing is True:
         enable_checkpointing(model)

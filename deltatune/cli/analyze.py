@@ -1,9 +1,13 @@
-"""``deltatune analyze``: the flags and the command (cli.py only registers the subcommand)."""
+"""`deltatune analyze`: probes, RSA/CKA per layer and a freeze depth (deltatune.analysis)."""
 from __future__ import annotations
 
 import json
 
-from .labels import PROPERTIES
+from deltatune.analysis.labels import PROPERTIES
+
+NAME = "analyze"
+HELP = ("which layers hold what, and which a fine-tune changes: probes, RSA, CKA, a freeze depth "
+        "(HTML, JSON, PNG)")
 
 
 def add_arguments(p) -> None:
@@ -35,9 +39,9 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..errors import ConfigError
-    from ..names import slug
-    from .api import analyze
+    from deltatune.analysis.api import analyze
+    from deltatune.errors import ConfigError
+    from deltatune.names import slug
 
     try:
         n_train, n_valid, n_test = (int(x) for x in args.functions.split(","))
