@@ -63,4 +63,8 @@ def print_summary(summary: dict, out) -> None:
     print(f"trainable {human_count(trainable)} of {human_count(total)}{share}; "
           f"{summary.get('train_seconds', 0):.1f} s training, {summary.get('step_seconds_median') or 0:.3f} s/step, "
           f"peak RSS {summary.get('peak_rss_mb') or 0:.0f} MB")
+    if summary.get("dp_epsilon") is not None:  # a privacy budget means nothing without its delta
+        print(f"private (DP-SGD): epsilon {summary['dp_epsilon']:.3g} at delta {summary['dp_delta']:.3g} "
+              f"(target epsilon {summary.get('dp_target_epsilon')}, noise multiplier {summary.get('dp_noise_multiplier', 0):.3g}, "
+              f"clip {summary.get('dp_clip')}, {summary.get('dp_steps')} steps)")
     print(f"adapter, metrics.json and predictions-test.jsonl in {out}")

@@ -74,7 +74,7 @@ class TrainConfig:
     recycle_dtype: str = setting("float32", help="the recycling cache's dtype: float32 (exact), float16 or bfloat16")
     dp_epsilon: float | None = setting(None, min=1e-6, max=1e6, default_text="off, not private",
                                        help="train with differential privacy (DP-SGD) to this epsilon")
-    dp_delta: float | None = setting(None, min=1e-300, max=0.999999, default_text="see deltatune.training.privacy.default_delta",
+    dp_delta: float | None = setting(None, min=1e-300, max=0.999999, default_text="the largest power of ten at most 1/(10 N), N training examples; docs/privacy.md",
                                      help="DP delta")
     dp_clip: float | None = setting(None, min=1e-12, max=1e12, default_text="1.0",
                                     help="DP per-example gradient norm bound C")

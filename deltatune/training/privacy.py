@@ -1,7 +1,7 @@
 """Differentially private training of any method (DP-SGD, Abadi et al. 2016; Yu et al., ICLR 2022).
 
 Each step draws a Poisson sample of the training set (every example in with probability
-q = expected batch / N, from a generator seeded by the run's seed and the step), computes the
+q = expected batch / N), computes the
 gradient of every trainable parameter for each sampled example separately (``torch.func``:
 functional_call + grad, batched with vmap where the model's forward allows it), clips each
 example's whole gradient to norm C, sums, adds N(0, (sigma C)^2) to every coordinate and divides
@@ -9,28 +9,42 @@ by the expected batch size. The frozen base gets no gradient and no noise: only 
 the method trains (plus the task head) are released. sigma comes from (epsilon, delta, q, steps)
 through Opacus's RDP accountant, which also reports the epsilon spent when the run ends.
 
-What it does not protect: the noise comes from torch's seeded generator (reproducible, so resume
-is bitwise; not a cryptographically secure source), and the tokenizer, task head shape and
-max_len are public choices. Retrieval tasks are refused: their in-batch contrastive loss makes
+The Poisson sample and the noise are drawn from generators seeded afresh at every step from the
+operating system's cryptographically secure source (``os.urandom``, 64 bits), independent of the run's
+seed and never stored: anyone holding the run folder (its seed, its checkpoints) cannot regenerate the
+noise or the batches, which the (epsilon, delta) guarantee assumes. Nothing of the noise is reproducible:
+two private runs with the same seed differ, and a resumed private run goes on with fresh noise (the
+privacy accounting goes on from the checkpoint's step count, so the budget spent is the same as a run
+that was never interrupted). Everything else about a run (data order of a non-private run, dropout,
+initialisation) stays seeded. Like Opacus without ``secure_mode``, the generators themselves are
+torch's (Philox/Mersenne Twister) and not a CSPRNG stream: the secret is the per-step seed.
+
+What it does not protect: the tokenizer, task head shape and max_len are public choices. Retrieval tasks are refused: their in-batch contrastive loss makes
 each example's gradient depend on the other examples of the batch, so clipping it per example
 bounds nothing. The run's ``max_grad_norm`` is not applied (the per-example clip replaces it).
 """
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from ..errors import ConfigError
+from ..tasks.kinds import get_kind
 from ..updates import UpdateRule, load_tensor
 
 
 def default_delta(n: int) -> float:
-    """1/n rounded down to a power of ten: 1e-3 for n = 1000, 1e-4 for n = 1001 to 10000."""
-    k = 0
-    while 10 ** k < n:
+    """The largest power of ten at most 1/(10 n): 1e-4 for n = 1000, 1e-5 for n = 1001 to 10000.
+
+    The usual guidance is a delta well below 1/n (a mechanism that publishes one example in the clear
+    satisfies delta = 1/n); a tenth of 1/n is the loosest value we default to. Pass dp_delta for a smaller one.
+    """
+    k = 1
+    while 10 ** k < 10 * n:
         k += 1
     return 10.0 ** -k
 
@@ -54,9 +68,16 @@ def epsilon_spent(sigma: float, sample_rate: float, steps: int, delta: float) ->
     return float(accountant.get_epsilon(delta))
 
 
-def poisson_sample(n: int, rate: float, seed: int, step: int) -> list[int]:
-    """The indices in the sample of ``step``: each of n examples independently with probability ``rate``."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+def secure_generator(device="cpu") -> torch.Generator:
+    """A generator seeded from the operating system's secure source (64 bits), for one step's sample or noise;
+    its seed is never stored."""
+    return torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(8), "little"))
+
+
+def poisson_sample(n: int, rate: float, generator: torch.Generator | None = None) -> list[int]:
+    """The indices of a Poisson sample: every one of ``n`` examples in with probability ``rate``, drawn from
+    ``generator`` (default: a fresh :func:`secure_generator`)."""
+    g = generator if generator is not None else secure_generator()
     return torch.nonzero(torch.rand(n, generator=g) < rate).flatten().tolist()
 
 
@@ -128,9 +149,9 @@ class PrivateTraining(UpdateRule):
     computes_grads = replaces_clipping = private = True
 
     def __init__(self, params: dict, *, n: int, batch: int, chunk: int, epsilon: float, delta: float, clip: float,
-                 seed: int, to_device, autocast=contextlib.nullcontext):
+                 to_device, autocast=contextlib.nullcontext):
         self.params, self.n, self.batch, self.chunk = params, n, batch, chunk
-        self.epsilon, self.delta, self.clip, self.seed = epsilon, delta, clip, seed
+        self.epsilon, self.delta, self.clip = epsilon, delta, clip
         self.to_device, self.autocast = to_device, autocast
         self.rate = batch / n
         self.sigma = None
@@ -141,7 +162,7 @@ class PrivateTraining(UpdateRule):
         self.sigma = noise_multiplier(self.epsilon, self.delta, self.rate, max_steps)
 
     def backward(self, model, objective, examples, order, step):
-        sample = poisson_sample(self.n, self.rate, self.seed, step)
+        sample = poisson_sample(self.n, self.rate)  # from the secure source, not the run's seed
         order.consumed += self.batch  # the expected examples per step: the loop's position stays a count of steps
         total = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in self.params.items()}
         losses = []
@@ -154,7 +175,8 @@ class PrivateTraining(UpdateRule):
                 total[name] += s.float()
             losses.append(loss.float())
         for name, p in self.params.items():
-            noise = torch.normal(0.0, self.sigma * self.clip, size=p.shape, device=p.device)
+            noise = torch.normal(0.0, self.sigma * self.clip, size=p.shape, device=p.device,
+                                 generator=secure_generator(p.device))
             p.grad = ((total[name] + noise) / self.batch).to(p.dtype)
         return torch.cat(losses).mean() if losses else torch.zeros((), device=next(iter(self.params.values())).device)
 
@@ -189,16 +211,16 @@ class PrivateTraining(UpdateRule):
                 "dp_per_example": "vmap" if self.use_vmap else "loop"}
 
 
-def rule_for(cfg, kind: str, n: int, params: dict, to_device, autocast) -> PrivateTraining | None:
-    """The private-training rule a TrainConfig asks for (dp_epsilon set), or None."""
+def rule_for(cfg, kind, n: int, params: dict, to_device, autocast) -> PrivateTraining | None:
+    """The private-training rule a TrainConfig asks for (dp_epsilon set), or None. ``kind``: the task's kind
+    (its name or the kind itself), which says whether private training applies to it."""
     if cfg.dp_epsilon is None:
         if cfg.dp_delta is not None or cfg.dp_clip is not None:
             raise ConfigError("dp_delta and dp_clip configure private training; set dp_epsilon (--dp-epsilon) too")
         return None
-    if kind == "retrieval":
-        raise ConfigError("private training needs a loss that is a sum over examples; a retrieval task's in-batch "
-                          "contrastive loss couples the examples of a batch, so per-example clipping bounds nothing. "
-                          "Use a classification or generation task, or train without --dp-epsilon")
+    refusal = get_kind(kind).private_refusal  # e.g. retrieval: its in-batch loss couples the examples
+    if refusal:
+        raise ConfigError(refusal)
     batch = cfg.batch_size * cfg.grad_accum
     if batch >= n:
         raise ConfigError(f"private training samples batch_size x grad_accum = {batch} of the {n} training examples "
@@ -207,5 +229,5 @@ def rule_for(cfg, kind: str, n: int, params: dict, to_device, autocast) -> Priva
     if not 0 < delta < 1:
         raise ConfigError(f"dp_delta must be in (0, 1), got {delta}")
     return PrivateTraining(params, n=n, batch=batch, chunk=cfg.batch_size, epsilon=cfg.dp_epsilon, delta=delta,
-                           clip=cfg.dp_clip if cfg.dp_clip is not None else 1.0, seed=cfg.seed,
+                           clip=cfg.dp_clip if cfg.dp_clip is not None else 1.0,
                            to_device=to_device, autocast=autocast)
