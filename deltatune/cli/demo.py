@@ -4,6 +4,7 @@ from __future__ import annotations
 import shlex
 
 from . import bench
+from .common import Parser
 
 NAME, HELP = "demo", "the whole comparison on minilm / code-search in about 6 minutes on 2 CPU cores"
 
@@ -32,9 +33,10 @@ def demo_argv(quick: bool = False, out: str | None = None) -> list[str]:
 
 
 def run(args) -> int:
-    from . import build_parser
-
     argv = demo_argv(args.quick, args.out)
-    bench_args = build_parser().parse_args(argv)
+    parser = Parser(prog="deltatune bench")
+    bench.add_arguments(parser)
+    bench_args = parser.parse_args(argv[1:])
+    bench_args.command = "bench"
     bench_args.command_line = f"{args.command_line}  (= deltatune {shlex.join(argv)})"
     return bench.run(bench_args)
