@@ -258,3 +258,18 @@ def test_an_error_on_rank_0_ends_every_process_with_its_line(capsys, tmp_path):
 def test_one_process_calls_no_collective(tmp_path):
     assert distributed.size() == 1 and not distributed.active()
     assert distributed.rank0(lambda: 7) == 7 and distributed.result({"a": 1}) == {"a": 1}
+
+
+@pytest.mark.parametrize("port", ["99999", "abc", ""])
+def test_a_torchrun_environment_with_no_port_is_one_line(capsys, tmp_path, monkeypatch, port):
+    """Started as one of torchrun's processes (RANK/WORLD_SIZE set) with MASTER_PORT that is no TCP port:
+    a one-line error naming the variable and the fix, before torch.distributed is asked to connect."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", port)
+    code, err = _cli(capsys, tmp_path, "--batch-size", "8")
+    assert code == 2 and "MASTER_PORT" in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err

@@ -170,7 +170,7 @@ def test_code_generation_splits_by_module_without_humaneval(codegen):
 
 def test_completion_rows_skip_the_chat_template():
     from deltatune.models import load_backbone
-    from deltatune.training.objectives import Generation
+    from deltatune.tasks.kinds import Generation
     from deltatune.training import TrainConfig
 
     _, tokenizer = load_backbone("tiny-llama")
@@ -194,3 +194,13 @@ def test_chat_answers_run_their_code_block():
                             humaneval.program(problem, wrong, "chat"),
                             humaneval.program(problem, "no code at all", "chat")], workers=2, timeout=5)
     assert [r.status for r in results] == ["passed", "passed", "failed", "failed"]
+
+
+@pytest.mark.parametrize("flag, value", [("--timeout", "nan"), ("--timeout", "-1"), ("--timeout", "0"),
+                                         ("--workers", "0")])
+def test_eval_humaneval_refuses_limits_that_are_no_limits(tmp_path, capsys, flag, value):
+    code = main(["eval", "--task", "humaneval", "--model", "tiny-llama", "--limit", "1", "--out", str(tmp_path / "o"),
+                 flag, value])
+    err = capsys.readouterr().err
+    assert code == 2 and flag.lstrip("-") in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o" / "predictions-test.jsonl").exists()

@@ -27,9 +27,9 @@ what DPS draws its masks from) stays the same on every rank. With dropout the re
 in distribution as one process, not the same numbers; without it, the same to rounding.
 
 Refused with N > 1: private training (per-example clipping and its noise run in one process),
-embedding recycling (its cache is built by one process), sift (it picks its entries from one
-process's first gradient). DPS works: its masks come from the shared stream, its scores from the
-summed gradients.
+embedding recycling (its cache is built by one process), and an update rule that says it reads
+what only one process has (``UpdateRule.refuses_processes``: SIFT's choice of entries from the first
+gradient). DPS works: its masks come from the shared stream, its scores from the summed gradients.
 """
 from __future__ import annotations
 
@@ -53,8 +53,6 @@ from deltatune.tensors import autocast, to_device
 MAX_PROCS = 1024
 _BUCKET = 1 << 24  # elements per all-reduce: 64 MB of float32 at most, however large the model
 _TIMEOUT = datetime.timedelta(hours=2)  # the other ranks wait while rank 0 validates or scores
-_REFUSED_RULES = {"sift": "sift picks its entries from the first step's gradient in one process; train sift "
-                          "without --nproc"}
 
 
 # ------------------------------------------------------------------------------------ who am I
@@ -107,12 +105,13 @@ def check(cfg, nproc: int) -> None:
 
 
 def check_rule(rule) -> None:
-    """Update rules that read what only one process has are refused with N > 1."""
+    """Update rules that read what only one process has are refused with N > 1 (each rule says so
+    itself, and why, in ``refuses_processes``)."""
     if rule is None or not active():
         return
     for part in getattr(rule, "rules", [rule]):
-        if part.name in _REFUSED_RULES:
-            raise ConfigError(_REFUSED_RULES[part.name])
+        if part.refuses_processes:
+            raise ConfigError(part.refuses_processes)
 
 
 _SHARDED: list = []  # the modules shard_frozen sharded, while they train
@@ -178,6 +177,7 @@ def group(cfg):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(torch.device(device))
     if created:
+        _check_rendezvous()
         dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo", timeout=_TIMEOUT)
     cfg = dataclasses.replace(cfg, nproc=world, device=device, progress=cfg.progress and rank() == 0)
     try:
@@ -189,6 +189,18 @@ def group(cfg):
         _SHARDED.clear()
         if created:
             dist.destroy_process_group()
+
+
+def _check_rendezvous() -> None:
+    """torchrun's environment names where the processes meet (MASTER_ADDR, MASTER_PORT); a port that is no port
+    is refused here in one line, rather than as a traceback from inside torch.distributed."""
+    port = os.environ.get("MASTER_PORT")
+    if port is not None and not (port.strip().isdigit() and 1 <= int(port) <= 65535):
+        raise ConfigError(f"MASTER_PORT={port!r} is not a TCP port (1-65535); set it to a free port, e.g. "
+                          "torchrun --master-port 29500 (or --rdzv-endpoint HOST:29500)")
+    if "MASTER_PORT" in os.environ and not os.environ.get("MASTER_ADDR", "").strip():
+        raise ConfigError("MASTER_PORT is set but MASTER_ADDR is empty; set MASTER_ADDR to the host of rank 0 "
+                          "(torchrun --master-addr HOST)")
 
 
 def folder(make, path):
@@ -426,8 +438,10 @@ def launch(fn, args: tuple, nproc: int, device: str = "cpu") -> list:
         name, message, trace = failed[first]
         if name in _ERRORS:
             raise _error(name, message)
-        sys.stderr.write(trace)
-        raise TrainingError(f"process {first} of {nproc} failed: {name}: {message}")
+        if os.environ.get("DELTATUNE_DEBUG"):  # the child's traceback, for whoever debugs deltatune itself
+            sys.stderr.write(trace)
+        where = " (DELTATUNE_DEBUG=1 prints its traceback)" if not os.environ.get("DELTATUNE_DEBUG") else ""
+        raise TrainingError(f"process {first} of {nproc} failed: {name}: {' '.join(message.split())[:300]}{where}")
     return [done[r][0] for r in range(nproc)]
 
 
