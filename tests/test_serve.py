@@ -14,10 +14,13 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from fastapi import Request
+from pydantic import BaseModel
 
 import deltatune as dt
 from deltatune.models import load_backbone
-from deltatune.serve.engine import Engine, Job
+from deltatune.serve import api
+from deltatune.serve.engine import Engine, Job, ServeError
 
 from . import serving as S
 
@@ -578,3 +581,407 @@ def test_the_serving_benchmark_times_the_per_request_baseline(capsys):
     row = next(line for line in table.splitlines() if line.startswith("| 8 LoRA | mixed |"))
     assert row.rstrip(" |").endswith("x")  # mixed batches against one forward per request
     assert "| 8 LoRA | per-request |" in table and "| 8 mixed methods | per-request |" in table
+
+
+# ------------------------------------------------------------- hostile inputs, the endpoint table, what clients see
+
+
+def _raw(url, path, body: bytes):
+    """POST a body exactly as given (httpx's json= cannot send a lone surrogate: it encodes to UTF-8 first)."""
+    return httpx.post(url + path, content=body, headers={"content-type": "application/json"}, timeout=30)
+
+
+async def _raw_burst(url, requests):
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        return await asyncio.gather(*(client.post(path, content=body, headers={"content-type": "application/json"})
+                                      for path, body in requests))
+
+
+def test_a_row_with_a_lone_surrogate_fails_alone_among_30_concurrent_requests(saved):
+    engine = _engine(saved, ["lora", "ia3", "bugs"], max_wait=0.3)  # the 30 rows wait for each other: shared batches
+    requests, bad = [], 13
+    for i in range(30):
+        name = ["lora", "ia3", "bugs"][i % 3]
+        text = "abc \ud800" if i == bad else TEXTS[i % len(TEXTS)]
+        # json.dumps writes the lone surrogate as the escape \ud800, as a hostile client would
+        requests.append((f"/v1/adapters/{name}/{'classify' if name == 'bugs' else 'embed'}",
+                         json.dumps({"text": text}).encode()))
+    try:
+        with S.running(engine) as url:
+            responses = asyncio.run(_raw_burst(url, requests))
+            # the same text as raw bytes (UTF-8's form of a surrogate), in a list, in a query, in a prompt
+            raw = _raw(url, "/v1/adapters/lora/embed", b'{"texts": ["fine", "abc \xed\xa0\x80"]}')
+            query = _raw(url, "/v1/adapters/lora/search", b'{"query": "\\udfff"}')
+            paired = _raw(url, "/v1/adapters/lora/embed", json.dumps({"text": "smile \U0001F600"}).encode())
+            metrics = httpx.get(url + "/metrics").text
+            alive = httpx.get(url + "/health").json()["status"]
+    finally:
+        engine.close()
+    codes = [r.status_code for r in responses]
+    assert codes[bad] == 400 and codes[:bad] + codes[bad + 1:] == [200] * 29, codes
+    detail = responses[bad].json()["detail"]
+    assert "field 'text'" in detail and "lone surrogate U+D800 at character 4" in detail
+    for i, ((path, body), r) in enumerate(zip(requests, responses)):
+        if i == bad:
+            continue
+        name, text = path.split("/")[3], json.loads(body)["text"]
+        if name == "bugs":
+            want = S.alone_logits("tiny-bert", saved[name], text).softmax(-1)
+            torch.testing.assert_close(torch.tensor(r.json()["results"][0]["probabilities"]), want, atol=2e-5, rtol=0)
+        else:
+            torch.testing.assert_close(torch.tensor(r.json()["embeddings"][0]),
+                                       S.alone_embedding("tiny-bert", saved[name], text), atol=1e-5, rtol=1e-4)
+    assert _metric(metrics, "deltatune_batch_size_sum") == 29 + 1  # the 29 and the emoji: no bad row reached a batch
+    assert _metric(metrics, "deltatune_batch_size_count") < 15  # the others shared forward passes
+    assert raw.status_code == 400 and "field 'texts.1'" in raw.json()["detail"]
+    assert query.status_code == 400 and "field 'query'" in query.json()["detail"] and "U+DFFF" in query.json()["detail"]
+    assert paired.status_code == 200  # a valid pair (an emoji written as \ud83d\ude00) is one character, not a surrogate
+    assert alive == "ok"
+
+
+def test_a_row_that_breaks_a_batch_fails_alone_in_the_engine(saved):
+    engine = _engine(saved, ["lora", "ia3"])
+    try:
+        bad = Job("embed", "lora", "abc \ud800", time.monotonic() + 60)
+        with pytest.raises(ServeError) as refused:  # at the door: the row never joins a batch
+            engine.submit([Job("embed", "ia3", "fine", time.monotonic() + 60), bad])
+        assert refused.value.status == 400 and "lone surrogate at character 4" in refused.value.message
+        # and should a row the door let through break a batch, the worker runs the rows alone: only it fails
+        good = [Job("embed", n, t, time.monotonic() + 60) for n, t in (("lora", TEXTS[0]), ("ia3", TEXTS[1]))]
+        engine._execute([good[0], bad, good[1]])
+    finally:
+        engine.close()
+    with pytest.raises(ServeError) as failed:
+        bad.future.result(0)
+    assert failed.value.status == 500 and "this row failed" in failed.value.message
+    for job in good:
+        torch.testing.assert_close(torch.tensor(job.future.result(0)["embedding"]),
+                                   S.alone_embedding("tiny-bert", saved[job.adapter], job.text), atol=1e-5, rtol=1e-4)
+
+
+def _stream_chunked(port: int, total: int) -> tuple[int, bytes]:
+    """Send a chunked body of up to ``total`` bytes, stopping as soon as the server answers; (bytes sent, answer)."""
+    import select
+
+    piece = b"x" * (1 << 16)
+    frame = b"%x\r\n" % len(piece) + piece + b"\r\n"
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(b"POST /v1/adapters/lora/embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Transfer-Encoding: chunked\r\n\r\n")
+    sock.setblocking(False)
+    sent, offset, deadline = 0, 0, time.monotonic() + 60
+    try:
+        while sent < total and time.monotonic() < deadline:
+            readable, writable, _ = select.select([sock], [sock], [], 1.0)
+            if readable:
+                break
+            if writable:
+                try:
+                    n = sock.send(frame[offset:])
+                except BlockingIOError:
+                    continue
+                except (BrokenPipeError, ConnectionResetError):
+                    break
+                sent, offset = sent + n, (offset + n) % len(frame)
+        sock.setblocking(True)
+        sock.settimeout(10)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            data = sock.recv(4096)
+            if not data:
+                break
+            answer += data
+        return sent, answer
+    finally:
+        sock.close()
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads the resident size from /proc")
+def test_a_body_over_the_limit_is_refused_before_it_is_read(saved):
+    from deltatune.serve.app import body_limit
+
+    engine = _engine(saved, ["lora"], max_wait=0.0)
+    limit = body_limit(100, 4)
+    try:
+        with S.running(engine, max_chars=100, max_items=4) as url:
+            port = int(url.rsplit(":", 1)[1])
+            # 1. a declared 120 MB body: answered at once, not a byte of it sent
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock.sendall(b"POST /v1/adapters/lora/embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 120000000\r\n\r\n")
+            head = b""
+            while data := sock.recv(4096):  # the answer, then the server closes: it will not read that body
+                head += data
+            head = head.decode()
+            sock.close()
+            assert head.startswith("HTTP/1.1 413") and f"reads at most {limit}" in head
+            # 2. 120 MB streamed without a length: the server stops reading at the limit, the process stays flat
+            before = _rss_mb()
+            sent, answer = _stream_chunked(port, 120 << 20)
+            grown = _rss_mb() - before
+            assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+            assert sent < 40 << 20, sent  # it answered long before the 120 MB (what was sent sits in socket buffers)
+            assert grown < 40, grown
+            # 3. the largest request the limits allow still passes: 4 texts of 100 characters, each escaped to 12 bytes
+            biggest = json.dumps({"texts": ["\U0001F600" * 100] * 4}).encode()
+            assert len(biggest) <= limit and _raw(url, "/v1/adapters/lora/embed", biggest).status_code == 200
+            assert httpx.post(url + "/v1/adapters/lora/embed", json={"text": "still here"}).status_code == 200
+            metrics = httpx.get(url + "/metrics").text
+    finally:
+        engine.close()
+    assert 'endpoint="embed",status="413"' in metrics
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--port", "99999"], "--port must be a whole number in [0, 65535], got 99999"),
+    (["--port", "-1"], "--port must be"),
+    (["--max-batch", "0"], "--max-batch must be a whole number in [1, 4096], got 0"),
+    (["--queue", "0"], "--queue must be a whole number in [1, 1000000], got 0"),
+    (["--max-wait-ms", "nan"], "--max-wait-ms must be a finite number"),
+    (["--max-wait-ms", "-5"], "--max-wait-ms must be"),
+    (["--timeout", "0"], "--timeout must be"),
+    (["--timeout", "inf"], "--timeout must be a finite number"),
+    (["--max-len", "2"], "--max-len must be"),
+    (["--max-chars", "0"], "--max-chars must be"),
+    (["--port", "abc"], "argument --port: invalid int value: 'abc'"),
+    (["--max-len", "100000"], "max_len=100000 is more than the 512 positions of tiny-bert; use --max-len 512 or less"),
+])
+def test_the_serve_command_refuses_nonsense_flags_in_one_line(flags, words, capsys):
+    from deltatune import cli
+
+    try:
+        code = cli.main(["serve", "--model", "tiny-bert", "--port", "0", *flags])
+    except SystemExit as stop:  # argparse's own type errors
+        code = stop.code
+    err = capsys.readouterr().err
+    assert code == 2 and words in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_the_serve_command_names_a_port_in_use(capsys):
+    from deltatune import cli
+
+    taken = S.free_port()
+    taken.listen(1)
+    try:
+        code = cli.main(["serve", "--model", "tiny-bert", "--port", str(taken.getsockname()[1])])
+    finally:
+        taken.close()
+    err = capsys.readouterr().err
+    assert code == 2 and "the port is in use" in err and len(err.strip().splitlines()) == 1, err
+
+
+def _damage(folder: Path, how: str, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    emb, meta = folder / "embeddings.safetensors", folder / "index.json"
+    if how == "wider":  # unit rows, one column too many: an index written for another model width
+        n = json.loads(meta.read_text())["functions"]
+        wide = torch.nn.functional.normalize(torch.randn(len(n), 33), dim=-1)
+        emb.unlink()
+        save_file({"embeddings": wide}, str(emb))
+    elif how == "truncated":
+        emb.write_bytes(emb.read_bytes()[:50])
+    elif how == "nan":
+        from safetensors.torch import load_file
+        values = load_file(str(emb))["embeddings"]
+        values[0, 0] = float("nan")
+        emb.unlink()
+        save_file({"embeddings": values}, str(emb))
+    elif how == "fifo":  # a reader that opened it blindly would wait for ever
+        meta.unlink()
+        os.mkfifo(meta)
+    elif how == "link":  # a planted link to a well-formed index elsewhere
+        elsewhere = tmp_path / f"planted-{how}"
+        elsewhere.write_bytes(emb.read_bytes())
+        emb.unlink()
+        emb.symlink_to(elsewhere)
+    elif how == "other key":  # well formed, but written for something else and copied here
+        data = json.loads(meta.read_text())
+        data["key"] = "0" * 24
+        meta.write_text(json.dumps(data))
+    elif how == "bad function":
+        data = json.loads(meta.read_text())
+        data["functions"][0]["file"] = "../../etc/passwd"
+        meta.write_text(json.dumps(data))
+
+
+def test_a_damaged_or_foreign_saved_search_index_is_rebuilt_with_a_warning(saved, tmp_path):
+    from deltatune.serve.app import build_index
+
+    root = tmp_path / "code"
+    for rel, text in CODE.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    engine = _engine(saved, ["lora"], index_dir=str(tmp_path / "index"))
+    q = S.alone_embedding("tiny-bert", saved["lora"], "read a json file")
+
+    def search():
+        (future,) = engine.submit([Job("search", "lora", "read a json file", time.monotonic() + 60, k=10)])
+        return future.result(60)["results"]
+
+    try:
+        first = build_index(engine, "lora", str(root))
+        assert not first["cached"] and first["functions"] == 4
+        folder = Path(first["saved_to"])
+        want = {h["name"]: h["score"] for h in search()}
+        for how in ("wider", "truncated", "nan", "fifo", "link", "other key", "bad function"):
+            _damage(folder, how, tmp_path)
+            with pytest.warns(UserWarning, match="search index .* is not usable: .*; rebuilding it"):
+                report = build_index(engine, "lora", str(root))
+            assert not report["cached"] and report["functions"] == 4, how
+            assert {h["name"]: h["score"] for h in search()} == want, how  # searches answer as before the damage
+            assert build_index(engine, "lora", str(root))["cached"], how  # the rebuilt index was saved over it
+        assert all(not p.is_symlink() for p in folder.iterdir())
+        assert (tmp_path / "planted-link").exists()  # the planted file is left alone: only the link was replaced
+        # the index folder itself a link out of the cache: never written through, the index stays in memory
+        target = tmp_path / "elsewhere"
+        target.mkdir()
+        for p in folder.iterdir():
+            p.unlink()
+        folder.rmdir()
+        folder.symlink_to(target)
+        with pytest.warns(UserWarning) as caught:
+            report = build_index(engine, "lora", str(root))
+        words = " ".join(str(w.message) for w in caught)
+        assert "not usable" in words and "kept in memory only" in words and not report["cached"]
+        assert list(target.iterdir()) == []
+        assert abs(search()[0]["score"] - max(want.values())) < 1e-6
+        assert abs(want["mean"] - float(q @ S.alone_embedding(
+            "tiny-bert", saved["lora"], "mean\n" + CODE["math_utils.py"].strip()))) < 1e-4
+    finally:
+        engine.close()
+
+
+def test_a_search_after_a_wrong_width_index_answers_over_http(saved, tmp_path):
+    from deltatune.serve.app import build_index
+
+    root = tmp_path / "code"
+    for rel, text in CODE.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    engine = _engine(saved, ["lora"], index_dir=str(tmp_path / "index"))
+    try:
+        folder = Path(build_index(engine, "lora", str(root))["saved_to"])
+        _damage(folder, "wider", tmp_path)
+        engine.adapters["lora"].index = None  # as after a restart: the next index request reads the saved one
+        with S.running(engine, token="t") as url, httpx.Client(base_url=url, timeout=60) as c:
+            with pytest.warns(UserWarning, match="not usable"):
+                r = c.post("/v1/adapters/lora/index", json={"path": str(root)}, headers={"Authorization": "Bearer t"})
+            assert r.status_code == 200 and not r.json()["cached"]
+            hits = c.post("/v1/adapters/lora/search", json={"query": "read a json file", "k": 10})
+            assert hits.status_code == 200 and len(hits.json()["results"]) == 4
+    finally:
+        engine.close()
+
+
+def _texts_of(url: str, headers=None) -> str:
+    return " ".join(httpx.get(url + path, headers=headers).text for path in ("/v1/adapters", "/health", "/openapi.json",
+                                                                          "/metrics", "/"))
+
+
+def test_clients_without_the_token_see_names_kinds_and_sizes_not_server_paths(saved, tmp_path):
+    root = tmp_path / "code"
+    (root / "pkg").mkdir(parents=True)
+    (root / "pkg" / "io_utils.py").write_text(CODE["pkg/io_utils.py"])
+    engine = _engine(saved, ["lora", "bugs"], index_dir=str(tmp_path / "index"))
+    secret = str(saved["lora"]).split("/adapters")[0]  # the folders holding the adapters and the index
+    try:
+        with S.running(engine, token="t") as url, httpx.Client(base_url=url, timeout=60) as c:
+            auth = {"Authorization": "Bearer t"}
+            assert c.post("/v1/adapters/lora/index", json={"path": str(root)}, headers=auth).status_code == 200
+            open_view = c.get("/v1/adapters").json()["adapters"]
+            everything = _texts_of(url)
+            owner_view = {a["name"]: a for a in c.get("/v1/adapters", headers=auth).json()["adapters"]}
+            loaded = c.post("/v1/adapters", json={"name": "p", "path": str(saved["prefix"])}, headers=auth).json()
+        with S.running(engine) as url, httpx.Client(base_url=url, timeout=60) as c:  # no token: nobody sees paths
+            no_token_view = c.get("/v1/adapters").json()["adapters"]
+            indexed = c.post("/v1/adapters/lora/index", json={"path": str(root)}).json()
+            everything += _texts_of(url)
+    finally:
+        engine.close()
+    by_name = {a["name"]: a for a in open_view}
+    assert by_name["lora"]["kind"] == "retrieval" and by_name["bugs"]["kind"] == "classification"
+    assert by_name["lora"]["size_bytes"] > 0 and by_name["lora"]["indexed"] == {"functions": 3}
+    for view in (open_view, no_token_view):
+        assert all("path" not in a for a in view) and all("root" not in (a["indexed"] or {}) for a in view)
+    assert secret not in everything and str(tmp_path) not in everything
+    assert indexed["functions"] == 3 and "root" not in indexed and "saved_to" not in indexed
+    # the operator, holding the token, still sees where things are
+    assert owner_view["lora"]["path"].startswith(str(saved["lora"])) and owner_view["lora"]["indexed"]["root"] == str(root)
+    assert loaded["path"].startswith(str(saved["prefix"]))
+
+
+def test_a_model_folder_is_shown_by_its_name_only(tmp_path):
+    backbone, tok = S.fresh("tiny-bert", "base")
+    folder = tmp_path / "private" / "my-encoder"
+    backbone.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    engine = Engine(str(folder), max_wait=0.0)
+    try:
+        with S.running(engine) as url:
+            listed = httpx.get(url + "/v1/adapters").json()
+            everything = _texts_of(url)
+    finally:
+        engine.close()
+    assert listed["model"] == "my-encoder" and str(tmp_path) not in everything
+
+
+class Echo(BaseModel):
+    text: str
+
+
+def _openai_error(status: int, message: str) -> dict:
+    return {"error": {"message": message, "type": "invalid_request_error", "code": status}}
+
+
+def test_adding_an_endpoint_is_one_registration(saved):
+    """A new endpoint is one function and one @endpoint: routed, documented, guarded, counted, bounded and
+    answering errors in its own shape (here OpenAI's), with nothing else edited."""
+
+    @api.endpoint("POST", "/v1/scratch/{name}/tokens", label="scratch", errors=(400, 404, 413, 422),
+                  error_body=_openai_error, summary="how many tokens the adapter reads")
+    async def tokens(name: str, body: Echo, request: Request, server: api.ServerDep):
+        (result,) = await server.run(request, server.jobs(name, "embed", [server.text(body.text)]))
+        return {"tokens": result["tokens"]}
+
+    engine = _engine(saved, ["lora"], max_wait=0.0)
+    try:
+        with pytest.raises(ValueError, match="registered twice"):
+            api.endpoint("POST", "/v1/scratch/{name}/tokens", label="again")(tokens)
+        with S.running(engine, max_chars=100, max_items=4) as url, httpx.Client(base_url=url) as c:
+            ok = c.post("/v1/scratch/lora/tokens", json={"text": "read a file"})
+            cases = [(c.post("/v1/scratch/nope/tokens", json={"text": "x"}), 404, "no adapter named 'nope'"),
+                     (_raw(url, "/v1/scratch/lora/tokens", b'{"text": "\\ud800"}'), 400, "lone surrogate"),
+                     (c.post("/v1/scratch/lora/tokens", json={"text": 3}), 422, "field 'text'"),
+                     (c.post("/v1/scratch/lora/tokens", json={"text": "x" * 101}), 413, "limit is 100"),
+                     (_raw(url, "/v1/scratch/lora/tokens", b"x" * 200_000), 413, "reads at most")]
+            spec = c.get("/openapi.json").json()
+            metrics = c.get("/metrics").text
+            ours = c.post("/v1/adapters/nope/embed", json={"text": "x"}).json()
+    finally:
+        api.ENDPOINTS[:] = [e for e in api.ENDPOINTS if e.handler is not tokens]
+        engine.close()
+    assert ok.status_code == 200 and ok.json()["tokens"] == 5
+    for r, status, words in cases:
+        assert r.status_code == status and words in r.json()["error"]["message"], (status, r.text)
+        assert r.json()["error"]["code"] == status and "detail" not in r.json()
+    assert set(ours) == {"detail"}  # the other endpoints keep their own shape
+    assert "404" in spec["paths"]["/v1/scratch/{name}/tokens"]["post"]["responses"]
+    assert 'endpoint="scratch",status="200"' in metrics and 'endpoint="scratch",status="413"' in metrics
+    assert {e.label for e in api.ENDPOINTS} == {"/", "/health", "/metrics", "adapters", "embed", "classify", "search",
+                                                 "index", "generate"}
+
+
+def test_every_registered_endpoint_is_routed_once(saved):
+    from deltatune.serve.app import create_app
+
+    engine = _engine(saved, ["lora"])
+    try:
+        app = create_app(engine, token="t")
+    finally:
+        engine.close()
+    routed = {(m, r.path) for r in app.routes for m in getattr(r, "methods", ()) if m != "HEAD"}
+    registered = {(e.method, e.path) for e in api.ENDPOINTS}
+    assert len(registered) == len(api.ENDPOINTS) == 11 and registered <= routed
+    assert {p for m, p in routed - registered} <= {"/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc"}

@@ -9,10 +9,31 @@ the FastAPI app; ``search`` the code index.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import socket
 import sys
+from dataclasses import dataclass, fields
+
+from .. import settings
+from ..settings import setting
 
 TOKEN_ENV = "DELTATUNE_SERVE_TOKEN"
+
+
+@dataclass
+class Limits:
+    """The server's numbers, declared once (type, range, default, help): their flags are generated from
+    here and every value is checked before the model is loaded."""
+
+    port: int = setting(8000, min=0, max=65535, help="TCP port to listen on; 0 picks a free one")
+    max_batch: int = setting(32, min=1, max=4096, help="rows per forward pass")
+    max_wait_ms: float = setting(5.0, min=0.0, max=60_000.0, metavar="MS", help="how long the first row waits for others")
+    queue: int = setting(256, min=1, max=1_000_000, help="rows that may wait; beyond: 429")
+    timeout: float = setting(30.0, min=0.001, max=86_400.0, metavar="SECONDS", help="seconds a request may take")
+    max_len: int = setting(256, min=8, max=1 << 20, help="tokens per input; longer inputs are truncated")
+    max_chars: int = setting(20000, min=1, max=10_000_000,
+                             help="characters per input; longer: 413 (request bodies are bounded from it)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,18 +43,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index", action="append", default=[], metavar="NAME=DIR",
                    help="index a folder of Python files for search with retrieval adapter NAME (repeatable)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch", type=int, default=32, help="rows per forward pass (default 32)")
-    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long the first row waits for others (default 5)")
-    p.add_argument("--queue", type=int, default=256, help="rows that may wait; beyond: 429 (default 256)")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds a request may take (default 30)")
-    p.add_argument("--max-len", type=int, default=256, help="tokens per input; longer inputs are truncated")
-    p.add_argument("--max-chars", type=int, default=20000, help="characters per input; longer: 413")
+    settings.add_flags(p, Limits)
     p.add_argument("--token", default=None,
                    help=f"bearer token for loading, unloading and indexing (default: ${TOKEN_ENV}; none: open)")
     p.add_argument("--index-dir", default=None, help="where search indexes are saved (default: the deltatune cache)")
     p.add_argument("--device", default="cpu",
                    help="where the model runs: cpu (default), cuda, cuda:N or mps when this machine has it")
+
+
+def check_limits(args) -> Limits:
+    """The numeric flags as a checked ``Limits``; a ConfigError naming the first flag out of its range."""
+    from ..errors import ConfigError
+
+    limits = Limits(**settings.values_from(args, Limits))  # a flag left out keeps the declared default
+    for f in fields(Limits):
+        value = getattr(limits, f.name)
+        if settings.problem(value, f):
+            raise ConfigError(f"--{f.name.replace('_', '-')} must be {settings.describe(f)}, got {value!r}")
+    return limits
 
 
 def _pairs(items: list[str], flag: str) -> list[tuple[str, str]]:
@@ -48,20 +75,60 @@ def _pairs(items: list[str], flag: str) -> list[tuple[str, str]]:
     return out
 
 
+_BIND_WHY = {errno.EADDRINUSE: "the port is in use (another server?); pick another --port or stop the other one",
+             errno.EACCES: "this user may not bind that port (ports below 1024 need privileges); pick --port 1024 or above",
+             errno.EADDRNOTAVAIL: "the address is not one of this machine's; use 127.0.0.1, 0.0.0.0 or one of its own"}
+
+
+def listen(host: str, port: int) -> list[socket.socket]:
+    """Sockets bound to every address of ``host`` at ``port``, listening; a ConfigError naming the cause
+    (the port taken, a privileged port, an address that is not this machine's) otherwise."""
+    from ..errors import ConfigError
+
+    try:
+        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as err:
+        raise ConfigError(f"--host {host!r} is not an address or a name this machine resolves ({err}); "
+                          "use 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)") from None
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys((a[0], a[1], a[2], None, a[4]) for a in addresses):
+            if port == 0 and sockets:  # any free port: the one the first address got, on every address
+                address = (address[0], sockets[0].getsockname()[1], *address[2:])
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(2048)
+    except OSError as err:
+        for sock in sockets:
+            sock.close()
+        why = _BIND_WHY.get(err.errno, err.strerror or str(err))
+        raise ConfigError(f"cannot listen on {host}:{port}: {why}") from None
+    return sockets
+
+
 def run(args) -> int:
+    limits = check_limits(args)  # every flag before anything slow: the model loads only for a server that can run
+    adapters, indexes = _pairs(args.adapter, "--adapter"), _pairs(args.index, "--index")
+
     import asyncio
 
     import uvicorn
 
     from .app import build_index, create_app
-    from .engine import Engine
+    from .engine import Engine, check_device
 
-    adapters, indexes = _pairs(args.adapter, "--adapter"), _pairs(args.index, "--index")
     token = args.token or os.environ.get(TOKEN_ENV) or None
-    engine = Engine(args.model, max_batch=args.max_batch, max_wait=args.max_wait_ms / 1000, queue_size=args.queue,
-                    max_len=args.max_len, index_dir=args.index_dir, device=args.device)
-    app = create_app(engine, token=token, timeout=args.timeout, max_chars=args.max_chars)  # metrics before work
+    check_device(args.device)
+    sockets = listen(args.host, limits.port)
+    engine = None
     try:
+        engine = Engine(args.model, max_batch=limits.max_batch, max_wait=limits.max_wait_ms / 1000,
+                        queue_size=limits.queue, max_len=limits.max_len, index_dir=args.index_dir, device=args.device)
+        app = create_app(engine, token=token, timeout=limits.timeout, max_chars=limits.max_chars)  # metrics before work
         for name, path in adapters:
             info = engine.load(name, path)
             print(f"deltatune serve: loaded {name} ({info.kind}, {info.method}, {info.size_bytes / 1e6:.2f} MB)",
@@ -73,10 +140,14 @@ def run(args) -> int:
         if token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
             print(f"deltatune serve: warning: listening on {args.host} without a token: anyone who reaches it may "
                   f"load and unload adapters; set --token or ${TOKEN_ENV}", file=sys.stderr)
-        config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
-        print(f"deltatune serve: http://{args.host}:{args.port}/ (OpenAPI: /docs), model on {engine.device}",
-              file=sys.stderr)
-        asyncio.run(uvicorn.Server(config).serve())
+        config = uvicorn.Config(app, log_level="warning")
+        port = sockets[0].getsockname()[1]
+        where = f"[{args.host}]" if ":" in args.host else args.host
+        print(f"deltatune serve: http://{where}:{port}/ (OpenAPI: /docs), model on {engine.device}", file=sys.stderr)
+        asyncio.run(uvicorn.Server(config).serve(sockets=sockets))
     finally:
-        engine.close()
+        for sock in sockets:
+            sock.close()
+        if engine is not None:
+            engine.close()
     return 0
