@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from deltatune.cli import _machine_cpu, _other_load  # noqa: E402  (the same load measure as `deltatune bench`)
+from deltatune.machine import machine_cpu as _machine_cpu, other_load as _other_load  # noqa: E402  (as `deltatune bench`)
 
 
 def run_one(args, config: str, work: Path) -> dict:

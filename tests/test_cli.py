@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import deltatune as dt
-from deltatune import cli, report
+from deltatune import cli, machine, report
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUIRED_KEYS = {"method", "task", "model", "metric", "value", "trainable_params", "total_params",
@@ -163,14 +163,14 @@ def test_other_load_sees_a_busy_core():
     # One process spinning on one of our cores for 1.5 s: at least a third of the cores' time
     # (half of 2 cores, a quarter of 4, ...) went to other work than ours.
     cores = len(os.sched_getaffinity(0))
-    before, started = cli._machine_cpu(), time.monotonic()
+    before, started = machine.machine_cpu(), time.monotonic()
     assert before is not None and before[2] == cores
     subprocess.run([sys.executable, "-c", "import time\nt = time.process_time()\nwhile time.process_time() - t < 1.5: pass"])
-    load = cli._other_load(before, cli._machine_cpu(), 0.0, time.monotonic() - started)
+    load = machine.other_load(before, machine.machine_cpu(), 0.0, time.monotonic() - started)
     assert 0.6 / cores <= load <= 1.0
     # (busy, steal, cores) readings: our own CPU time is not "other", stolen time is
-    assert cli._other_load((10.0, 1.0, 2), (14.0, 1.0, 2), 4.0, 2.0) == 0.0
-    assert cli._other_load((10.0, 1.0, 2), (14.0, 2.0, 2), 2.0, 2.0) == 0.75
+    assert machine.other_load((10.0, 1.0, 2), (14.0, 1.0, 2), 4.0, 2.0) == 0.0
+    assert machine.other_load((10.0, 1.0, 2), (14.0, 2.0, 2), 2.0, 2.0) == 0.75
 
 
 def test_demo_runs_registered_methods_on_a_bench_budget():
@@ -208,7 +208,7 @@ def test_bench_marks_runs_timed_while_the_machine_was_busy(capsys, tmp_path, mon
     # Other work on the machine during a run: the bench measures it, the report marks that run's
     # time per step (table, note, plot, HTML) instead of showing it as a slow method.
     loads = iter([0.02, 0.5])
-    monkeypatch.setattr(cli.bench, "_other_load", lambda *args: next(loads))
+    monkeypatch.setattr(machine, "other_load", lambda *args: next(loads))
     code, out, err = run(capsys, "bench", "--model", "tiny-bert", "--task", "code-search", "--methods", "lora,bitfit",
                          "--max-steps", "1", "--batch-size", "4", "--max-train", "8", "--max-eval", "8",
                          "--out", str(tmp_path))

@@ -1,13 +1,35 @@
-"""`deltatune findings`: run keys, resuming, parts, the learning-rate choice and the page."""
+"""The findings harness (experiments/findings): run keys, resuming, parts, the learning-rate choice and its
+extension, the intervals and the verdicts that read them, bad run files, and the page."""
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
+import os
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 
-import deltatune.findings as F
 from deltatune.errors import ConfigError
-from deltatune.findings import page as P
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+sys.path.insert(0, str(EXPERIMENTS))  # the harness is a script of the repository, not a module of the package
+from findings import intervals as I  # noqa: E402
+from findings import page as P  # noqa: E402
+from findings import stats as S  # noqa: E402
+from findings import suite as F  # noqa: E402
+from findings import verdicts as V  # noqa: E402
+
+
+def _script():
+    """experiments/findings/run.py as a module (it is run as a script)."""
+    spec = importlib.util.spec_from_file_location("findings_run", EXPERIMENTS / "findings" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 TINY = F.Setting("tiny", "tiny-bert", "code-search", steps=1, batch=2, max_len=24, max_train=8, max_eval=8, eval_every=1)
 
@@ -23,11 +45,18 @@ def claim_t(monkeypatch):
     return claim
 
 
-def _record(value, valid, *, trainable=100, total=10_000, metric="mrr"):
-    return {"result": {"metric": metric, "value": value, "valid_value": valid, "trainable_params": trainable,
-                       "total_params": total, "step_seconds_median": 0.5, "best_step": 1, "pool": 8},
-            "wall_seconds": 3.0, "other_load": 0.0, "machine": {"cpu": "test cpu", "cores": 2, "ram_gb": 1.0},
-            "finished": "2026-01-01 00:00 UTC"}
+def _record(value, valid, *, trainable=100, total=10_000, metric="mrr", zero=None, examples=None, zero_examples=None,
+            n_test=8, **result):
+    record = {"result": {"metric": metric, "value": value, "valid_value": valid, "trainable_params": trainable,
+                         "total_params": total, "step_seconds_median": 0.5, "best_step": 1, "pool": 8,
+                         "zero_shot_value": zero, **result},
+              "wall_seconds": 3.0, "other_load": 0.0, "machine": {"cpu": "test cpu", "cores": 2, "ram_gb": 1.0},
+              "finished": "2026-01-01 00:00 UTC", "n_test": n_test}
+    if examples is not None:
+        record["test_scores"] = {"values": list(examples), "zero_shot": None if zero_examples is None else list(zero_examples)}
+        record["result"]["value"] = float(np.mean(examples))
+        record["n_test"] = len(examples)
+    return record
 
 
 def test_run_keys_are_stable_and_distinct():
@@ -63,22 +92,23 @@ def test_parts_partition_the_runs_and_keep_groups_together(tmp_path):
     for g in groups.values():  # a group's grid, its seeds and the groups borrowing its lr: one part
         assert F.part_of(g, 3, groups) == F.part_of(groups[F.lr_root(g)], 3, groups)
     with pytest.raises(ConfigError, match="I/N"):
-        F._parse_part("0/2")
+        _script()._parse_part("0/2")
 
 
 def test_lr_is_chosen_on_validation_not_test(tmp_path, claim_t):
     store = F.Store(tmp_path)
     g = claim_t.groups[0]
     low, mid, high = F.grid_lrs(g)
-    # validation prefers the highest lr, test the lowest: the choice must follow validation
-    for lr, valid, test in ((low, 0.30, 0.90), (mid, 0.40, 0.50), (high, 0.60, 0.10)):
+    # validation prefers the middle lr, test the lowest: the choice must follow validation
+    for lr, valid, test in ((low, 0.30, 0.90), (mid, 0.60, 0.50), (high, 0.40, 0.10)):
         store.put(F.run_config(TINY, g, lr, F.GRID_SEED), _record(test, valid))
     chosen, rows = F.choose_lr(store, TINY, g)
-    assert chosen == high and [r["valid"] for r in rows] == [0.30, 0.40, 0.60]
+    assert chosen == mid and [r["valid"] for r in rows] == [0.30, 0.60, 0.40]
     runs = F.planned_runs(store, ["T"], [0, 1, 2])
     seed_runs = [r for r in runs if r["phase"] == "seed"]
-    assert seed_runs and all(r["config"]["lr"] == high for r in seed_runs)  # the borrowing group's too
+    assert seed_runs and all(r["config"]["lr"] == mid for r in seed_runs)  # the borrowing group's too
     assert not any(r["phase"] == "seed" and r["config"]["seed"] == 0 and r["group"] is g for r in runs)
+    assert not any(r["phase"] == "extension" for r in runs)  # an inner best: nothing to extend
     # while a grid run is missing nothing is chosen and the seed runs wait
     (store.runs / f"{F.run_key(F.run_config(TINY, g, low, 0))}.json").unlink()
     assert F.choose_lr(store, TINY, g)[0] is None
@@ -97,13 +127,14 @@ def test_page_mean_std_and_missing_runs(tmp_path, claim_t):
     page = tmp_path / "findings.md"
     P.render(["T"], [0, 1, 2], out=tmp_path / "out", page=page)
     text = page.read_text()
+    assert "python experiments/findings/run.py --claims T --seeds 0,1,2" in text
     assert "mrr 0.6000 ± 0.1000" in text  # lora: 0.5, 0.6, 0.7 (sample std)
     assert "| tiny | lora | 3/3 |" in text and "| tiny | telly K=1 | 1/3 |" in text
     assert "mrr 0.4000 |" in text  # one seed: no std
     assert "Missing runs (2)" in text and "telly K=1 [tiny] lr 0.002 seed 1" in text
     assert "0.002: 0.9000" in text  # the grid's validation scores, the chosen lr
     assert "test cpu, 2 cores" in text
-    assert P.mean_std([1.0, 2.0, 4.0]) == (pytest.approx(7 / 3), pytest.approx(1.5275252, rel=1e-6))
+    assert S.mean_std([1.0, 2.0, 4.0]) == (pytest.approx(7 / 3), pytest.approx(1.5275252, rel=1e-6))
 
 
 def test_resume_skips_finished_runs_and_a_failure_spares_the_others(tmp_path, monkeypatch):
@@ -120,6 +151,11 @@ def test_resume_skips_finished_runs_and_a_failure_spares_the_others(tmp_path, mo
     assert len((out / "failures.jsonl").read_text().splitlines()) == 2
     record = json.loads((out / "runs" / files[0]).read_text())
     assert record["config"]["model"] == "tiny-bert" and record["result"]["trainable_params"] > 0
+    # each test query's reciprocal rank, and the untrained model's: their mean is the run's (and zero-shot) MRR
+    scores = record["test_scores"]
+    assert len(scores["values"]) == record["n_test"] == 8
+    assert sum(scores["values"]) / 8 == pytest.approx(record["result"]["value"], abs=1e-6)
+    assert sum(scores["zero_shot"]) / 8 == pytest.approx(record["result"]["zero_shot_value"], abs=1e-6)
     again = F.run_suite(["R"], [0, 1], out=out, work_dir=work, log=lambda _: None)
     assert again["ran"] == [] and sorted(again["skipped"]) == sorted(f[:-5] for f in files)
     (out / "runs" / files[0]).unlink()
@@ -127,13 +163,12 @@ def test_resume_skips_finished_runs_and_a_failure_spares_the_others(tmp_path, mo
     assert third["ran"] == [files[0][:-5]]
 
 
-def test_cli_plan_and_bad_flags(capsys):
-    from deltatune.cli import main
-
-    assert main(["findings", "--claims", "5", "--plan"]) == 0
+def test_script_plan_and_bad_flags(capsys):
+    main = _script().main
+    assert main(["--claims", "5", "--plan"]) == 0
     out = capsys.readouterr().out
     assert "compacter++" in out and "to do" in out
-    assert main(["findings", "--claims", "9", "--plan"]) == 2
+    assert main(["--claims", "9", "--plan"]) == 2
     assert "the claims are" in capsys.readouterr().err
 
 
@@ -143,7 +178,9 @@ def test_page_reads_the_layer_analysis(tmp_path, monkeypatch):
     probe_cfg, rsa_cfg = [{"schema": F.SCHEMA, **e} for e in F.CLAIMS["2"].extra_runs[:2]]
     scores = {"lexical": [.5, .9, .8, .7, .6, .5, .4], "syntactic": [.3, .4, .6, .5, .4, .3, .3],
               "structural": [.3, .4, .4, .5, .4, .3, .6]}  # structural peaks at the top, lexical low: the paper's order
-    probing = {k: {"metric": "accuracy", "score": v, "baseline": .2, "peak_layer": v.index(max(v))} for k, v in scores.items()}
+    # 100,000 test tokens: every peak stands clear of its neighbours (0.1 apart, a standard error near 0.002)
+    probing = {k: {"metric": "accuracy", "score": v, "baseline": .2, "peak_layer": v.index(max(v)), "n_test": 100_000}
+               for k, v in scores.items()}
     settings = {"n_train": 6, "n_valid": 2, "n_test": 3, "search_samples": 5}
     store.put(probe_cfg, {"result": {"model": "minilm", "blocks": 6, "settings": settings, "probing": probing},
                           "adapters": [], "wall_seconds": 60.0})
@@ -153,14 +190,217 @@ def test_page_reads_the_layer_analysis(tmp_path, monkeypatch):
     P.render(["2"], [0, 1, 2], out=tmp_path / "out", page=tmp_path / "p.md")
     text = (tmp_path / "p.md").read_text()
     assert "lexical 1, syntactic 2, structural 6" in text and "as the paper found" in text
-    assert "the two least similar hidden states are [2, 5] of 0..6 (not the top two)" in text
-    assert "some differ from the paper" in text
+    # one sample of texts: no interval, so the RSA's top two are undecided whatever they look like
+    assert "the two least similar hidden states are [2, 5] of 0..6" in text and "give no interval: undecided" in text
+    assert "RSA of minilm (text sample 1)" in text  # the samples that would give it an interval are planned
     assert (tmp_path / "out" / "probing-minilm.png").is_file() and (tmp_path / "out" / "rsa-minilm.png").is_file()
 
+    # at 300 test functions the same probe scores overlap: the order is undecided, not "as the paper found"
+    for p in probing.values():
+        p["n_test"] = 30
+    store.put(probe_cfg, {"result": {"model": "minilm", "blocks": 6, "settings": settings, "probing": probing},
+                          "adapters": [], "wall_seconds": 60.0})
+    P.render(["2"], [0, 1, 2], out=tmp_path / "out", page=tmp_path / "p.md")
+    assert "the peaks overlap: the order is undecided" in (tmp_path / "p.md").read_text()
 
-def test_a_comparison_where_nothing_beats_the_untrained_model_says_so():
-    from deltatune.findings.page import _unlearned
-    at_chance = {"mean": 0.505, "zero_shot": 0.524, "metric": "accuracy"}
-    learned = {"mean": 0.62, "zero_shot": 0.524, "metric": "accuracy"}
-    assert "not learned" in _unlearned(at_chance, dict(at_chance, mean=0.50))
-    assert _unlearned(at_chance, learned) == ""
+    # three samples of texts in which the top two stand clear of the rest: the RSA part holds
+    for seed, shift in ((1, .01), (2, -.01)):
+        extra = next(e for e in F.CLAIMS["2"].extra_runs if e.get("seed") == seed and e["model"] == "minilm")
+        top = [1, .99, .98, .97, .95, .8 + shift, .7 - shift]
+        store.put({"schema": F.SCHEMA, **extra}, {"result": {"model": "minilm", "blocks": 6, "similarity": {
+            "samples": 9, "split": "valid", "models": {"full": {"rsa_spearman": top}}}}, "adapters": [],
+            "wall_seconds": 30.0})
+    store.put(rsa_cfg, {"result": {"model": "minilm", "blocks": 6, "similarity": {"samples": 9, "split": "valid", "models": {
+        "full": {"rsa_spearman": [1, .99, .98, .97, .95, .8, .7]}}}}, "adapters": [], "wall_seconds": 30.0})
+    P.render(["2"], [0, 1, 2], out=tmp_path / "out", page=tmp_path / "p.md")
+    assert "over 3 text samples: [5, 6] of 0..6: the top two" in (tmp_path / "p.md").read_text()
+
+
+# ----------------------------------------------------------------------------- intervals and verdicts
+
+def test_interval_distributions_match_their_tables():
+    assert I.t_quantile(0.975, 1) == pytest.approx(12.7062, abs=1e-4)
+    assert I.t_quantile(0.975, 2) == pytest.approx(4.3027, abs=1e-4)
+    assert I.t_quantile(0.975, 10) == pytest.approx(2.2281, abs=1e-4)
+    assert I.t_quantile(0.975, math.inf) == pytest.approx(1.9600, abs=1e-4)
+    assert I.f_quantile(0.975, 2, 2) == pytest.approx(39.0, abs=1e-6)
+    assert I.f_quantile(0.975, 9, 9) == pytest.approx(4.026, abs=1e-3)
+
+
+def test_a_paired_bootstrap_is_narrower_than_the_bound_and_both_hold_the_test_noise():
+    rng = np.random.default_rng(0)
+    base = (rng.random(400) < 0.7).astype(float)  # one method's per-example accuracy
+    flip = rng.random(400) < 0.05
+    a = I.Side("a", [], [0, 1, 2], 400, examples=[], bounds=[])
+    b = I.Side("b", [], [0, 1, 2], 400, examples=[], bounds=[])
+    for seed in range(3):  # b errs where a does, except on 5% of examples
+        xa = base.copy()
+        xb = np.where(flip, 1 - base, base)
+        for side, x in ((a, xa), (b, xb)):
+            side.values.append(float(x.mean()))
+            side.examples.append(list(x))
+            side.bounds.append(I.example_variance_bound("accuracy", float(x.mean())))
+    paired = I.compare(a, b)
+    assert paired.how == "paired bootstrap" and paired.covers(paired.diff)
+    bound = I.compare(I.Side("a", a.values, a.seeds, 400, bounds=a.bounds), I.Side("b", b.values, b.seeds, 400, bounds=b.bounds))
+    assert bound.how == "bound" and (bound.high - bound.low) > 3 * (paired.high - paired.low)
+    # the seeds agree exactly here, so the whole width is the test sample's: about 2 x 1.96 x sd(d) / sqrt(n)
+    d = np.asarray(b.examples[0]) - np.asarray(a.examples[0])
+    assert (paired.high - paired.low) == pytest.approx(2 * 1.96 * d.std() / math.sqrt(400), rel=0.15)
+    assert I.compare(a, I.Side("c", [0.5], [0], 400)) is None  # one seed: no interval
+    same = I.compare(a, I.Side("a2", list(a.values), [0, 1, 2], 400), paired_seeds=True)
+    assert same.how == "identical" and same.low == same.high == 0.0
+
+
+def test_mrr_bound_uses_recall_at_1():
+    # RR is 1 or at most 1/2: with recall@1 = 0.6 and MRR = 0.7, the variance is at most 0.6 + 0.05 - 0.49
+    assert I.example_variance_bound("mrr", 0.7, {"recall@1": 0.6}) == pytest.approx(0.16)
+    assert I.example_variance_bound("mrr", 0.7, None) == pytest.approx(0.21)  # Bhatia-Davis without it
+    assert I.example_variance_bound("accuracy", 0.5) == pytest.approx(0.25)
+    assert I.example_variance_bound("rouge", 0.5) is None
+
+
+def _stats(store, groups, seeds=(0, 1, 2)):
+    return {g.id: S.group_stats(store, g, groups, list(seeds)) for g in groups.values()}
+
+
+def _examples(rng, n, p_full, p_other, p_zero, seed):
+    """Per-example 0/1 scores of full, another method and the untrained model on one seed: the same examples are
+    hard for every method (a fixed difficulty), a seed flips 1% of them."""
+    hard = np.random.default_rng(99).random(n)  # the test set: the same for every seed and method
+    flip = np.random.default_rng(seed).random(n) < 0.01
+
+    def scores(p):
+        return np.where(flip, 1.0 - (hard < p), (hard < p).astype(float))
+
+    return scores(p_full), scores(p_other), (hard < p_zero).astype(float)
+
+
+def test_verdict_reads_the_interval_undecided_holds_and_not_tested(tmp_path, monkeypatch):
+    """Claim 5's rule: near = the interval of Compacter++ minus full lies above -2 points."""
+    store = F.Store(tmp_path)
+    full, comp = F.group("cs", "full", fixed_lr=1e-4), F.group("cs", "compacter++", fixed_lr=1e-3)
+    groups = {g.id: g for g in (full, comp)}
+    rng = np.random.default_rng(1)
+
+    def put(p_full, p_other, p_zero, n=600):
+        for seed in (0, 1, 2):
+            f, o, z = _examples(rng, n, p_full, p_other, p_zero, seed)
+            store.put(F.run_config(F.SETTINGS["cs"], full, 1e-4, seed),
+                      _record(0, 0.5, trainable=10**6, total=10**6, zero=float(z.mean()), examples=f, zero_examples=z))
+            store.put(F.run_config(F.SETTINGS["cs"], comp, 1e-3, seed),
+                      _record(0, 0.5, trainable=10, total=10**6, zero=float(z.mean()), examples=o, zero_examples=z))
+        V._CACHE.clear()
+        return V.verdict_5(_stats(store, groups))
+
+    # the same predictions: a difference of 0 well inside +-2 points, decided
+    text = put(0.80, 0.80, 0.30)
+    assert "**Verdict: holds on our tasks.**" in text and "paired bootstrap" in text
+    # 1.8 points behind (the issue's case): the interval covers -2 points: undecided, however the means look
+    text = put(0.80, 0.782, 0.30, n=200)
+    assert "**Verdict: undecided" in text and "covers -2 points" in text
+    # nothing learned: the untrained model scores the same; the comparison is not tested
+    text = put(0.50, 0.50, 0.50)
+    assert "**Verdict: not tested" in text and "not shown to beat the untrained model" in text
+
+
+def test_claim_7_prints_delta_beside_every_epsilon(tmp_path):
+    store = F.Store(tmp_path)
+    lora = F.group("dm", "lora", fixed_lr=2e-3)
+    dp = F.group("dm", "lora", "lora, DP eps=8 delta=1e-4", extra={"dp_epsilon": 8.0}, fixed_lr=6.67e-4)
+    groups = {g.id: g for g in (lora, dp)}
+    for seed, (a, b) in enumerate(((0.84, 0.52), (0.82, 0.51), (0.86, 0.54))):
+        store.put(F.run_config(F.SETTINGS["dm"], lora, 2e-3, seed), _record(a, 0.8, metric="accuracy", zero=0.497, n_test=650))
+        store.put(F.run_config(F.SETTINGS["dm"], dp, 6.67e-4, seed),
+                  _record(b, 0.5, metric="accuracy", zero=0.497, n_test=650, dp_epsilon=7.997, dp_delta=1e-4,
+                          dp_noise_multiplier=0.52))
+    st = _stats(store, groups)
+    text = V.verdict_7(st)
+    assert "epsilon spent 8.00 at delta 1e-4" in text
+    # private LoRA is not shown to beat the untrained model (0.497) at n = 650: not tested, not "does not hold"
+    assert "**Verdict: not tested" in text
+    table = P.results_table(list(st.values()), groups, [("epsilon spent (delta)", lambda s: V._eps(s) or "–")])
+    assert "at delta 1e-4" in table
+
+
+def test_a_grid_whose_best_sits_at_its_edge_is_extended_before_seeds_run(tmp_path, claim_t):
+    store = F.Store(tmp_path)
+    g = claim_t.groups[0]
+    low, mid, high = F.grid_lrs(g)
+    for lr, valid in ((low, 0.3), (mid, 0.4), (high, 0.6)):  # the best at the high edge
+        store.put(F.run_config(TINY, g, lr, F.GRID_SEED), _record(0.5, valid))
+    assert F.choose_lr(store, TINY, g)[0] is None  # not chosen: the extension runs first
+    runs = F.planned_runs(store, ["T"], [0, 1, 2])
+    ext = [r for r in runs if r["phase"] == "extension"]
+    assert [r["config"]["lr"] for r in ext] == [pytest.approx(high * F.GRID_STEP)] and not ext[0]["done"]
+    assert all(r["config"] is None for r in runs if r["phase"] == "seed")  # the seeds wait for it
+    assert F.group_lr(store, g, {x.id: x for x in claim_t.groups}, provisional=True) == high  # what the page shows
+    # the extension is worse: the old edge is chosen, inside the grid now
+    store.put(F.run_config(TINY, g, ext[0]["config"]["lr"], F.GRID_SEED), _record(0.5, 0.5))
+    found = F.grid(store, TINY, g)
+    assert found["lr"] == high and not found["edge"] and found["waiting"] is None
+    # the extension is better, and so is the next: the limit stops it, the choice says it sits at an edge
+    store.put(F.run_config(TINY, g, ext[0]["config"]["lr"], F.GRID_SEED), _record(0.5, 0.7))
+    nxt = F.grid(store, TINY, g)
+    assert nxt["waiting"] == "extension" and nxt["rows"][-1]["lr"] == pytest.approx(high * F.GRID_STEP ** 2)
+    store.put(F.run_config(TINY, g, nxt["rows"][-1]["lr"], F.GRID_SEED), _record(0.5, 0.8))
+    last = F.grid(store, TINY, g)
+    assert last["lr"] == nxt["rows"][-1]["lr"] and last["edge"] and F.MAX_EXTEND == 2
+
+
+def test_claim_3_is_planned_at_the_released_stage_length_without_dropout(tmp_path):
+    import deltatune
+
+    runs = F.planned_runs(F.Store(tmp_path), ["3"], [0, 1, 2])
+    configs = [r["config"] for r in runs if r["config"] is not None]
+    assert configs and all(c["steps"] == 460 for c in configs)
+    groups = [g for g in F.CLAIMS["3"].groups if g.method == "dps"]
+    assert groups and all(dict(g.options) == {"dropout": "released"} for g in groups)  # 0 below 2,000 steps
+    stage = int(460 * deltatune.method_info("dps")["options"]["stage_fraction"])
+    assert 23 <= stage <= 80  # as long as the released runs' stages
+    assert {g.setting for g in F.CLAIMS["3"].groups} == {"dm-dps", "dm500-dps"}
+
+
+def test_per_example_scores_are_read_where_their_mean_is_the_score(tmp_path):
+    ranks = tmp_path / "r.jsonl"
+    ranks.write_text("".join(json.dumps({"index": i, "rank": r}) + "\n" for i, r in enumerate((1, 2, 4))))
+    assert F.example_scores(ranks, (1 + 0.5 + 0.25) / 3) == [1.0, 0.5, 0.25]
+    labels = tmp_path / "c.jsonl"
+    labels.write_text("".join(json.dumps({"reference": a, "prediction": b}) + "\n" for a, b in (("x", "x"), ("x", "y"))))
+    assert F.example_scores(labels, 0.5) == [1.0, 0.0]
+    assert F.example_scores(labels, 0.9) is None  # e.g. BLEU: their mean is not the score
+    assert F.example_scores(tmp_path / "none.jsonl", 0.5) is None
+
+
+# ----------------------------------------------------------------------------- bad run files
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda r: r["result"].update(value="high"), "result.value must be a number, not str"),
+    (lambda r: r.update(result=[1, 2]), "'result' must be an object, not list"),
+    (lambda r: r.update(test_scores={"values": [1, "x"]}), "test_scores.values must be a list of numbers"),
+    (lambda r: r.update(wall_seconds=None), "wall_seconds must be a number, not null"),
+    (lambda r: r.update(config={**r["config"], "seed": 7}), "is not the configuration its name stands for"),
+    ("[1, 2]", "a run file holds a JSON object, not list"),
+    ("{not json", "not a JSON run file"),
+    ("fifo", "not a regular file"),
+])
+def test_a_bad_run_file_is_one_line_naming_it(tmp_path, claim_t, capsys, damage, words):
+    store = F.Store(tmp_path / "out")
+    g = claim_t.groups[0]
+    config = F.run_config(TINY, g, F.grid_lrs(g)[0], 0)
+    path = store.put(config, _record(0.5, 0.5))
+    if callable(damage):
+        record = json.loads(path.read_text())
+        damage(record)
+        path.write_text(json.dumps(record))
+    elif damage == "fifo":
+        path.unlink()
+        os.mkfifo(path)  # read naively, this would block for ever
+    else:
+        path.write_text(damage)
+    main = _script().main
+    assert main(["--claims", "T", "--render-only", "--out", str(tmp_path / "out"), "--page", str(tmp_path / "p.md")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and str(path) in err and words in err
+    assert main(["--claims", "T", "--plan", "--out", str(tmp_path / "out")]) == 2  # the planner reads it too
+    assert str(path) in capsys.readouterr().err

@@ -4,7 +4,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import re
 import shlex
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import time
 from pathlib import Path
 
 from deltatune import settings
+from deltatune import machine
 from deltatune.errors import ConfigError, TrainingError
 from deltatune.report import pool_note
 from .common import check_method, check_task, parse_sets, seeds as parse_seeds, slug, split_list
@@ -28,7 +28,8 @@ def add_arguments(p) -> None:
     p.add_argument("--task", required=True, help="the task every run trains and is scored on (see `deltatune tasks`)")
     p.add_argument("--methods", required=True, help="comma list, e.g. full,lora,bitfit")
     p.add_argument("--seeds", default="1", help="a count (3 = seeds 0,1,2) or a comma list of seeds (default 1)")
-    p.add_argument("--out", metavar="DIR", help="default runs/bench-<model>-<task>")
+    p.add_argument("--out", metavar="DIR", help="default runs/bench-<model>-<task>; a folder of an earlier bench, a new "
+                   "or an empty one (a folder deltatune did not write is refused, never written into)")
     p.add_argument("--set", action="append", metavar="[METHOD:]KEY=VALUE",
                    help="a method option for every run, or with METHOD: for that method's runs only")
     settings.add_flags(p, TrainConfig)
@@ -74,37 +75,7 @@ def children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _machine_cpu() -> tuple[float, float, int] | None:
-    """(busy, steal) CPU seconds so far on the cores this process may run on, and their number,
-    from /proc/stat; None where there is no /proc/stat (macOS, Windows)."""
-    try:
-        lines = Path("/proc/stat").read_text().splitlines()
-        tick = os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, AttributeError):
-        return None
-    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-    busy = steal = cores = 0
-    for line in lines:
-        name, *fields = line.split()
-        if not re.fullmatch(r"cpu\d+", name) or (allowed is not None and int(name[3:]) not in allowed):
-            continue
-        user, nice, system, _idle, _iowait, irq, softirq, stolen = ([int(x) for x in fields[:8]] + [0] * 8)[:8]
-        busy, steal, cores = busy + user + nice + system + irq + softirq, steal + stolen, cores + 1
-    return (busy / tick, steal / tick, cores) if cores else None
-
-
-def _other_load(before, after, own_cpu_seconds: float, wall_seconds: float) -> float | None:
-    """The share of the CPU time of our cores that other processes used (or the hypervisor stole)
-    between two _machine_cpu() readings, while our own processes used own_cpu_seconds."""
-    if before is None or after is None or wall_seconds <= 0:
-        return None
-    others = max(0.0, after[0] - before[0] - own_cpu_seconds) + max(0.0, after[1] - before[1])
-    return round(min(1.0, others / (wall_seconds * after[2])), 3)
-
-
 def run(args) -> int:
-    from deltatune import report
-
     methods = split_list(args.methods)
     if not methods:
         raise ConfigError("--methods is empty; give a comma list such as --methods full,lora,bitfit")
@@ -116,17 +87,24 @@ def run(args) -> int:
             raise ConfigError(f"{e} (--set {m}:KEY=VALUE sets an option for {m} runs only)") from None
     check_task(args.task)
     seeds = parse_seeds(args.seeds)
-    out = Path(args.out or f"runs/bench-{slug(args.model)}-{slug(args.task)}")
-    from deltatune.storage import make_dir
+    from deltatune.storage import BENCH, OwnedFolder, chosen_folder
 
-    make_dir(out)  # a StorageError line when --out is a file, on a read-only disk, ...
+    # Before any run: a folder deltatune did not write (a user's results.csv, report.html, ...) is refused
+    # here, so nothing of it is replaced, whether the runs succeed or fail; a link in a bench folder too.
+    with OwnedFolder(chosen_folder(args.out, f"runs/bench-{slug(args.model)}-{slug(args.task)}"), BENCH) as folder:
+        folder.check()
+        return _bench(args, methods, sets, seeds, folder)
 
+
+def _bench(args, methods: list[str], sets: dict, seeds: list[int], folder) -> int:
+    from deltatune import report
     from deltatune.training.config import TrainConfig
 
+    out = folder.open()  # created and marked as a bench folder, and locked while the bench runs
     shared = settings.argv_of(settings.values_from(args, TrainConfig), TrainConfig)  # handed on to every run
     meta = {**report.machine_info(), "command": args.command_line,
             "model": args.model, "task": args.task, "methods": methods, "seeds": seeds, "max_steps": args.max_steps}
-    (out / report.META_FILE).write_text(json.dumps(meta, indent=2))
+    folder.write_text(report.META_FILE, json.dumps(meta, indent=2))
 
     # Seeds outside methods: a slow drift of the machine (thermal, other load) then spreads over
     # every method instead of landing on the last ones.
@@ -141,14 +119,14 @@ def run(args) -> int:
             command += ["--set", item]
         print(f"[{i}/{len(plan)}] {method} seed {seed}: deltatune {shlex.join(command[3:])}", file=sys.stderr, flush=True)
         # A fresh process per run, so that peak RSS and timings belong to that run alone.
-        run_started, cpu_before, machine_before = time.monotonic(), children_cpu_seconds(), _machine_cpu()
+        run_started, cpu_before, machine_before = time.monotonic(), children_cpu_seconds(), machine.machine_cpu()
         proc = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=child_env())
         # Wall and CPU time of the whole run (start-up, loading, evaluations included): on a shared
         # machine their ratio shows how much of the 2 cores the run actually had.
         run_seconds, cpu_seconds = time.monotonic() - run_started, children_cpu_seconds() - cpu_before
         # The runs are timed one after another, so other work on the machine during one run would
         # read as a slow method: measure it, and the report marks the runs it touched.
-        other_load = _other_load(machine_before, _machine_cpu(), cpu_seconds, run_seconds)
+        other_load = machine.other_load(machine_before, machine.machine_cpu(), cpu_seconds, run_seconds)
         summary = last_json_line(proc.stdout) if proc.returncode == 0 else None
         if summary is None:
             failures.append(f"{method} seed {seed} (exit code {proc.returncode})")
@@ -157,7 +135,7 @@ def run(args) -> int:
             continue
         rows.append(report.normalize_row(summary, seed=seed, max_steps=args.max_steps, out_dir=str(run_dir),
                                          run_seconds=run_seconds, cpu_seconds=cpu_seconds, other_load=other_load))
-        report.write_csv(rows, out / "results.csv")  # after every run, so an interrupted bench keeps its results
+        folder.write_text(report.RESULTS_FILE, report.csv_text(rows))  # after every run: an interrupted bench keeps them
         busy = "" if other_load is None else f", other load {100 * other_load:.0f}%" + (
             f" {report.BUSY_MARK} time not trustworthy" if report.busy({"other_load": other_load}) else "")
         print(f"[{i}/{len(plan)}] {method} seed {seed}: {summary.get('metric')} {summary.get('value'):.4f}"
@@ -165,8 +143,8 @@ def run(args) -> int:
               f"{summary.get('step_seconds_median') or 0:.3f} s/step{busy} ({time.monotonic() - started:.0f} s so far)",
               file=sys.stderr, flush=True)
     meta["wall_seconds"] = round(time.monotonic() - started, 1)
-    (out / report.META_FILE).write_text(json.dumps(meta, indent=2))
-    paths = report.write_report(rows, out, meta)
+    folder.write_text(report.META_FILE, json.dumps(meta, indent=2))
+    paths = report.write_report(rows, folder, meta)
     print(report.markdown(rows, meta))
     print(f"report: {paths['html']}")
     if failures:

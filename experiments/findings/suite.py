@@ -1,7 +1,7 @@
-"""`deltatune findings`: the seed papers' claims, measured on our tasks (docs/findings.md).
+"""The findings suite: the claims, their groups of runs, the run files and the runs themselves.
 
-    deltatune findings --claims 1,3,4,5,7 [--seeds 0,1,2] [--out docs/findings] [--part 1/2] [--plan] [--render-only]
-    from deltatune.findings import run_suite, render; run_suite(claims=[4, 5]); render()
+    python experiments/findings/run.py --claims 4,5 [--plan] [--render-only]     # the script (see run.py)
+    from findings import suite; suite.run_suite(claims=["4", "5"])                # with experiments/ on sys.path
 
 Each claim declares *groups* of runs: one method (with options) at one *setting* (model, task and
 budget: steps, batch, max_len, training subset, evaluation subset). A group tunes its learning rate
@@ -15,7 +15,7 @@ whole configuration: a suite resumes by skipping runs whose file exists, and par
 machines merge by copying their files (``--part I/N`` takes every N-th lr group, so that a group's
 seeds run where its grid ran). A failed run writes nothing there (its message goes to
 ``<out>/failures.jsonl``) and the others go on. Runs train in this process, one after another,
-through :func:`deltatune.train.train`; the data subsample is the same for every seed (data seed 0),
+through :func:`deltatune.training.train`; the data subsample is the same for every seed (data seed 0),
 so seeds differ in initialisation, dropout and data order only, and every method of a setting is
 scored on the same validation and test examples.
 """
@@ -25,21 +25,25 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import shutil
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import ConfigError
+import deltatune
+from deltatune import ConfigError
+
+from .runfiles import _NUMBER, RunFileError, Store, check_record, run_key, slug  # noqa: F401  (the suite's API)
 
 DEFAULT_OUT = "docs/findings"
 PAGE = "docs/findings.md"
 GRID = (1 / 3, 1.0, 3.0)  # factors of the method's default lr tried on seed 0 (validation split only)
 GRID_SEED = 0
 DATA_SEED = 0  # picks the training/evaluation subsample, the same for every run seed
+GRID_STEP = 3.0  # an lr grid whose best point sits at its edge gets the next point beyond it, this factor further,
+MAX_EXTEND = 2  # at most this many times each way (rule of 2026-12-06)
+DP_DELTA = 1e-4  # every private run's delta: what the committed claim-7 runs spent their epsilon at
 SCHEMA = 1  # bump when what a run computes changes, so old run files no longer match
 
 
@@ -128,6 +132,11 @@ SETTINGS = {s.name: s for s in [
             eval_every=12, max_new_tokens=20),
     Setting("sum-telly", "smollm2", "code-summarization", steps=12, batch=8, max_len=96, max_train=400, max_eval=40,
             eval_every=12, max_new_tokens=20),
+    # DPS as released (issue 21): a stage of int(steps x 0.05) steps must be as long as the released runs' (23-80
+    # steps), so 460 steps give 23-step stages (ten Stage I / Stage II cycles); DPS's dropout='released' trains
+    # without dropout below 2,000 steps, as the released scripts do
+    Setting("dm-dps", "minilm", "docstring-match", steps=460, batch=16, max_len=128, eval_every=115),
+    Setting("dm500-dps", "minilm", "docstring-match", steps=460, batch=16, max_len=128, max_train=500, eval_every=115),
 ]}
 
 
@@ -137,6 +146,9 @@ BUG_DETECT_NOTE = (
     "fine-tuning lr 1e-4 ended at validation accuracy 0.524 and test 0.503, LoRA lr 2e-3 at validation 0.51, the "
     "loss flat at 0.69; the untrained head scores 0.542 on test). So docstring-match (is this summary this "
     "function's?) is measured beside it as the learnable code-understanding classification task.")
+
+
+DPS_AS_RELEASED = {"dropout": "released"}  # named in the run key: the option's default could change
 
 
 def _claims() -> dict[str, Claim]:
@@ -151,13 +163,19 @@ def _claims() -> dict[str, Claim]:
         Claim("3", "DPS is more stable than full fine-tuning and better with little data",
               "Dynamic Parameter Selection is more stable than vanilla full fine-tuning across seeds (lower std) "
               "and better in a low-resource setting (500 training examples).",
-              [group("dm", "full"), group("dm", "dps", lr_from="dm:full"),
-               group("dm500", "full", lr_from="dm:full"), group("dm500", "dps", lr_from="dm:full"),
-               group("bd", "full"), group("bd", "dps", lr_from="bd:full"),
-               group("bd500", "full", lr_from="bd:full"), group("bd500", "dps", lr_from="bd:full")],
+              [group("dm-dps", "full"), group("dm-dps", "dps", options=DPS_AS_RELEASED, lr_from="dm-dps:full"),
+               group("dm500-dps", "full", lr_from="dm-dps:full"),
+               group("dm500-dps", "dps", options=DPS_AS_RELEASED, lr_from="dm-dps:full")],
               note="DPS is a regulariser of full fine-tuning: it trains with the learning rate chosen for full "
-                   "fine-tuning on the same task (validation split), so the two differ only in DPS's update rule; "
-                   "the 500-example runs take the lr chosen at the whole training split. " + BUG_DETECT_NOTE),
+                   "fine-tuning on the same task (validation split), so the two differ in DPS's update rule (and its "
+                   "dropout, below); the 500-example runs take the lr chosen at the whole training split. Budget as released "
+                   "(2026-12-06, issue 21): 460 steps x 16, so that a stage (int(460 x 0.05) = 23 steps) is as long "
+                   "as the released runs' 23-80, and DPS trains without dropout (its dropout='released', the released "
+                   "scripts' setting below 2,000 steps) while full fine-tuning keeps MiniLM's 0.1, as the released "
+                   "baseline does. The earlier runs at 30 steps stay in the run files but are not this "
+                   "claim any more: their stage was int(30 x 0.05) = 1 step, the subnetwork re-chosen every step, "
+                   "with dropout 0.1: they did not test DPS. Bug-detect is left out: no method learned it at 30 or "
+                   "300 steps (claim 1)."),
         Claim("4", "LN-tuning beats the other methods under 0.1% of the parameters",
               "LN-tuning, with about 0.03% of the parameters, beats the other parameter-efficient methods that "
               "train under 0.1% of them.",
@@ -166,11 +184,11 @@ def _claims() -> dict[str, Claim]:
         Claim("5", "Compacter++ comes near full fine-tuning with under 0.1% of the parameters",
               "Compacter++ comes near full fine-tuning while training under 0.1% of the parameters.",
               [group("cs", "compacter++"), full_cs]),
-        Claim("7", "Private PEFT at epsilon 8 stays within a few points of non-private PEFT",
+        Claim("7", "Private PEFT at epsilon 8 (delta 1e-4) stays within a few points of non-private PEFT",
               "Parameter-efficient fine-tuning with differential privacy at epsilon = 8 stays within a few points "
               "of the non-private parameter-efficient model.",
-              [group("dm", "lora"), group("dm", "lora", "lora, DP eps=8", extra={"dp_epsilon": 8.0}),
-               group("dm-dp", "lora"), group("dm-dp", "lora", "lora, DP eps=8", extra={"dp_epsilon": 8.0})],
+              [group("dm", "lora"), group("dm", "lora", "lora, DP eps=8 delta=1e-4", extra={"dp_epsilon": 8.0}),
+               group("dm-dp", "lora"), group("dm-dp", "lora", "lora, DP eps=8 delta=1e-4", extra={"dp_epsilon": 8.0})],
               note="Private retrieval is refused by design (its in-batch contrastive loss makes each example's "
                    "gradient depend on the others, so per-example clipping bounds nothing): a classification task "
                    "is used, docstring-match (bug-detect, the first choice, is not learned at these budgets; one "
@@ -178,7 +196,12 @@ def _claims() -> dict[str, Claim]:
                    "budgets: the claim-1 budget (30 steps x 16), where DP-SGD's noise (sigma x clip / batch = 0.023 per "
                    "coordinate) drowns the clipped gradient, and a private budget (dm-dp: 40 steps of an expected 128 "
                    "examples, 16 x 8 accumulated, about 1.1 epochs; 0.0041 per coordinate), large batches being what "
-                   "DP-SGD needs (Yu et al. use thousands); the non-private LoRA gets the same budget each time."),
+                   "DP-SGD needs (Yu et al. use thousands); the non-private LoRA gets the same budget each time. "
+                   "Every private run spends its epsilon at delta = 1e-4 (recorded in its run file: the engine's "
+                   "default then, 1/n rounded down to a power of ten for n = 4,671 training examples; the runner now "
+                   "pins it, DP_DELTA, so that new runs of these groups stay comparable). At delta = 1e-5 the same "
+                   "noise would spend epsilon 9.97 (30 steps) and 9.77 (dm-dp) (Opacus's RDP accountant, "
+                   "2026-12-06)."),
         Claim("2", "Which layers hold what, and which a fine-tune changes (probing, RSA, Telly-K)",
               "Lexical properties of code peak in the lower layers, syntactic in the middle, structural in the "
               "higher, semantic across all; fine-tuning barely changes the lower layers and changes the top two "
@@ -196,7 +219,16 @@ def _claims() -> dict[str, Claim]:
                           {"kind": "analyze", "model": "smollm2", "task": "code-summarization", "probing": True,
                            "adapters_of": []},
                           {"kind": "analyze", "model": "smollm2", "task": "code-summarization", "probing": False,
-                           "adapters_of": [group("sum", "full").id, group("sum", "lora").id]}]),
+                           "adapters_of": [group("sum", "full").id, group("sum", "lora").id]}]
+              # the RSA again on other samples of texts (the same adapters): the spread over samples is the
+              # interval of which hidden states a fine-tune changes most (rules of 2026-12-06)
+              + [{"kind": "analyze", "model": model, "task": task, "probing": False, "adapters_of": ids, "seed": seed}
+                 for model, task, ids in (("minilm", "code-search",
+                                           [full_cs.id, group("cs", "lora").id, group("cs", "houlsby").id,
+                                            group("cs-telly", "telly", "telly K=3", {"k": 3}, lr_from=full_cs.id).id]),
+                                          ("smollm2", "code-summarization",
+                                           [group("sum", "full").id, group("sum", "lora").id]))
+                 for seed in (1, 2)]),
         Claim("6", "Embedding recycling: about twice the training speed at no cost in quality",
               "Caching the output of a frozen intermediate layer once and training only what is above it gives "
               "roughly twice the training speed at about the same quality.",
@@ -224,85 +256,75 @@ def run_config(setting: Setting, g: Group, lr: float, seed: int) -> dict:
             **dict(g.extra), "lr": float(f"{lr:.6g}"), "seed": seed, "data_seed": DATA_SEED}
 
 
-def run_key(config: dict) -> str:
-    """A stable file name for a configuration: readable prefix + hash of its canonical JSON."""
-    text = json.dumps(config, sort_keys=True, separators=(",", ":"))
-    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
-    from ..names import slug
-
-    parts = [config.get("kind", "train"), config.get("model"), config.get("task"), config.get("method"),
-             f"s{config['seed']}" if "seed" in config else None]
-    return "-".join(slug(str(p)) for p in parts if p) + f"-{digest}"
-
-
 def default_lr(method: str) -> float:
-    from .. import method_info
-
-    return float(method_info(method)["lr"])
+    return float(deltatune.method_info(method)["lr"])
 
 
-def grid_lrs(g: Group) -> list[float]:
+def grid_lrs(g: Group, factors=GRID) -> list[float]:
     base = default_lr(g.method)
-    return [float(f"{base * f:.6g}") for f in GRID]
+    return [float(f"{base * f:.6g}") for f in factors]
 
 
-class Store:
-    """The run files of one output folder."""
+def grid(store: Store, setting: Setting, g: Group) -> dict:
+    """A tuned group's learning-rate grid on seed 0 (validation split only), extended where its best sits at an edge.
 
-    def __init__(self, out):
-        self.out = Path(out)
-        self.runs = self.out / "runs"
-
-    def path(self, config: dict) -> Path:
-        return self.runs / f"{run_key(config)}.json"
-
-    def get(self, config: dict) -> dict | None:
-        path = self.path(config)
-        if not path.is_file():
-            return None
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return None
-        return record if record.get("config") == json.loads(json.dumps(config)) else None
-
-    def put(self, config: dict, record: dict) -> Path:
-        self.runs.mkdir(parents=True, exist_ok=True)
-        path = self.path(config)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"key": run_key(config), "config": config, **record}, indent=1, sort_keys=True))
-        os.replace(tmp, path)  # a crash leaves the old file or none, never half of one
-        return path
+    Returns {"rows": [{"lr", "factor", "valid", "test", "done", "extension"}] in lr order, "lr": the chosen lr or
+    None, "best": the best lr among the runs done (what the page shows while the grid waits), "waiting": None, or
+    "grid" (a run of the grid is missing) or "extension" (the best sits at an edge: the next lr beyond it must run
+    before any seed does), "edge": True when the chosen lr still sits at an edge (the extension limit reached)}.
+    Rule (2026-12-06): a best point at the low edge adds the lr GRID_STEP times lower, at the high edge GRID_STEP
+    times higher, up to MAX_EXTEND times each way; ties go to the lr nearer the method's default.
+    """
+    factors = sorted(GRID)
+    base = default_lr(g.method)
+    while True:
+        rows = []
+        for f in factors:
+            lr = grid_lrs(g, (f,))[0]
+            record = store.get(run_config(setting, g, lr, GRID_SEED))
+            result = record["result"] if record is not None else {}
+            rows.append({"lr": lr, "factor": f, "valid": result.get("valid_value"), "test": result.get("value"),
+                         "done": record is not None, "extension": not any(math.isclose(f, x) for x in GRID)})
+        scored = [r for r in rows if r["done"] and isinstance(r["valid"], _NUMBER) and math.isfinite(r["valid"])]
+        best = max(scored, key=lambda r: (r["valid"], -abs(math.log(r["lr"] / base)))) if scored else None
+        out = {"rows": rows, "lr": None, "best": best["lr"] if best else None, "waiting": None, "edge": False}
+        if not all(r["done"] for r in rows):
+            out["waiting"] = "extension" if all(r["done"] for r in rows if not r["extension"]) else "grid"
+            return out
+        if best is None:
+            return out
+        low, high = best is rows[0], best is rows[-1]
+        below = sum(f < min(GRID) for f in factors)
+        above = sum(f > max(GRID) for f in factors)
+        if low and below < MAX_EXTEND:
+            factors.insert(0, factors[0] / GRID_STEP)
+        elif high and above < MAX_EXTEND:
+            factors.append(factors[-1] * GRID_STEP)
+        else:
+            out.update(lr=best["lr"], edge=low or high)
+            return out
 
 
 def choose_lr(store: Store, setting: Setting, g: Group) -> tuple[float | None, list[dict]]:
-    """The grid's lr with the best VALIDATION score (None until every grid run is done), and the grid rows."""
-    rows = []
-    for lr in grid_lrs(g):
-        record = store.get(run_config(setting, g, lr, GRID_SEED))
-        rows.append({"lr": lr, "valid": None if record is None else record["result"].get("valid_value"),
-                     "test": None if record is None else record["result"].get("value"), "done": record is not None})
-    if not all(r["done"] for r in rows):
-        return None, rows
-    scored = [r for r in rows if isinstance(r["valid"], (int, float)) and math.isfinite(r["valid"])]
-    if not scored:
-        return None, rows
-    best = max(scored, key=lambda r: (r["valid"], -abs(math.log(r["lr"] / default_lr(g.method)))))  # ties: nearer the default
-    return best["lr"], rows
+    """The grid's lr with the best VALIDATION score (None until the grid, extensions included, is done), and its rows."""
+    found = grid(store, setting, g)
+    return found["lr"], found["rows"]
 
 
-def group_lr(store: Store, g: Group, groups: dict) -> float | None:
-    """The lr every seed of ``g`` trains with, or None while it depends on grid runs not done yet."""
+def group_lr(store: Store, g: Group, groups: dict, provisional: bool = False) -> float | None:
+    """The lr every seed of ``g`` trains with, or None while it depends on grid runs not done yet.
+    ``provisional``: while the grid waits for an extension, the best lr of the runs done (what the page shows)."""
     if g.fixed_lr is not None:
         return g.fixed_lr
     if g.lr_from is not None:
         source = groups.get(g.lr_from)
         if source is None:
             raise ConfigError(f"group {g.id} takes its lr from {g.lr_from}, which no claim declares")
-        return group_lr(store, source, groups)
+        return group_lr(store, source, groups, provisional)
     if not g.tune:
         return default_lr(g.method)
-    return choose_lr(store, SETTINGS[g.setting], g)[0]
+    found = grid(store, SETTINGS[g.setting], g)
+    return found["best"] if provisional and found["waiting"] == "extension" else found["lr"]
 
 
 def _claim_rank(cid: str) -> int:
@@ -384,9 +406,10 @@ def planned_runs(store: Store, claim_ids, seeds, part: tuple[int, int] | None = 
         setting = SETTINGS[g.setting]
         tuned = g.fixed_lr is None and g.tune
         if tuned:
-            for lr in grid_lrs(g):
-                config = run_config(setting, g, lr, GRID_SEED)
-                out.append({"group": g, "config": config, "phase": "grid", "done": store.get(config) is not None})
+            for row in grid(store, setting, g)["rows"]:
+                config = run_config(setting, g, row["lr"], GRID_SEED)
+                out.append({"group": g, "config": config, "phase": "extension" if row["extension"] else "grid",
+                            "done": row["done"]})
         lr = group_lr(store, g, groups)
         for seed in seeds:
             if tuned and seed == GRID_SEED:
@@ -417,15 +440,13 @@ _GUESS_ANALYSIS = {"minilm": 600.0, "smollm2": 1500.0}
 
 def estimate_seconds(store: Store, run: dict) -> float:
     config = run["config"] or run_config(SETTINGS[run["group"].setting], run["group"], 0.0, 0)
-    if config.get("kind") == "analyze":
-        return _GUESS_ANALYSIS.get(config["model"], 900.0)
+    if config.get("kind") == "analyze":  # the same analysis on another sample of texts takes as long
+        alike = [r["wall_seconds"] for _, r in store.records() if r["config"].get("kind") == "analyze"
+                 and all(r["config"].get(k) == config.get(k) for k in ("model", "task", "probing"))]
+        return statistics.median(alike) if alike else _GUESS_ANALYSIS.get(config["model"], 900.0)
     same, similar = [], []  # finished runs of this budget: of the same method, of any method
-    for path in store.runs.glob("*.json") if store.runs.is_dir() else ():
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        c = record.get("config", {})
+    for _, record in store.records():
+        c = record["config"]
         if all(c.get(k) == config.get(k) for k in ("kind", "model", "task", "steps", "batch", "max_len", "grad_accum",
                                                     "dp_epsilon")):
             similar.append(record.get("wall_seconds") or 0)
@@ -433,7 +454,15 @@ def estimate_seconds(store: Store, run: dict) -> float:
                 same.append(record.get("wall_seconds") or 0)
     found = same or similar
     work = config.get("grad_accum", 1) * (1.5 if config.get("dp_epsilon") else 1.0)  # per-example gradients cost more
-    return statistics.median(found) if found else _GUESS.get(config["model"], 300.0) * work
+    if found:
+        return statistics.median(found)
+    # no run of this budget yet: scale the nearest budget of the same model and task by its steps
+    shorter = [(r["config"], r["wall_seconds"]) for _, r in store.records()
+               if all(r["config"].get(k) == config.get(k) for k in ("kind", "model", "task", "batch", "max_len", "method"))
+               and r["config"].get("steps") and not r["config"].get("dp_epsilon")]
+    if shorter and config.get("steps"):
+        return statistics.median(w * config["steps"] / c["steps"] for c, w in shorter) * work
+    return _GUESS.get(config["model"], 300.0) * work
 
 
 def run_suite(claims=("1", "3", "4", "5", "7", "2", "6"), seeds=(0, 1, 2), out=DEFAULT_OUT, part=None,
@@ -500,6 +529,53 @@ def run_suite(claims=("1", "3", "4", "5", "7", "2", "6"), seeds=(0, 1, 2), out=D
     return result
 
 
+def rescore(claims, seeds=(0, 1, 2), out=DEFAULT_OUT, work_dir: str = "runs/findings", log=print, trainer=None,
+            limit: int | None = None) -> dict:
+    """Give finished runs their per-example test scores, which run files before 2026-12-06 do not hold.
+
+    Each such run of ``claims`` trains again with its own configuration; where the new run reproduces the
+    recorded test score exactly (to 1e-9), its per-example scores join the run file, whose numbers stay as
+    they were; where it does not (the engine or a library changed since), the file is left alone and the
+    page keeps the bound. Private runs are skipped: their noise is drawn afresh on purpose. Every attempt is
+    a line of ``<out>/rescore.jsonl``. Returns {"attached", "differed", "skipped"}.
+    """
+    store = Store(out)
+    trainer = trainer or _train_one
+    done = {"attached": [], "differed": [], "skipped": []}
+    for r in planned_runs(store, [str(c) for c in claims], seeds):
+        config = r["config"]
+        if not r["done"] or config is None or config.get("kind") != "train":
+            continue
+        record = store.get(config)
+        if record.get("test_scores") is not None:
+            continue
+        key = run_key(config)
+        if config.get("dp_epsilon"):
+            done["skipped"].append(key)
+            continue
+        if limit is not None and len(done["attached"]) + len(done["differed"]) >= limit:
+            break
+        log(f"rescore {key}")
+        again = trainer(config, Path(work_dir) / key, store)
+        old, new = record["result"].get("value"), again["result"].get("value")
+        same = isinstance(old, _NUMBER) and isinstance(new, _NUMBER) and abs(old - new) <= 1e-9
+        scores = again.get("test_scores")
+        line = {"key": key, "recorded": old, "rerun": new, "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "versions": again.get("versions")}
+        if same and scores is not None:
+            record = {k: v for k, v in record.items() if k not in ("key", "config")}
+            record.update(test_scores=scores, n_test=again.get("n_test"),
+                          rescored={"finished": again.get("finished"), "versions": again.get("versions")})
+            store.put(config, record)
+            done["attached"].append(key)
+            log(f"  reproduced {old}: per-example scores attached")
+        else:
+            done["differed"].append(key)
+            log(f"  not reproduced (recorded {old}, now {new}): file unchanged")
+        _append(Path(out) / "rescore.jsonl", {**line, "attached": same and scores is not None})
+    return done
+
+
 def _append(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
@@ -514,9 +590,30 @@ _RESULT_KEYS = ("metric", "value", "valid_value", "zero_shot_value", "trainable_
 
 
 def _cpu_busy():
-    from ..cli import _machine_cpu
+    from deltatune.machine import machine_cpu
 
-    return _machine_cpu()
+    return machine_cpu()
+
+
+def example_scores(path, value) -> list | None:
+    """Each test example's score from a run's predictions file, where the run's metric is their mean: the
+    reciprocal of each query's rank (MRR) or whether a prediction is its reference (accuracy). None where
+    neither mean gives the run's score (e.g. BLEU, which the predictions file does not break down)."""
+    try:
+        rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, TypeError, ValueError):
+        return None
+    if not rows or not isinstance(value, _NUMBER) or not all(isinstance(r, dict) for r in rows):
+        return None
+    candidates = []
+    if all(isinstance(r.get("rank"), int) and r["rank"] >= 1 for r in rows):
+        candidates.append([1.0 / r["rank"] for r in rows])
+    if all("prediction" in r and "reference" in r for r in rows):
+        candidates.append([1.0 if r["prediction"] == r["reference"] else 0.0 for r in rows])
+    for scores in candidates:
+        if abs(statistics.fmean(scores) - value) <= 1e-9:  # the metric is their mean: they are its examples
+            return [float(f"{x:.6g}") for x in scores]
+    return None
 
 
 def _train_one(config: dict, work: Path, store: Store, keep: bool | None = None) -> dict:
@@ -524,10 +621,9 @@ def _train_one(config: dict, work: Path, store: Store, keep: bool | None = None)
     KEEP_ADAPTERS, which the analysis runs compare)."""
     if config.get("kind") == "analyze":
         return _analyze_one(config, work, store)
-    from ..tasks import load_task
-    from ..train import TrainConfig, train
-    from ..report import machine_info
-    from ..cli import _other_load
+    from deltatune.machine import machine_info, other_load
+    from deltatune.tasks import load_task
+    from deltatune.training import TrainConfig, train
     import resource
 
     task_key = (config["task"], config["max_train"], config["max_eval"])
@@ -546,6 +642,8 @@ def _train_one(config: dict, work: Path, store: Store, keep: bool | None = None)
     for name in ("dp_epsilon", "recycle", "recycle_dtype"):
         if name in config:
             fields[name] = config[name]
+    if config.get("dp_epsilon"):
+        fields["dp_delta"] = DP_DELTA  # not the engine's default, which may change: the claim's runs share one delta
     before, cpu0 = _cpu_busy(), resource.getrusage(resource.RUSAGE_SELF)
     started = time.monotonic()
     summary = train(TrainConfig(**fields), task=_TASKS[task_key])
@@ -554,22 +652,27 @@ def _train_one(config: dict, work: Path, store: Store, keep: bool | None = None)
     own = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
     if keep is None:
         keep = config["method"] in KEEP_ADAPTERS and config["seed"] == GRID_SEED and not config.get("dp_epsilon")
+    scores = example_scores(summary.get("predictions_file"), summary.get("value"))
+    zero = example_scores(summary.get("zero_shot_predictions_file"), summary.get("zero_shot_value"))
     if keep:
         shutil.rmtree(work / "checkpoints", ignore_errors=True)  # the best/ adapter stays for the analysis
     else:
         shutil.rmtree(work, ignore_errors=True)
     info = machine_info()
     return {"result": {k: summary[k] for k in _RESULT_KEYS if k in summary}, "wall_seconds": round(wall, 1),
-            "other_load": _other_load(before, _cpu_busy(), own, wall),
+            "other_load": other_load(before, _cpu_busy(), own, wall),
             "machine": info["machine"], "versions": info["versions"], "finished": info["date"],
-            "adapter_dir": str(work / "best") if keep else None, "n_train": len(_TASKS[task_key].train)}
+            "adapter_dir": str(work / "best") if keep else None, "n_train": len(_TASKS[task_key].train),
+            "n_test": len(_TASKS[task_key].test),
+            **({"test_scores": {"values": scores, "zero_shot": zero if zero is not None and len(zero) == len(scores)
+                                else None}} if scores is not None else {})}
 
 
 def _analyze_one(config: dict, work: Path, store: Store) -> dict:
     """Probing (``probing``) and RSA/CKA of a model against the seed-0 adapters of the groups in ``adapters_of``
     (each at the lr its grid chose on validation); either part may be left out."""
-    from ..analysis import analyze
-    from ..report import machine_info
+    from deltatune.analysis import analyze
+    from deltatune.machine import machine_info
 
     groups = {g.id: g for c in CLAIMS.values() for g in c.groups}
     adapters, used = [], []
@@ -593,6 +696,7 @@ def _analyze_one(config: dict, work: Path, store: Store) -> dict:
     small = config["model"] != "minilm"
     started = time.monotonic()
     result = analyze(config["model"], config["task"], adapters=adapters, out_dir=work, finetune=(),
+                     seed=config.get("seed", 0),  # the seed draws the texts (and the probes' functions)
                      probing=config.get("probing", True),
                      n_train=300 if small else 600, n_valid=100 if small else 150, n_test=200 if small else 300,
                      search_samples=200 if small else 500, samples=200 if small else 500, max_len=128,
@@ -602,71 +706,3 @@ def _analyze_one(config: dict, work: Path, store: Store) -> dict:
     keep = {k: result[k] for k in ("model", "task", "settings", "blocks", "probing", "similarity", "freeze") if k in result}
     return {"result": keep, "adapters": used, "wall_seconds": round(wall, 1), "machine": info["machine"],
             "versions": info["versions"], "finished": info["date"]}
-
-
-# ----------------------------------------------------------------------------- command line
-
-def _parse_part(text: str | None) -> tuple[int, int] | None:
-    if not text:
-        return None
-    i, sep, n = text.partition("/")
-    try:
-        part = (int(i), int(n))
-    except ValueError:
-        part = None
-    if not sep or part is None or not 1 <= part[0] <= part[1]:
-        raise ConfigError(f"--part {text!r}: expected I/N with 1 <= I <= N, e.g. --part 1/2")
-    return part
-
-
-def _parse_claims(text: str) -> list[str]:
-    claims = [c.strip() for c in text.split(",") if c.strip()]
-    unknown = [c for c in claims if c not in CLAIMS]
-    if not claims or unknown:
-        raise ConfigError(f"--claims {text!r}: the claims are {','.join(sorted(CLAIMS))} (issues 12 and 13)")
-    return claims
-
-
-def add_arguments(p) -> None:
-    p.add_argument("--claims", default=",".join(ORDER), help=f"comma list of claims (default all: {','.join(ORDER)})")
-    p.add_argument("--seeds", default="0,1,2", help="comma list of seeds (default 0,1,2); lr is tuned on seed 0")
-    p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"run files and plots (default {DEFAULT_OUT})")
-    p.add_argument("--page", default=PAGE, metavar="FILE", help=f"the page written (default {PAGE})")
-    p.add_argument("--part", metavar="I/N", help="run only part I of N (every N-th lr group); merge parts by copying "
-                   "their run files into one --out")
-    p.add_argument("--plan", action="store_true", help="print the runs and an estimated time; run nothing")
-    p.add_argument("--render-only", action="store_true", help="write the page from the run files; run nothing")
-    p.add_argument("--work", default="runs/findings", metavar="DIR",
-                   help="scratch run folders (adapters kept for the analysis; default runs/findings)")
-
-
-def main(args) -> int:
-    claims = _parse_claims(args.claims)
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError:
-        seeds = []
-    if not seeds:
-        raise ConfigError(f"--seeds {args.seeds!r}: give a comma list of seeds, e.g. --seeds 0,1,2")
-    part = _parse_part(args.part)
-    log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
-    if args.plan:
-        run_suite(claims, seeds, args.out, part, plan_only=True, log=lambda t: print(t, flush=True))
-        return 0
-    if not args.render_only:
-        started = time.monotonic()
-        result = run_suite(claims, seeds, args.out, part, work_dir=args.work, log=log)
-        log(f"{len(result['ran'])} runs done, {len(result['skipped'])} already there, {len(result['failed'])} failed, "
-            f"{len(result['waiting'])} waiting, in {(time.monotonic() - started) / 60:.1f} min")
-    from .page import render
-
-    path = render(claims=claims, seeds=seeds, out=args.out, page=args.page, command=getattr(args, "command_line", ""))
-    print(f"wrote {path}")
-    return 0
-
-
-def render(*args, **kwargs) -> str:
-    """Write docs/findings.md from the run files: :func:`deltatune.findings.page.render`."""
-    from .page import render as write_page
-
-    return write_page(*args, **kwargs)
