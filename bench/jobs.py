@@ -222,8 +222,7 @@ def ab(args) -> None:
 
     import deltatune as dt
     from deltatune.lengths import forward_by_length
-    from deltatune.models import build_task_model
-    from deltatune.training.objectives import Retrieval
+    from deltatune.tasks.kinds import Retrieval, build_task_model
     from deltatune.tasks import load_task
     from deltatune.training import TrainConfig
     from deltatune.training.loop import DataOrder
@@ -270,7 +269,7 @@ def tokens(args) -> None:
     """Tokens the model runs on (rows x padded width), plain padding against length-sorted groups: deterministic."""
     from deltatune.lengths import groups
     from deltatune.models import load_backbone
-    from deltatune.training.objectives import Retrieval
+    from deltatune.tasks.kinds import Retrieval
     from deltatune.tasks import load_task
     from deltatune.training import TrainConfig
     from deltatune.training.loop import DataOrder

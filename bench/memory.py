@@ -52,8 +52,7 @@ def steps_only(name: str, steps: int, max_train: int) -> None:
     import torch
 
     import deltatune as dt
-    from deltatune.models import build_task_model
-    from deltatune.training.objectives import Generation
+    from deltatune.tasks.kinds import Generation, build_task_model
     from deltatune.tasks import load_task
     from deltatune.cli import on_off_auto
     from deltatune.training import TrainConfig
@@ -93,8 +92,7 @@ def saved_for_backward(batch_size: int = 32) -> dict:
     import torch
 
     import deltatune as dt
-    from deltatune.models import build_task_model
-    from deltatune.training.objectives import Generation
+    from deltatune.tasks.kinds import Generation, build_task_model
     from deltatune.tasks import load_task
     from deltatune.training import TrainConfig
     from deltatune.training.memory import enable_checkpointing as _enable_checkpointing, n_tokens as _n_tokens

@@ -136,11 +136,11 @@ def run(args, out: Path) -> list[dict]:
 
     import deltatune as dt
     from deltatune.training import recycle
-    from deltatune.models import build_task_model
+    from deltatune.tasks.kinds import build_task_model
     from deltatune.sites import num_layers
     from deltatune.tasks import load_task
     from deltatune.training import TrainConfig
-    from deltatune.training.objectives import OBJECTIVES
+    from deltatune.tasks.kinds import KINDS as OBJECTIVES
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,8 +1,9 @@
 """Combines: how a delta's result meets the hidden state.
 
-Each combine names the mechanism that runs it (``mechanisms.py``): 'hooks' (forward hooks on the
-site's module: output combines after it, input combines before it), 'prefix' (keys/values
-concatenated inside attention) or 'prompt' (tokens concatenated at the input embeddings).
+Each combine names the class of the mechanism that runs it (``mechanisms.py``): ``Hooks`` (forward
+hooks on the site's module: output combines after it, input combines before it), ``PrefixAttention``
+(keys/values concatenated inside attention) or ``PromptTokens`` (tokens concatenated at the input
+embeddings).
 
 ``merge`` folds a delta into the module's weight in place. There is no arithmetic inverse: the
 store keeps the weights a merge changed and ``unmerge`` copies them back, so unmerging is exact
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from .mechanisms import Hooks, PrefixAttention, PromptTokens
 from .sites import weight_out_in
 
 
@@ -26,10 +28,11 @@ def _on_slice(out, sl, fn):
 
 
 class Combine:
-    """Base. ``mechanism``: which injection mechanism runs it; ``where``: 'output' or 'input' (hooks)."""
+    """Base. ``mechanism``: the class of the injection mechanism that runs it; ``where``: 'output' or
+    'input' (hooks)."""
 
     name = "combine"
-    mechanism = "hooks"
+    mechanism = Hooks
     where = "output"
 
     def __init__(self, mergeable: bool = False):
@@ -59,7 +62,7 @@ class Parallel(Combine):
 
     def can_merge(self, entry):
         bias = getattr(entry.delta, "delta_bias", lambda: None)()  # a delta with its own bias (KAdaptation)
-        return (self.mergeable and hasattr(entry.delta, "delta_weight")
+        return (self.mergeable and hasattr(entry.delta, "delta_weight") and getattr(entry.delta, "foldable", True)
                 and (bias is None or getattr(entry.target_module, "bias", None) is not None))
 
     def merge(self, module, entry):
@@ -68,6 +71,29 @@ class Parallel(Combine):
         bias = getattr(entry.delta, "delta_bias", lambda: None)()
         if bias is not None:
             module.bias[a:b] += bias.to(module.bias.dtype)
+
+
+class Decompose(Parallel):
+    """h = g (W x + delta(x)) + b with g = m / ||W + dW|| per output row: a low-rank delta with a magnitude
+    (DoRA, Liu et al. 2024, §4): the delta rescales the module's output by itself (``decomposed``), given the
+    module's weight rows and bias. Folds exactly: W <- g (W + dW), the bias unchanged."""
+
+    name = "decompose"
+
+    def apply(self, out, x, entry, source=None):
+        a, b = entry.out_slice or (0, None)
+        weight = weight_out_in(entry.target_module)[a:b]
+        bias = getattr(entry.target_module, "bias", None)
+        bias = bias[a:b] if bias is not None else None
+        return _on_slice(out, entry.out_slice, lambda seg: entry.delta.decomposed(seg, x, weight, bias))
+
+    def can_merge(self, entry):
+        return self.mergeable and getattr(entry.delta, "foldable", True)
+
+    def merge(self, module, entry):
+        a, b = entry.out_slice or (0, None)
+        weight = weight_out_in(module)[a:b]
+        weight.copy_(entry.delta.decomposed_weight(weight))
 
 
 class Sequential(Combine):
@@ -131,22 +157,37 @@ class ParallelSpan(Combine):
         return _on_slice(out, entry.out_slice, lambda seg: seg + entry.delta(source).to(seg.dtype))
 
 
+class SpanAroundNorm(Combine):
+    """At a post-LayerNorm block's FFN norm B (``ffn.ln``): LN(s + delta(x_A)), with s the norm's
+    input (the FFN output after its dropout, plus the residual) and x_A the input of the source A
+    (the FFN input). He et al.'s parallel adapter where the unify code adds it on BERT and BART:
+    after the FFN's dropout, before the norm. Identity when delta = 0."""
+
+    name = "span_around_norm"
+
+    def apply(self, out, x, entry, source=None):
+        norm = entry.target_module
+        return norm.forward(x + entry.delta(source).to(x.dtype))  # forward(): not through the hooks again
+
+
 class PrefixKV(Combine):
     """Keys/values of a prefix table concatenated before the attention's own along the sequence."""
 
     name = "prefix_kv"
-    mechanism = "prefix"
+    mechanism = PrefixAttention
 
 
 class PrependPrompt(Combine):
     """Soft tokens concatenated before the input embeddings along the sequence."""
 
     name = "prepend_prompt"
-    mechanism = "prompt"
+    mechanism = PromptTokens
 
 
 PARALLEL = Parallel(mergeable=True)
 ADD = Parallel(mergeable=False)  # an input-dependent or nonlinear delta beside the site (TARP)
+DECOMPOSE = Decompose(mergeable=True)
 SEQUENTIAL, AROUND_NORM, PARALLEL_SPAN = Sequential(), AroundNorm(), ParallelSpan()
+SPAN_AROUND_NORM = SpanAroundNorm()
 MULTIPLY, MULTIPLY_INPUT = Multiply(mergeable=True), MultiplyInput(mergeable=True)
 PREFIX_KV, PREPEND_PROMPT = PrefixKV(), PrependPrompt()

@@ -15,12 +15,13 @@ adapter (see deltatune.serve), and composed adapters leave the model's head as i
 * ``stack``: the new adapter runs the parts' deltas together, as if all parts were active at once
   (``dt.set_active(model, "a", "b")``), but as one adapter: it can be routed per row, merged, saved.
   It is the registered method ``stack``, whose ``parts`` option lists each part's method and options.
-* ``average``: a weighted average of adapters of one method. LoRA is averaged where it acts, on the
-  weight updates dW_i = (alpha_i / r_i) B_i A_i, and the average is re-factorised by SVD to the chosen
-  rank (default: the sum of the ranks, which is exact); the relative Frobenius error of each site and
-  of the whole is reported. Other methods are averaged parameter by parameter (same options, same
-  shapes): exact for deltas linear in their parameters at a fixed input ((IA)^3 scales, BitFit-like
-  offsets), a parameter-space interpolation otherwise (bottleneck adapters, prefixes, prompts).
+* ``average``: a weighted average of adapters of one method, computed by the method
+  (``Method.average``). By default parameter by parameter (same options, same shapes): exact for
+  deltas linear in their parameters at a fixed input ((IA)^3 scales, BitFit-like offsets), a
+  parameter-space interpolation otherwise (bottleneck adapters, prefixes, prompts). LoRA averages
+  where it acts, on the weight updates dW_i = (alpha_i / r_i) B_i A_i, re-factorised by SVD to the
+  chosen rank (default: the sum of the ranks, which is exact), and reports the relative Frobenius
+  error of each site and of the whole.
 * ``fold_into_base``: the adapter's deltas are added to the base weights and the adapter is removed
   without the copies ``dt.merge`` keeps for an exact unmerge: the model is a plain transformers model
   again, with no hook and no extra memory. Only for adapters whose every delta merges (LoRA, (IA)^3).
@@ -35,6 +36,7 @@ from torch import nn
 
 from . import registry
 from . import store as core
+from .deltas import folded_state
 from .errors import ConfigError
 from .registry import Composite, option, register
 
@@ -112,16 +114,17 @@ def _new_name(store, adapter: str) -> str:
     return adapter
 
 
+def _deltas(store, name: str) -> dict:
+    """{module key: delta module} of one adapter, without the training-only shared modules (their
+    part is folded into each delta's state)."""
+    return {key: delta for key, delta in store.adapters[name].items() if not key.startswith("shared~")}
+
+
 def _delta_state(model, name: str) -> tuple[dict, dict]:
     """(options after folding, {module key: folded state}) of one adapter."""
     store = core.require_store(model)
-    rec = store.records[name]
-    states = {}
-    for key, delta in store.adapters[name].items():
-        if key.startswith("shared~"):  # training-only reparameterisations: folded into each delta's state
-            continue
-        states[key] = delta.folded_state() if hasattr(delta, "folded_state") else delta.state_dict()
-    return rec.method.folded_options(), states
+    states = {key: folded_state(delta) for key, delta in _deltas(store, name).items()}
+    return store.records[name].method.folded_options(), states
 
 
 @torch.no_grad()
@@ -171,7 +174,7 @@ def stack(model: nn.Module, names: list[str], adapter: str) -> nn.Module:
             raise ConfigError(f"stack: adapter '{name}' ({rec.method.name}) trains base weights in place; "
                               "only adapters whose deltas sit beside the base stack")
         options, part_states = _delta_state(model, name)
-        if rec.method.name == Stack.name:  # a stack of stacks is flattened
+        if isinstance(rec.method, Stack):  # a stack of stacks is flattened
             inner = options["parts"]
             for key, state in part_states.items():
                 head, _, tail = key.rpartition("~p")
@@ -204,9 +207,10 @@ def average(model: nn.Module, names: list[str], weights=None, adapter: str = "av
     """Attach ``adapter``, the weighted average of the adapters ``names`` (all of one method).
 
     ``weights`` default to equal; with ``normalize`` they are divided by their sum (a task-arithmetic
-    sum: ``normalize=False``). For LoRA, ``rank`` (default: the sum of the ranks, exact) sets the
-    rank of the SVD re-factorisation. Returns a report: method, weights, rank, and for LoRA the
-    relative Frobenius error ``error`` (over all sites) and ``site_errors`` (per site).
+    sum: ``normalize=False``). The method computes the average (``Method.average``); for methods that
+    re-factorise it (LoRA: by SVD), ``rank`` (default: the sum of the ranks, exact) sets the rank.
+    Returns a report: method, adapters, weights, rank, and the relative Frobenius error ``error``
+    (over all sites) and ``site_errors`` (per site) of the re-factorisation (0 where there is none).
     """
     store = core.require_store(model)
     names = _check_names(store, names, "average")
@@ -222,60 +226,11 @@ def average(model: nn.Module, names: list[str], weights=None, adapter: str = "av
     method = methods.pop()
     if store.records[names[0]].selected:
         raise ConfigError(f"average: {method} trains base weights in place, which one model cannot hold twice")
-    if method == "lora":
-        return _average_lora(model, names, weights, adapter, rank)
-    if rank is not None:
-        raise ConfigError(f"average: rank applies to LoRA only (these adapters are {method})")
-    states, options = {}, None
-    for name, w in zip(names, weights):
-        opts, part = _delta_state(model, name)
-        if options is None:
-            options = opts
-        elif opts != options:
-            raise ConfigError(f"average: adapter '{name}' has options {opts}, '{names[0]}' has {options}; "
-                              f"only {method} adapters with the same options average parameter by parameter")
-        for key, state in part.items():
-            acc = states.setdefault(key, {})
-            for pname, t in state.items():
-                acc[pname] = acc.get(pname, 0) + w * t.double()
-    _attach_filled(model, method, options, adapter, states)
-    return {"method": method, "adapters": names, "weights": weights, "rank": None, "error": 0.0, "site_errors": {}}
-
-
-def _average_lora(model, names, weights, adapter, rank) -> dict:
-    store = core.require_store(model)
-    recs = [store.records[n] for n in names]
-    sites = {tuple(r.method.sites) for r in recs}
-    layers = {tuple(r.method.layers) if r.method.layers is not None else None for r in recs}
-    if len(sites) != 1 or len(layers) != 1:
-        raise ConfigError(f"average: LoRA adapters at different sites or layers ({sorted(map(str, sites | layers))}); "
-                          "average adapters trained at the same sites, or stack them")
-    keys = [k for k in store.adapters[names[0]]]
-    if any(set(store.adapters[n]) != set(keys) for n in names):
-        raise ConfigError("average: the LoRA adapters place deltas at different modules; they cannot be averaged")
-    full = sum(r.method.r for r in recs)
-    rank = full if rank is None else int(rank)
-    if rank < 1:
-        raise ConfigError(f"average: rank must be >= 1, got {rank}")
-    states, errors, num, den = {}, {}, 0.0, 0.0
-    for key in keys:
-        deltas = [store.adapters[n][key] for n in names]
-        dw = sum(w * d.delta_weight().double() for w, d in zip(weights, deltas))  # (out, in)
-        U, S, Vh = torch.linalg.svd(dw, full_matrices=False)
-        k = min(rank, S.numel())
-        root = S[:k].sqrt()
-        B = torch.zeros(dw.shape[0], rank, dtype=torch.float64)
-        A = torch.zeros(rank, dw.shape[1], dtype=torch.float64)
-        B[:, :k], A[:k] = U[:, :k] * root, root[:, None] * Vh[:k]
-        approx = B @ A
-        err, norm = float((dw - approx).norm() ** 2), float(dw.norm() ** 2)
-        num, den = num + err, den + norm
-        errors[key] = math.sqrt(err / norm) if norm > 0 else 0.0
-        states[key] = {"A": A, "B": B}
-    options = {**recs[0].method.folded_options(), "r": rank, "alpha": float(rank), "dropout": 0.0}  # scale 1
-    _attach_filled(model, "lora", options, adapter, states)
-    return {"method": "lora", "adapters": names, "weights": weights, "rank": rank, "exact_rank": full,
-            "error": math.sqrt(num / den) if den > 0 else 0.0, "site_errors": errors}
+    cls = type(store.records[names[0]].method)
+    adapters = {n: (store.records[n].method, _deltas(store, n)) for n in names}
+    options, states, report = cls.average(adapters, weights, rank)
+    _attach_filled(model, cls.name, options, adapter, states)
+    return {"method": cls.name, "adapters": names, "weights": weights, **report}
 
 
 # ------------------------------------------------------------------------------------ deployment

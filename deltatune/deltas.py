@@ -17,27 +17,63 @@ from .mechanisms import PassClock
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
 
 
+def folded_state(delta: nn.Module) -> dict[str, torch.Tensor]:
+    """A delta's state as a saved adapter holds it: without training-only parts (a prefix's MLP),
+    for deltas that have a ``folded_state``; else its plain state dict."""
+    return delta.folded_state() if hasattr(delta, "folded_state") else delta.state_dict()
+
+
 class LowRank(nn.Module):
-    """delta(x) = scale * B A dropout(x): A (r, in), B (out, r); B = 0 so training starts at the base model (LoRA, Hu et al. 2021)."""
+    """delta(x) = scale * B A dropout(x): A (r, in), B (out, r); B = 0 so training starts at the base model (LoRA, Hu et al. 2021).
+
+    ``set_offset()`` freezes the current (A, B) as (A0, B0) and subtracts them: delta = scale (B A - B0 A0) x.
+    Inits that start A and B at a non-zero pair taken from the weight (PiSSA, OLoRA) use it, so the delta
+    still starts at exactly zero and the base weight is never changed (the two products are computed apart,
+    so that at init they cancel bitwise). ``decompose(W)`` adds DoRA's magnitude (see ``decomposed``).
+    """
 
     def __init__(self, in_features: int, out_features: int, r: int, scale: float, dropout: float = 0.0):
         super().__init__()
         self.A = nn.Parameter(torch.empty(r, in_features))
         self.B = nn.Parameter(torch.zeros(out_features, r))
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # loralib's init (METHODS.md §15)
-        self.scale = scale
+        self.scale = self.weight_scale = scale  # an embedding's output scale may differ from its weight's (below)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.offset = False
+
+    def set_offset(self) -> None:
+        """Freeze the current factors as (A0, B0), buffers saved with the adapter: the delta is now zero."""
+        self.register_buffer("A0", self.A.detach().clone())
+        self.register_buffer("B0", self.B.detach().clone())
+        self.offset = True
+
+    @property
+    def rank(self) -> int:
+        """The rank the delta's weight can have (2r with an offset)."""
+        return self.A.shape[0] * (2 if self.offset else 1)
+
+    def lookup(self, x, A):  # (..., in) -> (..., r): A x (an embedding delta looks rows up instead)
+        return F.linear(x, A)
 
     def forward(self, x):  # x: (..., in) -> (..., out)
-        return F.linear(F.linear(self.dropout(x), self.A), self.B) * self.scale
+        x = self.dropout(x)
+        y = F.linear(self.lookup(x, self.A), self.B)
+        if self.offset:
+            y = y - F.linear(self.lookup(x, self.A0), self.B0)
+        return y * self.scale
 
     def delta_weight(self) -> torch.Tensor:  # (out, in)
-        return (self.B @ self.A) * self.scale
+        w = self.B @ self.A
+        if self.offset:
+            w = w - self.B0 @ self.A0
+        return w * self.weight_scale
 
     def add_to(self, out, x):
         """out + delta(x) with the scale and the sum fused into one addmm (in place when no graph is
         recorded): the unfused form costs two extra passes over ``out``, most of LoRA's overhead."""
-        h = F.linear(self.dropout(x), self.A)
+        if self.offset:
+            return out + self(x).to(out.dtype)
+        h = self.lookup(self.dropout(x), self.A)
         if not out.dtype == h.dtype == self.B.dtype or not out.is_contiguous():  # autocast; a fused slice
             return out + (F.linear(h, self.B) * self.scale).to(out.dtype)
         flat, h = out.view(-1, out.shape[-1]), h.reshape(-1, h.shape[-1])
@@ -45,19 +81,92 @@ class LowRank(nn.Module):
             return torch.addmm(flat, h, self.B.t(), alpha=self.scale).view(out.shape)
         return flat.addmm_(h, self.B.t(), alpha=self.scale).view(out.shape)
 
+    # -- DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation", §4): W' = m (W + dW) / ||W + dW||,
+    # the norm taken over each output row of the (out, in) weight (peft's convention), m a trained vector.
+
+    def decompose(self, weight: torch.Tensor) -> None:
+        """Add the magnitude m (out,), initialised to the row norms of ``weight`` (out, in) + delta: W' = W at init."""
+        self.m = nn.Parameter(self.weight_norm(weight))
+
+    @torch.no_grad()
+    def weight_norm(self, weight: torch.Tensor) -> torch.Tensor:  # (out,)
+        """||W + dW|| per output row, without a gradient (DoRA §4.3 treats it as a constant)."""
+        return torch.linalg.vector_norm(weight.float() + self.delta_weight().float(), dim=1).to(self.A.dtype)
+
+    def decomposed(self, out, x, weight, bias):
+        """DoRA's output from the module's own: g (W x + dW x) + b with g = m / ||W + dW||, as
+        g (out - b + dW x) + b = g (out + dW x) + (1 - g) b: one addmm and one addcmul over ``out``
+        (..., o), the module's output (its slice's rows of ``weight`` (o, in) and ``bias`` (o,) or None).
+        Under dropout (training) the update reads dropout(x), and so does the base's share that g
+        rescales (out + (g - 1) W dropout(x) + g dW dropout(x)), as in DoRA's code and peft."""
+        g = self.m / self.weight_norm(weight)  # (o,); the gradient reaches m only
+        if self.training and not isinstance(self.dropout, nn.Identity):
+            xd = self.dropout(x)
+            base = F.linear(xd, weight.to(xd.dtype))
+            return out + ((g - 1) * base + g * self._undropped(xd)).to(out.dtype)
+        h = self.lookup(x, self.A)
+        if self.offset or not out.dtype == h.dtype == self.B.dtype or not out.is_contiguous():
+            y = out + self._undropped(x).to(out.dtype)
+        else:
+            flat = out.view(-1, out.shape[-1])
+            h = h.reshape(-1, h.shape[-1])
+            y = (torch.addmm(flat, h, self.B.t(), alpha=self.scale) if torch.is_grad_enabled()
+                 else flat.addmm_(h, self.B.t(), alpha=self.scale)).view(out.shape)
+        g = g.to(y.dtype)
+        if bias is None:
+            return y * g if torch.is_grad_enabled() else y.mul_(g)
+        rest = bias.to(y.dtype) * (1 - g)  # (o,)
+        return torch.addcmul(rest, y, g) if torch.is_grad_enabled() else y.mul_(g).add_(rest)
+
+    def _undropped(self, x):  # delta(x) without the delta's dropout (x is already dropped, or at evaluation)
+        y = F.linear(self.lookup(x, self.A), self.B)
+        if self.offset:
+            y = y - F.linear(self.lookup(x, self.A0), self.B0)
+        return y * self.scale
+
+    @torch.no_grad()
+    def decomposed_weight(self, weight: torch.Tensor) -> torch.Tensor:  # (o, in): the merged weight
+        g = self.m / self.weight_norm(weight)
+        return (g[:, None].float() * (weight.float() + self.delta_weight().float())).to(weight.dtype)
+
+
+class EmbeddingLowRank(LowRank):
+    """LoRA on a token embedding E (num, dim): delta(ids) = scale * A^T[ids] B^T, A (r, num), B (dim, r), as a
+    linear map from one-hot ids (``delta_weight`` (dim, num) is E^T's update). A = 0 and B ~ N(0, 1) at init
+    (loralib's and peft's embedding init, the other way round from LoRA on projections); no dropout (ids
+    cannot be dropped). ``padding_idx``: the embedding's, whose row gets no gradient, as in the embedding itself.
+    ``embed_scale``: a factor the embedding applies to its output (BART's scaled embeddings), applied to the
+    delta's output too, so that merging dW into the weight gives the same. ``foldable=False`` where the
+    embedding's weight is tied to another module (an LM head), which a merge would change too."""
+
+    def __init__(self, num: int, dim: int, r: int, scale: float, padding_idx: int | None = None,
+                 embed_scale: float = 1.0, foldable: bool = True):
+        super().__init__(num, dim, r, scale)
+        nn.init.zeros_(self.A)
+        nn.init.normal_(self.B)
+        self.scale = scale * embed_scale
+        self.padding_idx, self.foldable = padding_idx, foldable
+
+    def lookup(self, ids, A):  # (...,) -> (..., r)
+        return F.embedding(ids, A.t(), padding_idx=self.padding_idx)
+
 
 class Bottleneck(nn.Module):
     """delta(h) = scale * W_up act(W_down h + b_down) + b_up: the adapter of Houlsby et al. 2019 and its kin.
 
     ``init``: 'houlsby' (both projections N(0, 1e-2) truncated at 2 sigma: near identity),
     'bert' (N(0, 0.02) down, zero up: exactly identity), 'lora' (kaiming-uniform down, zero up; He et al.'s PA).
+    ``dropout``: on the bottleneck activation while training, before W_up (the unify code's
+    Adapter_Layer, which runs He et al.'s parallel adapter with the model's dropout).
     """
 
-    def __init__(self, d: int, bottleneck: int, activation: str = "relu", init: str = "bert", scale: float = 1.0):
+    def __init__(self, d: int, bottleneck: int, activation: str = "relu", init: str = "bert", scale: float = 1.0,
+                 dropout: float = 0.0):
         super().__init__()
         self.down = nn.Linear(d, bottleneck)
         self.up = nn.Linear(bottleneck, d)
         self.act = ACTIVATIONS[activation]()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scale = scale
         nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.bias)
@@ -74,7 +183,7 @@ class Bottleneck(nn.Module):
             raise ValueError(f"unknown init {init!r}")
 
     def forward(self, h):  # (..., d) -> (..., d)
-        return self.up(self.act(self.down(h))) * self.scale
+        return self.up(self.dropout(self.act(self.down(h)))) * self.scale
 
 
 class Scale(nn.Module):
@@ -225,20 +334,29 @@ class PrefixGated(nn.Module):
 class Sparse(nn.Module):
     """A sparse delta on a base weight: W + S, where S holds trainable ``values`` at fixed flat
     ``indices`` of the (out, in) weight (SIFT, DSEE's sparse part). Saved compactly (indices +
-    values); ``delta_weight`` scatters them into a dense (out, in) matrix, so merging is exact."""
+    values); ``delta_weight`` scatters them into a dense (out, in) matrix, so merging is exact.
 
-    def __init__(self, shape: tuple[int, int], indices: torch.Tensor, values: torch.Tensor | None = None):
+    ``bias``: optionally a sparse change of the projection's bias as well (SIFT trains a share of
+    the q/k/v/o biases), itself a Sparse over the bias seen as an (out, 1) column, so that its
+    positions are saved and checked like the weight's."""
+
+    def __init__(self, shape: tuple[int, int], indices: torch.Tensor, values: torch.Tensor | None = None,
+                 bias: Sparse | None = None):
         super().__init__()
         self.shape = tuple(shape)
         self.register_buffer("indices", indices.to(torch.long).flatten())
         self.values = nn.Parameter(torch.zeros(self.indices.numel()) if values is None else values.detach().clone())
+        self.bias = bias
 
     def delta_weight(self) -> torch.Tensor:  # (out, in)
         dense = self.values.new_zeros(self.shape[0] * self.shape[1])
         return dense.index_put((self.indices,), self.values, accumulate=False).view(self.shape)
 
+    def delta_bias(self) -> torch.Tensor | None:  # (out,)
+        return None if self.bias is None else self.bias.delta_weight().view(-1)
+
     def forward(self, x):  # (..., in) -> (..., out)
-        return F.linear(x, self.delta_weight())
+        return F.linear(x, self.delta_weight(), self.delta_bias())
 
 
 # ---------------------------------------------------------------- Kronecker / PHM (Compacter, KAdaptation)
@@ -277,13 +395,14 @@ class KroneckerLinear(nn.Module):
 
     The PHM layer of Compacter (Karimi Mahabadi et al. 2021, §3) and KAdaptation's update of W_q,
     W_v (He et al. 2023). ``init``: 'glorot' (both fast factors Glorot-uniform: Compacter) or
-    'zero_right' (s Glorot-uniform, t zero, so H = 0 and training starts at the base model).
+    'zero_right' (s Glorot-uniform, t zero, so H = 0 and training starts at the base model);
+    ``gain``: the Glorot gain of the fast factors (the Compacter code's glorot_uniform uses sqrt(2)).
     ``dropout`` drops entries of H during training (KAdaptation's Dropout(0.5) on H).
     Linear, so it exposes ``delta_weight`` / ``delta_bias`` and merges into the base weight.
     """
 
     def __init__(self, in_features: int, out_features: int, rule: KroneckerRule, name: str, scale: float = 1.0,
-                 bias: bool = True, init: str = "glorot", dropout: float = 0.0):
+                 bias: bool = True, init: str = "glorot", dropout: float = 0.0, gain: float = 1.0):
         super().__init__()
         n = rule.n
         if in_features % n or out_features % n:
@@ -292,8 +411,8 @@ class KroneckerLinear(nn.Module):
         self.left = nn.Parameter(torch.empty(n, in_features // n))  # s_i
         self.right = nn.Parameter(torch.empty(n, out_features // n))  # t_i
         for i in range(n):  # Glorot-uniform per rank-1 factor, as (k, 1) and (1, l) matrices
-            nn.init.xavier_uniform_(self.left.data[i].view(-1, 1))
-            nn.init.xavier_uniform_(self.right.data[i].view(1, -1))
+            nn.init.xavier_uniform_(self.left.data[i].view(-1, 1), gain=gain)
+            nn.init.xavier_uniform_(self.right.data[i].view(1, -1), gain=gain)
         if init == "zero_right":
             nn.init.zeros_(self.right)
         elif init != "glorot":
@@ -322,10 +441,11 @@ class PHMAdapter(nn.Module):
     """Compacter's adapter: h -> up_PHM(act(down_PHM(h))), both projections ``KroneckerLinear``
     sharing one ``KroneckerRule`` (Karimi Mahabadi et al. 2021, §3-4)."""
 
-    def __init__(self, d: int, bottleneck: int, rule: KroneckerRule, name: str, activation: str = "gelu"):
+    def __init__(self, d: int, bottleneck: int, rule: KroneckerRule, name: str, activation: str = "gelu",
+                 gain: float = 1.0):
         super().__init__()
-        self.down = KroneckerLinear(d, bottleneck, rule, name)
-        self.up = KroneckerLinear(bottleneck, d, rule, name)
+        self.down = KroneckerLinear(d, bottleneck, rule, name, gain=gain)  # gain: of the fast factors' Glorot init
+        self.up = KroneckerLinear(bottleneck, d, rule, name, gain=gain)
         self.act = nn.GELU(approximate="tanh") if activation == "gelu_new" else ACTIVATIONS[activation]()
         self.shared = {name: rule}
 
@@ -399,3 +519,70 @@ class PromptMixture(nn.Module):
         keys = prompts.max(dim=1).values  # (t+1, d)
         a = torch.softmax(h @ keys.t() / self.temperature, dim=-1)  # (B, t+1)
         return self.prompt[None] + torch.einsum("bj,jld->bld", a, prompts)
+
+
+# ---------------------------------------------------------------- VeRA and AdaLoRA's low-rank forms
+
+class RandomProjections(nn.Module):
+    """The frozen random A (r, in_max) and B (out_max, r) that every layer of a VeRA adapter shares
+    (Kopiczko et al. 2024, §3.1), registered once per adapter as ``shared~<name>``; a layer uses A[:, :in]
+    and B[:out]. Kaiming-uniform (gain sqrt 2, fan-in) from a CPU generator seeded with ``seed``, A then B,
+    as peft draws them for its projection_prng_key, so the same seed gives the same matrices in both.
+    ``persistent=False``: not saved with the adapter (drawn again from the seed when it is loaded)."""
+
+    def __init__(self, r: int, in_max: int, out_max: int, seed: int, persistent: bool = True):
+        super().__init__()
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        self.register_buffer("A", self._draw((r, in_max), g), persistent=persistent)
+        self.register_buffer("B", self._draw((out_max, r), g), persistent=persistent)
+
+    @staticmethod
+    def _draw(shape, g):
+        bound = math.sqrt(3.0) * (math.sqrt(2) / math.sqrt(shape[1]))  # kaiming-uniform: sqrt(3) x gain / sqrt(fan_in)
+        return torch.empty(shape).uniform_(-bound, bound, generator=g)
+
+
+class ScaledRandom(nn.Module):
+    """delta(x) = b * (B (d * (A dropout(x)))): VeRA's update Λ_b B Λ_d A (Kopiczko et al. 2024, §3.1), with
+    A, B slices of the shared frozen ``RandomProjections`` and trained vectors d (r,) = d_initial, b (out,) = 0
+    at init (§3.2), so training starts at the base model. Linear: ``delta_weight`` (out, in) folds it."""
+
+    def __init__(self, in_features: int, out_features: int, projections: RandomProjections, name: str,
+                 d_initial: float = 0.1, dropout: float = 0.0):
+        super().__init__()
+        r = projections.A.shape[0]
+        self.in_features, self.out_features = in_features, out_features
+        self.d = nn.Parameter(torch.full((r,), float(d_initial)))
+        self.b = nn.Parameter(torch.zeros(out_features))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        object.__setattr__(self, "projections", projections)  # not a submodule: the adapter registers it once
+        self.shared = {name: projections}
+
+    def forward(self, x):  # (..., in) -> (..., out)
+        A, B = self.projections.A[:, :self.in_features], self.projections.B[:self.out_features]
+        return self.b * F.linear(self.d * F.linear(self.dropout(x), A.to(x.dtype)), B.to(x.dtype))
+
+    def delta_weight(self) -> torch.Tensor:  # (out, in)
+        A, B = self.projections.A[:, :self.in_features], self.projections.B[:self.out_features]
+        return (self.b[:, None] * B) @ (self.d[:, None] * A)
+
+
+class SVDLowRank(nn.Module):
+    """delta(x) = scale * P diag(lambda) Q dropout(x): AdaLoRA's SVD-form update (Zhang et al. 2023, §3.1),
+    Q = A (r, in), lambda = E (r, 1), P = B (out, r); A, B ~ N(0, 0.02) and E = 0 at init (so training
+    starts at the base model), scale = alpha / (r + 1e-5) with r the initial rank (as peft's ranknum: it
+    stays r when triplets are pruned, by zeroing their E). Linear: ``delta_weight`` folds it."""
+
+    def __init__(self, in_features: int, out_features: int, r: int, scale: float, dropout: float = 0.0):
+        super().__init__()
+        self.A = nn.Parameter(torch.randn(r, in_features) * 0.02)
+        self.E = nn.Parameter(torch.zeros(r, 1))
+        self.B = nn.Parameter(torch.randn(out_features, r) * 0.02)
+        self.scale = scale
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x):  # (..., in) -> (..., out)
+        return F.linear(F.linear(self.dropout(x), self.A * self.E), self.B) * self.scale
+
+    def delta_weight(self) -> torch.Tensor:  # (out, in)
+        return self.B @ (self.A * self.E) * self.scale

@@ -4,6 +4,8 @@ Every mechanism has the same four verbs, so the store loops over mechanisms inst
 ``add(entry)``, ``drop(adapter)``, ``refresh()`` (after the active set or a merge changed) and
 ``remove()`` (take every hook off). Which entries run is read from the store at forward time:
 the active adapters, or, inside ``dt.routing``, one adapter (or none) per row of the batch.
+A combine names the class of the mechanism that runs it; the store makes one of each class per
+model with ``create(store, backbone)``, so a new mechanism is one class here and no branch elsewhere.
 
 * ``Hooks``: a forward pre-hook and a forward hook per target module, applying the input and output
   combines of every live delta there; it also hands a module's input to deltas that read it
@@ -61,9 +63,23 @@ _EMPTY = torch.empty(0, dtype=torch.long)
 class Mechanism:
     """Base: entries of every adapter that use this mechanism, and the store they belong to."""
 
+    # True: it adds positions to the input sequence, so the input of every layer changes and no
+    # frozen lower part of the model can be cached (embedding recycling refuses it).
+    extends_input = False
+
     def __init__(self, store):
         self.store = store
         self.entries: list = []
+
+    @classmethod
+    def create(cls, store, backbone) -> Mechanism:
+        """The one instance of this mechanism for ``store``'s model (whose backbone is ``backbone``)."""
+        return cls(store)
+
+    def runs(self, entry) -> bool:
+        """Whether this mechanism applies ``entry``'s combine (rather than only serving it, as the
+        hooks hand a source module's input to a delta that another mechanism applies)."""
+        return isinstance(self, entry.combine.mechanism)
 
     def add(self, entry) -> None:
         self.entries.append(entry)
@@ -142,7 +158,7 @@ class _ModuleHooks:
 
 
 class Hooks(Mechanism):
-    """Forward (pre-)hooks on the target modules of 'hooks' combines and on every source module."""
+    """Forward (pre-)hooks on the target modules of the combines it runs and on every source module."""
 
     def __init__(self, store):
         super().__init__(store)
@@ -156,14 +172,14 @@ class Hooks(Mechanism):
 
     def add(self, entry):
         super().add(entry)
-        if entry.combine.mechanism == "hooks":
+        if self.runs(entry):
             self._at(entry.target_module)
         if entry.source_module is not None:
             self._at(entry.source_module)
 
     def refresh(self):
         for hooks in self.modules.values():
-            here = [e for e in self.entries if e.target_module is hooks.module and e.combine.mechanism == "hooks"]
+            here = [e for e in self.entries if e.target_module is hooks.module and self.runs(e)]
             hooks.inputs = [e for e in here if e.combine.where == "input"]
             hooks.outputs = [e for e in here if e.combine.where == "output"]
             hooks.sources = [e for e in self.entries if e.source_module is hooks.module]
@@ -211,6 +227,10 @@ class PrefixAttention(Mechanism):
         self.backbone = backbone
         self.modules: list = []
         _install_prefix_attention(backbone)
+
+    @classmethod
+    def create(cls, store, backbone):
+        return cls(store, backbone)
 
     def add(self, entry):
         super().add(entry)
@@ -320,6 +340,14 @@ class PromptTokens(Mechanism):
     A prompt delta is called with the batch's input embeddings and attention mask (so an
     input-dependent prompt, ATTEMPT's, can read them) and returns (length, d) or (batch, length, d).
     """
+
+    extends_input = True
+
+    @classmethod
+    def create(cls, store, backbone):
+        encdec = getattr(backbone.config, "is_encoder_decoder", False)
+        stack = backbone.get_encoder() if encdec else backbone  # the prompt goes before the encoder's input
+        return cls(store, stack, backbone.get_input_embeddings(), getattr(stack, "pooler", None))
 
     def __init__(self, store, stack, embed, pooler=None):
         super().__init__(store)

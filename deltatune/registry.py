@@ -16,9 +16,28 @@ from torch import nn
 
 from . import sites as S
 from .combine import Combine
+from .deltas import folded_state
 from .errors import ConfigError
 
 REGISTRY: dict[str, type["Method"]] = {}
+
+# Reading a saved adapter is the formats layer's job (deltatune.formats), which sits above the methods. A method
+# whose options name saved adapters (ATTEMPT's source prompts) reads them through this hook, which
+# deltatune.formats installs when it is imported (as `import deltatune` does): the arrow stays pointing down.
+_adapter_reader = None
+
+
+def set_adapter_reader(read) -> None:
+    """Install ``read(path) -> (config, tensors)``, the validated reader of saved adapters (deltatune.formats)."""
+    global _adapter_reader
+    _adapter_reader = read
+
+
+def read_saved_adapter(path):
+    """(config, tensors) of the adapter saved at ``path``, validated by the formats layer."""
+    if _adapter_reader is None:
+        raise ConfigError("reading a saved adapter needs deltatune.formats; `import deltatune` first")
+    return _adapter_reader(path)
 
 # Options that adapters saved by earlier versions may carry and that no longer configure a method:
 # io drops them when such a file is read; given to the API, they get an error saying where they went.
@@ -75,6 +94,9 @@ class Method:
     combines: ClassVar[tuple[Combine, ...]] = ()  # every combine its placements use (mergeable follows)
     honours_layers: ClassVar[bool] = True  # False: `layers` has no meaning for it and is rejected
     deviations: ClassVar[str] = ""  # where this implementation differs from the paper, and how to get the paper's
+    # Options added after adapters of this method were first saved, with the values that rebuild the old layout:
+    # a file that lacks one loads as it was written (formats/native.py fills them in).
+    old_file_options: ClassVar[dict] = {}
 
     layers: list | None = option(None, help="only these block indices (default: all)")
 
@@ -87,12 +109,39 @@ class Method:
         return []
 
     def check(self, model: nn.Module) -> None:
-        """Extra validation against the model; raise ConfigError."""
+        """Extra validation against the model; raise ConfigError. A method that overrides it calls
+        ``super().check(model)`` first (the checks every method shares)."""
+        self.check_quantized(model)
+
+    def check_quantized(self, model: nn.Module) -> None:
+        """On a quantized base (``deltatune.quantize``), refuse a method whose ``selected`` parameters belong to a
+        quantized layer (its weight or bias): those layers hold 4- or 8-bit codes that take no gradient step, and
+        a quantized base stays frozen there. Norms, embeddings and heads stay float32 and may be trained."""
+        if S.quantization(model) is None:
+            return
+        names = set(self.selected(model))
+        hit = next((f"{mod_name}.{p_name}" if mod_name else p_name for mod_name, module in model.named_modules()
+                    if S.quantized(module) is not None
+                    for p_name, _ in module.named_parameters(recurse=False)
+                    if (f"{mod_name}.{p_name}" if mod_name else p_name) in names), None)
+        if hit is not None:
+            scheme = S.quantization(model)["scheme"]
+            additive = ", ".join(n for n, c in sorted(REGISTRY.items()) if c.kind != "selection")
+            raise ConfigError(f"method '{self.name}' trains the base's own weights in place ({hit}, ...), and this "
+                              f"base's linear layers are {scheme}-quantized: they hold codes that take no gradient "
+                              f"step. Train a method that adds to the base on it ({additive[:120]}...), or train "
+                              f"{self.name} on the float base (without --quantize)")
 
     def update_rule(self, model: nn.Module, params: dict):
         """An ``updates.UpdateRule`` that transforms this method's gradients and updates during
         training (masks, re-selection, clipping), or None. ``params``: trainable name -> parameter."""
         return None
+
+    def faster_parameters(self, deltas: dict) -> list:
+        """The parameters a run's ``lora_plus_ratio`` trains at that multiple of the learning rate (LoRA+,
+        Hayou et al. 2024, §3: of a product B A that starts at B = 0, the factor B); ``deltas``: this adapter's
+        modules by key. Empty: the method has no such factor, and the setting is refused for it."""
+        return []
 
     # -- helpers for methods
     def targets(self, model, sites) -> list[S.Target]:
@@ -114,6 +163,67 @@ class Method:
     def folded_options(self) -> dict:
         """Options that rebuild the adapter after training-only parts are folded away."""
         return self.options()
+
+    # -- what the rest of the library asks of a method, so that no module outside methods/ names one
+
+    # Options the engine may choose from the task's data when given as "auto": option -> the analysis
+    # that chooses it ('freeze_depth': the layer analysis of deltatune.training.freeze).
+    auto_options: ClassVar[dict[str, str]] = {}
+
+    # True: ``average`` re-factorises the averaged adapter to a chosen ``rank`` (dt.compose.average).
+    average_rank: ClassVar[bool] = False
+
+    @classmethod
+    def average(cls, adapters: dict, weights: list[float], rank: int | None = None) -> tuple[dict, dict, dict]:
+        """The weighted average of adapters of this method (``dt.compose.average``): (options of the
+        averaged adapter, {module key: state} to fill it with, report fields).
+
+        ``adapters``: adapter name -> (its config, {module key: delta module}) without training-only
+        shared modules; ``weights``: one per adapter, in the same order. Here: parameter by parameter
+        over the folded states, for adapters with the same options: exact for deltas linear in their
+        parameters at a fixed input (scaling vectors, offsets), a parameter-space interpolation
+        otherwise (bottleneck adapters, prefixes, prompts). A method whose deltas average better in
+        another form overrides it (LoRA: the weight updates, re-factorised by SVD).
+        """
+        if rank is not None:
+            takers = " and ".join(c.__name__ for c in REGISTRY.values() if c.average_rank) or "no method"
+            raise ConfigError(f"average: rank applies to {takers} only (these adapters are {cls.name})")
+        names = list(adapters)
+        states, options = {}, None
+        for (name, (cfg, deltas)), w in zip(adapters.items(), weights):
+            opts = cfg.folded_options()
+            if options is None:
+                options = opts
+            elif opts != options:
+                raise ConfigError(f"average: adapter '{name}' has options {opts}, '{names[0]}' has {options}; "
+                                  f"only {cls.name} adapters with the same options average parameter by parameter")
+            for key, delta in deltas.items():
+                acc = states.setdefault(key, {})
+                for pname, t in folded_state(delta).items():
+                    acc[pname] = acc.get(pname, 0) + w * t.double()
+        return options, states, {"rank": None, "error": 0.0, "site_errors": {}}
+
+    # The Hugging Face PEFT format: the peft_type of the same computation ('': none). A method that has
+    # one converts its folded tensors both ways; ``peft`` is the format's shared plumbing
+    # (deltatune.formats.peft.Bridge: the model, peft's names, untrusted fields read safely), handed in
+    # because the formats sit above the methods.
+    peft_type: ClassVar[str] = ""
+    # Tensors peft keeps on the tuner itself ("base_model.<name>", e.g. VeRA's shared vera_A, vera_B) rather than
+    # at a module of the model: ``to_peft`` / ``from_peft`` name them without a prefix.
+    peft_shared: ClassVar[tuple[str, ...]] = ()
+
+    def to_peft(self, peft, deltas: list) -> tuple[dict, dict]:
+        """(tensors, config fields) of this adapter in the PEFT format. ``deltas``: (module name, key
+        marks, {parameter: tensor}) per folded delta. Tensor names are relative to the Hugging Face model
+        for tuner types (peft's base_model.model. is added), top-level for prompt-learning types."""
+        raise ConfigError(f"method '{self.name}' has no PEFT counterpart")
+
+    @classmethod
+    def from_peft(cls, peft, config: dict, tensors: dict) -> tuple[dict, dict]:
+        """(options, {delta key.parameter: tensor}) of a PEFT adapter of this method's ``peft_type``
+        (``config``: its adapter_config.json, untrusted; ``tensors``: named as in ``to_peft``) on
+        ``peft.model``. Raise ConfigError where deltatune cannot compute the same function."""
+        raise ConfigError(f"method '{cls.name}' has no PEFT counterpart")
 
 
 class Composite(Method):
@@ -139,6 +249,7 @@ class Composite(Method):
         return placement
 
     def check(self, model):
+        super().check(model)
         for cfg in self.part_configs().values():
             cfg.check(model)
 

@@ -7,24 +7,27 @@ the report can be rebuilt from an existing results.csv without training anything
     rows = read_csv("runs/demo/results.csv")
     write_report(rows, "runs/demo", meta=read_meta("runs/demo"))
 
-matplotlib is imported only when a plot is drawn, with the non-interactive Agg backend.
+The folder is written by the rule of :class:`deltatune.storage.OwnedFolder` (kind BENCH): a bench folder
+(its marker) has its report files replaced, never through a link; a folder without the marker only gets
+new files (nothing of the user's is replaced). matplotlib is imported only when a plot is drawn, with
+the non-interactive Agg backend.
 """
 
 from __future__ import annotations
 
 import base64
 import csv
-import datetime
 import html
+import io
 import json
 import math
 import os
-import platform
 import statistics
-import sys
 from pathlib import Path
 
+from deltatune import storage
 from deltatune.errors import DataError
+from deltatune.machine import machine_info  # noqa: F401  (re-exported: the machine description lives there)
 from deltatune.names import number_or_text  # noqa: F401  (re-exported)
 
 # Columns written first to results.csv, in this order; any other scalar key of a summary follows, sorted.
@@ -34,6 +37,10 @@ CSV_COLUMNS = [
     "step_seconds_median", "peak_rss_mb", "run_seconds", "cpu_seconds", "other_load", "max_steps", "out_dir",
 ]
 META_FILE = "bench.json"
+RESULTS_FILE = "results.csv"
+# What write_report writes into the bench folder (a report is rebuilt from results.csv and bench.json).
+REPORT_FILES = ("results.md", "metric_vs_params.png", "step_time.png", "report.html")
+MAX_RESULTS_BYTES = 256 * 2**20  # a results.csv or bench.json of a bench is far smaller
 ZERO_SHOT = "zero-shot"
 # A run's step times are marked as not to be trusted when other processes (or the hypervisor, as
 # steal) took more than this share of the CPU time of the cores the run could use, while it ran.
@@ -69,16 +76,22 @@ def normalize_row(summary: dict, **extra) -> dict:
     return row
 
 
-def write_csv(rows: list[dict], path) -> Path:
-    """Writes one line per run; the known columns first, then every other key the rows carry."""
+def csv_text(rows: list[dict]) -> str:
+    """results.csv: one line per run; the known columns first, then every other key the rows carry."""
     extra = sorted({k for r in rows for k in r} - set(CSV_COLUMNS))
     columns = [c for c in CSV_COLUMNS if any(c in r for r in rows)] + extra
+    f = io.StringIO(newline="")
+    writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: "" if r.get(k) is None else r.get(k) for k in columns})
+    return f.getvalue()
+
+
+def write_csv(rows: list[dict], path) -> Path:
+    """Writes results.csv to ``path`` atomically (a link there is replaced itself, never written through)."""
     path = Path(path)
-    with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: "" if r.get(k) is None else r.get(k) for k in columns})
+    storage.atomic_write_bytes(path, csv_text(rows).encode("utf-8"))
     return path
 
 
@@ -93,11 +106,11 @@ def _parse_cell(text: str):
 def read_csv(path) -> list[dict]:
     """The rows of a results.csv, with numbers parsed back to int/float and empty cells to None."""
     path = Path(path)
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise DataError(f"no results file at {path}; run `deltatune bench --out {path.parent}` first")
+    text = _read_small(path, "a results.csv written by `deltatune bench`")
     try:
-        with path.open(newline="", encoding="utf-8") as f:
-            rows = [{k: _parse_cell(v) for k, v in r.items()} for r in csv.DictReader(f)]
+        rows = [{k: _parse_cell(v) for k, v in r.items()} for r in csv.DictReader(io.StringIO(text.decode("utf-8"), newline=""))]
     except (UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"{path} is not a results.csv written by `deltatune bench` ({type(e).__name__}: {e}); "
                         f"rerun the bench, or re-save the file as UTF-8 CSV") from None
@@ -285,6 +298,29 @@ def _pyplot():
 
 def plot_metric_vs_params(rows: list[dict], path) -> Path:
     """The metric against the number of trainable parameters (log x), one labelled point per method."""
+    return _save_png(path, _metric_vs_params_png(rows))
+
+
+def plot_step_time(rows: list[dict], path) -> Path:
+    """Median seconds per training step for each method, as bars with the spread across seeds."""
+    return _save_png(path, _step_time_png(rows))
+
+
+def _save_png(path, data: bytes) -> Path:
+    """Write the PNG ``data`` atomically to ``path`` (a link there is replaced, never written through)."""
+    path = Path(path)
+    storage.atomic_write_bytes(path, data)
+    return path
+
+
+def _png(plt, fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _metric_vs_params_png(rows: list[dict]) -> bytes:
     plt = _pyplot()
     agg = aggregate(rows)
     metric = metric_label(rows)
@@ -307,14 +343,10 @@ def plot_metric_vs_params(rows: list[dict], path) -> Path:
     ax.set_title(f"{_first(rows, 'metric') or 'value'} vs trainable parameters")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, format="png")
-    plt.close(fig)
-    return path
+    return _png(plt, fig)
 
 
-def plot_step_time(rows: list[dict], path) -> Path:
-    """Median seconds per training step for each method, as bars with the spread across seeds."""
+def _step_time_png(rows: list[dict]) -> bytes:
     plt = _pyplot()
     agg = [a for a in aggregate(rows) if a["method"] != ZERO_SHOT and a.get("step_seconds_median") is not None]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
@@ -337,61 +369,40 @@ def plot_step_time(rows: list[dict], path) -> Path:
     ax.grid(True, axis="y", alpha=0.3)
     plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, format="png")
-    plt.close(fig)
-    return path
+    return _png(plt, fig)
 
 
 # ----------------------------------------------------------------------------- machine and HTML
 
-def machine_info() -> dict:
-    """CPU model, core count and RAM of this machine, python/torch/transformers versions and the date."""
-    cpu = platform.processor() or platform.machine()
+def _read_small(path: Path, what: str) -> bytes:
+    """The bytes of a regular file of the bench folder, never through a link (a FIFO, a device or a huge
+    file is a one-line DataError: none of them is what the bench wrote)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        ram_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (ValueError, OSError, AttributeError):
-        ram_gb = None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    versions = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "deltatune"):
-        module = sys.modules.get(name)
-        found = getattr(module, "__version__", None)
-        if found is None:
-            try:
-                from importlib.metadata import version
-
-                found = version(name)
-            except Exception:  # not installed as a distribution (e.g. run from a checkout)
-                continue
-        versions[name] = found
-    return {
-        "machine": {"cpu": cpu, "cores": cores, "ram_gb": ram_gb, "os": platform.platform()},
-        "versions": versions,
-        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-    }
+        return storage.read_bytes(path, MAX_RESULTS_BYTES)
+    except OSError as e:
+        why = ("it is a symbolic link, which deltatune does not follow in its folders" if os.path.islink(path)
+               else e.strerror or str(e))
+        raise DataError(f"{path} cannot be read as {what} ({why}); replace it with the file itself") from None
 
 
 def read_meta(out_dir) -> dict:
     """The bench.json written next to results.csv (machine, versions, command), or {} if there is none."""
     path = Path(out_dir) / META_FILE
-    if not path.is_file():
+    if not os.path.lexists(path):
         return {}
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"{path} is not valid JSON ({e}); delete it to rebuild the report without it") from e
+        meta = json.loads(_read_small(path, "the bench.json `deltatune bench` writes").decode("utf-8"))
+    except (UnicodeDecodeError, RecursionError, json.JSONDecodeError) as e:
+        raise DataError(f"{path} is not valid JSON ({type(e).__name__}); delete it to rebuild the report "
+                        "without it") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path} holds {type(meta).__name__}, not the JSON object `deltatune bench` writes; delete it "
+                        "to rebuild the report without it")
+    return meta
 
 
 def _data_uri(png: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(Path(png).read_bytes()).decode("ascii")
+    return "data:image/png;base64," + base64.b64encode(storage.read_bytes(png)).decode("ascii")
 
 
 _CSS = """
@@ -441,20 +452,30 @@ def _cell(v) -> str:
     return str(v)
 
 
+def report_folder(out_dir, what: str = "DIR") -> storage.OwnedFolder:
+    """The folder a report is written to: a bench folder (its marker), a new one, or, since the report's
+    folder is also its input, a folder without the marker that holds none of REPORT_FILES yet (they are
+    then only added, never replacing a file of the user's)."""
+    return storage.OwnedFolder(out_dir, storage.BENCH, what=what, add=REPORT_FILES)
+
+
 def write_report(rows: list[dict], out_dir, meta: dict | None = None) -> dict[str, Path]:
-    """Writes results.md, metric_vs_params.png, step_time.png and report.html into out_dir; returns their paths."""
+    """Writes results.md, metric_vs_params.png, step_time.png and report.html into ``out_dir`` (a folder, or
+    an :class:`~deltatune.storage.OwnedFolder` already open); returns their paths. Nothing is written
+    through a link, and nothing written when a file of the user's is in the way (see report_folder)."""
     if not rows:
         raise DataError("no finished runs to report on; every run of the bench failed (see the messages above)")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    folder = out_dir if isinstance(out_dir, storage.OwnedFolder) else report_folder(out_dir)
+    folder.open()
+    for name in REPORT_FILES:  # every name checked before the first is written
+        folder.file(name)
     meta = meta or {}
-    paths = {"markdown": out_dir / "results.md"}
-    paths["markdown"].write_text(markdown(rows, meta))
-    paths["metric_plot"] = plot_metric_vs_params(rows, out_dir / "metric_vs_params.png")
-    paths["time_plot"] = plot_step_time(rows, out_dir / "step_time.png")
+    pngs = _metric_vs_params_png(rows), _step_time_png(rows)  # drawn before the first file is written
+    paths = {"markdown": folder.write_text("results.md", markdown(rows, meta)),
+             "metric_plot": folder.write_bytes("metric_vs_params.png", pngs[0]),
+             "time_plot": folder.write_bytes("step_time.png", pngs[1])}
     images = {f"{metric_label(rows)} vs trainable parameters (log scale); error bars: std across seeds": paths["metric_plot"],
               "median time per training step" + (f"; hatched grey ({BUSY_MARK}): timed while other work used the machine"
                                                  if any(map(busy, rows)) else ""): paths["time_plot"]}
-    paths["html"] = out_dir / "report.html"
-    paths["html"].write_text(html_page(rows, meta, images))
+    paths["html"] = folder.write_text("report.html", html_page(rows, meta, images))
     return paths

@@ -239,10 +239,79 @@ def target_features(target: Target, method: str = "this method") -> tuple[int, i
 
 
 def weight_out_in(module: nn.Module) -> torch.Tensor:
-    """The weight as an (out, in) matrix sharing storage with the module (Conv1D stores (in, out))."""
+    """The weight as an (out, in) matrix sharing storage with the module (Conv1D stores (in, out)).
+
+    A quantized layer (:func:`quantized`) holds 4- or 8-bit codes, not such a matrix: what would read or
+    write it (a merge, DoRA's row norms, an initialisation from W0) is refused with the way out."""
+    q = quantized(module)
+    if q is not None:
+        raise ConfigError(
+            f"this {type(module).__name__} holds a {q['scheme']}-quantized weight ({q['library']}), which deltatune "
+            "neither folds deltas into nor reads as a float matrix (merge, DoRA, an initialisation from the weight); "
+            "keep the adapter unmerged on the quantized base, or load the adapter onto the float base to merge it")
     if isinstance(module, nn.Linear):
         return module.weight
     return module.weight.t()
+
+
+# ---------------------------------------------------------------- quantized bases
+
+# deltatune.quantize puts this attribute on every linear layer it quantizes: {"scheme", "library", "shape",
+# "sample"}, the last two the float weight's shape and the strided sample the base fingerprint reads. The core
+# asks the module, never the quantization library (which sits above it, beside the models).
+QUANTIZED = "deltatune_quantized"
+SAMPLE = 256  # values of each base tensor the fingerprint reads (a strided sample)
+
+
+def quantized(module: nn.Module) -> dict | None:
+    """The quantization record of a layer deltatune quantized, else None."""
+    q = getattr(module, QUANTIZED, None)
+    return q if isinstance(q, dict) else None
+
+
+def quantization(model: nn.Module) -> dict | None:
+    """``{"scheme", "library", "layers"}`` when the model's backbone holds quantized linear layers, else None."""
+    _, backbone = find_backbone(model)
+    found = [q for m in backbone.modules() if (q := quantized(m)) is not None]
+    if not found:
+        return None
+    schemes = sorted({q["scheme"] for q in found})
+    return {"scheme": ",".join(schemes), "library": found[0]["library"], "layers": len(found)}
+
+
+def weight_sample(tensor: torch.Tensor) -> torch.Tensor:
+    """The strided sample of a tensor that identifies it in the base fingerprint (at most SAMPLE values)."""
+    flat = tensor.detach().reshape(-1)
+    return flat[::max(1, flat.numel() // SAMPLE)][:SAMPLE]
+
+
+def float_identities(root: nn.Module) -> dict[str, tuple[tuple, torch.Tensor]]:
+    """Parameter name under ``root`` -> (shape, sample) of the float weight each quantized layer was made from."""
+    out = {}
+    for name, module in root.named_modules():
+        q = quantized(module)
+        if q is not None:
+            out[f"{name}.weight" if name else "weight"] = (tuple(q["shape"]), q["sample"])
+    return out
+
+
+def base_digest(model: nn.Module, skip: set[str], dtype: torch.dtype | None = None) -> str:
+    """A cheap fingerprint of the frozen base weights: names, shapes and a strided sample of each tensor, taken
+    at ``dtype`` (default: each tensor's own), so that a copy in another precision can be compared. A quantized
+    layer reads as the float weight it was made from, so a quantized base has the fingerprint of its float base."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    stand_in = float_identities(model)
+    for name, p in sorted(backbone_parameters(model), key=lambda kv: kv[0]):
+        if name in skip:
+            continue
+        shape, sample = stand_in.get(name) or (tuple(p.shape), weight_sample(p))
+        if dtype is not None and sample.dtype.is_floating_point:
+            sample = sample.to(dtype)
+        digest.update(name.encode() + str(shape).encode())
+        digest.update(sample.float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def num_layers(model: nn.Module) -> int:

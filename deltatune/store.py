@@ -24,7 +24,7 @@ from torch import nn
 from . import sites as S
 from .combine import Combine
 from .errors import ConfigError
-from .mechanisms import ROUTING, FrozenBelow, Hooks, PassClock, PrefixAttention, PromptTokens, Routing
+from .mechanisms import ROUTING, FrozenBelow, Hooks, Mechanism, PassClock, Routing
 from .registry import Method, build_method
 
 
@@ -68,7 +68,7 @@ class DeltaStore(nn.Module):
         self.adapters = nn.ModuleDict()
         for name, value in (
             ("records", {}),  # adapter name -> AdapterRecord (plain python, not in the state dict)
-            ("mechanisms", {}),  # mechanism kind -> Mechanism
+            ("mechanisms", {}),  # mechanism class -> its one instance
             ("active", set()),
             ("requires_grad", {}),  # original requires_grad of the base parameters
             ("originals", {}),  # id(module) -> (module, {parameter name: copy before the first merge})
@@ -267,9 +267,10 @@ def _attach(model, config: Method, adapter: str, placements: list, selected: lis
                       pl.source.module if pl.source else None, pl.target.out_slice,
                       None if None in layers else min(layers))
         rec.entries.append(entry)
-        _mechanism(store, pl.combine.mechanism, backbone).add(entry)
-        if entry.source_module is not None and pl.combine.mechanism != "hooks":
-            _mechanism(store, "hooks", backbone).add(entry)  # hands the source's input to the delta
+        mech = _mechanism(store, pl.combine.mechanism, backbone)
+        mech.add(entry)
+        if entry.source_module is not None and not isinstance(mech, Hooks):
+            _mechanism(store, Hooks, backbone).add(entry)  # the hooks hand the source's input to the delta
     if store.frozen is None and not getattr(backbone.config, "is_encoder_decoder", False):
         blocks = [(t.layer, t.module) for t in S.resolve(model, "block")]
         object.__setattr__(store, "frozen", FrozenBelow(backbone, blocks))
@@ -282,20 +283,14 @@ def _attach(model, config: Method, adapter: str, placements: list, selected: lis
     return model
 
 
-def _mechanism(store: DeltaStore, kind: str, backbone):
+def _mechanism(store: DeltaStore, kind: type[Mechanism], backbone) -> Mechanism:
+    """The store's one instance of mechanism class ``kind`` (what a combine names), made on first use."""
     mech = store.mechanisms.get(kind)
     if mech is None:
-        if kind == "hooks":
-            mech = Hooks(store)
-        elif kind == "prefix":
-            mech = PrefixAttention(store, backbone)
-        elif kind == "prompt":
-            encdec = getattr(backbone.config, "is_encoder_decoder", False)
-            stack = backbone.get_encoder() if encdec else backbone
-            mech = PromptTokens(store, stack, backbone.get_input_embeddings(), getattr(stack, "pooler", None))
-        else:
-            raise ConfigError(f"unknown mechanism {kind!r}; known: hooks, prefix, prompt")
-        store.mechanisms[kind] = mech
+        if not (isinstance(kind, type) and issubclass(kind, Mechanism)):
+            raise ConfigError(f"a combine names {kind!r} as its mechanism; it must name a Mechanism class "
+                              "(deltatune.mechanisms: Hooks, PrefixAttention, PromptTokens)")
+        mech = store.mechanisms[kind] = kind.create(store, backbone)
     return mech
 
 

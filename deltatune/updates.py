@@ -33,6 +33,11 @@ class UpdateRule:
     computes_grads = False  # True: backward() replaces the loop's loss.backward() (per-example gradients)
     replaces_clipping = False  # True: the loop's max_grad_norm clipping is not applied (DP clips per example)
     private = False  # True: a differentially private mode; rules that read raw gradients must refuse it
+    # Why this rule cannot run under private training, or across several processes ('': it can).
+    # The engine asks the rule (privacy in ``build``, data-parallel training in training.distributed)
+    # instead of knowing which methods' rules are which.
+    refuses_private = ""
+    refuses_processes = ""
 
     def bind(self, max_steps: int) -> None:
         """Called once before the first step with the run's length."""
@@ -132,7 +137,7 @@ def build(model: nn.Module, params: dict, *, max_steps: int, private: UpdateRule
         if rule is not None:
             rules.append(rule)
     if private is not None:
-        refusing = [r for r in rules if getattr(r, "refuses_private", "")]
+        refusing = [r for r in rules if r.refuses_private]
         if refusing:
             raise ConfigError(refusing[0].refuses_private)
         rules.append(private)
@@ -141,6 +146,28 @@ def build(model: nn.Module, params: dict, *, max_steps: int, private: UpdateRule
     chain = Chain(rules)
     chain.bind(max_steps)
     return chain
+
+
+def lr_ratios(model: nn.Module, ratio: float) -> dict[int, float]:
+    """LoRA+ (Hayou et al. 2024, §3): {id(parameter): ratio} for the parameters the active adapters' methods
+    name as their faster ones (``Method.faster_parameters``: LoRA's B); {} when ``ratio`` is 1. A ConfigError
+    when an active adapter's method has none, since the setting would then change nothing."""
+    if ratio == 1.0:
+        return {}
+    from .registry import REGISTRY, Method
+    from .store import require_store
+
+    store = require_store(model)
+    out = {}
+    for name in sorted(store.active):
+        method = store.records[name].method
+        params = method.faster_parameters(dict(store.adapters[name].items()))
+        if not params:
+            takers = ", ".join(n for n, c in sorted(REGISTRY.items()) if c.faster_parameters is not Method.faster_parameters)
+            raise ConfigError(f"lora_plus_ratio={ratio:g}: method '{method.name}' has no factor that LoRA+ trains "
+                              f"faster (methods that have one: {takers}); leave lora_plus_ratio at 1")
+        out.update({id(p): float(ratio) for p in params})
+    return out
 
 
 def load_tensor(state: dict, key: str, like: torch.Tensor, rule: str) -> torch.Tensor:

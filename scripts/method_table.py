@@ -1,4 +1,4 @@
-"""Regenerate the method table (README and docs/methods.md) from the registry and real MiniLM.
+"""Regenerate the README's method table (between its methods markers) from the registry and real MiniLM.
 
 Trainable parameters are counted by attaching each method with its defaults to all-MiniLM-L6-v2
 (BertModel, no task head), so the table is produced by the code, not typed.

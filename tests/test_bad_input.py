@@ -436,7 +436,7 @@ def test_a_huge_line_is_cut_before_the_tokenizer_sees_it(tmp_path):
     first, and the tokens kept are those that truncating the whole text keeps."""
     from deltatune.models import load_backbone
     from deltatune.training import TrainConfig
-    from deltatune.training.objectives import CHARS_PER_TOKEN, OBJECTIVES
+    from deltatune.tasks.kinds import CHARS_PER_TOKEN, KINDS as OBJECTIVES
 
     tokenizer = load_backbone("tiny-bert")[1]
     longest = []

@@ -14,8 +14,8 @@ from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import deltatune as dt
-from deltatune.models import build_task_model
-from deltatune.training.objectives import (IGNORE, Generation, causal_lm_loss, head_in_chunks, linear_cross_entropy)
+from deltatune.tasks.kinds import (IGNORE, Generation, build_task_model, causal_lm_loss, head_in_chunks,
+                                   linear_cross_entropy)
 from deltatune.training import TrainConfig
 from tests import tiny
 

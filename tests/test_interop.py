@@ -91,7 +91,7 @@ def test_deltatune_adapter_runs_in_peft(tmp_path, family, method, options):
     model.eval()
     dt.save_adapter(model, tmp_path, format="peft")
     config = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert config["peft_type"] == dtpeft.PEFT_TYPE[method] and config["task_type"] == TASK[family]
+    assert config["peft_type"] == dtpeft.peft_types()[method] and config["task_type"] == TASK[family]
     loaded = peft.PeftModel.from_pretrained(make(family), str(tmp_path)).eval()
     n = options.get("length", 0) if method == "prompt" else 0
     b = batch(family)
@@ -320,6 +320,122 @@ def test_formats_do_not_overwrite_each_other(tmp_path):
     assert dt.load_adapter(tiny.model("bert"), tmp_path)  # still deltatune's own
 
 
+# ---------------------------------------------------------------- hostile PEFT folders
+
+def _edit_config(folder, **fields):
+    file = folder / "adapter_config.json"
+    config = json.loads(file.read_text())
+    config.update(fields)
+    file.write_text(json.dumps(config))
+
+
+def _load_in_thread(model, folder) -> tuple[BaseException | None, float, float]:
+    """(the error, seconds taken, the longest pause of another Python thread meanwhile): the load runs in
+    a thread, as a server's request does, while this thread ticks every few milliseconds."""
+    import threading
+    import time
+
+    outcome = {}
+
+    def load():
+        start = time.monotonic()
+        try:
+            dt.load_adapter(model, folder)
+        except BaseException as err:  # noqa: BLE001 - handed to the test
+            outcome["error"] = err
+        outcome["seconds"] = time.monotonic() - start
+
+    thread = threading.Thread(target=load)
+    ticks = [time.monotonic()]
+    thread.start()
+    while thread.is_alive():
+        time.sleep(0.005)
+        ticks.append(time.monotonic())
+    thread.join()
+    return outcome.get("error"), outcome["seconds"], max(b - a for a, b in zip(ticks, ticks[1:]))
+
+
+BACKTRACKING = "(.|.)*\\d"  # catastrophic for a backtracking matcher on names like encoder.layer.0.attention...
+
+
+@pytest.mark.parametrize("method,field,value", [
+    ("lora", "rank_pattern", {BACKTRACKING: 4}),
+    ("lora", "alpha_pattern", {BACKTRACKING: 8}),
+    ("ia3", "feedforward_modules", BACKTRACKING),
+])
+def test_a_backtracking_pattern_in_a_peft_config_fails_fast_and_holds_no_lock(tmp_path, method, field, value):
+    """A pattern that backtracks without end is matched under the time limit of re: sites (1 s for all
+    patterns of the file), and the match lets other threads run meanwhile (a server keeps answering)."""
+    from deltatune import sites
+
+    peft_adapter(tmp_path, "bert", method, dict(r=4) if method == "lora" else {})
+    _edit_config(tmp_path, **{field: value})
+    model = tiny.model("bert")
+    error, seconds, pause = _load_in_thread(model, tmp_path)
+    assert isinstance(error, AdapterFileError), error
+    assert field in str(error) and "took over" in str(error) and "\n" not in str(error)
+    assert seconds < 20 * sites.MATCH_SECONDS  # gave up (the match alone would take years)
+    assert pause < 0.5 * sites.MATCH_SECONDS, f"another thread waited {pause:.2f} s while the pattern was matched"
+    assert dt.adapters(model) == []
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"rank_pattern": {"(": 4}}, "rank_pattern: the pattern '\\(' cannot be used"),
+    ({"alpha_pattern": {"query": "8"}}, "must be a finite number"),
+    ({"lora_alpha": float("nan")}, "must be a finite number"),
+    ({"feedforward_modules": "x" * 5000}, "feedforward_modules"),
+])
+def test_damaged_peft_config_fields_are_one_line_errors(tmp_path, fields, message):
+    method = "ia3" if "feedforward_modules" in fields else "lora"
+    peft_adapter(tmp_path, "bert", method, dict(r=4) if method == "lora" else {})
+    _edit_config(tmp_path, **fields)
+    model = tiny.model("bert")
+    with pytest.raises(AdapterFileError, match=message):
+        dt.load_adapter(model, tmp_path)
+    assert dt.adapters(model) == []
+
+
+def test_a_peft_lora_of_rank_0_is_a_clear_error(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    peft_adapter(tmp_path, "bert", "lora", dict(r=4))
+    file = tmp_path / "adapter_model.safetensors"
+    tensors = {k: t[:0] if ".lora_A." in k else t[:, :0] if ".lora_B." in k else t for k, t in load_file(str(file)).items()}
+    save_file({k: t.contiguous() for k, t in tensors.items()}, str(file))
+    _edit_config(tmp_path, r=0)
+    model = tiny.model("bert")
+    with pytest.raises(AdapterFileError, match="rank 0"):
+        dt.load_adapter(model, tmp_path)
+    assert dt.adapters(model) == []
+
+
+@pytest.mark.parametrize("options", [dict(r=4, lora_alpha=0),  # one scale, zero
+                                     dict(r=4, lora_alpha=8, alpha_pattern={"query": 0}, target_modules=["query", "value"])])
+def test_a_peft_lora_with_a_zero_alpha_loads_exactly(tmp_path, options):
+    """A zero scale (everywhere, or at the module whose scale the others are folded against) is no division by zero."""
+    theirs = peft_adapter(tmp_path, "bert", "lora", options)
+    ours = dt.load_adapter(make("bert"), tmp_path).eval()
+    b = batch("bert")
+    assert_same(real_outputs(ours, b), real_outputs(theirs, b))
+
+
+def test_the_adapter_size_limit_applies_to_peft_files_before_they_are_read(tmp_path, monkeypatch):
+    from deltatune.formats.native import MAX_MB_ENV
+
+    peft_adapter(tmp_path, "bert", "lora", dict(r=4))
+    monkeypatch.setenv(MAX_MB_ENV, "0.001")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the file was opened before its size was checked")
+
+    with monkeypatch.context() as m:
+        m.setattr(dtpeft, "safe_open", never)
+        with pytest.raises(AdapterFileError, match=f"more than the 0.001 MB limit.*set {MAX_MB_ENV}"):
+            dt.load_adapter(tiny.model("bert"), tmp_path)
+    monkeypatch.setenv(MAX_MB_ENV, "10")
+    assert dt.adapters(dt.load_adapter(tiny.model("bert"), tmp_path)) == ["default"]
+
+
 # ---------------------------------------------------------------- transformers.Trainer
 
 def test_trainer_trains_deltatune_model_and_callback_saves_checkpoints(tmp_path):
@@ -374,7 +490,7 @@ def test_bi_encoder_exports_to_sentence_transformers(tmp_path):
     from sentence_transformers import SentenceTransformer
 
     from deltatune.interop.sbert import export_sentence_transformer
-    from deltatune.models import build_task_model
+    from deltatune.tasks.kinds import build_task_model
 
     model, tokenizer = build_task_model("tiny-bert", "retrieval")
     dt.attach(model, "lora", r=4, sites=["attn.q", "attn.v", "ffn.out"])
@@ -396,7 +512,7 @@ def test_bi_encoder_exports_to_sentence_transformers(tmp_path):
 
 def test_sentence_transformers_export_refuses_unmergeable(tmp_path):
     from deltatune.interop.sbert import export_sentence_transformer
-    from deltatune.models import build_task_model
+    from deltatune.tasks.kinds import build_task_model
 
     model, tokenizer = build_task_model("tiny-bert", "retrieval")
     dt.attach(model, "houlsby")
@@ -454,7 +570,7 @@ def test_minilm_code_search_bi_encoder_to_sentence_transformers(tmp_path):
     from sentence_transformers import SentenceTransformer
 
     from deltatune.interop.sbert import export_sentence_transformer
-    from deltatune.models import build_task_model
+    from deltatune.tasks.kinds import build_task_model
 
     model, tokenizer = build_task_model("minilm", "retrieval")
     dt.attach(model, "lora", r=8)

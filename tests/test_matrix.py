@@ -100,7 +100,9 @@ def formula(method, family):
     if method == "sift":  # k = int(rate * out * in) + 1 values per q, k, v, o matrix (Song et al.'s sift.py)
         def k(n):
             return int(opts["rate"] * n) + 1
-        return head + n_attn * (2 * k(d * d) + 2 * k(kvd * d))
+        # and int(rate * out) + 1 of each q, k, v, o bias where the family has biases (the released code trains them)
+        return head + n_attn * (2 * k(d * d) + 2 * k(kvd * d)) + (
+            n_attn * (2 * k(d) + 2 * k(kvd)) if family in ("bert", "gpt2", "bart", "vit") else 0)
     if method in ("compacter", "compacter++"):
         n, m = opts["n"], max(opts["n"], round(max(1, d // opts["reduction"]) / opts["n"]) * opts["n"])
         phm = n * (d // n + m // n) + m + n * (m // n + d // n) + d  # rank-1 fast factors + biases, down and up

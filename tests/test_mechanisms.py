@@ -298,3 +298,63 @@ def test_lora_fused_add_under_bf16_autocast_matches_the_plain_formula():
         want = out + (delta(x)).to(out.dtype)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got, want)
+
+
+def test_a_new_mechanism_is_one_class_that_the_combine_names():
+    """The store makes a mechanism from the class its combine names (``Mechanism.create``), one per model,
+    and drives it through the protocol alone: a new kind of injection needs no branch in the store."""
+    from deltatune import combine, mechanisms, registry
+    from deltatune.deltas import Scale
+    from deltatune.sites import target_features
+
+    calls = []
+
+    class Recording(mechanisms.Mechanism):
+        @classmethod
+        def create(cls, store, backbone):
+            calls.append(("create", type(backbone).__name__))
+            return cls(store)
+
+        def add(self, entry):
+            calls.append(("add", entry.key))
+            super().add(entry)
+
+        def drop(self, adapter):
+            calls.append(("drop", adapter))
+            super().drop(adapter)
+
+        def remove(self):
+            calls.append(("remove",))
+
+    class Recorded(combine.Combine):
+        name = "recorded"
+        mechanism = Recording
+
+    recorded = Recorded()
+
+    class Probe(registry.Method):
+        name = "test-recording-mechanism"
+        combines = (recorded,)
+
+        def placements(self, model):
+            return [registry.Placement(t, Scale(target_features(t, self.name)[1]), recorded)
+                    for t in self.targets(model, ["attn.q"])]
+
+    registry.register(Probe)
+    try:
+        model = tiny.model("bert")
+        batch = tiny.inputs("bert")
+        with torch.no_grad():
+            before = tiny.outputs(model, batch)
+        dt.attach(model, Probe.name)
+        dt.attach(model, Probe.name, adapter="second")
+        store = model.deltatune
+        assert [type(m) for m in store.mechanisms.values()] == [Recording]  # nothing else was made
+        keys = [e.key for rec in store.records.values() for e in rec.entries]
+        assert calls == [("create", "BertModel"), *[("add", k) for k in keys]] and len(keys) == 4
+        with torch.no_grad():  # only Recording holds the entries, and it applies nothing
+            torch.testing.assert_close(tiny.outputs(model, batch), before)
+        dt.detach(model)
+        assert calls[-3:] == [("drop", "default"), ("drop", "second"), ("remove",)]
+    finally:
+        registry.REGISTRY.pop(Probe.name, None)

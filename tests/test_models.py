@@ -9,7 +9,8 @@ import torch
 
 from deltatune import models, names
 from deltatune.errors import ConfigError
-from deltatune.models import BiEncoder, Classifier, build_task_model, cache_dir, format_prompt, load_backbone
+from deltatune.models import BiEncoder, Classifier, cache_dir, format_prompt, load_backbone
+from deltatune.tasks.kinds import build_task_model
 
 
 @pytest.mark.parametrize("name, kind, cls", [("tiny-bert", None, "BertModel"), ("tiny-llama", None, "LlamaForCausalLM"),
@@ -149,3 +150,17 @@ def test_real_minilm_and_smollm2(tmp_path, monkeypatch):
         torch.testing.assert_close(first(**ids).logits, second(**ids).logits)
         out = second.generate(**ids, max_new_tokens=12, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, ids["input_ids"].shape[1]:])
+
+
+def test_a_task_model_saves_its_kind_with_the_adapter(tmp_path):
+    import deltatune as dt
+
+    for kind, model_name in (("retrieval", "tiny-bert"), ("classification", "tiny-bert"), ("generation", "tiny-gpt2")):
+        model, _ = build_task_model(model_name, kind, num_labels=3)
+        assert model.task_kind == kind
+        dt.attach(model, "lora")
+        config, _ = dt.read_adapter(dt.save_adapter(model, tmp_path / kind))
+        assert config["task_kind"] == kind  # deltatune serve reads it instead of guessing from a head
+    bare, _ = load_backbone("tiny-bert", "base")  # a model deltatune did not build for a task: no kind saved
+    dt.attach(bare, "lora")
+    assert "task_kind" not in dt.read_adapter(dt.save_adapter(bare, tmp_path / "bare"))[0]

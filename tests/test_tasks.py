@@ -504,3 +504,79 @@ def test_hf_local_glue_style_dataset(tmp_path):
     assert data.labels == ["entailment", "not_entailment"] and data.kind == "classification"
     assert (len(data.train), len(data.valid), len(data.test)) == (27, 3, 4)  # GLUE: validation is the test split
     assert data.test[0] == {"text": "q0", "text_pair": "s0", "label": 0}
+
+
+# --- task kinds and the task registry -------------------------------------------------------
+
+def test_every_kind_is_registered_and_an_unknown_one_names_the_known():
+    from deltatune.errors import ConfigError
+    from deltatune.tasks.kinds import KINDS, TaskKind, get_kind
+
+    assert {"retrieval", "classification", "generation", "humaneval"} <= set(KINDS)
+    for name, kind in KINDS.items():
+        assert issubclass(kind, TaskKind) and kind.name == name and get_kind(name) is kind and get_kind(kind) is kind
+        if kind.trains:
+            assert kind.columns is not None and set(kind.text_fields) <= set(sum(kind.columns, ()))
+            assert kind.metric in kind.metrics and kind.text_field in kind.text_fields and kind.endpoints
+    with pytest.raises(ConfigError, match=r"unknown task kind 'ranking'; known kinds: .*retrieval"):
+        get_kind("ranking")
+    assert get_kind("retrieval").private_refusal and get_kind("classification").private_refusal is None
+    assert get_kind("generation").new_tokens(type("Cfg", (), {"max_new_tokens": 7})) == 7
+
+
+def test_a_task_is_one_registration(tmp_path):
+    from deltatune.errors import ConfigError
+    from deltatune.tasks import REGISTRY, task
+
+    rows = [{"query": f"find item {i}", "code": f"def item_{i}(): return {i}\n"} for i in range(40)]
+    try:
+        @task("toy-search", kind="retrieval", description="a toy search task, registered by the test")
+        def build():
+            return REGISTRY["toy-search"].data(None, rows[:30], rows[30:35], rows[35:], source="the test")
+
+        assert "toy-search" in TASKS and list(TASKS)[-1] == "toy-search"  # deltatune tasks lists it
+        data = load_task("toy-search", max_train=10)
+        assert (data.name, data.kind, data.metric, data.metrics) == ("toy-search", "retrieval", "mrr",
+                                                                     ("mrr", "recall@1", "recall@5", "recall@10"))
+        assert len(data.train) == 10 and "a toy search task, registered by the test" in data.card()
+        with pytest.raises(ValueError, match="already registered"):
+            task("toy-search", kind="retrieval", description="again")(build)
+    finally:
+        REGISTRY.pop("toy-search", None)
+    assert "toy-search" not in TASKS
+    with pytest.raises(ConfigError, match="known kinds"):
+        task("toy-ranking", kind="ranking", description="an unknown kind")
+
+
+def test_a_new_kind_is_one_class_and_data_files_find_it(tmp_path):
+    from deltatune.tasks.kinds import KINDS, TaskKind, register_kind
+
+    try:
+        @register_kind
+        class Scoring(TaskKind):  # a kind whose rows hold a text and a value
+            name = "toy-regression"
+            columns = (("text", "value"), ())
+            text_fields = ("text",)
+            metric, metrics = "mse", ("mse",)
+
+            @classmethod
+            def score(cls, task, predictions, split):
+                rows = task.split(split)
+                return {"mse": sum((p - r["value"]) ** 2 for p, r in zip(predictions, rows)) / len(rows)}
+
+        data = load_task(jsonl(tmp_path / "values.jsonl", [{"text": f"t{i}", "value": i / 10} for i in range(20)]))
+        assert (data.kind, data.metric, data.labels) == ("toy-regression", "mse", None)
+        assert data.score([r["value"] for r in data.test]) == {"mse": 0.0}
+        assert "avg text chars/lines" in data.card()
+        with pytest.raises(DataError, match=r"value \(toy-regression\)"):  # the accepted columns name the kind
+            load_task(jsonl(tmp_path / "bad.jsonl", [{"other": "x"}] * 5))
+    finally:
+        KINDS.pop("toy-regression", None)
+
+
+def test_humaneval_is_an_evaluation_not_a_dataset():
+    from deltatune.tasks import REGISTRY
+
+    assert REGISTRY["humaneval"].functional and "humaneval" not in TASKS
+    with pytest.raises(DataError, match="deltatune eval --task humaneval"):
+        load_task("humaneval")

@@ -145,7 +145,7 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path, tasks, monkeyp
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, tasks, monkeypatch):
-    from deltatune.training.objectives import Classification
+    from deltatune.tasks.kinds import Classification
 
     calls = {"n": 0}
     loss = Classification.loss
@@ -191,7 +191,7 @@ def test_train_accepts_a_loaded_task_and_evaluate_takes_it_too(tmp_path, tasks):
 
 def test_generation_loss_counts_target_tokens_only(tmp_path, tasks):
     from deltatune.models import load_backbone
-    from deltatune.training.objectives import Generation
+    from deltatune.tasks.kinds import Generation
 
     _, tokenizer = load_backbone("tiny-llama")
     objective = Generation(tokenizer, config(tmp_path, "x", max_len=6))
@@ -208,8 +208,7 @@ def test_generation_loss_counts_target_tokens_only(tmp_path, tasks):
 
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-gpt2"])
 def test_batched_generation_with_left_padding_equals_one_by_one(tmp_path, model):
-    from deltatune.models import build_task_model
-    from deltatune.training.objectives import Generation
+    from deltatune.tasks.kinds import Generation, build_task_model
 
     lm, tokenizer = build_task_model(model, "generation")
     objective = Generation(tokenizer, config(tmp_path, "x", max_new_tokens=5))

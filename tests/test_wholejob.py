@@ -10,8 +10,7 @@ import torch
 
 import deltatune as dt
 from deltatune.lengths import forward_by_length, groups
-from deltatune.models import build_task_model
-from deltatune.training.objectives import Retrieval
+from deltatune.tasks.kinds import Retrieval, build_task_model
 from deltatune.training import TrainConfig, train
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()

@@ -3,7 +3,8 @@
     from deltatune.analysis import analyze
     result = analyze("minilm", "code-search", adapters=["runs/lora", "runs/telly"], out_dir="runs/analysis")
 
-writes ``analysis.json``, ``probing.png``, ``similarity.png`` and ``analysis.html`` to ``out_dir``.
+writes ``analysis.json``, ``probing.png``, ``similarity.png`` and ``analysis.html`` to ``out_dir`` (an
+analysis folder: new, empty, or one an earlier analysis wrote; anything else is refused before any work).
 The same is ``deltatune analyze --model minilm --task code-search --adapter runs/lora ...``.
 """
 from __future__ import annotations
@@ -49,15 +50,20 @@ def analyze(model: str = "minilm", task: str = "code-search", adapters=(), out_d
     follows :func:`deltatune.training.freeze.recommend_k` and its rule is written beside it.
     """
     import deltatune as dt
-    from ..models import build_task_model, load_backbone
+    from ..models import load_backbone
     from ..sites import num_layers
     from ..tasks import load_task
     from ..training.config import TrainConfig
-    from ..training.objectives import OBJECTIVES
+    from ..tasks.kinds import get_kind
 
     if score not in SCORES:
         raise ConfigError(f"unknown similarity score {score!r} for the freeze rule (--score); choose one of "
                           f"{', '.join(SCORES)}")
+    folder = None
+    if out_dir is not None:  # before any work: a folder deltatune may write (a user's files are never replaced)
+        from .report import folder as analysis_folder
+        folder = analysis_folder(out_dir)
+        folder.check()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     finetune = tuple(finetune) if finetune is not None else (() if adapters else ("full",))
     task_data = load_task(task, seed=seed)
@@ -77,12 +83,13 @@ def analyze(model: str = "minilm", task: str = "code-search", adapters=(), out_d
                                   tokens_per_function=tokens_per_function, max_len=max_len, batch_size=batch_size,
                                   device=device, progress=progress, properties=properties, seed=seed)
     # representational similarity: the pretrained task model against each fine-tuned one
-    field = FZ.text_field(task_data.kind)
+    kind = get_kind(task_data.kind)
+    field = kind.text_field
     rows = task_data.split("valid") if len(task_data.split("valid")) >= 10 else task_data.split("train")
     texts = [str(r[field]) for r in rows[:samples]]
     compared = {}
     if adapters or (finetune and finetune_steps):
-        base_model, tok = build_task_model(model, task_data.kind, len(task_data.labels or []))
+        base_model, tok = kind.build_model(model, len(task_data.labels or []))
         before = extract(base_model, tok, texts, model_name=model, max_len=max_len, batch_size=batch_size, device=device,
                          progress=progress, desc="similarity: pretrained")["pooled"]
         for path in adapters:
@@ -92,9 +99,9 @@ def analyze(model: str = "minilm", task: str = "code-search", adapters=(), out_d
             name = f"{cfg.method} ({Path(path).name})"
             compared[name] = {"source": str(path), "method": cfg.method, "options": cfg.options, **per_layer(before, after)}
         for method in (finetune if finetune_steps else ()):
-            tuned, tok2 = build_task_model(model, task_data.kind, len(task_data.labels or []))
+            tuned, tok2 = kind.build_model(model, len(task_data.labels or []))
             cfg = TrainConfig(model=model, task=task, method=method, max_len=max_len, batch_size=batch_size)
-            objective = OBJECTIVES[task_data.kind](tok2, cfg)
+            objective = kind(tok2, cfg)
             examples = objective.encode(task_data.split("train"), train=True)
             dt.attach(tuned, method)
             FZ.short_finetune(tuned, objective, examples, steps=finetune_steps, batch_size=batch_size,
@@ -110,7 +117,8 @@ def analyze(model: str = "minilm", task: str = "code-search", adapters=(), out_d
         ks = {name: FZ.recommend_k(c[score], threshold) for name, c in compared.items()}
         result["freeze"] = {"k": min(ks.values()), "per_model": ks,
                             "rule": FZ.rule_text(threshold, score, finetune_steps if not adapters else None)}
-    if out_dir is not None:
+    if folder is not None:
         from .report import write
-        result["files"] = {k: str(v) for k, v in write(result, out_dir).items()}
+        with folder:
+            result["files"] = {k: str(v) for k, v in write(result, folder).items()}
     return result

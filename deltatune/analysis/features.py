@@ -10,14 +10,15 @@ hidden state (index 0: the embeddings' output; index i: block i-1's output) and 
 
 The cache (``<cache>/representations/<model key>/<data key>/layer-<i>.safetensors``) is keyed on
 the model (its name and a hash of every backbone weight, adapters included: the weights are read
-after the adapter is attached), the data (texts, spans, max_len, tokenizer) and the layer.
+after the adapter is attached), the data (texts, spans, max_len, tokenizer) and the layer. Its files
+are untrusted input (:class:`deltatune.storage.CacheEntry`): each carries the entry's key, and is used
+only as a regular file of this user with tensors of the shapes asked and finite values; anything else
+is extracted again, with a warning.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +27,10 @@ import torch
 from .. import sites as S
 from ..errors import ConfigError
 from ..models import cache_dir
+from ..storage import CacheEntry
 from ..store import hash_tensors
 
-FORMAT = 1  # part of every key: bump when what is extracted changes
+FORMAT = 2  # part of every key: bump when what is extracted or how it is stored changes (2: keys inside)
 
 
 def weights_key(model: torch.nn.Module, name: str = "") -> str:
@@ -101,7 +103,8 @@ def _run(backbone, tokenizer, texts, spans, max_len, batch_size, device, progres
     if spans is None:
         return pooled_out, None, None
     ordered = sorted(range(len(token_order)), key=lambda k: token_order[k])
-    tokens_out = [torch.stack(token_rows[layer])[ordered] if token_rows else torch.zeros(0) for layer in sorted(pooled)]
+    width = pooled_out[0].shape[1]
+    tokens_out = [torch.stack(token_rows[layer])[ordered] if token_rows else torch.zeros(0, width) for layer in sorted(pooled)]
     return pooled_out, tokens_out, [token_order[k] for k in ordered]
 
 
@@ -121,50 +124,86 @@ def extract(model, tokenizer, texts: list[str], spans: list[list[tuple[int, int]
     character spans of text i to represent (None: pooled only). Read from the cache when present.
     """
     _, backbone = S.find_backbone(model)
-    folder = cache_dir() / "representations" / weights_key(model, model_name) / data_key(tokenizer, texts, spans, max_len)
+    weights, data = weights_key(model, model_name), data_key(tokenizer, texts, spans, max_len)
+    folder, key = cache_dir() / "representations" / weights / data, f"{weights}/{data}"
     n_layers = S.num_layers(model) + 1
     if cache:
-        hit = _read(folder, n_layers)
+        hit = _read(folder, key, n_layers, len(texts), backbone.config.hidden_size, spans)
         if hit is not None:
             return hit
     pooled, tokens, index = _run(backbone.to(device), tokenizer, texts, spans, max_len, batch_size, device, progress, desc)
     result = {"pooled": pooled, "tokens": tokens, "token_index": index}
     if cache:
-        _write(folder, result)
+        _write(folder, key, result)
     return result
 
 
-def _read(folder: Path, n_layers: int) -> dict | None:
-    from safetensors.torch import load_file
+def _read(folder: Path, key: str, n_layers: int, n_texts: int, width: int, spans) -> dict | None:
+    """The cached representations, when every file of the entry is trusted (see :class:`deltatune.storage.CacheEntry`):
+    index.json of this key, then one safetensors file per layer with this key inside, float32 tensors of
+    the shapes asked ((texts, d) pooled; (spans found, d) tokens) and finite values. None otherwise (a
+    CacheWarning says why, and the caller extracts them again)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
 
-    try:
-        meta = json.loads((folder / "index.json").read_text())
-        layers = [load_file(folder / f"layer-{i}.safetensors") for i in range(n_layers)]
-    except (OSError, ValueError, RuntimeError):
+    def check_index(value):
+        index = value["token_index"]
+        if value["format"] != FORMAT or value["layers"] != n_layers or (index is None) != (spans is None):
+            raise ValueError("it is an entry of another format, depth or kind")
+        if index is not None and not all(
+                isinstance(p, list) and len(p) == 2 and all(isinstance(x, int) for x in p)
+                and 0 <= p[0] < n_texts and 0 <= p[1] < len(spans[p[0]]) for p in index):
+            raise ValueError("its token index names spans that are not these texts'")
+
+    meta = CacheEntry(folder / "index.json", key, "layer features", root=cache_dir()).read_json(check_index)
+    if meta is None:
         return None
-    has_tokens = meta["token_index"] is not None
-    return {"pooled": [t["pooled"] for t in layers], "tokens": [t["tokens"] for t in layers] if has_tokens else None,
-            "token_index": [tuple(x) for x in meta["token_index"]] if has_tokens else None}
+    index = [tuple(p) for p in meta["token_index"]] if meta["token_index"] is not None else None
+    shapes = {"pooled": (n_texts, width), **({"tokens": (len(index), width)} if index is not None else {})}
+    layers = []
+    for i in range(n_layers):
+        entry = CacheEntry(folder / f"layer-{i}.safetensors", key, "layer features", root=cache_dir())
+        data = entry.read_bytes()
+        if data is None:
+            return None
+        try:
+            if _metadata(data) != {"deltatune": "layer-features", "key": key, "layer": str(i)}:
+                raise ValueError("it holds another key or layer")
+            tensors = load(data)
+            if {k: tuple(t.shape) for k, t in tensors.items()} != shapes:
+                raise ValueError(f"its tensors are {({k: list(t.shape) for k, t in tensors.items()})}, not {shapes}")
+            if any(t.dtype != torch.float32 or not torch.isfinite(t).all() for t in tensors.values()):
+                raise ValueError("it holds values that are not finite float32")
+        except (SafetensorError, ValueError, TypeError, KeyError, RecursionError) as err:
+            entry.reject(f"is not a layer's features ({type(err).__name__}: {str(err)[:200]})")
+            return None
+        layers.append(tensors)
+    return {"pooled": [t["pooled"] for t in layers], "tokens": [t["tokens"] for t in layers] if index is not None else None,
+            "token_index": index}
 
 
-def _write(folder: Path, result: dict) -> None:
-    """One file per layer, then index.json last (its presence marks a complete entry). A cache that
-    cannot be written only costs the speed-up."""
-    from safetensors.torch import save_file
+def _metadata(data: bytes) -> dict:
+    """The ``__metadata__`` of safetensors bytes (their header is bounded: 8-byte length, then JSON)."""
+    n = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    if not 0 < n <= min(len(data) - 8, 1 << 20):
+        raise ValueError("its header does not fit the file")
+    header = json.loads(data[8:8 + n])
+    return header.get("__metadata__") if isinstance(header, dict) else None
 
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        for i, pooled in enumerate(result["pooled"]):
-            tensors = {"pooled": pooled.contiguous()}
-            if result["tokens"] is not None:
-                tensors["tokens"] = result["tokens"][i].contiguous()
-            fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-            os.close(fd)
-            save_file(tensors, tmp)
-            os.replace(tmp, folder / f"layer-{i}.safetensors")
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"format": FORMAT, "token_index": result["token_index"]}, f)
-        os.replace(tmp, folder / "index.json")
-    except OSError:
-        pass
+
+def _write(folder: Path, key: str, result: dict) -> None:
+    """One file per layer, then index.json last (its presence marks a complete entry); each carries the
+    entry's key, and is written at an unpredictable temporary name, then renamed. A cache that cannot be
+    written only costs the speed-up."""
+    from safetensors.torch import save
+
+    for i, pooled in enumerate(result["pooled"]):
+        tensors = {"pooled": pooled.contiguous()}
+        if result["tokens"] is not None:
+            tensors["tokens"] = result["tokens"][i].contiguous()
+        data = save(tensors, metadata={"deltatune": "layer-features", "key": key, "layer": str(i)})
+        if not CacheEntry(folder / f"layer-{i}.safetensors", key, "layer features", root=cache_dir()).write_bytes(data):
+            return
+    index = [list(p) for p in result["token_index"]] if result["token_index"] is not None else None
+    CacheEntry(folder / "index.json", key, "layer features", root=cache_dir()).write_json(
+        {"format": FORMAT, "layers": len(result["pooled"]), "token_index": index})

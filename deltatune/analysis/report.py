@@ -1,15 +1,19 @@
 """The analysis written out: analysis.json, probing.png, similarity.png and a small analysis.html.
 
-The HTML is one self-contained page (plots inlined) that ``deltatune report`` pages can link to.
+The HTML is one self-contained page (plots inlined) that ``deltatune report`` pages can link to. The
+folder is an analysis folder of :class:`deltatune.storage.OwnedFolder`'s rule: new, empty or one written
+by an earlier analysis (its marker); nothing in it is written through a link.
 """
 from __future__ import annotations
 
 import base64
 import html
+import io
 import json
 from pathlib import Path
 
-from ..storage import atomic_write_bytes, atomic_write_json
+from .. import storage
+from ..errors import DataError
 
 
 def _pyplot():
@@ -23,6 +27,10 @@ def _pyplot():
 
 def plot_probing(probing: dict, path) -> Path:
     """Score per hidden state per property, each with its baseline dashed in the same colour."""
+    return _save(*_probing_figure(probing), path)
+
+
+def _probing_figure(probing: dict):
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for i, (prop, r) in enumerate(probing.items()):
@@ -36,13 +44,29 @@ def plot_probing(probing: dict, path) -> Path:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    return plt, fig
+
+
+def _png(plt, fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
-    return Path(path)
+    return buffer.getvalue()
+
+
+def _save(plt, fig, path) -> Path:
+    """The figure as PNG, written atomically to ``path`` (a link there is replaced itself, never written through)."""
+    path = Path(path)
+    storage.atomic_write_bytes(path, _png(plt, fig))
+    return path
 
 
 def plot_similarity(similarity: dict, path, threshold: float | None = None) -> Path:
     """RSA (Spearman, solid; Pearson, dotted) and linear CKA (dashed) per hidden state per fine-tune."""
+    return _save(*_similarity_figure(similarity, threshold), path)
+
+
+def _similarity_figure(similarity: dict, threshold: float | None = None):
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
     for i, (name, r) in enumerate(similarity["models"].items()):
@@ -65,13 +89,11 @@ def plot_similarity(similarity: dict, path, threshold: float | None = None) -> P
     axes[0].set_ylabel("similarity")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return plt, fig
 
 
 def _img(path: Path) -> str:
-    return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}">'
+    return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{base64.b64encode(storage.read_bytes(path)).decode()}">'
 
 
 def _num(v) -> str:
@@ -121,26 +143,41 @@ def html_section(result: dict, images: dict) -> str:
     return "\n".join(parts)
 
 
+def folder(out_dir) -> storage.OwnedFolder:
+    """The analysis folder ``out_dir``, to be checked before the analysis runs (``folder(out).check()``)."""
+    return out_dir if isinstance(out_dir, storage.OwnedFolder) else storage.OwnedFolder(out_dir, storage.ANALYSIS)
+
+
+FILES = ("analysis.json", "analysis.html", "probing.png", "similarity.png")
+
+
 def write(result: dict, out_dir) -> dict[str, Path]:
-    """analysis.json, the plots and analysis.html in ``out_dir``; returns their paths."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """analysis.json, the plots and analysis.html in ``out_dir`` (a folder, or an OwnedFolder); returns their paths."""
+    owned = folder(out_dir)
+    owned.open()
+    for name in FILES:  # every name checked (no link, FIFO or folder there) before the first is written
+        owned.file(name)
     files = {}
     if result.get("probing"):
-        files["probing"] = plot_probing(result["probing"], out / "probing.png")
+        files["probing"] = owned.write_bytes("probing.png", _png(*_probing_figure(result["probing"])))
     if result.get("similarity"):
-        files["similarity"] = plot_similarity(result["similarity"], out / "similarity.png",
-                                              result.get("settings", {}).get("threshold"))
+        files["similarity"] = owned.write_bytes("similarity.png", _png(*_similarity_figure(
+            result["similarity"], result.get("settings", {}).get("threshold"))))
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>deltatune layer analysis</title><style>"
             "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;margin:1em 0}"
             "td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px;text-align:right}img{max-width:100%}"
             "</style></head><body>" + html_section(result, files) + "</body></html>")
-    atomic_write_bytes(out / "analysis.html", page.encode("utf-8"))
-    files["html"] = out / "analysis.html"
-    files["json"] = out / "analysis.json"
-    atomic_write_json(out / "analysis.json", {**result, "files": {k: str(v) for k, v in files.items()}})
+    files["html"] = owned.write_bytes("analysis.html", page.encode("utf-8"))
+    files["json"] = owned.path / "analysis.json"
+    owned.write_json("analysis.json", {**result, "files": {k: str(v) for k, v in files.items()}})
     return files
 
 
 def read(out_dir) -> dict:
-    return json.loads((Path(out_dir) / "analysis.json").read_text())
+    """The analysis.json of an analysis folder (never through a link, a FIFO or a device)."""
+    path = Path(out_dir) / "analysis.json"
+    try:
+        return json.loads(storage.read_bytes(path, 1 << 28).decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as err:
+        raise DataError(f"{path} cannot be read as the analysis.json deltatune writes ({type(err).__name__}: {err}); "
+                        "run the analysis again") from None

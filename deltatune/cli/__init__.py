@@ -13,12 +13,12 @@ import sys
 import warnings
 
 from deltatune.errors import DeltatuneError
-from . import analyze, bench, demo, eval, export, methods, report, serve, tasks, train
+from . import analyze, bench, demo, eval, export, methods, report, serve, sweep, tasks, train
 from .common import EXIT_USAGE, Parser, parse_sets, parse_value, seeds as _seeds, slug as _slug  # noqa: F401
 from .demo import DEMO_METHODS, demo_argv  # noqa: F401
 from .train import print_summary as _print_summary  # noqa: F401
 
-COMMANDS = [methods, tasks, train, eval, export, bench, report, demo, analyze, serve]
+COMMANDS = [methods, tasks, train, eval, export, bench, sweep, report, demo, analyze, serve]
 cmd_bench = bench.run  # noqa: E305  (the name tests and scripts call)
 
 

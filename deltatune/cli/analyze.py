@@ -15,7 +15,8 @@ def add_arguments(p) -> None:
     p.add_argument("--task", default="code-search", help="the task whose data the similarity and fine-tunes use")
     p.add_argument("--adapter", action="append", default=[], metavar="DIR",
                    help="a `deltatune train` output (or adapter) folder to compare with the pretrained model; repeatable")
-    p.add_argument("--out", metavar="DIR", help="default runs/analysis-<model>-<task>")
+    p.add_argument("--out", metavar="DIR", help="default runs/analysis-<model>-<task>; a new or empty folder, or one "
+                   "an earlier analysis wrote (any other is refused, never written into)")
     p.add_argument("--properties", default=",".join(PROPERTIES), help=f"probed properties (default {','.join(PROPERTIES)})")
     p.add_argument("--no-probing", action="store_true", help="similarity and freeze depth only")
     p.add_argument("--finetune", metavar="METHODS",
@@ -42,6 +43,7 @@ def run(args) -> int:
     from deltatune.analysis.api import analyze
     from deltatune.errors import ConfigError
     from deltatune.names import slug
+    from deltatune.storage import chosen_folder
 
     try:
         n_train, n_valid, n_test = (int(x) for x in args.functions.split(","))
@@ -55,7 +57,7 @@ def run(args) -> int:
                              ("--max-len", args.max_len, 2), ("--batch-size", args.batch_size, 1)):
         if value < low:
             raise ConfigError(f"{name} must be >= {low}, got {value}")
-    out = args.out or f"runs/analysis-{slug(args.model)}-{slug(args.task)}"
+    out = chosen_folder(args.out, f"runs/analysis-{slug(args.model)}-{slug(args.task)}")
     result = analyze(args.model, args.task, args.adapter, out, probing=not args.no_probing, properties=properties,
                      n_train=n_train, n_valid=n_valid, n_test=n_test, samples=args.samples,
                      search_samples=args.search_samples,

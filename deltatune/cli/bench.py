@@ -10,11 +10,12 @@ import sys
 import time
 from pathlib import Path
 
-from deltatune import settings
-from deltatune import machine
+from deltatune import machine, settings
 from deltatune.errors import ConfigError, TrainingError
 from deltatune.report import pool_note
-from .common import check_method, check_task, parse_sets, seeds as parse_seeds, slug, split_list
+
+from .common import check_method, check_task, parse_sets, slug, split_list
+from .common import seeds as parse_seeds
 
 NAME, HELP = "bench", "compare methods: every method x seed, then results.csv/.md and report.html"
 DESCRIPTION = ("Train every method with every seed on the same data and budget, each run in a fresh process, "

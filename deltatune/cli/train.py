@@ -36,7 +36,9 @@ def run(args) -> int:
     check_task(args.task)
     from deltatune.training import TrainConfig, train
 
-    out = args.out or f"runs/{slug(args.model)}-{slug(args.task)}-{slug(args.method)}-s{args.seed}"
+    from deltatune.storage import chosen_folder
+
+    out = str(chosen_folder(args.out, f"runs/{slug(args.model)}-{slug(args.task)}-{slug(args.method)}-s{args.seed}"))
     config = {"model": args.model, "task": args.task, "method": args.method, "options": options,
               "seed": args.seed, "out_dir": out, **settings.values_from(args, TrainConfig)}
     summary = train(TrainConfig(**config))

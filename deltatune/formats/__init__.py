@@ -13,11 +13,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .. import registry
 from ..errors import ConfigError
 from . import native, peft
 from .native import read_adapter
 
 FORMATS = {"deltatune": native, "peft": peft}
+registry.set_adapter_reader(read_adapter)  # for methods whose options name saved adapters (ATTEMPT)
 
 
 def save_adapter(model, path, adapter: str | None = None, fold: bool = True, format: str = "deltatune") -> Path:

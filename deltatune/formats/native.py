@@ -4,12 +4,21 @@ An adapter directory holds ``adapter.safetensors`` (the tensors, with the full c
 metadata, so one atomic file is the source of truth) and ``adapter_config.json`` (the same config,
 for people and other tools). Tensor names: ``delta.<site key>.<param>`` for delta modules,
 ``base.<param>`` for base parameters a selection method trained, ``head.<param>`` for the head.
+
+Delta and base names are written relative to the pretrained backbone (``config["keys"] == "backbone"``;
+``base.backbone_path`` records where it sat in the saved model), so an adapter trained inside a task
+wrapper (``deltatune.models.BiEncoder``: ``backbone.encoder...``) loads onto the plain Hugging Face model
+(``encoder...``) and back; head names stay relative to the saved model. Files without ``keys`` (written
+before, or converted from another format) name everything from the model they were attached to, and
+their backbone's place is inferred on load.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -18,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
 from .. import registry, sites, store as core
+from ..deltas import folded_state
 from ..errors import AdapterFileError, ConfigError, DeltatuneError
 # The durable-storage helpers live in storage.py; imported here so that io.atomic_write_* keep working.
 from ..storage import atomic_write_bytes, atomic_write_json, fsync_dir, storage_error  # noqa: F401
@@ -56,7 +66,7 @@ def adapter_tensors(model, adapter: str | None = None, fold: bool = True) -> tup
     info = store.records[name]
     tensors = {}
     for key, delta in store.adapters[name].items():
-        state = delta.folded_state() if fold and hasattr(delta, "folded_state") else delta.state_dict()
+        state = folded_state(delta) if fold else delta.state_dict()
         for pname, t in state.items():
             tensors[f"delta.{key}.{pname}"] = t
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -81,18 +91,124 @@ def adapter_tensors(model, adapter: str | None = None, fold: bool = True) -> tup
     labels = getattr(model, "label_names", None)  # a classifier's class names (train sets them from the task)
     if info.head and labels:
         config["labels"] = [str(x) for x in labels]
+    task_kind = getattr(model, "task_kind", None)  # the task kind the model was built for (tasks.kinds): serve reads it
+    if isinstance(task_kind, str):
+        config["task_kind"] = task_kind
     return tensors, config
 
 
 def save(model, path, adapter: str | None = None, fold: bool = True) -> Path:
     """Save one adapter to directory ``path`` (atomically) in deltatune's format. ``fold=False`` keeps
     training-only parts."""
-    tensors, config = adapter_tensors(model, adapter, fold)
+    tensors, config = portable(model, *adapter_tensors(model, adapter, fold))
     path = Path(path)
     blob = st_save(tensors, metadata={"deltatune": json.dumps(config, sort_keys=True)})
     atomic_write_bytes(path / WEIGHTS, blob)
     atomic_write_json(path / CONFIG, config)
     return path
+
+
+KEYS = "backbone"  # config["keys"]: delta and base names are relative to the backbone
+
+
+def _module_key(path: str) -> str:
+    """A module path as it appears in a delta's key (dots are the key's own separator)."""
+    return path.replace(".", ":")
+
+
+def _rebase(name: str, old: str, new: str) -> str | None:
+    """``name`` (a ``delta.``/``base.`` tensor name) with the backbone path ``old`` replaced by ``new``;
+    None where it does not lie under ``old``. Head tensors and shared delta parts carry no path."""
+    kind, rest = name.split(".", 1)
+    if kind == "head" or rest.startswith("shared~"):
+        return name
+    sep = ":" if kind == "delta" else "."
+    old_p, new_p = (_module_key(old), _module_key(new)) if kind == "delta" else (old, new)
+    if old_p:
+        if not rest.startswith(old_p + sep):
+            return None
+        rest = rest[len(old_p) + 1:]
+    return f"{kind}.{new_p}{sep}{rest}" if new_p else f"{kind}.{rest}"
+
+
+def portable(model, tensors: dict, config: dict) -> tuple[dict, dict]:
+    """(tensors, config) as saved: delta and base names relative to the backbone, so that the file loads onto
+    the plain Hugging Face model as well as onto the task model it was trained in. Where a trained base
+    parameter lies outside the backbone (an untied LM head) the names stay relative to ``model``."""
+    path, _ = sites.find_backbone(model)
+    renamed = {_rebase(k, path, ""): t for k, t in tensors.items()}
+    if None in renamed:
+        return tensors, config
+    store = core.require_store(model)
+    info = store.records[config["adapter"]]
+    base = {**config["base"], "backbone_path": path, "model_class": type(model).__name__}
+    others = {n for r in store.records.values() if r is not info for n in r.selected}
+    if not store.merged and not others:  # the frozen weights are those it was trained on: say per part
+        base["parts"] = part_digests(model, set(info.selected))
+    return renamed, {**config, "keys": KEYS, "base": base, "tensors": {k: list(v.shape) for k, v in renamed.items()}}
+
+
+def _as_in_model(model, path, config: dict, tensors: dict, live: set) -> tuple[dict, str]:
+    """(the file's tensors under this model's names, the backbone path the file was saved with)."""
+    here, _ = sites.find_backbone(model)
+    if config.get("keys") == KEYS:
+        saved = config["base"].get("backbone_path")
+        moved = {_rebase(k, "", here): t for k, t in tensors.items()}
+        return moved, saved if isinstance(saved, str) else here
+    # Written from the model the adapter was attached to: where was the backbone in it? As here, or at
+    # a prefix of the first delta's (or base parameter's) path, the one under which the names fit.
+    if not set(tensors) - live:
+        return tensors, here
+    named = next((k for k in sorted(tensors) if not k.startswith(("head.", "delta.shared~"))), None)
+    if named is not None:
+        kind, rest = named.split(".", 1)
+        parts = rest.split(":" if kind == "delta" else ".")
+        for i in range(1, len(parts)):
+            old = ".".join(parts[:i])
+            moved = {_rebase(k, old, here): t for k, t in tensors.items()}
+            if None not in moved and not set(moved) - live:
+                return moved, old
+    return tensors, here
+
+
+def _holder(backbone, path: str):
+    """``backbone`` seen at ``path`` inside a bare module: parameter names as in a model that held it there."""
+    holder = backbone
+    for part in reversed(path.split(".") if path else []):
+        outer = torch.nn.Module()
+        outer.add_module(part, holder)
+        holder = outer
+    return holder
+
+
+def _saved_fingerprint(model, path: str, selected: list, dtype=None) -> str:
+    """This model's base fingerprint as it reads with its backbone at ``path`` (where the saved model had it)."""
+    here, backbone = sites.find_backbone(model)
+    skip = {name for n in selected if (name := _rebase("base." + n, here, path)) is not None}
+    return core.fingerprint(_holder(backbone, path), {n[len("base."):] for n in skip}, dtype=dtype)
+
+
+def part_digests(model, skip: set, dtype: torch.dtype | None = None) -> dict:
+    """A short digest of each part of the backbone's weights (each block, the embeddings, the final norm...),
+    from a strided sample of every tensor as the fingerprint takes it (at ``dtype``, default each tensor's
+    own): which parts differ, when a base does."""
+    prefix, backbone = sites.find_backbone(model)
+    try:
+        block = re.compile(sites.SITE_MAP[sites.family_of(model)]["block"] + r"(?=\.)")
+    except (ConfigError, KeyError):
+        block = None
+    digests: dict = {}
+    for name, p in sorted(backbone.named_parameters()):
+        if name.startswith("deltatune.") or (f"{prefix}.{name}" if prefix else name) in skip:
+            continue
+        m = block.match(name) if block is not None else None
+        part = m.group(0) if m else name.split(".")[0]
+        flat = p.detach().reshape(-1)
+        sample = flat[::max(1, flat.numel() // 256)][:256]
+        sample = (sample.to(dtype) if dtype is not None and sample.dtype.is_floating_point else sample).float().cpu()
+        d = digests.setdefault(part, hashlib.blake2b(digest_size=6))
+        d.update(name.encode() + str(tuple(p.shape)).encode() + sample.numpy().tobytes())
+    return {part: d.hexdigest() for part, d in digests.items()}
 
 
 # What deltatune writes: the parameters of floating-point models. Anything else (complex, integer, bool,
@@ -198,6 +314,8 @@ def _check_config(file, config) -> None:
         )
     for key in registry.LEGACY_OPTIONS:  # written by earlier versions; no longer a method option
         config["options"].pop(key, None)
+    for key, value in registry.REGISTRY[config["method"]].old_file_options.items():
+        config["options"].setdefault(key, value)  # options added after the file was written: the old layout
     try:  # the name comes from the file: a plain word, never a path
         core.check_adapter_name(config["adapter"])
     except ConfigError as err:
@@ -240,12 +358,19 @@ def attach_loaded(model, path, config: dict, tensors: dict, adapter: str | None 
     try:
         store = core.store_of(model)
         info = store.records[name]
-        if check_base:
-            _check_fingerprint(path, model, config["base"], info)
         live, _ = adapter_tensors(model, name, fold=config.get("folded", True))
         if heads is not None:  # the model's own head (if any) is not the adapter's
             live = {k: v for k, v in live.items() if not k.startswith("head.")}
+        tensors, saved_path = _as_in_model(model, path, config, tensors, set(live))
+        if check_base:
+            _check_fingerprint(path, model, config["base"], info, saved_path)
         missing, extra = sorted(set(live) - set(tensors)), sorted(set(tensors) - set(live))
+        if extra and all(k.startswith("head.") for k in extra) and not [k for k in missing if not k.startswith("head.")]:
+            where = config["base"].get("model_class") or "a task model"
+            raise AdapterFileError(
+                f"{path}: the adapter carries a task head ({', '.join(k[5:] for k in extra[:3])}) trained in {where}, "
+                f"which {type(model).__name__} has no place for; load it onto the task model "
+                "(deltatune.tasks.kinds.build_task_model), or pass heads={} to take the head apart from the model")
         if missing or extra:
             raise AdapterFileError(f"{path}: tensors do not fit this model (missing {missing[:5]}, unexpected {extra[:5]})")
         for k, t in tensors.items():
@@ -287,25 +412,47 @@ def _short(options: dict) -> str:
 _WIDER = {"float64": {"float32", "float16", "bfloat16"}, "float32": {"float16", "bfloat16"}}
 
 
-def _check_fingerprint(path, model, base: dict, info) -> None:
-    """The base weights are those the adapter was trained on, compared at the precision it was trained at."""
+def _check_fingerprint(path, model, base: dict, info, saved_path: str) -> None:
+    """The base weights are those the adapter was trained on, compared at the precision it was trained at and
+    with the backbone where the saved model had it (a task wrapper's ``backbone.`` prefix, or none)."""
     want = base.get("fingerprint")
-    if want is None or want == info.fingerprint:
+    here, _ = sites.find_backbone(model)
+    have_fp = info.fingerprint if saved_path == here else _saved_fingerprint(model, saved_path, info.selected)
+    if want is None or want == have_fp:
         return
     saved, have = base.get("dtype"), base_identity(model)["dtype"]
     fix = "load onto the same pretrained model, or pass check_base=False"
     if not isinstance(saved, str) or saved == have:
-        raise AdapterFileError(f"{path}: the base weights differ from those the adapter was trained on (fingerprint "
-                               f"{info.fingerprint} vs {want}{', both ' + have if saved == have else ''}); {fix}")
+        raise AdapterFileError(f"{path}: the base weights differ from those the adapter was trained on: "
+                               f"{_what_differs(model, base, info)}; {fix}")
     if saved in _WIDER.get(have, ()):
-        if core.fingerprint(model, set(info.selected), dtype=getattr(torch, saved)) == want:
+        if _saved_fingerprint(model, saved_path, info.selected, dtype=getattr(torch, saved)) == want:
             return
         raise AdapterFileError(f"{path}: the base weights differ from those the adapter was trained on, even "
                                f"compared at {saved}, the precision it was trained at (this model holds {have} "
-                               f"weights); {fix}")
+                               f"weights): {_what_differs(model, base, info, getattr(torch, saved))}; {fix}")
     raise AdapterFileError(f"{path}: the adapter was trained on {saved} base weights and this model holds {have} "
                            f"weights, which cannot be compared with them; load it onto the {saved} model (then "
                            f"convert with .to(torch.{have})), or pass check_base=False")
+
+
+def _what_differs(model, base: dict, info, dtype: torch.dtype | None = None) -> str:
+    """Which parts of the backbone differ from the saved model's (the file's per-part digests), in words."""
+    parts = base.get("parts")
+    _, backbone = sites.find_backbone(model)
+    if not isinstance(parts, dict) or not parts:
+        return (f"same architecture ({type(backbone).__name__}), other weights (fingerprint {base.get('fingerprint')}, "
+                "this model's differs; the file keeps no per-part digests to say which)")
+    mine = part_digests(model, set(info.selected), dtype)
+    differ = [p for p in parts if mine.get(p) != parts[p]] + [p for p in mine if p not in parts]
+    if not differ:  # the same weights under other names, or another set of trained (skipped) parameters
+        return ("every part of the backbone holds the saved weights, but its parameter names or the parameters the "
+                "adapter trains differ from the saved model's")
+    shown = ", ".join(differ[:6]) + (f" and {len(differ) - 6} more" if len(differ) > 6 else "")
+    if len(differ) >= len(parts):
+        return (f"every part of the {type(backbone).__name__} differs ({shown}): another checkpoint of the same "
+                "architecture, not the model the adapter was trained on")
+    return f"{len(differ)} of {len(parts)} parts differ ({shown}; the others match): a modified or merged copy of the model"
 
 
 @torch.no_grad()

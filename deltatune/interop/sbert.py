@@ -1,4 +1,5 @@
-"""A deltatune bi-encoder as a sentence-transformers model folder.
+"""A deltatune model outside deltatune: a bi-encoder as a sentence-transformers model folder, any model
+with its adapters merged as a plain transformers folder (:func:`export_merged`).
 
 :func:`export_sentence_transformer` merges the active adapters into a copy of the encoder's weights
 and writes a folder that ``sentence_transformers.SentenceTransformer(folder)`` loads: the merged
@@ -63,6 +64,59 @@ def merged_state(model) -> dict:
             dt.unmerge(model)
 
 
+def plain_copy(model):
+    """A plain transformers model (the class of the one inside ``model``) holding its weights with the active
+    adapters folded in: what loads with ``from_pretrained`` and knows nothing of deltatune."""
+    encoder = _encoder(model)
+    state = merged_state(model)
+    with torch.device("meta"):
+        plain = type(encoder)(copy.deepcopy(encoder.config))
+    plain.load_state_dict(state, assign=True, strict=True)
+    if getattr(plain.config, "tie_word_embeddings", False):  # the copy holds two tensors where the model ties one
+        plain.tie_weights()
+    return plain.eval()
+
+
+def _check_new(path) -> Path:
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ConfigError(f"{path} exists and is not an empty folder; export to a new folder")
+    return path
+
+
+def _new_folder(path, write) -> Path:
+    """``write(tmp)`` into a temporary sibling of the new folder ``path``, then rename it into place."""
+    path = _check_new(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+        if path.exists():
+            path.rmdir()  # empty, checked above
+        os.replace(tmp, path)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise StorageError(f"cannot write {path}: {err}") from err
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    io.fsync_dir(path.parent)
+    return path
+
+
+def export_merged(model, tokenizer, path) -> Path:
+    """Write ``model``'s transformers model with its active (mergeable) adapters folded into the weights to the
+    new folder ``path``, with the tokenizer: ``AutoModel.from_pretrained(path)`` (or the model's own class) loads
+    it without deltatune."""
+    _check_new(path)
+    plain = plain_copy(model)
+
+    def write(tmp):
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return _new_folder(path, write)
+
+
 def export_sentence_transformer(model, tokenizer, path, max_seq_length: int | None = None) -> Path:
     """Write ``model`` (a BiEncoder, or a bare encoder, with mergeable adapters) to the new folder ``path``
     as a sentence-transformers model: Transformer -> mean Pooling -> Normalize.
@@ -78,35 +132,17 @@ def export_sentence_transformer(model, tokenizer, path, max_seq_length: int | No
             from sentence_transformers.models import Normalize, Pooling, Transformer
     except ImportError:
         raise ConfigError("sentence-transformers is not installed: pip install sentence-transformers") from None
-    path = Path(path)
-    if path.exists() and any(path.iterdir()):
-        raise ConfigError(f"{path} exists and is not empty; export to a new folder")
-    encoder = _encoder(model)
-    state = merged_state(model)
-    config = copy.deepcopy(encoder.config)
-    with torch.device("meta"):
-        plain = type(encoder)(config)
-    plain.load_state_dict(state, assign=True, strict=True)
-    plain.eval()
+    _check_new(path)
+    plain = plain_copy(model)
+    config = plain.config
     limit = getattr(config, "max_position_embeddings", None) or 512
     if max_seq_length is None:
         max_seq_length = min(int(getattr(tokenizer, "model_max_length", limit) or limit), limit)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+
+    def write(tmp):
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         st = SentenceTransformer(modules=[Transformer(str(tmp), max_seq_length=max_seq_length),
                                           Pooling(config.hidden_size, "mean"), Normalize()], device="cpu")
         st.save(str(tmp))
-        if path.exists():
-            path.rmdir()  # empty, checked above
-        os.replace(tmp, path)
-    except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise StorageError(f"cannot write {path}: {err}") from err
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    io.fsync_dir(path.parent)
-    return path
+    return _new_folder(path, write)

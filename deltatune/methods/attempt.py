@@ -6,20 +6,18 @@ import torch
 from ..combine import PREPEND_PROMPT
 from ..deltas import PromptMixture
 from ..errors import ConfigError
-from ..registry import Method, Placement, option, register
+from ..registry import Method, Placement, option, read_saved_adapter, register
 from ..sites import attention_shape, resolve
 
 
 def read_sources(dirs: list) -> torch.Tensor:
     """The prompts of adapters saved by the 'prompt' method (directories, or train out dirs), stacked:
     (t, length, d)."""
-    from ..formats.native import read_adapter
-
     prompts = []
     for path in map(Path, dirs):
         if path.is_dir() and not (path / "adapter.safetensors").exists() and (path / "best").is_dir():
             path = path / "best"  # a `deltatune train` out dir: its best adapter
-        config, tensors = read_adapter(path)
+        config, tensors = read_saved_adapter(path)
         if config["method"] != "prompt":
             raise ConfigError(f"attempt: source {path} is a '{config['method']}' adapter; sources must be soft prompts "
                               "saved by the 'prompt' method (deltatune train --method prompt)")
@@ -75,6 +73,7 @@ class ATTEMPT(Method):
         return {**self.options(), "sources": [], "source_shape": list(shape)}
 
     def check(self, model):
+        super().check(model)
         if not self.sources and not self.source_shape:
             raise ConfigError("attempt needs source prompts; pass sources=[DIR, ...] (CLI: --set sources=DIR,DIR), "
                               "adapter directories saved by the 'prompt' method on other tasks")

@@ -1,3 +1,5 @@
+import math
+
 from ..combine import SEQUENTIAL
 from ..deltas import KroneckerRule, PHMAdapter
 from ..errors import ConfigError
@@ -14,8 +16,9 @@ class Compacter(Method):
 
     Karimi Mahabadi et al. 2021, "Compacter: Efficient Low-Rank Hypercomplex Adapter Layers", §3-4;
     the compacter.json configuration: n = 4, reduction factor 32 (bottleneck d / 32), gelu_new,
-    A_i ~ N(0, 1e-4), fast factors Glorot-uniform, biases zero (so near identity, not exactly), one
-    shared rule for down and up projections (shared_phm_rule). Not mergeable.
+    A_i ~ N(0, 1e-4), fast factors Glorot-uniform with gain sqrt(2) per rank-1 factor (the code's
+    hypercomplex/inits.py glorot_uniform), biases zero (so near identity, not exactly), one shared
+    rule for down and up projections (shared_phm_rule). Not mergeable.
 
     Choices: the bottleneck d / reduction is rounded to a multiple of n (at least n), since PHM
     needs n to divide it (24 on BERT/T5-base and 12 on MiniLM are already multiples of 4). On
@@ -47,7 +50,8 @@ class Compacter(Method):
             if d % self.n:
                 raise ConfigError(f"{self.name}: n={self.n} must divide the width {d} of {t.name}; "
                                   f"pick a divisor of {d}")
-            out.append(Placement(t, PHMAdapter(d, self.bottleneck(d), rule, "phm", self.activation), SEQUENTIAL))
+            adapter = PHMAdapter(d, self.bottleneck(d), rule, "phm", self.activation, gain=math.sqrt(2))
+            out.append(Placement(t, adapter, SEQUENTIAL))
         return out
 
     def selected(self, model):

@@ -34,11 +34,17 @@ class DPS(Method):
     sum(g^2 * m) / count(m), times exp(-count / us) when us >= 50. In evaluation the weight W itself
     is used (Mixout's expectation).
 
+    Dropout (``dropout='released'``, the default): the released run_trainer.py sets the model's
+    hidden and attention dropout to 0 under DPS, and back to 0.1 for Dense runs of max_steps >= 2000.
+    Here every dropout of the model (nn.Dropout modules and the float dropout rates attention and
+    BART layers read, the task head's included) is 0 during each training step of Mix runs and of
+    Dense runs shorter than 2,000 steps, and restored after it; longer Dense runs keep the model's
+    own rates (BERT's are the released 0.1). ``dropout='model'`` keeps the model's dropout always.
+
     Choices where the released code is unclear or differs: gradients are masked (as released), so
-    AdamW's momentum and weight decay still move masked entries; dropout is left as the model has it
-    (the released scripts set it to 0; use the model's config for that); GPT-2's Conv1D projections
-    are not nn.Linear, so gpt2 is not supported. The masks, scores, counts and Mix's T and W(0) are
-    the rule's state, saved in every checkpoint, so a resumed run continues bitwise.
+    AdamW's momentum and weight decay still move masked entries; GPT-2's Conv1D projections are not
+    nn.Linear, so gpt2 is not supported. The masks, scores, counts and Mix's T and W(0) are the
+    rule's state, saved in every checkpoint, so a resumed run continues bitwise.
     """
 
     name = "dps"
@@ -47,12 +53,17 @@ class DPS(Method):
     kind = "selection"
     honours_layers = False
     families = ("bert", "llama", "t5", "bart", "vit")
+    deviations = ("Dense runs of 2,000 steps or more keep the model's own dropout rates (released: 0.1, BERT's); "
+                  "dropout='model' keeps the model's dropout in every run (released: 0 below 2,000 steps and in Mix)")
 
     variant: str = option("dense", choices=["dense", "mix"], help="dense: masked gradients; mix: Mixout-style forward too")
     update_fraction: float = option(0.7, min=1e-6, max=1.0, help="share of each weight matrix updated in Stage II "
                                                                  "(released reserve_p=0.3 means 0.7)")
     stage_fraction: float = option(0.05, min=1e-6, max=0.5, help="each stage lasts this share of max_steps "
                                                                  "(released update_ratio)")
+    dropout: str = option("released", choices=["released", "model"],
+                          help="released: the model's dropout is 0 while training (Mix, and Dense below 2,000 "
+                               "steps), as the released scripts set it; model: keep the model's dropout")
 
     def selected(self, model):
         return [n for n, _ in backbone_parameters(model)]
@@ -60,14 +71,33 @@ class DPS(Method):
     def update_rule(self, model, params):
         ids = {id(p): name for name, p in params.items()}
         linears = {ids[id(m.weight)]: m for m in model.modules() if isinstance(m, nn.Linear) and id(m.weight) in ids}
-        return DPSRule(linears, self.variant, self.update_fraction, self.stage_fraction)
+        dropouts = dropout_rates(model) if self.dropout == "released" else []
+        return DPSRule(linears, self.variant, self.update_fraction, self.stage_fraction, dropouts)
+
+
+# Float attributes that hold a dropout probability read in forward (BART's layers and attention, and the
+# attention modules of T5, Llama and ViT): beside nn.Dropout modules, what the model's config sets.
+_RATE_NAMES = ("dropout", "attention_dropout", "activation_dropout")
+
+
+def dropout_rates(model) -> list:
+    """(module, attribute) of every dropout probability in ``model``: nn.Dropout's p and the float rates."""
+    out = []
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            out.append((m, "p"))
+        out += [(m, a) for a in _RATE_NAMES if isinstance(getattr(m, a, None), float)]
+    return out
 
 
 class DPSRule(UpdateRule):
     name = "dps"
 
-    def __init__(self, linears: dict, variant: str, update_fraction: float, stage_fraction: float):
+    def __init__(self, linears: dict, variant: str, update_fraction: float, stage_fraction: float,
+                 dropouts: list = ()):
         self.linears, self.variant, self.fraction, self.stage_fraction = linears, variant, update_fraction, stage_fraction
+        self.dropouts = list(dropouts)  # (module, attribute) set to 0 during each step (see DPS: released dropout)
+        self.silenced = []  # (module, attribute, rate) while a step runs
         self.us = 1
         self.state = {}
         for name, m in linears.items():
@@ -84,6 +114,8 @@ class DPSRule(UpdateRule):
 
     def bind(self, max_steps):
         self.us = max(1, int(max_steps * self.stage_fraction))
+        if self.variant == "dense" and max_steps >= 2000:  # released: Dense runs this long keep dropout
+            self.dropouts = []
 
     def stage(self, step: int) -> tuple[int, bool]:
         """(stage index, whether ``step`` is its first step)."""
@@ -91,6 +123,10 @@ class DPSRule(UpdateRule):
 
     @torch.no_grad()
     def before_step(self, step):
+        self._restore_dropout()
+        for m, attr in self.dropouts:
+            self.silenced.append((m, attr, getattr(m, attr)))
+            setattr(m, attr, 0.0)
         stage, first = self.stage(step)
         mix = self.variant == "mix"
         for name, m in self.linears.items():
@@ -134,6 +170,14 @@ class DPSRule(UpdateRule):
                     s["score"].add_(g.float().square() / 1e3)
             else:
                 g.mul_(s["mask"])
+
+    def after_step(self, step):
+        self._restore_dropout()
+
+    def _restore_dropout(self):
+        for m, attr, rate in reversed(self.silenced):
+            setattr(m, attr, rate)
+        self.silenced = []
 
     def state_dict(self):
         return {f"{name}/{k}": v.clone() for name, s in self.state.items() for k, v in s.items()}

@@ -3,6 +3,7 @@ import warnings
 import torch
 
 from ..combine import PREPEND_PROMPT
+from ..errors import ConfigError
 from ..registry import Method, Placement, option, register
 from ..deltas import SoftPrompt
 from ..sites import find_backbone, resolve
@@ -48,6 +49,70 @@ class Prompt(Method):
             else:
                 init = torch.randn(self.length, embed.embedding_dim, generator=gen) * embed.weight.float().std()
         return [Placement(target, SoftPrompt(init), PREPEND_PROMPT)]
+
+    # -- the Hugging Face PEFT format (peft 0.21 PROMPT_TUNING); ``peft``: deltatune.formats.peft.Bridge
+    peft_type = "PROMPT_TUNING"
+
+    def to_peft(self, peft, deltas):
+        """``prompt_embeddings`` (num_virtual_tokens, hidden). Both libraries prepend the vectors to the
+        input embeddings, with position ids 0..n-1 for them and n.. for the tokens; deltatune then removes
+        the prompt positions from the outputs, peft returns them, so the outputs agree at the real
+        positions. Refused where a head or a decoder reads different positions (``_peft_refusal``)."""
+        why = _peft_refusal(peft)
+        if why:
+            raise ConfigError(f"cannot export this prompt adapter to PEFT: {why}")
+        peft.require_prompt_task("prompt")
+        (_, _, params), = deltas
+        prompt = params["prompt"]
+        return {"prompt_embeddings": prompt}, {**peft.prompt_fields(prompt.shape[0]), "prompt_tuning_init": "RANDOM"}
+
+    @classmethod
+    def from_peft(cls, peft, config, tensors):
+        why = _peft_refusal(peft)
+        if why:
+            raise ConfigError(f"cannot load this prompt adapter: {why}")
+        if set(tensors) != {"prompt_embeddings"}:
+            other = sorted(set(tensors) - {"prompt_embeddings"})[:3]
+            raise ConfigError(f"a prompt adapter holds prompt_embeddings only, not {other}")
+        n = peft.get(config, "num_virtual_tokens", int, None)
+        table = tensors["prompt_embeddings"]
+        embed = resolve(peft.model, "embed")[0]
+        dim = embed.module.weight.shape[1]
+        if not n or n < 1 or table.dim() != 2 or table.shape[0] < n or table.shape[1] != dim:
+            raise ConfigError(f"prompt_embeddings {tuple(table.shape)} do not fit num_virtual_tokens={n} and this "
+                              f"model's embedding width {dim}")
+        return {"length": n, "init": "random"}, {peft.key(embed.name) + ".prompt": table[:n]}
+
+
+# Where peft 0.21's prompt tuning computes something else than deltatune's, so no conversion is exact.
+_PEFT_SEQ2SEQ = (
+    "prompt tuning on encoder-decoder models differs between the libraries: deltatune removes the prompt "
+    "positions from the encoder output, so the decoder cross-attends to the real tokens only, while peft "
+    "keeps them (and peft saves a second, unused block of decoder prompt vectors); the outputs would differ"
+)
+_PEFT_CLS = (
+    "a sequence classifier reads one position of the sequence, and under prompt tuning the libraries read "
+    "different ones: peft's head sees the soft prompt vectors as part of the sequence (BERT's pooler and "
+    "RoBERTa's classifier read the first soft vector; a decoder's classifier, given inputs_embeds, cannot find "
+    "the padding and reads the last position), deltatune's head sees the real tokens only ([CLS], the last "
+    "real token); the outputs differ (the hidden states at the real positions agree)"
+)
+_PEFT_POOLER = (
+    "this model's head reads the backbone's pooler, which deltatune recomputes from the first real token "
+    "([CLS]) and peft's reads from the first soft prompt vector; the outputs would differ"
+)
+
+
+def _peft_refusal(peft) -> str | None:
+    """Why a prompt on ``peft.model`` computes something else in peft (None: the same function)."""
+    if getattr(peft.root.config, "is_encoder_decoder", False):
+        return _PEFT_SEQ2SEQ
+    if peft.task == "SEQ_CLS":
+        return _PEFT_CLS
+    _, backbone = find_backbone(peft.model)
+    if backbone is not peft.root and getattr(backbone, "pooler", None) is not None:
+        return _PEFT_POOLER
+    return None
 
 
 _MARKS = ("\u0120", "\u2581")  # byte-level BPE (GPT-2) and SentencePiece word-start marks

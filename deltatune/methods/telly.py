@@ -35,6 +35,7 @@ class Telly(Method):
     lr = 2e-4  # chosen on the validation split at the demo budget: docs/demo/lr-sweep.md
     kind = "selection"
     honours_layers = False  # k chooses the layers
+    auto_options = {"k": "freeze_depth"}  # k="auto": `deltatune train` picks it from a layer analysis
     deviations = ("by default the frozen bottom layers run without dropout while training (a fixed feature "
                   "extractor, ~25% faster steps on CPU, and what embedding recycling caches); the paper "
                   "freezes them with dropout on: train with `--frozen-dropout` (TrainConfig(frozen_dropout=True)) "
@@ -55,6 +56,7 @@ class Telly(Method):
         return num_layers(model) // 2 if self.k is None else self.k
 
     def check(self, model):
+        super().check(model)
         if isinstance(self.k, int) and self.k > num_layers(model):
             raise ConfigError(f"telly: k={self.k} exceeds the model's {num_layers(model)} layers; use 0..{num_layers(model)}")
 

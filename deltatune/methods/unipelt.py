@@ -21,9 +21,11 @@ class UniPELT(Composite):
       from the self-attention input (the placement's source is the attention module).
     - Pfeiffer adapter after the FFN (ReLU, reduction 16): out = G_A Up(ReLU(Down(x))) + residual,
       G_A read from the FFN output the adapter reads.
-    Init as the official code: LoRA and prefix gates default Linear init, adapter gate and adapter
-    N(0, 0.02) with zero bias, LoRA A kaiming-uniform and B zero. The optional softmax central gate is
-    not implemented. Not mergeable (the gates depend on the input).
+    Init as the official code: LoRA and prefix gates default Linear init; the adapter gate and both
+    adapter projections (W_down and W_up: BERT init, init_bert_weights in transformers/adapters/
+    modeling.py) N(0, 0.02) with zero biases; LoRA A kaiming-uniform and B zero. (The standalone
+    ``pfeiffer`` method starts W_up at zero; UniPELT draws it, as its code does.) The optional
+    softmax central gate is not implemented. Not mergeable (the gates depend on the input).
     """
 
     name = "unipelt"
@@ -54,6 +56,7 @@ class UniPELT(Composite):
         if part == "prefix":
             return Placement(placement.target, PrefixGated(placement.delta, d), placement.combine,
                              source=placement.target, suffix=placement.suffix)
+        nn.init.normal_(placement.delta.up.weight, std=0.02)  # UniPELT's adapter: W_up BERT-initialised too
         gated = Gated(placement.delta, d)
         nn.init.normal_(gated.gate.proj.weight, std=0.02)  # BERT init for the adapter gate
         nn.init.zeros_(gated.gate.proj.bias)

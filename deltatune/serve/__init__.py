@@ -34,6 +34,14 @@ class Limits:
     max_len: int = setting(256, min=8, max=1 << 20, help="tokens per input; longer inputs are truncated")
     max_chars: int = setting(20000, min=1, max=10_000_000,
                              help="characters per input; longer: 413 (request bodies are bounded from it)")
+    batching: str = setting("continuous", choices=("continuous", "static"), metavar="continuous|static",
+                            help="generation: rows join and leave the running batch at every token, or one batch "
+                                 "runs to its longest row")
+    max_tokens_in_flight: int = setting(8192, min=1, max=1 << 30,
+                                        help="generation: prompt plus new tokens of the running rows; more wait")
+    max_adapters: int = setting(8, min=1, max=1 << 20,
+                                help="with --adapter-dir: adapters in memory, --adapter ones included; the least "
+                                     "recently used one no request holds is unloaded for a new one")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,6 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token", default=None,
                    help=f"bearer token for loading, unloading and indexing (default: ${TOKEN_ENV}; none: open)")
     p.add_argument("--index-dir", default=None, help="where search indexes are saved (default: the deltatune cache)")
+    p.add_argument("--adapter-dir", default=None, metavar="DIR",
+                   help="a folder of adapter folders: a request naming one as its model loads it (OpenAI endpoints)")
     p.add_argument("--device", default="cpu",
                    help="where the model runs: cpu (default), cuda, cuda:N or mps when this machine has it")
 
@@ -123,11 +133,22 @@ def run(args) -> int:
 
     token = args.token or os.environ.get(TOKEN_ENV) or None
     check_device(args.device)
+    adapter_dir = None
+    if args.adapter_dir is not None:
+        from ..errors import ConfigError
+        from .adapters_on_demand import AdapterDir
+
+        adapter_dir = AdapterDir(args.adapter_dir, limits.max_adapters)
+        if len(adapters) >= limits.max_adapters:
+            raise ConfigError(f"--max-adapters {limits.max_adapters} counts the {len(adapters)} --adapter ones too and "
+                              "leaves no room for one from --adapter-dir; raise it")
     sockets = listen(args.host, limits.port)
     engine = None
     try:
         engine = Engine(args.model, max_batch=limits.max_batch, max_wait=limits.max_wait_ms / 1000,
-                        queue_size=limits.queue, max_len=limits.max_len, index_dir=args.index_dir, device=args.device)
+                        queue_size=limits.queue, max_len=limits.max_len, index_dir=args.index_dir, device=args.device,
+                        batching=limits.batching, max_tokens=limits.max_tokens_in_flight)
+        engine.adapter_dir = adapter_dir
         app = create_app(engine, token=token, timeout=limits.timeout, max_chars=limits.max_chars)  # metrics before work
         for name, path in adapters:
             info = engine.load(name, path)

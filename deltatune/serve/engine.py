@@ -3,17 +3,24 @@
 Requests become ``Job`` rows in one bounded queue. The worker takes the first waiting row, waits
 up to ``max_wait`` seconds for more (or until ``max_batch`` rows are there), and runs every row it
 took in ONE forward pass with ``dt.routing`` (row i with its own adapter): embed, classify and
-search rows of different adapters share a batch; generation rows share theirs. Loading and
+search rows of different adapters share a batch. Generation rows are scheduled at every decode step
+(``scheduler.Scheduler``, continuous batching: they join the running batch and leave it as they
+finish, between the other batches); ``batching="static"`` runs them as one ``model.generate`` batch
+instead. ``Job.adapter`` None is the bare base model. Loading and
 unloading adapters are control operations the worker applies between batches (before the next
 batch is gathered), so the model is only ever touched by the worker; the file is read and
 validated before the operation is queued, and rows still queued for an unloaded adapter fail with
 410.
 
-Task kinds follow from the adapter file: ``head.*`` tensors -> classification (the head becomes an
-``nn.Linear`` kept with the adapter and applied to the mean-pooled backbone output; the model's
-own head is never used; the class names are the ``labels`` its config carries, written by
-``train`` from the task, or indices when it carries none); otherwise generation on a causal LM,
-retrieval on an encoder (mean pooling + L2 normalisation, as ``models.BiEncoder``).
+An adapter's task kind is the one saved with it (``task_kind`` in its config, written by ``train``
+from the task; :mod:`deltatune.tasks.kinds`), and the kind says which endpoints answer it
+(``endpoints``: retrieval embeds and searches, classification classifies, generation generates).
+Adapters saved before the kind was (and PEFT folders) are told by their file as before: ``head.*``
+tensors -> classification, otherwise generation on a causal LM, retrieval on an encoder.
+A classification adapter's head becomes an ``nn.Linear`` kept with the adapter and applied to the
+mean-pooled backbone output (the model's own head is never used; the class names are the
+``labels`` its config carries, written by ``train`` from the task, or indices when it carries
+none); retrieval pools as ``models.BiEncoder`` (mean pooling + L2 normalisation).
 
 ``device``: ``cpu`` (default), ``cuda``/``cuda:N`` or ``mps`` when torch has it; anything else is a
 ConfigError naming what this machine has.
@@ -26,6 +33,7 @@ import json
 import math
 import threading
 import time
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,8 +46,11 @@ import deltatune as dt
 from ..errors import ConfigError, DeltatuneError
 from ..training.runs import resolve_adapter
 from ..models import BiEncoder, cache_dir, format_prompt, load_backbone, mean_pool
+from ..tasks.kinds import KINDS as TASK_KINDS, get_kind
+from .scheduler import GenerateOptions, Scheduler, routed, supported
 
-KINDS = {"embed": "retrieval", "search": "retrieval", "classify": "classification", "generate": "generation"}
+# endpoint -> the task kind whose adapters it serves, as each kind states it (its ``endpoints``)
+KINDS = {endpoint: kind.name for kind in TASK_KINDS.values() for endpoint in kind.endpoints}
 
 
 class ServeError(DeltatuneError):
@@ -53,7 +64,7 @@ class ServeError(DeltatuneError):
 @dataclass
 class AdapterInfo:
     name: str
-    kind: str  # retrieval, classification, generation
+    kind: str  # the task kind's name (deltatune.tasks.kinds): retrieval, classification, generation
     method: str
     path: str
     parameters: int
@@ -77,7 +88,7 @@ class AdapterInfo:
 @dataclass(eq=False)
 class Job:
     task: str  # embed, classify, search, generate
-    adapter: str
+    adapter: str | None  # None: the bare base model (as in dt.routing)
     text: str
     deadline: float
     k: int = 5
@@ -86,6 +97,7 @@ class Job:
     future: cf.Future = field(default_factory=cf.Future)
     cancelled: bool = False  # the client left or timed out: skip it (a generation stops at its next token)
     queued: float = field(default_factory=time.monotonic)
+    options: GenerateOptions | None = None  # generate: sampling and stops (scheduler.py); None: greedy, chat template
 
     @property
     def group(self) -> str:
@@ -97,9 +109,10 @@ class Engine:
 
     def __init__(self, model: str = "minilm", *, max_batch: int = 32, max_wait: float = 0.005,
                  queue_size: int = 256, max_len: int = 256, index_dir: str | None = None, metrics=None,
-                 device: str = "cpu"):
-        if max_batch < 1 or queue_size < 1 or max_wait < 0 or max_len < 8:
-            raise ValueError("max_batch and queue_size must be >= 1, max_wait >= 0, max_len >= 8")
+                 device: str = "cpu", batching: str = "continuous", max_tokens: int = 8192):
+        if max_batch < 1 or queue_size < 1 or not 0 <= max_wait < math.inf or max_len < 8:
+            raise ConfigError(f"max_batch ({max_batch}) and queue_size ({queue_size}) must be >= 1, max_wait "
+                              f"({max_wait}) a finite number >= 0, max_len ({max_len}) >= 8")
         self.device = check_device(device)
         self.model_name = model
         base, self.tokenizer = load_backbone(model)
@@ -108,6 +121,9 @@ class Engine:
         self.model.to(self.device).eval()
         if self.generative:
             self.tokenizer.padding_side = self.tokenizer.truncation_side = "left"
+        elif max_len > self.max_positions:  # a longer input would index past the position table and fail its batch
+            raise ConfigError(f"max_len={max_len} is more than the {self.max_positions} positions of {model}; "
+                              f"use --max-len {self.max_positions} or less")
         self.max_batch, self.max_wait, self.queue_size, self.max_len = max_batch, max_wait, queue_size, max_len
         self.index_dir = Path(index_dir) if index_dir else cache_dir() / "serve-index"
         self.adapters: dict[str, AdapterInfo] = {}
@@ -117,6 +133,18 @@ class Engine:
         self._cond = threading.Condition()
         self._stopping = False
         self._batch_seconds = 0.05  # moving average, for Retry-After
+        # the bare base model as a model of its own (Job.adapter None): a kind by the model's form, no file
+        self.base = AdapterInfo(model, next(k.name for k in TASK_KINDS.values() if k.endpoints and not k.labelled
+                                            and k.model_form == ("lm" if self.generative else "base")), "none", "", 0, 0, "")
+        self.adapter_dir = None  # adapters_on_demand.AdapterDir: model ids loaded from a folder on first use
+        # generation: continuous batching (scheduler.py), or one static batch through model.generate
+        why = supported(self.model) if self.generative and batching == "continuous" else None
+        if why is not None:
+            warnings.warn(f"{model}: {why}; its generation is batched statically (one batch at a time)", stacklevel=2)
+        self.scheduler = Scheduler(
+            self.model, self.tokenizer, self.adapters, take=self._take, fail=lambda job, status, message: self._fail(
+                job, ServeError(status, message)), observe=self._observe, device=self.device, max_rows=max_batch,
+            max_tokens=max_tokens, max_len=max_len) if self.generative and batching == "continuous" and why is None else None
         self._thread = threading.Thread(target=self._run, name="deltatune-serve-worker", daemon=True)
         self._thread.start()
 
@@ -133,14 +161,14 @@ class Engine:
         batches = math.ceil((len(self._jobs) + 1) / self.max_batch)
         return max(1, math.ceil(batches * self._batch_seconds))
 
-    def info(self, name: str, task: str | None = None) -> AdapterInfo:
-        info = self.adapters.get(name)
+    def info(self, name: str | None, task: str | None = None) -> AdapterInfo:
+        info = self.adapters.get(name) if name is not None else self.base
         if info is None:
             raise ServeError(404, f"no adapter named {name!r}; loaded adapters: {sorted(self.adapters)}")
-        if task is not None and KINDS[task] != info.kind:
-            fits = [t for t, k in KINDS.items() if k == info.kind]
+        answers = get_kind(info.kind).endpoints
+        if task is not None and task not in answers:
             raise ServeError(400, f"adapter {name!r} is a {info.kind} adapter ({info.method}); it answers "
-                                  f"{', '.join(fits)}, not {task}")
+                                  f"{', '.join(answers)}, not {task}")
         return info
 
     def submit(self, jobs: list[Job], wait: bool = False) -> list[cf.Future]:
@@ -148,10 +176,20 @@ class Engine:
         (for internal work such as indexing, never from the event loop)."""
         for job in jobs:
             self.info(job.adapter, job.task)
+            try:  # text the tokenizer cannot read (a lone surrogate) fails its own request here, never a batch
+                job.text.encode("utf-8")
+            except (UnicodeEncodeError, AttributeError) as err:
+                where = f" at character {err.start}" if isinstance(err, UnicodeEncodeError) else ""
+                raise ServeError(400, f"a text is not valid Unicode (a lone surrogate{where}); send text that "
+                                      "encodes as UTF-8") from None
             if job.task == "generate" and job.max_new_tokens + self.max_len > self.max_positions:
                 raise ServeError(400, f"max_new_tokens={job.max_new_tokens} plus the prompt's up to {self.max_len} tokens "
                                       f"exceeds the {self.max_positions} positions of {self.model_name}; ask for at most "
                                       f"{max(1, self.max_positions - self.max_len)} tokens")
+            if job.task == "generate" and job.options is not None and self.scheduler is None:
+                raise ServeError(400, f"this server batches generation statically (--batching static, or {self.model_name} "
+                                      "has layers continuous batching cannot pad): greedy, with the chat template, "
+                                      "only; sampling, stops and raw prompts need --batching continuous")
         if len(jobs) > self.queue_size:
             raise ServeError(413, f"{len(jobs)} rows in one request; the queue holds {self.queue_size}")
         with self._cond:
@@ -219,7 +257,7 @@ class Engine:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._jobs and not self._control and not self._stopping:
+                while not self._jobs and not self._control and not self._stopping and not self._generating:
                     self._cond.wait(1.0)
                 if self._stopping:
                     break
@@ -227,6 +265,10 @@ class Engine:
             batch = self._gather()
             if batch:
                 self._execute(batch)
+            if self.scheduler is not None:
+                self.scheduler.step()  # continuous batching: rows join and leave, one decode pass
+        if self.scheduler is not None:
+            self.scheduler.close()
         with self._cond:  # shutting down: nobody waits for ever
             left, self._jobs = list(self._jobs), deque()
         for job in left:
@@ -239,15 +281,17 @@ class Engine:
         with self._cond:
             while True:
                 self._prune()
-                if not self._jobs:
+                # with a scheduler, generation rows join its running batch instead (_take)
+                batchable = [j for j in self._jobs if self.scheduler is None or j.group != "generate"]
+                if not batchable:
                     return []
-                first = self._jobs[0]
+                first = batchable[0]
                 same = sum(1 for j in self._jobs if j.group == first.group)
                 left = first.queued + self.max_wait - time.monotonic()
                 if self._control or self._stopping:
                     return []  # the operation goes first; the rows stay queued for the next batch
-                if same >= self.max_batch or left <= 0:
-                    break
+                if same >= self.max_batch or left <= 0 or self._generating or len(batchable) < len(self._jobs):
+                    break  # (generation waits for no batch to fill)
                 self._cond.wait(left)
             batch, rest = [], deque()
             for job in self._jobs:
@@ -262,6 +306,35 @@ class Engine:
             self._cond.notify_all()  # room for waiting submitters
             return batch
 
+    @property
+    def _generating(self) -> bool:
+        return self.scheduler is not None and self.scheduler.busy
+
+    def _take(self, fits) -> list[Job]:
+        """For the scheduler: queued generation rows, first come first served, while ``fits(job)``."""
+        with self._cond:
+            self._prune()
+            taken, rest, blocked = [], deque(), False
+            for job in self._jobs:
+                if job.group != "generate" or blocked:
+                    rest.append(job)
+                elif not fits(job):
+                    blocked = True  # the rows behind it wait too (a long prompt is not overtaken for ever)
+                    rest.append(job)
+                elif job.future.set_running_or_notify_cancel():  # from here on the client cannot cancel it
+                    taken.append(job)
+                elif job.sink is not None:
+                    job.sink(None)
+            if len(rest) != len(self._jobs):
+                self._jobs = rest
+                self._cond.notify_all()  # room for waiting submitters
+            return taken
+
+    def _observe(self, rows: int, seconds: float) -> None:
+        self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * seconds
+        if self.metrics is not None:
+            self.metrics.batch(rows, seconds)
+
     def _prune(self) -> None:
         """Answer now the queued rows that will not run: client gone, past their deadline, adapter unloaded."""
         keep, now = deque(), time.monotonic()
@@ -270,7 +343,7 @@ class Engine:
                 self._fail(job, ServeError(499, "the client left before its request ran"))
             elif now > job.deadline:
                 self._fail(job, ServeError(504, "the request timed out in the queue"))
-            elif job.adapter not in self.adapters:
+            elif job.adapter is not None and job.adapter not in self.adapters:
                 self._fail(job, ServeError(410, f"adapter {job.adapter!r} was unloaded while this request was queued"))
             else:
                 keep.append(job)
@@ -297,8 +370,11 @@ class Engine:
                 else:
                     self._encode(batch)
         except Exception as err:  # a bug or out of memory: these rows fail, the worker goes on
-            for job in batch:
-                self._fail(job, ServeError(500, f"the batch failed: {type(err).__name__}: {str(err)[:200]}"))
+            if len(batch) > 1 and batch[0].group == "encode":
+                self._alone(batch)  # nothing was streamed: each row runs again by itself
+            else:
+                for job in batch:
+                    self._fail(job, ServeError(500, f"the batch failed: {type(err).__name__}: {str(err)[:200]}"))
         seconds = time.monotonic() - start
         self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * seconds
         for job in batch:
@@ -308,16 +384,28 @@ class Engine:
         if self.metrics is not None:
             self.metrics.batch(len(batch), seconds)
 
+    def _alone(self, batch: list[Job]) -> None:
+        """After a failed encode batch, every row not yet answered runs alone: a row that breaks a batch
+        fails by itself and the other clients' rows get their answers."""
+        for job in batch:
+            if job.future.done():
+                continue
+            try:
+                with torch.no_grad():
+                    self._encode([job])
+            except Exception as err:
+                self._fail(job, ServeError(500, f"this row failed: {type(err).__name__}: {str(err)[:200]}"))
+
     def _encode(self, batch: list[Job]) -> None:
         enc = self.tokenizer([j.text for j in batch], padding=True, truncation=True, max_length=self.max_len,
                              return_tensors="pt").to(self.device)
-        with dt.routing(self.model, [j.adapter for j in batch]):
+        with routed(self.model, [j.adapter for j in batch]):
             hidden = self.model.backbone(**enc).last_hidden_state
         pooled = mean_pool(hidden, enc["attention_mask"])
         unit = nn.functional.normalize(pooled, dim=-1).float().cpu()
         tokens = enc["attention_mask"].sum(1).tolist()
         for i, job in enumerate(batch):
-            info = self.adapters[job.adapter]
+            info = self.info(job.adapter)
             if job.task == "embed":
                 result = {"embedding": unit[i].tolist()}
             elif job.task == "classify":
@@ -416,8 +504,12 @@ class Engine:
             if head is not None and self.generative:
                 raise ServeError(400, f"{path}: a classification adapter cannot be served on the causal LM "
                                       f"{self.model_name}; serve it on the encoder it was trained on")
-            kind = "classification" if head is not None else "generation" if self.generative else "retrieval"
-            info = AdapterInfo(name, kind, rec.method.name, str(path), n, size, _file_identity(path), head,
+            kind = _task_kind(path, head, self.generative)
+            if not kind.endpoints or (kind.model_form == "lm") != self.generative:
+                raise ServeError(400, f"{path}: a {kind.name} adapter cannot be served on {self.model_name}, "
+                                      f"{'a causal LM' if self.generative else 'an encoder'}; serve it on the model "
+                                      "it was trained on")
+            info = AdapterInfo(name, kind.name, rec.method.name, str(path), n, size, _file_identity(path), head,
                                _label_names(path, head))
             dt.set_active(self.model)  # idle outside dt.routing: a stray forward pass is the bare base
         except BaseException:
@@ -477,17 +569,44 @@ def check_device(device: str) -> torch.device:
     raise ConfigError(f"--device {device!r}: the server runs on cpu, cuda[:N] or mps")
 
 
-def _label_names(path: Path, head) -> list[str] | None:
-    """The class names the adapter's config carries (``labels``, one per row of its head), else None."""
-    if head is None:
-        return None
+def _saved_config(path: Path) -> dict:
+    """The deltatune config in the adapter file's header, or {} (a PEFT folder carries none)."""
     from safetensors import safe_open
 
     try:  # the header only: the file was read and validated by load_adapter already
         with safe_open(str(path / "adapter.safetensors" if path.is_dir() else path), framework="pt") as f:
-            names = json.loads((f.metadata() or {}).get("deltatune", "{}")).get("labels")
-    except Exception:  # a PEFT folder (no deltatune config), or no header to read: indices
+            config = json.loads((f.metadata() or {}).get("deltatune", "{}"))
+    except Exception:  # a PEFT folder (no deltatune config), or no header to read
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _task_kind(path: Path, head, generative: bool):
+    """The task kind of the adapter at ``path``: the one saved with it (``train`` records its task's kind)."""
+    saved = _saved_config(path).get("task_kind")
+    if saved is not None:
+        try:
+            return get_kind(saved)
+        except ConfigError as err:
+            raise ServeError(400, f"{path}: {err}") from None
+    # Adapters saved before the kind was saved with them, and PEFT folders, carry none: the old guess from
+    # the file. A head means a labelled kind (classification); without one, the model decides: a causal LM
+    # generates, an encoder embeds.
+    form = "lm" if generative else "base"
+    guess = next((k for k in TASK_KINDS.values()
+                  if k.endpoints and k.labelled == (head is not None) and k.model_form == form), None)
+    if guess is None:
+        raise ServeError(400, f"{path}: an adapter {'with' if head is not None else 'without'} a head cannot be "
+                              f"served on {'a causal LM' if generative else 'an encoder'}; serve it on the model it "
+                              "was trained on")
+    return guess
+
+
+def _label_names(path: Path, head) -> list[str] | None:
+    """The class names the adapter's config carries (``labels``, one per row of its head), else None."""
+    if head is None:
         return None
+    names = _saved_config(path).get("labels")
     if isinstance(names, list) and len(names) == head.out_features and all(isinstance(x, str) for x in names):
         return names
     return None

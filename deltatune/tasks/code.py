@@ -30,7 +30,9 @@ Tasks and the benchmarks they mirror:
 - ``code-summarization``: CodeXGLUE code-to-text (Python): code -> docstring summary.
 - ``function-naming``: code2seq method naming (Alon et al. 2019): masked body -> name.
 
-Run ``python -m deltatune.tasks.code`` to print every task's dataset card.
+Each task is registered with :func:`stdlib_task` beside its builder (a function of the corpus);
+:func:`build_task` builds it once and caches it. Run ``python -m deltatune.tasks.code`` to print
+every task's dataset card.
 """
 
 from __future__ import annotations
@@ -39,13 +41,11 @@ import ast
 import dataclasses
 import hashlib
 import io
-import json
 import os
 import random
 import re
 import sys
 import sysconfig
-import tempfile
 import time
 import tokenize
 from collections import Counter
@@ -54,7 +54,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from deltatune.names import cache_dir
-from deltatune.tasks import TaskData
+from deltatune.tasks.registry import REGISTRY, TaskData, task
 
 CORPUS_VERSION = 2  # records carry "ids" (their identifier set)
 TASKS_VERSION = 2  # part of every cache key: bump when extraction or any task's construction changes
@@ -237,25 +237,56 @@ def cache_file(what: str, root: str | Path | None = None) -> Path:
     return cache_dir() / f"stdlib-py{sys.version.split()[0]}-v{TASKS_VERSION}-{key}-{what}.json"
 
 
-def _json_cached(path: Path, build) -> dict:
-    """``build()``'s JSON-able result, read from ``path`` if present, else built and written atomically.
+def _json_cached(path: Path, build, check=None) -> dict:
+    """``build()``'s JSON-able result, read from the cache entry ``path`` if it is there and trusted, else
+    built and written atomically.
 
-    An unreadable cache file is rebuilt; an unwritable cache dir only costs the speed-up.
+    The entry is untrusted input (:class:`deltatune.storage.CacheEntry`): one that is not a regular file of
+    this user, holds another key than its name's, or fails ``check`` (the task's or the corpus's shape) is
+    rebuilt with a warning; an unwritable cache dir only costs the speed-up.
     """
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        pass
-    value = build()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(value, f)
-        os.replace(tmp, path)  # atomic: readers never see a half-written file
-    except OSError:
-        pass
+    from deltatune.storage import CacheEntry
+
+    entry = CacheEntry(path, path.stem, "task data", root=cache_dir())
+    value = entry.read_json(check or check_task_fields)
+    if value is None:
+        value = build()
+        entry.write_json(value)
     return value
+
+
+def _rows(value, what: str) -> None:
+    if not isinstance(value, list) or not all(isinstance(r, dict) for r in value):
+        raise TypeError(f"{what} must be a list of objects")
+    for r in value:
+        for k, v in r.items():
+            if not isinstance(v, (str, int, float, bool, type(None), list)):
+                raise TypeError(f"{what}: column {k!r} holds {type(v).__name__}")
+
+
+def check_task_fields(value) -> None:
+    """The cached fields of a built task: its three splits as lists of rows, notes and labels (TypeError
+    or KeyError otherwise, naming what is wrong)."""
+    if not isinstance(value, dict):
+        raise TypeError(f"a task is an object, not {type(value).__name__}")
+    for split in ("train", "valid", "test"):
+        _rows(value[split], split)
+    if not isinstance(value.get("notes", []), list) or not all(isinstance(n, str) for n in value.get("notes", [])):
+        raise TypeError("notes must be a list of strings")
+    labels = value.get("labels")
+    if labels is not None and (not isinstance(labels, list) or not all(isinstance(x, str) for x in labels)):
+        raise TypeError("labels must be a list of strings or null")
+
+
+def check_corpus(value) -> None:
+    """The cached function corpus: this CORPUS_VERSION, functions with their path, line, name, doc and code."""
+    if not isinstance(value, dict) or value.get("version") != CORPUS_VERSION:
+        raise ValueError(f"not a function corpus of version {CORPUS_VERSION}")
+    _rows(value["functions"], "functions")
+    for f in value["functions"]:
+        if not (all(isinstance(f[k], str) for k in ("path", "name", "doc", "code")) and isinstance(f["line"], int)
+                and isinstance(f.get("excepts", []), list) and isinstance(f.get("ids", []), list)):
+            raise TypeError(f"function record {str(f)[:80]} lacks its path, line, name, doc or code")
 
 
 def _timed_extract(root: Path) -> dict:
@@ -269,7 +300,7 @@ def _timed_extract(root: Path) -> dict:
 def load_corpus(root: str | None = None) -> dict:
     """The function corpus, from the JSON cache, extracting and caching it on first use."""
     root_path = Path(root) if root else stdlib_root()
-    return _json_cached(cache_file("corpus", root_path), lambda: _timed_extract(root_path))
+    return _json_cached(cache_file("corpus", root_path), lambda: _timed_extract(root_path), check_corpus)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,6 +437,20 @@ def _split_counts(before: list[dict], after: list[dict]) -> str:
 # Task builders
 # ---------------------------------------------------------------------------------------------
 
+_BUILDERS: dict = {}  # task name -> its builder, a function of the corpus (filled by stdlib_task)
+
+
+def stdlib_task(name: str, **registration):
+    """Decorator: register the task ``name`` (``registration``: :func:`deltatune.tasks.registry.task`'s
+    keywords) built from the corpus by the function below; loading it goes through :func:`build_task`."""
+    def register(builder):
+        _BUILDERS[name] = builder
+        task(name, **registration)(lambda: build_task(name))
+        return builder
+
+    return register
+
+
 def _first_per_code(functions: list[dict]) -> list[dict]:
     """Documented functions (3+ word summary), one per distinct code: the copy in the earliest split, else the first."""
     documented = [f for f in functions if len(f["doc"].split()) >= MIN_DOC_WORDS]
@@ -460,8 +505,9 @@ def _query_key(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def _pairs(corpus: dict, name: str) -> TaskData:
-    """code-search and code-summarization: (docstring summary, code without docstring).
+def _pairs(corpus: dict) -> tuple[dict[str, list[dict]], list[str]]:
+    """(functions per split, card notes) of code-search and code-summarization: (docstring summary, code
+    without docstring) pairs.
 
     A valid or test function whose summary (lower-cased, whitespace collapsed) is also the summary
     of a function in an earlier split is dropped: its query or target was seen in training.
@@ -481,24 +527,27 @@ def _pairs(corpus: dict, name: str) -> TaskData:
         f"a valid/test function whose summary (case and spacing ignored) is a summary in an earlier split is dropped: "
         f"valid {dropped['valid']}, test {dropped['test']}",
     ]
-    if name == "code-search":
-        rows = {s: [{"query": f["doc"], "code": f["code"], **_origin(f)} for f in fs]
-                for s, fs in splits.items()}
-        repeats = {s: len(r) - len({" ".join(q["query"].split()) for q in r}) for s, r in rows.items()}
-        notes.append("score: cosine ranking of each query's code among the split's codes (see retrieval pool below; "
-                     "every score names its pool)")
-        notes.append(f"identical queries within a split are kept (valid {repeats['valid']}, test {repeats['test']} "
-                     f"repeats) and all their codes count as right answers: a query ranks by the first of them")
-        return TaskData(name, "retrieval", "mrr", None, rows["train"], rows["valid"], rows["test"],
-                        _source(corpus), notes, ("mrr", "recall@1", "recall@5", "recall@10"))
-    rows = {s: [{"prompt": f["code"], "target": f["doc"], **_origin(f)} for f in fs]
-            for s, fs in splits.items()}
-    notes.append("score: smoothed sentence BLEU-4 x100 averaged over examples, tokenised as CodeXGLUE code-to-text's "
-                 "bleu.py (with its NIST normalisation, which splits _)")
-    return TaskData(name, "generation", "bleu4", None, rows["train"], rows["valid"], rows["test"],
-                    _source(corpus), notes, ("bleu4", "exact_match"))
+    return splits, notes
 
 
+@stdlib_task("code-search", kind="retrieval",
+             description="retrieve a stdlib function from its docstring summary (CodeSearchNet / CodeXGLUE code "
+                         "search; MRR)")
+def _code_search(corpus: dict) -> TaskData:
+    splits, notes = _pairs(corpus)
+    rows = {s: [{"query": f["doc"], "code": f["code"], **_origin(f)} for f in fs] for s, fs in splits.items()}
+    repeats = {s: len(r) - len({" ".join(q["query"].split()) for q in r}) for s, r in rows.items()}
+    notes.append("score: cosine ranking of each query's code among the split's codes (see retrieval pool below; "
+                 "every score names its pool)")
+    notes.append(f"identical queries within a split are kept (valid {repeats['valid']}, test {repeats['test']} "
+                 f"repeats) and all their codes count as right answers: a query ranks by the first of them")
+    return REGISTRY["code-search"].data(None, rows["train"], rows["valid"], rows["test"], source=_source(corpus),
+                                        notes=notes)
+
+
+@stdlib_task("docstring-match", kind="classification",
+             description="does this docstring summary belong to this function? "
+                         "(CuBERT function-docstring mismatch; accuracy)")
 def _docstring_match(corpus: dict) -> TaskData:
     """Half of each split's functions keep their docstring (match), half get another function's (mismatch)."""
     out = {}
@@ -521,8 +570,8 @@ def _docstring_match(corpus: dict) -> TaskData:
     notes = _COMMON_NOTES + [_near_copy_note(corpus),
                              "negatives pair a function with the docstring summary of another function of the same "
                              "split (different text); labels balanced 50/50 per split (seeded)"]
-    return TaskData("docstring-match", "classification", "accuracy", ["mismatch", "match"],
-                    out["train"], out["valid"], out["test"], _source(corpus), notes, ("accuracy", "macro_f1"))
+    return REGISTRY["docstring-match"].data(["mismatch", "match"], out["train"], out["valid"], out["test"],
+                                            source=_source(corpus), notes=notes)
 
 
 def _mentions(answer: str) -> re.Pattern:
@@ -530,6 +579,9 @@ def _mentions(answer: str) -> re.Pattern:
     return re.compile(rf"(?<![\w.]){re.escape(answer)}(?!\w)")
 
 
+@stdlib_task("exception-type", kind="classification",
+             description="predict the exception type masked as __HOLE__ in an except clause "
+                         "(CuBERT exception classification; accuracy)")
 def _exception_type(corpus: dict) -> TaskData:
     """One example per ``except X:`` clause; the 20 most frequent types on train are the classes."""
     seen, rows, masked_more = set(), {"train": [], "valid": [], "test": []}, 0
@@ -556,10 +608,13 @@ def _exception_type(corpus: dict) -> TaskData:
         f"prompt never names the answer ({masked_more} examples had such mentions)",
         f"classes: the {N_EXCEPTION_TYPES} most frequent types on train; other types dropped",
     ]
-    return TaskData("exception-type", "classification", "accuracy", labels, rows["train"], rows["valid"],
-                    rows["test"], _source(corpus), notes, ("accuracy", "macro_f1"))
+    return REGISTRY["exception-type"].data(labels, rows["train"], rows["valid"], rows["test"], source=_source(corpus),
+                                           notes=notes)
 
 
+@stdlib_task("bug-detect", kind="classification",
+             description="is this function correct or does it carry a synthetic bug: variable misuse, wrong operator, "
+                         "swapped operands (CuBERT-style; accuracy)")
 def _bug_detect(corpus: dict) -> TaskData:
     """Each documented function appears once: as written (correct) or with one seeded synthetic bug (buggy)."""
     out, kinds = {}, Counter()
@@ -591,10 +646,24 @@ def _bug_detect(corpus: dict) -> TaskData:
         "both classes rendered with ast.unparse so formatting and comments do not reveal the label",
         "bug kinds over all splits: " + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())),
     ]
-    return TaskData("bug-detect", "classification", "accuracy", ["correct", "buggy"], out["train"], out["valid"],
-                    out["test"], _source(corpus), notes, ("accuracy", "macro_f1"))
+    return REGISTRY["bug-detect"].data(["correct", "buggy"], out["train"], out["valid"], out["test"],
+                                       source=_source(corpus), notes=notes)
 
 
+@stdlib_task("code-summarization", kind="generation",
+             description="write the docstring summary line of a function (CodeXGLUE code-to-text; smoothed BLEU-4)")
+def _code_summarization(corpus: dict) -> TaskData:
+    splits, notes = _pairs(corpus)
+    rows = {s: [{"prompt": f["code"], "target": f["doc"], **_origin(f)} for f in fs] for s, fs in splits.items()}
+    notes.append("score: smoothed sentence BLEU-4 x100 averaged over examples, tokenised as CodeXGLUE code-to-text's "
+                 "bleu.py (with its NIST normalisation, which splits _)")
+    return REGISTRY["code-summarization"].data(None, rows["train"], rows["valid"], rows["test"],
+                                               source=_source(corpus), notes=notes)
+
+
+@stdlib_task("function-naming", kind="generation", metric="exact_match", metrics=("exact_match", "subtoken_f1"),
+             description="predict a function's name, masked as __NAME__ "
+                         "(code2seq method naming; exact match, subtoken F1)")
 def _function_naming(corpus: dict) -> TaskData:
     """Documented non-dunder functions; every whole-word occurrence of the name becomes ``__NAME__``."""
     rows = {"train": [], "valid": [], "test": []}
@@ -611,18 +680,8 @@ def _function_naming(corpus: dict) -> TaskData:
         "score: exact match, and code2seq subtoken precision/recall/F1 (snake_case/camelCase split, set membership, "
         "a prediction whose subtokens join to the reference's is fully right; micro-averaged)",
     ]
-    return TaskData("function-naming", "generation", "exact_match", None, rows["train"], rows["valid"],
-                    rows["test"], _source(corpus), notes, ("exact_match", "subtoken_f1"))
-
-
-_BUILDERS = {
-    "code-search": lambda c: _pairs(c, "code-search"),
-    "docstring-match": _docstring_match,
-    "exception-type": _exception_type,
-    "bug-detect": _bug_detect,
-    "code-summarization": lambda c: _pairs(c, "code-summarization"),
-    "function-naming": _function_naming,
-}
+    return REGISTRY["function-naming"].data(None, rows["train"], rows["valid"], rows["test"], source=_source(corpus),
+                                            notes=notes)
 
 
 @lru_cache(maxsize=None)
@@ -643,5 +702,5 @@ def build_task(name: str, root: str | None = None) -> TaskData:
 
 
 if __name__ == "__main__":
-    for task in _BUILDERS:
-        print(build_task(task).card(), end="\n\n")
+    for name in _BUILDERS:
+        print(build_task(name).card(), end="\n\n")

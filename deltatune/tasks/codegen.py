@@ -28,8 +28,8 @@ from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 
-from deltatune.tasks import TaskData
 from deltatune.tasks import code
+from deltatune.tasks.registry import REGISTRY, TaskData, task
 
 NAME = "code-generation"
 MAX_TARGET_LINES = 30
@@ -128,9 +128,8 @@ def _build(corpus: dict) -> dict:
         "score: smoothed sentence BLEU-4 x100 of the body (CodeXGLUE tokenisation) and exact match; "
         "the functional test is `deltatune eval --task humaneval`",
     ]
-    return {"name": NAME, "kind": "generation", "metric": "bleu4", "labels": None, "train": rows["train"],
-            "valid": rows["valid"], "test": rows["test"], "source": code._source(corpus), "notes": notes,
-            "metrics": ["bleu4", "exact_match"], "retrieval_pool": None}
+    return {"labels": None, "train": rows["train"], "valid": rows["valid"], "test": rows["test"],
+            "source": code._source(corpus), "notes": notes, "retrieval_pool": None}
 
 
 def _cache_file(root: str | None) -> Path:
@@ -145,13 +144,16 @@ def _built(root: str | None) -> dict:
     return code._json_cached(_cache_file(root), lambda: _build(code.load_corpus(root)))
 
 
+@task(NAME, kind="generation", metric="bleu4", metrics=("bleu4", "exact_match"),
+      description="write a function's body from its signature and docstring, HumanEval-style "
+                  "(smoothed BLEU-4; the functional test is `deltatune eval --task humaneval`)")
 def build_task(root: str | None = None) -> TaskData:
     """A fresh copy of the code-generation task (cached as JSON next to the corpus, memoized per process)."""
     fields = dict(_built(root))
     for split in ("train", "valid", "test"):
         fields[split] = [dict(r) for r in fields[split]]
-    fields["notes"], fields["metrics"] = list(fields["notes"]), tuple(fields["metrics"])
-    return TaskData(**fields)
+    fields["notes"] = list(fields["notes"])
+    return REGISTRY[NAME].data(**fields)
 
 
 if __name__ == "__main__":

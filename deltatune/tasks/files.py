@@ -1,6 +1,7 @@
 """User data: JSONL/CSV/TSV files or directories, and Hugging Face ``datasets``.
 
-The kind of task follows from the columns:
+The kind of task follows from the columns, each kind's ``columns`` (:mod:`deltatune.tasks.kinds`;
+a file holding the columns of several kinds is read as the first of them here):
 
 - ``text``, ``label`` (+ optional ``text_pair``): classification (as in GLUE single-sentence and
   sentence-pair tasks). String labels are mapped to ints in sorted order; int labels are kept.
@@ -29,15 +30,21 @@ import stat
 from pathlib import Path
 
 from deltatune.errors import DataError
-from deltatune.tasks import TaskData
+from deltatune.tasks.kinds import KINDS, Classification, get_kind
+from deltatune.tasks.registry import TASKS, TaskData
 
 SUFFIXES = (".jsonl", ".csv", ".tsv")
-KINDS = {  # kind -> (required columns, optional columns, main metric, all metrics)
-    "classification": (("text", "label"), ("text_pair",), "accuracy", ("accuracy", "macro_f1")),
-    "retrieval": (("query", "code"), (), "mrr", ("mrr", "recall@1", "recall@5", "recall@10")),
-    "generation": (("prompt", "target"), (), "bleu4", ("bleu4", "exact_match")),
-}
-ACCEPTED = "text,label[,text_pair] (classification); query,code (retrieval); prompt,target (generation)"
+
+
+def data_kinds() -> list:
+    """The kinds a data file can hold (those with ``columns``), in the order a file's columns are matched."""
+    return sorted((kind for kind in KINDS.values() if kind.columns is not None), key=lambda kind: kind.columns_rank)
+
+
+def accepted() -> str:
+    """The accepted column sets, for errors: ``text,label[,text_pair] (classification); query,code (retrieval); ...``."""
+    return "; ".join(",".join(kind.columns[0]) + "".join(f"[,{c}]" for c in kind.columns[1]) + f" ({kind.name})"
+                     for kind in data_kinds())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,7 +135,7 @@ def read_rows(path: str | Path) -> list[tuple[int, dict]]:
                 raise DataError(f"{path}, line {n}: JSON nested too deeply to read; each line must hold one flat "
                                 f"JSON object") from None
             if not isinstance(row, dict):
-                raise DataError(f"{path}, line {n}: expected a JSON object with columns {ACCEPTED}, "
+                raise DataError(f"{path}, line {n}: expected a JSON object with columns {accepted()}, "
                                 f"got {type(row).__name__}")
             rows.append((n, row))
     else:
@@ -142,37 +149,40 @@ def read_rows(path: str | Path) -> list[tuple[int, dict]]:
         except csv.Error as e:
             raise DataError(f"{path}, line {reader.line_num}: malformed CSV ({e})") from None
     if not rows:
-        raise DataError(f"{path} is empty: no records found; expected rows with columns {ACCEPTED}")
+        raise DataError(f"{path} is empty: no records found; expected rows with columns {accepted()}")
     return rows
 
 
 def infer_kind(columns: set[str], where: str) -> str:
     """The task kind for a set of column names, or a DataError listing what was found and what is accepted."""
-    for kind, (required, _, _, _) in KINDS.items():
-        if set(required) <= columns:
-            return kind
+    for kind in data_kinds():
+        if set(kind.columns[0]) <= columns:
+            return kind.name
     found = ", ".join(sorted(columns)) or "none"
-    for kind, (required, _, _, _) in KINDS.items():
+    for kind in data_kinds():
+        required = kind.columns[0]
         missing = [c for c in required if c not in columns]
         if len(missing) < len(required):
-            raise DataError(f"{where}: missing column {missing[0]!r} for {kind} data (found columns: {found}); "
-                            f"accepted column sets: {ACCEPTED}")
-    raise DataError(f"{where}: no usable columns (found columns: {found}); accepted column sets: {ACCEPTED}")
+            raise DataError(f"{where}: missing column {missing[0]!r} for {kind.name} data (found columns: {found}); "
+                            f"accepted column sets: {accepted()}")
+    raise DataError(f"{where}: no usable columns (found columns: {found}); accepted column sets: {accepted()}")
 
 
 def _clean(rows: list[tuple[int, dict]], kind: str, path: Path) -> list[dict]:
-    """Keep the task's columns; check every row has them and that text columns are strings."""
-    required, optional, _, _ = KINDS[kind]
-    has_pair = any("text_pair" in r for _, r in rows)
+    """Keep the task's columns; check every row has them and that text columns are strings. An optional
+    column (text_pair) that some row has, every row must have."""
+    spec = get_kind(kind)
+    required, optional = spec.columns
+    used = required + tuple(c for c in optional if any(c in r for _, r in rows))
     out = []
     for n, row in rows:
-        for col in required + (optional if has_pair else ()):
+        for col in used:
             if col not in row:
                 raise DataError(f"{path}, line {n}: missing column {col!r} (found columns: "
                                 f"{', '.join(sorted(row))}); every row needs {', '.join(required)}")
             if row[col] is None:
                 raise DataError(f"{path}, line {n}: column {col!r} is null; give every row a value")
-            if col != "label" and not isinstance(row[col], str):
+            if col in spec.text_fields and not isinstance(row[col], str):
                 raise DataError(f"{path}, line {n}: column {col!r} must be a string, got {type(row[col]).__name__}")
         out.append({c: row[c] for c in required + optional if c in row} | {"_where": f"{path}, line {n}"})
     return out
@@ -317,11 +327,8 @@ def carve(rows: list[dict], fraction: float = 0.1, seed: str = "carve") -> tuple
 def assemble(name: str, kind: str, splits: dict[str, list[dict]], labels: list[str] | None,
              source: str, notes: list[str]) -> TaskData:
     """A TaskData from clean splits (labels mapped for classification, bookkeeping keys removed)."""
-    _, _, metric, metrics = KINDS[kind]
-    if kind == "classification":
-        labels = map_labels(splits, labels)
-    else:
-        labels = None
+    spec = get_kind(kind)
+    labels = map_labels(splits, labels) if spec.labelled else None
     for split in ("train", "valid", "test"):
         if not splits[split]:
             total = sum(len(rows) for rows in splits.values())
@@ -331,16 +338,39 @@ def assemble(name: str, kind: str, splits: dict[str, list[dict]], labels: list[s
     for rows in splits.values():
         for r in rows:
             r.pop("_where", None)
-    return TaskData(name, kind, metric, labels, splits["train"], splits["valid"], splits["test"],
-                    source, notes, metrics)
+    return TaskData(name, kind, spec.metric, labels, splits["train"], splits["valid"], splits["test"],
+                    source, notes, spec.metrics)
 
 
 def _find(directory: Path, stems: tuple[str, ...]) -> Path | None:
+    """The split file named like one of ``stems`` (first match), or None. Whatever has such a name is that
+    split's file: one that is not a regular file, or a link out of the directory, is refused (naming it)
+    rather than skipped, which would silently carve the split from the rest."""
     for stem in stems:
         for suffix in SUFFIXES:
-            if (directory / f"{stem}{suffix}").is_file():
-                return directory / f"{stem}{suffix}"
+            path = directory / f"{stem}{suffix}"
+            if os.path.lexists(path):
+                _check_split_file(directory, path)
+                return path
     return None
+
+
+def _check_split_file(directory: Path, path: Path) -> None:
+    """A split file of a data directory is a regular file inside it (a link is followed only to a file
+    in the directory itself): a FIFO would hang the read, a device (/dev/urandom) never end."""
+    if os.path.islink(path):
+        if Path(os.path.realpath(directory)) not in Path(os.path.realpath(path)).parents:
+            raise DataError(f"{path} is a symbolic link to {os.readlink(path)!r}, outside the data directory "
+                            f"{directory}; copy the file into the directory (or remove the link to have the split "
+                            f"made from the other files)")
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e}); a split file of a data directory must be a "
+                        f"regular file") from None
+    if not stat.S_ISREG(mode):
+        raise DataError(f"{path} is {_file_kind(mode)}, not a regular file; a split file of a data directory must be "
+                        f"a regular .jsonl/.csv/.tsv file (remove it to have the split made from the other files)")
 
 
 def load_path(path: str | Path, labels: list[str] | None = None) -> TaskData:
@@ -353,7 +383,6 @@ def load_path(path: str | Path, labels: list[str] | None = None) -> TaskData:
             why = "a symlink loop" if e.errno == errno.ELOOP else "a symlink to a missing file"
             raise DataError(f"{path}: {why} ({os.readlink(path)!r}); point it at a data file or directory") from None
     if not path.exists():
-        from deltatune.tasks import TASKS
         raise DataError(f"{path}: no such file or directory, and not a built-in task ({', '.join(TASKS)}); pass a "
                         f".jsonl/.csv/.tsv file, a directory with train/valid/test files, or hf:<dataset>[:<config>]")
     if path.is_dir():
@@ -403,13 +432,13 @@ HF_TEXT_COLUMNS = [
 def _hf_rows(ds, where: str, label_names: list[str] | None) -> tuple[str, list[dict], list[str] | None]:
     """Map one ``datasets.Dataset`` onto deltatune columns: (kind, rows, label names or None)."""
     cols = set(ds.column_names)
-    if {"query", "code"} <= cols or {"prompt", "target"} <= cols:
-        kind = "retrieval" if {"query", "code"} <= cols else "generation"
-        keep = KINDS[kind][0]
-        return kind, [{k: row[k] for k in keep} | {"_where": f"{where}, row {i}"} for i, row in enumerate(ds)], None
+    plain = next((kind for kind in data_kinds() if not kind.labelled and set(kind.columns[0]) <= cols), None)
+    if plain is not None:  # columns named as deltatune names them (query/code, prompt/target): taken as they are
+        keep = plain.columns[0]
+        return plain.name, [{k: row[k] for k in keep} | {"_where": f"{where}, row {i}"} for i, row in enumerate(ds)], None
     if "label" not in cols:
         raise DataError(f"{where}: no 'label' column (found columns: {', '.join(sorted(cols))}); "
-                        f"accepted column sets: {ACCEPTED}, or GLUE-style sentence / sentence1+sentence2 / "
+                        f"accepted column sets: {accepted()}, or GLUE-style sentence / sentence1+sentence2 / "
                         f"question+sentence")
     pair = next(((a, b) for a, b in HF_TEXT_COLUMNS if a in cols and (b is None or b in cols)), None)
     if pair is None:
@@ -425,7 +454,7 @@ def _hf_rows(ds, where: str, label_names: list[str] | None) -> tuple[str, list[d
         if pair[1]:
             r["text_pair"] = row[pair[1]]
         rows.append(r)
-    return "classification", rows, names
+    return Classification.name, rows, names
 
 
 def parse_hf_spec(spec: str) -> tuple[str, str | None]:

@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 from deltatune.errors import ConfigError, DataError
+from deltatune.tasks.registry import task
 
 __all__ = ["STOP_SEQUENCES", "load_problems", "truncate", "chat_code", "cut_chat", "program", "pass_at_k", "generate",
            "evaluate"]
@@ -231,13 +232,25 @@ def _adapter_hash(adapter: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def prediction_record(problem: dict, index: int, sample: int, completion: str, result) -> dict:
+    """One line of ``predictions-test.jsonl``: the sample and what the sandbox's :class:`~deltatune.sandbox.Result`
+    says of it. ``error`` is the harness's text (a built-in exception's name, the compiler's message, a limit),
+    never the program's output: nothing a program prints or raises reaches this file."""
+    return {"index": index, "task_id": problem["task_id"], "entry_point": problem["entry_point"], "sample": sample,
+            "prompt": problem["prompt"], "completion": completion, "result": result.status, "error": result.error,
+            "seconds": round(result.seconds, 3)}
+
+
+@task("humaneval", kind="humaneval",
+      description="HumanEval (Chen et al. 2021): 164 Python problems, pass@k of completions run against their tests")
 def evaluate(model: str | None = "smollm2", adapter=None, *, n: int = 1, ks=(1, 10), temperature: float = 0.0,
              max_new_tokens: int = 384, limit: int | None = None, batch_size: int = 8, seed: int = 0,
              workers: int | None = None, timeout: float = 10.0, out_dir=None, device: str | None = None,
              progress: bool = True, prompt_format: str = "completion") -> dict:
     """pass@k of ``model`` (with the deltatune ``adapter`` loaded, if given) on HumanEval.
 
-    ``model`` may be None with an adapter: the model its run.json names.
+    ``adapter``: an adapter folder; a run folder's adapter and model are found by the caller
+    (``deltatune.training.runs.adapter_and_model``, as ``evaluate`` and ``deltatune eval`` do).
     ``prompt_format``: "completion" (the paper's: the model continues the prompt) or "chat" (for
     instruct models: the prompt asked for in one user turn, the answer's first code block run; see
     :data:`CHAT_REQUEST`). Returns the metrics (also
@@ -246,9 +259,9 @@ def evaluate(model: str | None = "smollm2", adapter=None, *, n: int = 1, ks=(1, 
     import torch
 
     import deltatune as dt
-    from deltatune.models import build_task_model
+    from deltatune.tasks.kinds import HumanEval
     from deltatune.sandbox import protections, run_programs
-    from deltatune.storage import atomic_write_json, make_dir
+    from deltatune.storage import EVAL, atomic_write_json, owned
 
     if prompt_format not in ("completion", "chat"):
         raise ConfigError(f"prompt_format must be 'completion' or 'chat', got {prompt_format!r}")
@@ -259,6 +272,11 @@ def evaluate(model: str | None = "smollm2", adapter=None, *, n: int = 1, ks=(1, 
     if n > 1 and temperature == 0:
         raise ConfigError(f"n={n} samples need sampling: give a temperature > 0 (the paper used 0.2 for pass@1, "
                           "0.8 for pass@10 and pass@100), or n=1 for greedy decoding")
+    if not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and math.isfinite(timeout)
+            and 0 < timeout <= 3600):
+        raise ConfigError(f"timeout (seconds per program, --timeout) must be a number in (0, 3600], got {timeout!r}")
+    if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or not 1 <= workers <= 64):
+        raise ConfigError(f"workers (programs run at once, --workers) must be a whole number in [1, 64], got {workers!r}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1 or batch_size < 1:
         raise ConfigError("max_new_tokens and batch_size must be whole numbers >= 1")
     ks = sorted({int(k) for k in ks})
@@ -267,25 +285,13 @@ def evaluate(model: str | None = "smollm2", adapter=None, *, n: int = 1, ks=(1, 
     reported = [k for k in ks if k <= n]
     if not reported:
         raise ConfigError(f"pass@k needs k <= n; with n={n} no k of {ks} can be reported (raise n)")
-    adapter_dir = None
-    if adapter is not None:
-        from deltatune.training.runs import read_run_json, run_json_of, resolve_adapter
-
-        adapter_dir = resolve_adapter(adapter)
-        try:
-            trained_on = read_run_json(run_json_of(adapter_dir)).get("model")
-        except ConfigError:
-            trained_on = None
-        if model is None:
-            model = trained_on
-        elif trained_on and trained_on != model:
-            raise ConfigError(f"the adapter at {adapter_dir} was trained on {trained_on!r}, not {model!r}; "
-                              f"pass --model {trained_on} (or leave --model out)")
+    adapter_dir = Path(adapter) if adapter is not None else None  # an adapter folder (callers resolve run folders)
     if not model:
         raise ConfigError("name the model: --model smollm2 (or give --adapter with the run.json that train wrote)")
     problems = load_problems(limit)
     sandbox = protections()  # refuses early where generated code could not be confined
-    out = make_dir(out_dir) if out_dir is not None else None
+    folder = owned(out_dir, EVAL) if out_dir is not None else None  # held (locked) until the results are written
+    out = folder.open() if folder is not None else None  # an eval folder: never a user's files, never a link in it
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     settings = {"model": model, "adapter": str(adapter_dir) if adapter_dir else None,
                 "adapter_sha256": _adapter_hash(adapter_dir) if adapter_dir else None, "n": n,
@@ -306,7 +312,7 @@ def evaluate(model: str | None = "smollm2", adapter=None, *, n: int = 1, ks=(1, 
     if all((i, j) in done for i in range(len(problems)) for j in range(n)):
         completions = [[done[(i, j)] for j in range(n)] for i in range(len(problems))]
     else:
-        lm, tokenizer = build_task_model(model, "generation")
+        lm, tokenizer = HumanEval.build_model(model)
         if adapter_dir is not None:
             dt.load_adapter(lm, adapter_dir)
         lm.to(device)
@@ -326,9 +332,7 @@ def evaluate(model: str | None = "smollm2", adapter=None, *, n: int = 1, ks=(1, 
     records = []
     for (i, j), result in zip(jobs, results):
         correct[i] += result.passed
-        records.append({"index": i, "task_id": problems[i]["task_id"], "entry_point": problems[i]["entry_point"],
-                        "sample": j, "prompt": problems[i]["prompt"], "completion": completions[i][j],
-                        "result": result.status, "error": result.error, "seconds": round(result.seconds, 3)})
+        records.append(prediction_record(problems[i], i, j, completions[i][j], result))
     scores = {f"pass@{k}": sum(pass_at_k(n, c, k) for c in correct) / len(problems) for k in reported}
     counts = {s: sum(r["result"] == s for r in records) for s in ("passed", "failed", "timed out")}
     metrics = {"task": "humaneval", "split": "test", "metric": f"pass@{reported[0]}", "value": scores[f"pass@{reported[0]}"],

@@ -8,8 +8,9 @@ One module per job: ``config`` (TrainConfig and its one validator), ``run`` (``t
 configuration to its summary), ``loop`` (the optimizer steps, validation, the data order), ``evaluate``
 (scoring, zero-shot, ``evaluate``), ``memory`` (batch fit, checkpointing, positions), ``outdir`` (the out
 folder's guards and log), ``runs`` (run folders as their readers see them), ``checkpoints``,
-``objectives``, ``distributed``, ``privacy``, ``recycle`` (embedding recycling) and ``freeze`` (telly's
-``k=auto``: a freeze depth from a short fine-tune through the same loop).
+``distributed``, ``privacy``, ``recycle`` (embedding recycling) and ``freeze`` (telly's ``k=auto``: a freeze
+depth from a short fine-tune through the same loop). What differs between task kinds (the objectives, the
+model and head, the scoring) is the kinds' own: ``deltatune.tasks.kinds``, which the engine asks.
 """
 import importlib
 

@@ -6,6 +6,7 @@ Every field is checked here, for a config from the API or the CLI and for one re
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,9 @@ class TrainConfig:
     lr: float | None = setting(None, min=0.0, max=10.0, metavar="LR",  # 10: room for any sweep, refuses overflows
                                default_text="the method's own, see `deltatune methods`", help="learning rate")
     weight_decay: float = setting(0.0, min=0.0, max=1e6, help="AdamW weight decay")
+    lora_plus_ratio: float = setting(1.0, min=1e-3, max=1e4, help="LoRA+: train the B factors (the method's "
+                                     "faster_parameters) at this multiple of lr; 1 is plain training (Hayou et al. "
+                                     "2024 suggest 16)")
     warmup_ratio: float = setting(0.1, min=0.0, max=1.0, help="linear warm-up over this share of the steps, "
                                                               "then linear decay to 0")
     max_grad_norm: float | None = setting(1.0, min=0.0, max=1e12, help="gradient clipping norm; 0 turns it off")
@@ -84,6 +88,10 @@ class TrainConfig:
                               "-m deltatune train`")
     fsdp: bool = setting(False, help="with several processes: shard the frozen base's weights over them (FSDP), for "
                                      "bases too large for one device")
+    score_test: bool = setting(True, flag=False,
+                               help="score the test split (the base model before training, the best adapter at the "
+                                    "end); False keeps the test split out of the run (a sweep's trials, chosen on "
+                                    "validation): the summary's value is then None")
 
 
 # Fields that may differ between a run and its resumption without changing the result.
@@ -94,8 +102,11 @@ RESUMABLE_CHANGES = {"resume", "stop_after", "log_every", "json_log", "progress"
 
 def resolved(cfg: TrainConfig, task) -> TrainConfig:
     """The config with its defaults filled in: lr, out_dir, device, bf16="auto", and the task name of a TaskData."""
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if isinstance(cfg.bf16, str) and cfg.bf16 == "auto":
-        cfg = dataclasses.replace(cfg, bf16=native_bf16(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+        cfg = dataclasses.replace(cfg, bf16=native_bf16(device))
+    elif cfg.bf16 is True and not native_bf16(device):
+        warn_emulated_bf16(device)
     check_settings(cfg)
     task_name = task.name if task is not None else cfg.task
     return dataclasses.replace(
@@ -103,7 +114,7 @@ def resolved(cfg: TrainConfig, task) -> TrainConfig:
         task=task_name,
         options=dict(cfg.options),
         lr=cfg.lr if cfg.lr is not None else dt.method_info(cfg.method)["lr"],
-        out_dir=str(cfg.out_dir or f"runs/{slug(cfg.model)}-{slug(task_name)}-{slug(cfg.method)}-s{cfg.seed}"),
+        out_dir=str(cfg.out_dir if cfg.out_dir is not None else f"runs/{slug(cfg.model)}-{slug(task_name)}-{slug(cfg.method)}-s{cfg.seed}"),
         device=cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"),
     )
 
@@ -111,6 +122,22 @@ def resolved(cfg: TrainConfig, task) -> TrainConfig:
 def check_settings(cfg: TrainConfig) -> None:
     """Every field of ``cfg`` of its declared type, range and choices; a ConfigError naming the first that is not."""
     settings.check(cfg)
+
+
+def warn_emulated_bf16(device: str) -> None:
+    """One warning per process (however many runs, resumes and evaluations resolve a config): bf16 on a device
+    that would emulate it is many times slower than float32, not faster."""
+    if device in _WARNED_BF16:
+        return
+    _WARNED_BF16.add(device)
+    where = "this CPU has no native bfloat16 (no avx512_bf16, amx_bf16 or bf16 flag in /proc/cpuinfo)" \
+        if torch.device(device).type == "cpu" else f"{device} does not compute bfloat16 natively"
+    warnings.warn(f"--bf16: {where}, so bfloat16 would be emulated, many times slower than float32 (measured: "
+                  "about 10x per step on SmolLM2); drop --bf16, or use --bf16 auto (bf16 only where it is native)",
+                  stacklevel=3)
+
+
+_WARNED_BF16: set = set()
 
 
 def native_bf16(device: str, cpu_flags: str | None = None) -> bool:

@@ -402,7 +402,8 @@ def launch(fn, args: tuple, nproc: int, device: str = "cpu") -> list:
     port = _free_port()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = None if "OMP_NUM_THREADS" in os.environ else max(1, cores // nproc)
-    procs = [ctx.Process(target=_child, args=(r, nproc, port, threads, device, fn, args, results), daemon=False)
+    shown = _warning_format()
+    procs = [ctx.Process(target=_child, args=(r, nproc, port, threads, device, fn, args, results, shown), daemon=False)
              for r in range(nproc)]
     for p in procs:
         p.start()
@@ -454,9 +455,27 @@ def _errors() -> set[str]:
 _ERRORS = _errors()
 
 
-def _child(me, nproc, port, threads, device, fn, args, results) -> None:
+_DEFAULT_FORMATWARNING = warnings.formatwarning
+_MESSAGE = "\x00message\x00"
+
+
+def _warning_format() -> str | None:
+    """How this process prints a warning, as a template a child process can take (the CLI's one line,
+    ``deltatune train: warning: ...``); None where Python's own format is in use."""
+    if warnings.formatwarning is _DEFAULT_FORMATWARNING:
+        return None
+    try:
+        text = warnings.formatwarning(_MESSAGE, UserWarning, "", 0)
+    except Exception:  # a format that needs a real file and line: the children keep Python's
+        return None
+    return text if _MESSAGE in text else None
+
+
+def _child(me, nproc, port, threads, device, fn, args, results, shown=None) -> None:
     os.environ.update(RANK=str(me), LOCAL_RANK=str(me), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if shown is not None:  # a spawned process starts with Python's format: print warnings as the parent does
+        warnings.formatwarning = lambda message, *_, **__: shown.replace(_MESSAGE, str(message))
     if threads is not None:
         torch.set_num_threads(threads)
     try:

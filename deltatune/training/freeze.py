@@ -17,17 +17,16 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import sys
-import tempfile
 
 import torch
 
 from ..errors import ConfigError
 from ..names import cache_dir
+from ..storage import CacheEntry
 from .config import TrainConfig
 from .loop import optimizer_step
-from .objectives import OBJECTIVES
+from ..tasks.kinds import get_kind
 
 THRESHOLD = 0.9
 SCORE = "rsa_spearman"
@@ -52,10 +51,6 @@ def recommend_k(scores: list[float], threshold: float = THRESHOLD) -> int:
             break
         k = j
     return k
-
-
-def text_field(kind: str) -> str:
-    return {"retrieval": "code", "classification": "text", "generation": "prompt"}[kind]
 
 
 def short_finetune(model, objective, examples: list, *, steps: int, batch_size: int, lr: float, seed: int,
@@ -104,25 +99,25 @@ def freeze_depth(model_name: str, task, *, method: str = "full", steps: int = AU
     """Run (or read back) the short fine-tune + RSA analysis and the rule: returns a dict with ``k``,
     ``rule``, the per-layer scores, and what it was computed from."""
     import deltatune as dt
-    from ..models import build_task_model
     from ..analysis.features import extract, weights_key
     from ..analysis.similarity import per_layer
 
-    base, tokenizer = build_task_model(model_name, task.kind, len(task.labels or []))
+    kind = get_kind(task.kind)
+    with torch.random.fork_rng(devices=[]):  # a classifier's head drawn from the seed: part of what the cache key names
+        torch.manual_seed(seed)
+        base, tokenizer = kind.build_model(model_name, len(task.labels or []))
     lr = lr if lr is not None else dt.method_info(method)["lr"]
     settings = dict(version=VERSION, model=model_name, weights=weights_key(base, model_name), data=_data_hash(task),
                     task=task.name, method=method, steps=steps, samples=samples, threshold=threshold, score=score,
                     max_len=max_len, batch_size=batch_size, lr=lr, seed=seed)
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
     path = cache_dir() / "analysis" / f"freeze-{key}.json"
-    if cache and path.is_file():
-        try:
-            found = json.loads(path.read_text())
-            if found.get("settings") == settings:
-                return {**found, "cached": True, "cache_file": str(path)}
-        except (OSError, ValueError):
-            pass
-    field = text_field(task.kind)
+    entry = CacheEntry(path, key, "freeze-depth analysis", root=cache_dir())
+    # untrusted input: used only when it is this analysis (its settings) and its K follows from its own scores
+    found = entry.read_json(lambda value: _check_analysis(value, settings, score, threshold)) if cache else None
+    if found is not None:
+        return {**found, "cached": True, "cache_file": str(path)}
+    field = kind.text_field
     rows = task.split("valid") if len(task.split("valid")) >= 10 else task.split("train")
     texts = [str(r[field]) for r in rows[:samples]]
     if len(texts) < 3:
@@ -131,7 +126,7 @@ def freeze_depth(model_name: str, task, *, method: str = "full", steps: int = AU
     before = extract(base, tokenizer, texts, model_name=model_name, max_len=max_len, batch_size=batch_size,
                      device=device, progress=progress, desc="RSA: pretrained")["pooled"]
     cfg = TrainConfig(model=model_name, task=task.name, method=method, max_len=max_len, batch_size=batch_size)
-    objective = OBJECTIVES[task.kind](tokenizer, cfg)
+    objective = kind(tokenizer, cfg)
     examples = objective.encode(task.split("train"), train=True)
     objective.truncated = objective.seen = 0
     dt.attach(base, method)
@@ -143,26 +138,40 @@ def freeze_depth(model_name: str, task, *, method: str = "full", steps: int = AU
     result = {"k": recommend_k(scores[score], threshold), "rule": rule_text(threshold, score, steps),
               "scores": scores, "samples": len(texts), "settings": settings}
     if cache:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                json.dump(result, f, indent=1)
-            os.replace(tmp, path)
-        except OSError:
-            pass
+        entry.write_json(result)
     return {**result, "cached": False, "cache_file": str(path)}
 
 
+def _check_analysis(value, settings: dict, score: str, threshold: float) -> None:
+    """A cached analysis of these settings: per-layer scores (finite numbers, one per hidden state) and the K
+    they give by the rule (ValueError, TypeError or KeyError otherwise)."""
+    if value["settings"] != settings:
+        raise ValueError("it is the analysis of other settings")
+    scores = value["scores"]
+    lengths = {len(v) for v in scores.values()} if isinstance(scores, dict) and scores else set()
+    if len(lengths) != 1 or lengths == {0} or any(
+            isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) for v in scores.values() for x in v):
+        raise ValueError("its scores are not finite numbers, one per hidden state")
+    if value["k"] != recommend_k(scores[score], threshold) or not isinstance(value["rule"], str) \
+            or not isinstance(value["samples"], int):
+        raise ValueError(f"its K={value['k']!r} does not follow from its scores by the rule")
+
+
 def resolve_options(cfg, task=None):
-    """``cfg`` with telly's ``k="auto"`` replaced by the recommended depth (other configs unchanged)."""
-    if cfg.method != "telly" or cfg.options.get("k") != "auto":
+    """``cfg`` with every option its method resolves by a freeze-depth analysis (``auto_options``; telly's
+    ``k="auto"``) and that is set to "auto" replaced by the recommended depth (other configs unchanged)."""
+    from ..registry import REGISTRY
+
+    method = REGISTRY.get(cfg.method)
+    auto = [k for k, how in (method.auto_options if method else {}).items()
+            if how == "freeze_depth" and cfg.options.get(k) == "auto"]
+    if not auto:
         return cfg
     from .scoring import load_task
 
     task = task if task is not None else load_task(cfg)
     found = freeze_depth(cfg.model, task, steps=min(AUTO_STEPS, cfg.max_steps), max_len=cfg.max_len,
                          batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device or "cpu", progress=cfg.progress)
-    print(f"telly k=auto: K={found['k']} ({'cached analysis' if found['cached'] else 'analysis'}: {found['cache_file']}); "
-          f"rule: {found['rule']}", file=sys.stderr)
-    return dataclasses.replace(cfg, options={**cfg.options, "k": found["k"]})
+    print(f"{cfg.method} {auto[0]}=auto: K={found['k']} ({'cached analysis' if found['cached'] else 'analysis'}: "
+          f"{found['cache_file']}); rule: {found['rule']}", file=sys.stderr)
+    return dataclasses.replace(cfg, options={**cfg.options, **{k: found["k"] for k in auto}})

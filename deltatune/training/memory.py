@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
+from ..tasks.kinds import get_kind
 from . import distributed
 from .config import TrainConfig
 from ..tensors import autocast, to_device  # noqa: F401  (autocast: re-exported for the engine)
@@ -47,6 +48,12 @@ def check_batch_fits(cfg: TrainConfig, model, objective, examples) -> bool:
     devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     fix = "lower batch_size (--batch-size; grad_accum keeps the effective batch) or max_len (--max-len)"
     what = f"a batch of {cfg.batch_size} examples of up to {n_tokens(longest)} tokens"
+    from tqdm.auto import tqdm
+
+    # Passes of 1 and 2 copies (the prediction), then the whole batch forward and backward: a large model's
+    # check takes minutes on a CPU (SmolLM2 at batch 32: about 2.5), so it shows where it is.
+    bar = tqdm(total=3, desc=f"batch-fit check: {what}", unit="pass", disable=not cfg.progress, file=sys.stderr,
+               dynamic_ncols=True, leave=False)
 
     def kept_for_backward(n: int) -> int:
         total = [0]
@@ -58,6 +65,7 @@ def check_batch_fits(cfg: TrainConfig, model, objective, examples) -> bool:
             batch = to_device(objective.collate([longest] * n), cfg.device)
             with autocast(cfg):
                 objective.loss(model, batch)
+        bar.update()
         return total[0]
 
     def predicted() -> tuple[int, int]:
@@ -72,6 +80,7 @@ def check_batch_fits(cfg: TrainConfig, model, objective, examples) -> bool:
     if cfg.grad_checkpointing == "auto" and activations > AUTO_CHECKPOINT_BYTES:
         before = activations
         enable_checkpointing(model)
+        bar.total += 2  # measured again with checkpointing on
         (need, _), checkpointing = predicted(), True
         if distributed.is_rank0():
             print(f"{what} keeps about {before / 2**30:.3g} GiB of activations for the backward pass: recomputing "
@@ -80,6 +89,7 @@ def check_batch_fits(cfg: TrainConfig, model, objective, examples) -> bool:
                   "turns it off)", file=sys.stderr)
     free = free_memory(cfg.device)
     if free is not None and need > free:
+        bar.close()
         raise ConfigError(f"{what} needs about {need / 2**30:.3g} GiB for its activations, more than the "
                           f"{free / 2**30:.3g} GiB free on {cfg.device}; {fix}")
     try:
@@ -89,12 +99,14 @@ def check_batch_fits(cfg: TrainConfig, model, objective, examples) -> bool:
                 loss = objective.loss(model, batch)
             loss.backward()
             value = loss.item()
+            bar.update()
     except (MemoryError, RuntimeError) as err:  # torch.OutOfMemoryError is a RuntimeError
         text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if isinstance(err, MemoryError) or "memory" in text.lower():
             raise ConfigError(f"{what} does not fit in memory on {cfg.device} ({text[:120]}); {fix}") from None
         raise
     finally:
+        bar.close()
         batch = loss = None
         for p in model.parameters():
             p.grad = None
@@ -159,12 +171,12 @@ def peak_rss_mb() -> float | None:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
-def longest_input(cfg: TrainConfig, model, kind: str, tokenizer) -> tuple[int, str]:
+def longest_input(cfg: TrainConfig, model, kind, tokenizer) -> tuple[int, str]:
     """(the longest max_len that fits the model's positions, with the prompt tokens and generated tokens
     it also needs; where that came from). No position table (T5): the tokenizer's model_max_length, or
     else the run's max_len."""
     limit, prompt = position_limit(model)
-    new = cfg.max_new_tokens if kind == "generation" else 0
+    new = get_kind(kind).new_tokens(cfg)  # generation: max_new_tokens
     if limit is not None:
         return limit - new - prompt, f"the model's maximum: {limit} positions" + (
             f" less {prompt} prompt tokens" if prompt else "") + (f" less max_new_tokens {new}" if new else "")
@@ -188,13 +200,13 @@ def position_limit(model) -> tuple[int | None, int]:
     return limit, sum(m.prompt.shape[0] for m in model.modules() if isinstance(m, SoftPrompt))
 
 
-def check_positions(cfg: TrainConfig, model, kind: str):
+def check_positions(cfg: TrainConfig, model, kind):
     """The longest input (max_len tokens, then max_new_tokens more when generating) plus the prompt
     tokens a method prepends fits in the model's positions; returns ``model``."""
     limit, prompt = position_limit(model)
     if limit is None:  # relative positions (T5): no table to run off
         return model
-    new = cfg.max_new_tokens if kind == "generation" else 0
+    new = get_kind(kind).new_tokens(cfg)  # generation: max_new_tokens
     if cfg.max_len + new + prompt > limit:
         parts = f"max_len {cfg.max_len}" + (f" + max_new_tokens {new}" if new else "") + (
             f" + {prompt} prompt tokens of {cfg.method}" if prompt else "")

@@ -16,6 +16,10 @@ block K:
   every architecture with one stack of blocks works unchanged;
 - the cache's name is a hash of the frozen part's weights, K, the token ids of every input (so the
   data, the tokenizer and max_len), the dtype and bf16 autocast: any change builds a new one;
+- a cache file is untrusted input (:class:`deltatune.storage.CacheEntry`, :meth:`Cache.verify`): it is
+  used only as a regular file of this user whose bounded header names its own key, K, dtype and width,
+  one row per input of the input's token count, and finite states; anything else is rebuilt with a
+  warning. A build writes a new file at an unpredictable name (``O_EXCL | O_NOFOLLOW``) and renames it;
 - the folder is pruned after every use (:func:`prune`): while it holds more than
   ``$DELTATUNE_RECYCLE_MAX_GB`` gigabytes (default 20) or ``$DELTATUNE_RECYCLE_MAX_FILES`` files
   (default 100), the least recently used files go first. Only regular files that carry
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import stat
@@ -43,6 +48,7 @@ from torch import nn
 
 from .. import sites as S
 from ..errors import ConfigError
+from ..storage import CacheEntry
 from ..models import cache_dir
 from ..store import hash_tensors, require_store
 
@@ -53,7 +59,8 @@ MARKER = ("deltatune", "recycle-cache")  # in every cache file's metadata: what 
 MAX_GB_ENV, MAX_GB_DEFAULT = "DELTATUNE_RECYCLE_MAX_GB", 20.0
 MAX_FILES_ENV, MAX_FILES_DEFAULT = "DELTATUNE_RECYCLE_MAX_FILES", 100
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+-([0-9a-f]{24})\.safetensors$")
-_TMP = re.compile(r"^\.([A-Za-z0-9_.-]+-[0-9a-f]{24}\.safetensors)\.tmp-([0-9]+)$")  # build()'s file while it writes
+# build()'s file while it writes: .NAME.tmp-PID-XXXXXXXX (CacheEntry.temporary; without the random tail before)
+_TMP = re.compile(r"^\.([A-Za-z0-9_.-]+-[0-9a-f]{24}\.safetensors)\.tmp-([0-9]+)(?:-[a-z0-9_]+)?$")
 STALE_AFTER_S = 3600  # an interrupted build's file: its writer is gone and it has not changed for an hour
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
@@ -72,7 +79,7 @@ def frozen_depth(model: nn.Module) -> int:
     if store.frozen_dropout:
         raise RecycleError("--recycle caches the frozen layers' output once, so they must run without dropout; "
                            "drop --frozen-dropout (frozen_dropout=True)")
-    if any(e.combine.mechanism == "prompt" for a in store.active for e in store.records[a].entries):
+    if any(e.combine.mechanism.extends_input for a in store.active for e in store.records[a].entries):
         raise RecycleError(f"{methods} adds tokens to the input, which changes every layer's input; it cannot be recycled")
     k = min((store.records[a].lowest for a in store.active), default=0)
     if k < 1:
@@ -99,28 +106,70 @@ def lower_weights_key(model: nn.Module, k: int) -> str:
 # ------------------------------------------------------------------------------------ the cache file
 
 
+_CODES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64}
+MAX_HEADER = 1 << 20  # a cache's header names two tensors and a few settings: kilobytes
+
+
 class Cache:
-    """One split's cached states, memory-mapped: ``rows(i)`` is input i's (T_i, d) hidden state."""
+    """One split's cached states, memory-mapped: ``rows(i)`` is input i's (T_i, d) hidden state.
+
+    The file is data from the shared cache folder, so it is parsed as such: the header is bounded
+    (MAX_HEADER) and must name exactly ``hidden`` (total tokens, d) and ``offsets`` (inputs + 1,) int64,
+    each of a known dtype, aligned and inside the file; anything else raises RecycleError.
+    :meth:`verify` then checks it against the inputs it is asked for.
+    """
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        size = self.path.stat().st_size
-        with open(self.path, "rb") as f:
-            n = struct.unpack("<Q", f.read(8))[0]
+        fd = os.open(self.path, os.O_RDONLY | _NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            raw = f.read(8)
+            n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+            if not 0 < n <= min(size - 8, MAX_HEADER):
+                raise RecycleError(f"its header is {n} bytes in a file of {size}")
             header = json.loads(f.read(n))
-        self.meta = header.pop("__metadata__", {})
+        if not isinstance(header, dict) or set(header) != {"__metadata__", "hidden", "offsets"}:
+            raise RecycleError("its header does not name the tensors hidden and offsets only")
+        self.meta = header.pop("__metadata__")
+        if not isinstance(self.meta, dict) or self.meta.get(MARKER[0]) != MARKER[1]:
+            raise RecycleError("it carries no recycling-cache marker")
         start = 8 + n
         storage = torch.UntypedStorage.from_file(str(self.path), shared=False, nbytes=size)
         tensors = {}
         for name, info in header.items():
-            dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64}[info["dtype"]]
+            dtype, shape, (begin, end) = _CODES[info["dtype"]], info["shape"], info["data_offsets"]
             item = torch.empty(0, dtype=dtype).element_size()
-            begin = start + info["data_offsets"][0]
-            if begin % item:
-                raise RecycleError(f"{self.path} is not a recycling cache written by deltatune; delete it")
-            tensors[name] = torch.empty(0, dtype=dtype).set_(storage, begin // item, tuple(info["shape"]))
+            if not (isinstance(shape, list) and all(isinstance(x, int) and x >= 0 for x in shape)
+                    and all(isinstance(x, int) for x in (begin, end)) and 0 <= begin <= end <= size - start
+                    and end - begin == math.prod(shape) * item and (start + begin) % item == 0):
+                raise RecycleError(f"its tensor {name} has a shape or place that does not fit the file")
+            tensors[name] = torch.empty(0, dtype=dtype).set_(storage, (start + begin) // item, tuple(shape))
         self.hidden, self.offsets = tensors["hidden"], tensors["offsets"]
+        if self.hidden.dim() != 2 or self.offsets.dtype != torch.int64 or self.offsets.dim() != 1:
+            raise RecycleError("its tensors are not hidden (tokens, d) and int64 offsets")
         self.k, self.form = int(self.meta["k"]), self.meta["form"]
+        if self.form not in ("tuple", "tensor"):
+            raise RecycleError(f"its block output form {self.form!r} is unknown")
+
+    def verify(self, *, key: str, k: int, dtype: str, lengths: list[int], width: int) -> "Cache":
+        """This cache holds what is asked: its key, depth, dtype and width, one row per input with the
+        input's own token count, and finite states only (RecycleError otherwise)."""
+        meta = self.meta
+        if meta.get("key") != key or str(meta.get("format")) != str(FORMAT) or self.k != k or meta.get("dtype") != dtype:
+            raise RecycleError(f"it was written for another key, depth, format or dtype ({meta.get('key')}, k={self.k}, "
+                               f"{meta.get('dtype')})")
+        if self.hidden.dtype != DTYPES[dtype][0] or self.hidden.shape[1] != width:
+            raise RecycleError(f"its states are {self.hidden.dtype} of width {self.hidden.shape[1]}, not {dtype} of {width}")
+        expected = torch.tensor([0] + list(lengths), dtype=torch.int64).cumsum(0)
+        if self.offsets.shape != expected.shape or not torch.equal(self.offsets, expected) \
+                or self.hidden.shape[0] != int(expected[-1]):
+            raise RecycleError(f"its rows are not these {len(lengths)} inputs' tokens")
+        step = max(1, (1 << 24) // max(1, width))  # about 16M values at a time: the map is read once, never whole
+        for begin in range(0, self.hidden.shape[0], step):
+            if not torch.isfinite(self.hidden[begin:begin + step]).all():
+                raise RecycleError("it holds NaN or infinite states")
+        return self
 
     def row(self, i: int) -> torch.Tensor:
         return self.hidden[int(self.offsets[i]):int(self.offsets[i + 1])]
@@ -164,13 +213,14 @@ def build(model, objective, rows: list[dict], k: int, dtype: str, path: Path, *,
         form["out"] = output[0] if isinstance(output, tuple) else output
         raise _Stop  # nothing above block k-1 is needed
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # Written to a new file at an unpredictable name (O_EXCL | O_NOFOLLOW: a link planted there is never
+    # written through), renamed into place when complete.
+    entry = CacheEntry(path, (meta or {}).get("key", ""), "recycling cache", root=cache_dir())
     handle = last.register_forward_hook(grab)
     was_training = model.training
     model.eval()
     try:
-        with open(tmp, "wb") as f:
+        with entry.temporary() as f:
             tensors = {"hidden": (code, (total, d), total * d * item), "offsets": ("I64", (len(rows) + 1,), 8 * (len(rows) + 1))}
             start = None
             order = sorted(range(len(rows)), key=lambda i: lengths[i])
@@ -196,14 +246,9 @@ def build(model, objective, rows: list[dict], k: int, dtype: str, path: Path, *,
                     bar.update(len(idx))
             f.seek(start + total * d * item)
             f.write(offsets.numpy().tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     finally:
         handle.remove()
         model.train(was_training)
-        if tmp.exists():
-            tmp.unlink()
     return Cache(path)
 
 
@@ -218,13 +263,6 @@ def _touch(path: Path) -> None:
         os.utime(path, ns=(time.time_ns(), st.st_mtime_ns), follow_symlinks=False)
     except (OSError, NotImplementedError):
         pass
-
-
-def _regular(path: Path) -> bool:
-    try:
-        return stat.S_ISREG(os.lstat(path).st_mode)
-    except OSError:
-        return False
 
 
 def _limit(env: str, default: float, kind) -> float:
@@ -419,9 +457,9 @@ def prepare(cfg, model, objective, data: dict, progress: bool | None = None) -> 
     dtype = getattr(cfg, "recycle_dtype", "float32")
     if dtype not in DTYPES:
         raise ConfigError(f"recycle_dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if type(objective).__name__ == "Generation":
-        raise RecycleError("--recycle caches the frozen part's output for fixed inputs; generation feeds new tokens "
-                           "at every step, so it applies to retrieval and classification tasks")
+    if not objective.fixed_inputs:  # the task kind says so (generation feeds new tokens at every step)
+        raise RecycleError(f"--recycle caches the frozen part's output for fixed inputs; {objective.name} feeds new "
+                           "tokens at every step, so it applies to retrieval and classification tasks")
     k = frozen_depth(model)
     limits = _limit(MAX_GB_ENV, MAX_GB_DEFAULT, float), int(_limit(MAX_FILES_ENV, MAX_FILES_DEFAULT, int))  # checked first
     weights = lower_weights_key(model, k)
@@ -434,12 +472,14 @@ def prepare(cfg, model, objective, data: dict, progress: bool | None = None) -> 
                                          transformers.__version__, _tokens_key(rows)]).encode()).hexdigest()[:24]
         path = cache_dir() / "recycle" / f"{split}-{key}.safetensors"
         cache = None
-        if _regular(path):  # a link in its place is not read (it is replaced by the build)
+        entry = CacheEntry(path, key, "recycling cache", max_bytes=1 << 50, root=cache_dir())
+        if entry.usable():  # a regular file of this user (a link, a FIFO, another user's file: rebuilt, with a warning)
             try:
-                cache = Cache(path)
-                if int(cache.meta.get("rows", -1)) != len(rows) or cache.k != k:
-                    cache = None
-            except (OSError, ValueError, KeyError, RuntimeError):
+                cache = Cache(path).verify(key=key, k=k, dtype=dtype, lengths=[len(r["input_ids"]) for r in rows],
+                                           width=S.find_backbone(model)[1].config.hidden_size)
+            except (RecycleError, OSError, ValueError, KeyError, TypeError, RuntimeError, RecursionError,
+                    struct.error) as err:
+                entry.reject(f"is not a recycling cache of these inputs ({err})")
                 cache = None
         if cache is None and rows:
             cache = build(model, objective, rows, k, dtype, path, batch_size=cfg.batch_size, device=device,

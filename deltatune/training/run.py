@@ -5,7 +5,7 @@
     evaluate("runs/x/best")                    # scores the best adapter on the test split again
 
 Methods change nothing here: ``dt.attach`` freezes the base and the optimizer takes every
-parameter that requires grad. Task kinds differ in three small objectives (``objectives.py``: how
+parameter that requires grad. Task kinds differ in their objectives (``deltatune.tasks.kinds``: how
 examples are tokenised, the loss, the predictions the task scores); resumable state is written and
 validated by ``checkpoints.py``; run folders and durable writes are ``storage.py``'s.
 
@@ -24,7 +24,6 @@ import torch
 
 import deltatune as dt
 from ..errors import DataError
-from ..models import build_task_model
 from ..storage import RunFolder, atomic_write_json
 from .. import updates
 from ..tensors import to_device
@@ -35,9 +34,33 @@ from . import scoring
 from .scoring import load_task
 from .loop import run_loop, seed_everything
 from .memory import autocast, check_batch_fits, check_positions, deterministic, enable_checkpointing, peak_rss_mb
-from .objectives import OBJECTIVES
+from ..tasks.kinds import build_task_model, get_kind
 from .outdir import Log, check_out_dir, prepare_out_dir
 from .runs import PREDICTIONS, write_predictions
+
+
+class ScaledAdamW(torch.optim.AdamW):
+    """AdamW whose step gives some parameters a multiple of the learning rate (LoRA+: ``ratios`` maps
+    id(parameter) to its multiple). It keeps the one parameter group the loop schedules and checkpoints
+    save; only inside ``step`` is the group split by multiple, each part at lr x its multiple."""
+
+    def __init__(self, params, ratios: dict, **kwargs):
+        super().__init__(params, **kwargs)
+        self.ratios = ratios
+
+    def step(self, closure=None):
+        groups = self.param_groups
+        split = []
+        for group in groups:
+            by_ratio: dict = {}
+            for p in group["params"]:
+                by_ratio.setdefault(self.ratios.get(id(p), 1.0), []).append(p)
+            split += [{**group, "params": ps, "lr": group["lr"] * ratio} for ratio, ps in by_ratio.items()]
+        self.param_groups = split
+        try:
+            return super().step(closure)
+        finally:
+            self.param_groups = groups
 
 
 def train(cfg: TrainConfig, task=None) -> dict:
@@ -73,10 +96,11 @@ def _train(cfg: TrainConfig, task, folder: RunFolder) -> dict:
     if not task.train:
         raise DataError(f"task {task.name} has no training examples"
                         + (f" (max_train={cfg.max_train})" if cfg.max_train is not None else ""))
-    model, tokenizer = build_task_model(cfg.model, task.kind, len(task.labels or []))
-    if task.kind == "classification" and task.labels:  # saved with the adapter: deltatune serve names the classes
+    kind = get_kind(task.kind)
+    model, tokenizer = build_task_model(cfg.model, kind, len(task.labels or []))
+    if kind.labelled and task.labels:  # saved with the adapter: deltatune serve names the classes
         model.label_names = list(task.labels)
-    objective = OBJECTIVES[task.kind](tokenizer, cfg)
+    objective = kind(tokenizer, cfg)
     data = {split: objective.encode(task.split(split), train=split == "train") for split in ("train", "valid", "test")}
     objective.warn_truncated(stacklevel=3)  # at the caller of train()
     state = {"step": 0, "consumed": 0, "best_value": None, "best_step": None, "bad_evals": 0,
@@ -85,9 +109,9 @@ def _train(cfg: TrainConfig, task, folder: RunFolder) -> dict:
 
     zero_shot = None
     # The pretrained model before attach (a classifier: its untrained head); by rank 0, with the whole base.
-    if checkpoint is None and data["test"] and distributed.is_rank0() and not distributed.sharded(cfg):
+    if checkpoint is None and data["test"] and cfg.score_test and distributed.is_rank0() and not distributed.sharded(cfg):
         with torch.random.fork_rng(devices=[]):  # a method that does not fit fails before the scoring
-            dt.detach(check_positions(cfg, dt.attach(model, cfg.method, **cfg.options), task.kind))
+            dt.detach(check_positions(cfg, dt.attach(model, cfg.method, **cfg.options), kind))
         zero_shot, zero_shot_records, state["zero_shot_cached"] = scoring.zero_shot(cfg, model.to(cfg.device), objective,
                                                                              data["test"], task)
         state["zero_shot_value"] = zero_shot[task.metric]
@@ -98,7 +122,7 @@ def _train(cfg: TrainConfig, task, folder: RunFolder) -> dict:
         dt.load_adapter(model, checkpoint / "adapter")
     if cfg.frozen_dropout:  # the frozen lower layers keep training-mode dropout (telly as in its paper)
         dt.set_frozen_dropout(model, True)
-    check_positions(cfg, model, task.kind)
+    check_positions(cfg, model, kind)
     if cfg.grad_checkpointing is True:
         enable_checkpointing(model)
     distributed.shard_frozen(cfg, model)  # fsdp: each rank keeps its shard of the frozen base
@@ -111,8 +135,10 @@ def _train(cfg: TrainConfig, task, folder: RunFolder) -> dict:
     lap("batch_check")
     trainable, total = dt.count_parameters(model)
     names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    private = privacy.rule_for(cfg, task.kind, len(data["train"]), dict(zip(names, params)),
+    ratios = updates.lr_ratios(model, cfg.lora_plus_ratio)  # LoRA+: {id(B factor): ratio}; {} when 1
+    optimizer = (ScaledAdamW(params, ratios, lr=cfg.lr, weight_decay=cfg.weight_decay) if ratios
+                 else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
+    private = privacy.rule_for(cfg, kind, len(data["train"]), dict(zip(names, params)),
                                lambda b: to_device(b, cfg.device), lambda: autocast(cfg))
     rule = updates.build(model, dict(zip(names, params)), max_steps=cfg.max_steps, private=private)  # None: no hooks
     distributed.check_rule(rule)
@@ -142,14 +168,16 @@ def _train(cfg: TrainConfig, task, folder: RunFolder) -> dict:
     optimizer.zero_grad(set_to_none=True)
     del model, optimizer, params, private, rule
     gc.collect()  # hooks and stores refer back to their modules: the model is a cycle, freed by the collector
-    best, _ = scoring.restore(cfg, task, out / "best")
-    test, records = scoring.score(best.to(cfg.device), objective, data["test"], task, "test", cfg)
-    write_predictions(out / PREDICTIONS["test"], records)
-    log.write({"step": state["step"], "split": "test", "best_step": state["best_step"], **test})
-    lap("test")
+    test = {}  # score_test=False (a sweep's trial): the test split stays out of the run
+    if cfg.score_test:
+        best, _ = scoring.restore(cfg, task, out / "best")
+        test, records = scoring.score(best.to(cfg.device), objective, data["test"], task, "test", cfg)
+        write_predictions(out / PREDICTIONS["test"], records)
+        log.write({"step": state["step"], "split": "test", "best_step": state["best_step"], **test})
+        lap("test")
     summary = {
         "method": cfg.method, "task": task.name, "model": cfg.model, "metric": task.metric,
-        "value": test[task.metric], "zero_shot_value": state["zero_shot_value"],
+        "value": test.get(task.metric), "zero_shot_value": state["zero_shot_value"],
         "zero_shot_cached": state.get("zero_shot_cached", False),
         "trainable_params": trainable, "total_params": total, "train_seconds": state["train_seconds"],
         "step_seconds_median": statistics.median(state["step_seconds"]), "peak_rss_mb": peak_rss_mb(),
@@ -157,7 +185,7 @@ def _train(cfg: TrainConfig, task, folder: RunFolder) -> dict:
         "best_step": state["best_step"], "valid_value": state["best_value"], "seed": cfg.seed, "lr": cfg.lr,
         "phase_seconds": {k: round(v, 3) for k, v in phases.items()}, "grad_checkpointing": checkpointing,
         "batch_size": cfg.batch_size, "options": cfg.options, "out_dir": str(out), "adapter_dir": str(out / "best"),
-        "predictions_file": str(out / PREDICTIONS["test"]),
+        "predictions_file": str(out / PREDICTIONS["test"]) if cfg.score_test else None,
         "zero_shot_predictions_file": str(out / PREDICTIONS["zero-shot"]) if state["zero_shot_value"] is not None else None,
     }
     summary.update(rule_metrics)
