@@ -22,6 +22,20 @@ them alike; the medians are reported, with the machine's load average.
 Part 2 (HTTP). ``deltatune serve`` in a subprocess with 8 LoRA adapters (saved to a temporary
 folder); C asyncio clients (httpx) each send embed requests for random adapters back to back for
 --seconds; requests per second and p50/p99 latency, for each C in --clients.
+
+Part 3 (``--generation``: generation over HTTP, issue 25; writes its own section). A causal LM
+(``--gen-model``, SmolLM2 by default) with --gen-adapters LoRA adapters (random non-zero weights,
+saved to a temporary folder), served by ``deltatune serve`` in subprocesses with ``--batching
+continuous`` and with ``--batching static``, and, with ``--reference``, by ``transformers serve
+--continuous-batching`` on adapter 0 merged into the base (``dt.compose.fold_into_base``): the
+single model a user would otherwise pick. Requests arrive as a Poisson process at each --rates
+(requests per second, the same arrival times and requests for every server), each for a random
+adapter (deltatune) and streamed: the prompt is "Summarize this Python function in one line." and a
+function of the code-summarization test split (its first --gen-prompt-tokens tokens), the token
+limit twice its docstring summary's tokens (clamped to 16..96); generation is greedy and stops at
+the model's end token or that limit. Per server and rate: output tokens per second (all tokens over
+the span from the first arrival to the last answer), time to first token and time per output token
+after the first (p50, p99 over requests). The servers alternate within each round.
 """
 from __future__ import annotations
 
@@ -231,6 +245,203 @@ async def _load(base, names, inputs, seconds, clients, latencies, codes):
     await asyncio.gather(*(_client(base, names, inputs, until, latencies, codes, seed) for seed in range(clients)))
 
 
+# ------------------------------------------------------------------------------------------- part 3: generation
+
+def gen_workload(args, tokenizer) -> list[dict]:
+    """The requests of one run: prompt, token limit and adapter index, from the code-summarization test split."""
+    from deltatune.tasks import load_task
+
+    rows = load_task("code-summarization").test
+    rng = random.Random(7)
+    picked = [rows[i] for i in rng.sample(range(len(rows)), args.gen_requests)]
+    out = []
+    for i, row in enumerate(picked):
+        code = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"][:args.gen_prompt_tokens]
+        limit = len(tokenizer(row["target"], add_special_tokens=False)["input_ids"])
+        out.append({"prompt": "Summarize this Python function in one line.\n\n" + tokenizer.decode(code),
+                    "max_new_tokens": max(16, min(96, 2 * limit)), "adapter": rng.randrange(args.gen_adapters)})
+    return out
+
+
+def gen_arrivals(n: int, rate: float, seed: int) -> list[float]:
+    rng = random.Random(seed)
+    at, out = 0.0, []
+    for _ in range(n):
+        out.append(at)
+        at += rng.expovariate(rate)
+    return out
+
+
+async def _gen_one(client, server: dict, request: dict, start: float, at: float, names: list[str]) -> dict:
+    """One streamed request at its arrival time: (sent, first token, end, tokens), seconds from ``start``."""
+    import json as _json
+
+    await asyncio.sleep(max(0.0, start + at - time.monotonic()))
+    sent, first, tokens, status = time.monotonic(), None, 0, 200
+    if server["kind"] == "deltatune":
+        url = f"{server['base']}/v1/adapters/{names[request['adapter']]}/generate"
+        body = {"prompt": request["prompt"], "max_new_tokens": request["max_new_tokens"], "stream": True}
+    else:  # transformers serve: OpenAI chat, one user turn (the same chat template our generate applies)
+        url = f"{server['base']}/v1/chat/completions"
+        body = {"model": server["model"], "messages": [{"role": "user", "content": request["prompt"]}], "stream": True,
+                "max_tokens": request["max_new_tokens"], "temperature": 0}
+    async with client.stream("POST", url, json=body) as r:
+        status = r.status_code
+        async for line in r.aiter_lines():
+            line = line.strip()
+            if not line:
+                continue
+            if server["kind"] == "deltatune":
+                msg = _json.loads(line)
+                if "token" in msg and first is None:
+                    first = time.monotonic()
+                if msg.get("done"):
+                    tokens = msg["tokens"]
+            elif line.startswith("data: ") and line != "data: [DONE]":
+                msg = _json.loads(line[6:])
+                choices = msg.get("choices") or []
+                if choices and choices[0].get("delta", {}).get("content"):
+                    first = first or time.monotonic()
+                    tokens += 1
+                if msg.get("usage"):
+                    tokens = msg["usage"].get("completion_tokens", tokens)
+    end = time.monotonic()
+    return {"sent": sent - start, "first": (first or end) - start, "end": end - start, "tokens": tokens, "status": status}
+
+
+async def _gen_run(server: dict, requests: list[dict], arrivals: list[float], names: list[str]) -> list[dict]:
+    import httpx
+
+    async with httpx.AsyncClient(timeout=3600) as client:
+        start = time.monotonic()
+        return await asyncio.gather(*(_gen_one(client, server, r, start, at, names) for r, at in zip(requests, arrivals)))
+
+
+def _quantile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+
+def gen_summary(results: list[dict]) -> dict:
+    ok = [r for r in results if r["status"] == 200 and r["tokens"] > 0]
+    if not ok:
+        raise SystemExit(f"every request failed: {results[:3]}")
+    span = max(r["end"] for r in ok) - min(r["sent"] for r in ok)
+    ttft = [r["first"] - r["sent"] for r in ok]
+    tpot = [(r["end"] - r["first"]) / (r["tokens"] - 1) for r in ok if r["tokens"] > 1]
+    return {"tokens_per_s": sum(r["tokens"] for r in ok) / span, "tokens": sum(r["tokens"] for r in ok),
+            "ttft_p50": _quantile(ttft, 0.5), "ttft_p99": _quantile(ttft, 0.99), "tpot_p50": _quantile(tpot, 0.5),
+            "tpot_p99": _quantile(tpot, 0.99), "ok": len(ok), "failed": len(results) - len(ok)}
+
+
+def _start(cmd: list[str], base: str, env=None):
+    import httpx
+
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    for _ in range(6000):
+        if proc.poll() is not None:
+            raise SystemExit(f"server {cmd[:4]} exited: {proc.stderr.read().decode()[-2000:]}")
+        try:
+            httpx.get(base + ("/health" if "deltatune" in cmd else "/v1/models"), timeout=2)
+            return proc
+        except httpx.TransportError:
+            time.sleep(0.1)
+    raise SystemExit(f"server {cmd[:4]} did not start")
+
+
+def part3(args) -> list[dict]:
+    from tests.serving import free_port
+
+    lm, tok = load_backbone(args.gen_model, "lm")
+    requests = gen_workload(args, tok)
+    servers, procs = [], []
+    # every server gets the same threads; on a machine whose cores other jobs keep busy, 2 OpenMP threads
+    # wait for each other at every parallel region (tens of ms per attention call), so 1 is the default
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.gen_threads), "MKL_NUM_THREADS": str(args.gen_threads),
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    with tempfile.TemporaryDirectory() as tmp:
+        names = [f"lora{i}" for i in range(args.gen_adapters)]
+        flags = []
+        for i, name in enumerate(names):
+            dt.attach(lm, "lora", adapter=name)
+            randomize(lm.deltatune.adapters[name], seed=100 + i)
+            dt.save_adapter(lm, Path(tmp) / name, adapter=name)
+            flags += ["--adapter", f"{name}={Path(tmp) / name}"]
+        try:
+            for batching in args.gen_batching:
+                sock = free_port()
+                port = sock.getsockname()[1]
+                sock.close()
+                base = f"http://127.0.0.1:{port}"
+                procs.append(_start([sys.executable, "-m", "deltatune", "serve", "--model", args.gen_model, "--port",
+                                     str(port), "--batching", batching, "--max-batch", str(args.window), "--queue", "4096",
+                                     "--timeout", "3600", "--max-len", str(args.gen_prompt_tokens + 64), *flags], base, env))
+                servers.append({"name": f"deltatune {batching}, {args.gen_adapters} LoRA mixed", "kind": "deltatune",
+                                "base": base})
+            if args.reference:
+                for name in names[1:]:
+                    dt.detach(lm, name)
+                dt.compose.fold_into_base(lm, names[0])
+                folder = dt.compose.save_folded(lm, Path(tmp) / "merged", tok)
+                sock = free_port()
+                port = sock.getsockname()[1]
+                sock.close()
+                base = f"http://127.0.0.1:{port}"
+                cli = Path(sys.executable).with_name("transformers")
+                procs.append(_start([str(cli), "serve", str(folder), "--continuous-batching", "--device", "cpu",
+                                     "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"], base, env))
+                servers.append({"name": "transformers serve --continuous-batching, 1 LoRA merged", "kind": "transformers",
+                                "base": base, "model": str(folder)})
+            del lm
+            warm = requests[:1]
+            for server in servers:  # first requests pay for lazy loading; not timed
+                asyncio.run(_gen_run(server, warm, [0.0], names))
+            rows = []
+            for rate in args.rates:
+                arrivals = gen_arrivals(len(requests), rate, seed=int(rate * 1000))
+                for rnd in range(args.gen_rounds):
+                    order = servers if rnd % 2 == 0 else servers[::-1]
+                    for server in order:
+                        load = _load_now()
+                        result = gen_summary(asyncio.run(_gen_run(server, requests, arrivals, names)))
+                        rows.append({"server": server["name"], "rate": rate, "round": rnd, "load": load,
+                                     "load_after": _load_now(), **result})
+                        print(f"generation {server['name']} rate={rate} round={rnd}: {rows[-1]}", file=sys.stderr)
+        finally:
+            for proc in procs:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+    return rows
+
+
+def gen_markdown(args, rows: list[dict], load_before: float, load_after: float) -> str:
+    keys = ["tokens_per_s", "ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99"]
+    table = {}
+    for r in rows:
+        table.setdefault((r["rate"], r["server"]), []).append(r)
+    loads = [x for r in rows for x in (r["load"], r["load_after"])]
+    out = [f"Measured by `bench/serving.py` ({' '.join(sys.argv[1:])}) on {args.gen_model}, torch {torch.__version__}, "
+           f"{args.gen_threads} thread(s) per server, {os.cpu_count()} CPUs, {args.gen_requests} requests per rate and server "
+           f"(prompts of up to {args.gen_prompt_tokens} code tokens, token limits 16..96), greedy. The machine was shared "
+           f"with other agents' jobs: 1-minute load average {load_before:.1f} before, {load_after:.1f} after, "
+           f"{min(loads, default=0):.1f} to {max(loads, default=0):.1f} around the runs, on {os.cpu_count()} CPUs; "
+           f"absolute numbers are low and noisy. The servers ran one after another in each round (the order reversed "
+           f"every other round), on the same requests and arrival times; each number is the median of {args.gen_rounds} "
+           "round(s).", "",
+           "| rate (req/s) | server | output tokens/s | TTFT p50 s | TTFT p99 s | TPOT p50 s | TPOT p99 s | load |",
+           "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for (rate, server), rs in table.items():
+        med = {k: statistics.median(r[k] for r in rs) for k in keys}
+        failed = sum(r["failed"] for r in rs)
+        out.append(f"| {rate:g} | {server}{f' ({failed} failed)' if failed else ''} | {med['tokens_per_s']:.2f} | "
+                   f"{med['ttft_p50']:.2f} | {med['ttft_p99']:.2f} | {med['tpot_p50']:.3f} | {med['tpot_p99']:.3f} | "
+                   f"{statistics.median(r['load'] for r in rs):.1f} |")
+    return "\n".join(out) + "\n"
+
+
 def markdown(args, part1_rows, part2_rows, load_before, load_after) -> str:
     out = [f"Measured by `bench/serving.py` ({' '.join(sys.argv[1:]) or 'defaults'}) on {args.model}, "
            f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs. "
@@ -266,9 +477,9 @@ def markdown(args, part1_rows, part2_rows, load_before, load_after) -> str:
     return "\n".join(out)
 
 
-def write(doc: Path, text: str) -> None:
+def write(doc: Path, text: str, tag: str = "bench") -> None:
     from results import fill_section
-    fill_section(doc, "bench", text)
+    fill_section(doc, tag, text)
 
 
 def main(argv=None) -> int:
@@ -288,6 +499,17 @@ def main(argv=None) -> int:
     p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
     p.add_argument("--no-write", action="store_true", help="print the section instead of writing docs/serving.md")
+    g = p.add_argument_group("part 3: generation (--generation)")
+    g.add_argument("--generation", action="store_true", help="run part 3 only and write its section")
+    g.add_argument("--gen-model", default="smollm2")
+    g.add_argument("--gen-adapters", type=int, default=8)
+    g.add_argument("--gen-requests", type=int, default=16)
+    g.add_argument("--gen-prompt-tokens", type=int, default=128, help="code tokens per prompt, at most")
+    g.add_argument("--gen-rounds", type=int, default=1)
+    g.add_argument("--gen-batching", nargs="+", default=["continuous", "static"], choices=["continuous", "static"])
+    g.add_argument("--rates", type=float, nargs="+", default=[0.2, 0.5], help="Poisson arrival rates, requests/s")
+    g.add_argument("--reference", action="store_true", help="also transformers serve --continuous-batching")
+    g.add_argument("--gen-threads", type=int, default=1, help="torch threads of every server (OMP_NUM_THREADS)")
     p.add_argument("--raw", default=str(ROOT / "docs" / "bench" / "serving.json"),
                    help="where the raw results go (JSON; default docs/bench/serving.json; '' for nowhere)")
     args = p.parse_args(argv)
@@ -295,6 +517,19 @@ def main(argv=None) -> int:
         args.adapters, args.requests, args.rounds, args.clients, args.seconds = [1, 8], 64, 1, [4], 2.0
         args.server_batches = [8]
     load_before = os.getloadavg()[0]
+    if args.generation:
+        rows = part3(args)
+        text = gen_markdown(args, rows, load_before, os.getloadavg()[0])
+        print(text)
+        if not args.no_write:
+            import json
+
+            if args.raw:
+                raw = Path(args.raw).with_name("serving-generation.json")
+                raw.write_text(json.dumps({"argv": sys.argv[1:], "model": args.gen_model, "torch": torch.__version__,
+                                           "cpus": os.cpu_count(), "load_before": load_before, "rows": rows}, indent=2) + "\n")
+            write(ROOT / "docs" / "serving.md", text, "generation")
+        return 0
     rows1 = [] if args.skip_throughput else part1(args)
     rows2 = [] if args.skip_server else part2(args)
     text = markdown(args, rows1, rows2, load_before, os.getloadavg()[0])

@@ -15,7 +15,7 @@ LAYERS = [
     ("methods", ["methods", "compose"]),
     ("formats", ["formats"]),
     ("api", ["deltatune", "interop"]),  # the package root (the public API) and what builds on it alone
-    ("models", ["models", "sandbox"]),
+    ("models", ["models", "sandbox", "quantize"]),
     ("tasks", ["tasks"]),
     ("measuring", ["analysis.features", "analysis.similarity", "analysis.labels", "analysis.probing",
                    "analysis.report"]),

@@ -39,6 +39,10 @@ class Limits:
                                  "runs to its longest row")
     max_tokens_in_flight: int = setting(8192, min=1, max=1 << 30,
                                         help="generation: prompt plus new tokens of the running rows; more wait")
+    quantize: str | None = setting(None, choices=(None, "nf4", "fp4", "int8"), metavar="nf4|fp4|int8",
+                                   default_text="off: a float32 base",
+                                   help="hold the base's linear layers quantized (bitsandbytes); adapters run unmerged "
+                                        "on top in float32 (docs/performance.md)")
     max_adapters: int = setting(8, min=1, max=1 << 20,
                                 help="with --adapter-dir: adapters in memory, --adapter ones included; the least "
                                      "recently used one no request holds is unloaded for a new one")
@@ -147,7 +151,7 @@ def run(args) -> int:
     try:
         engine = Engine(args.model, max_batch=limits.max_batch, max_wait=limits.max_wait_ms / 1000,
                         queue_size=limits.queue, max_len=limits.max_len, index_dir=args.index_dir, device=args.device,
-                        batching=limits.batching, max_tokens=limits.max_tokens_in_flight)
+                        batching=limits.batching, max_tokens=limits.max_tokens_in_flight, quantize=limits.quantize)
         engine.adapter_dir = adapter_dir
         app = create_app(engine, token=token, timeout=limits.timeout, max_chars=limits.max_chars)  # metrics before work
         for name, path in adapters:

@@ -109,13 +109,14 @@ class Engine:
 
     def __init__(self, model: str = "minilm", *, max_batch: int = 32, max_wait: float = 0.005,
                  queue_size: int = 256, max_len: int = 256, index_dir: str | None = None, metrics=None,
-                 device: str = "cpu", batching: str = "continuous", max_tokens: int = 8192):
+                 device: str = "cpu", batching: str = "continuous", max_tokens: int = 8192, quantize: str | None = None):
         if max_batch < 1 or queue_size < 1 or not 0 <= max_wait < math.inf or max_len < 8:
             raise ConfigError(f"max_batch ({max_batch}) and queue_size ({queue_size}) must be >= 1, max_wait "
                               f"({max_wait}) a finite number >= 0, max_len ({max_len}) >= 8")
         self.device = check_device(device)
         self.model_name = model
-        base, self.tokenizer = load_backbone(model)
+        base, self.tokenizer = load_backbone(model, quantize=quantize)  # quantize: nf4/fp4/int8 linear layers
+        self.quantize = quantize
         self.generative = hasattr(base, "generate") and base.get_output_embeddings() is not None
         self.model = base if self.generative else BiEncoder(base)
         self.model.to(self.device).eval()

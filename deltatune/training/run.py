@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import deltatune as dt
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..storage import RunFolder, atomic_write_json
 from .. import updates
 from ..tensors import to_device
@@ -34,6 +34,7 @@ from . import scoring
 from .scoring import load_task
 from .loop import run_loop, seed_everything
 from .memory import autocast, check_batch_fits, check_positions, deterministic, enable_checkpointing, peak_rss_mb
+from ..quantize import quantize_base
 from ..tasks.kinds import build_task_model, get_kind
 from .outdir import Log, check_out_dir, prepare_out_dir
 from .runs import PREDICTIONS, write_predictions
@@ -98,6 +99,11 @@ def _train(cfg: TrainConfig, task, folder: RunFolder) -> dict:
                         + (f" (max_train={cfg.max_train})" if cfg.max_train is not None else ""))
     kind = get_kind(task.kind)
     model, tokenizer = build_task_model(cfg.model, kind, len(task.labels or []))
+    if cfg.quantize is not None:  # the base's linear layers in 4 or 8 bits; the adapter trains on top in float32
+        if cfg.fsdp:
+            raise ConfigError("--quantize with --fsdp: FSDP shards float weights, not bitsandbytes' quantized ones; "
+                              "drop --fsdp (a quantized base is small enough to keep whole on every rank)")
+        quantize_base(model, cfg.quantize)
     if kind.labelled and task.labels:  # saved with the adapter: deltatune serve names the classes
         model.label_names = list(task.labels)
     objective = kind(tokenizer, cfg)

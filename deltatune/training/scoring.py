@@ -29,7 +29,8 @@ from .runs import config_from, find_run_json, read_run_json, resolve_adapter, wr
 
 
 def evaluate(adapter_dir, task=None, split: str = "test", *, model: str | None = None, max_eval: int | None = None,
-             max_len: int | None = None, batch_size: int | None = None, out_dir=None, recycle: bool | None = None) -> dict:
+             max_len: int | None = None, batch_size: int | None = None, out_dir=None, recycle: bool | None = None,
+             quantize: str | None = None) -> dict:
     """Score an adapter, or the bare model, on ``split`` of a task, the same way in every case.
 
     ``adapter_dir`` is one of: a run folder of ``train`` (its ``best`` adapter) or an adapter inside one, whose
@@ -47,6 +48,8 @@ def evaluate(adapter_dir, task=None, split: str = "test", *, model: str | None =
     A functional evaluation task (``task="humaneval"``) is scored by its kind instead: pass@1 of greedy
     completions (``deltatune.tasks.humaneval``; ``max_eval``: the first N problems).
     ``recycle`` (default: as the run was trained) scores from the cache of the frozen lower blocks.
+    ``quantize`` ("nf4", "fp4", "int8"; "none": float32; default: as the run was trained, float32 outside a run)
+    scores on a quantized base (``deltatune.quantize``), the adapter unmerged on top.
     """
     registered = tasks.REGISTRY.get(task) if isinstance(task, str) else None
     if registered is not None and registered.functional:  # scored by running programs (HumanEval), not on a split
@@ -57,6 +60,9 @@ def evaluate(adapter_dir, task=None, split: str = "test", *, model: str | None =
     if folder is not None:  # before any work: a folder deltatune may write (no user's files, no links in it)
         folder.check()
     adapter_dir, cfg, run_max_len = scoring_config(adapter_dir, task, model, max_eval, max_len, batch_size)
+    if quantize is not None:  # "none": the float base, whatever the run trained on
+        from ..quantize import check_scheme
+        cfg = dataclasses.replace(cfg, quantize=None if quantize == "none" else check_scheme(quantize))
     if max_eval is not None and max_eval < 1:
         raise ConfigError(f"max_eval must be >= 1 or None (the whole split), got {max_eval}")
     if task is None or isinstance(task, (str, os.PathLike)):
@@ -84,7 +90,8 @@ def evaluate(adapter_dir, task=None, split: str = "test", *, model: str | None =
     result = {"task": task.name, "split": split, "metric": task.metric, "value": metrics[task.metric], **metrics,
               "examples": len(rows), "max_eval": max_eval, "max_len": cfg.max_len, "max_len_source": source,
               "run_max_len": run_max_len, "batch_size": cfg.batch_size,
-              "truncated": truncated, "adapter": None if adapter_dir is None else str(adapter_dir), "model": cfg.model}
+              "truncated": truncated, "adapter": None if adapter_dir is None else str(adapter_dir), "model": cfg.model,
+              "quantize": cfg.quantize}
     if folder is not None:
         with folder:
             result["predictions_file"] = str(folder.open() / f"predictions-{split}.jsonl")
@@ -142,6 +149,9 @@ def restore(cfg: TrainConfig, task, adapter_dir: Path | None):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model, tokenizer = get_kind(task.kind).build_model(cfg.model, len(task.labels or []))
+    if cfg.quantize is not None:  # scored on the quantized base the run trained on (or evaluate(quantize=...))
+        from ..quantize import quantize_base
+        quantize_base(model, cfg.quantize)
     if adapter_dir is not None:
         dt.load_adapter(model, adapter_dir)
     return check_positions(cfg, model, task.kind), tokenizer
