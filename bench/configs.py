@@ -65,6 +65,8 @@ CONFIGS = {
                           about="LoRA r=8 on query, value"),
     "lora-all":      dict(kind="train", libs=["deltatune", "peft", "adapters"],
                           about="LoRA r=8 on every linear layer of every block"),
+    "dora-qv":       dict(kind="train", libs=["deltatune", "peft"],
+                          about="DoRA (LoRA r=8 with a magnitude vector) on query, value"),
     "ia3":           dict(kind="train", libs=["deltatune", "peft", "adapters"],
                           about="(IA)^3: scale keys, values, FFN activations"),
     "prefix":        dict(kind="train", libs=["deltatune", "peft", "adapters"],
@@ -90,6 +92,21 @@ CONFIGS = {
                              about="pfeiffer under torch.compile"),
     "houlsby+compile":  dict(kind="train", libs=["deltatune"], compile=True, eager="houlsby",
                              about="houlsby under torch.compile"),
+    # LoRA's relatives (LyCORIS and the orthogonal family), each as peft runs it on query, value
+    "loha-qv":       dict(kind="train", libs=["deltatune", "peft"], default=False,
+                          about="LoHa r=8, alpha 8 on query, value"),
+    "lokr-qv":       dict(kind="train", libs=["deltatune", "peft"], default=False,
+                          about="LoKr r=8, alpha 8 on query, value"),
+    "oft-qv":        dict(kind="train", libs=["deltatune", "peft"], default=False,
+                          about="OFT, 32-wide blocks, Cayley-Neumann 5 terms, on query, value"),
+    "boft-qv":       dict(kind="train", libs=["deltatune", "peft"], default=False,
+                          about="BOFT, one butterfly factor of 8-wide blocks (peft's CPU limit), on query, value"),
+    "boft-m2-qv":    dict(kind="train", libs=["deltatune"], default=False,
+                          about="BOFT, two butterfly factors of 8-wide blocks (peft needs its CUDA extension)"),
+    "hra-qv":        dict(kind="train", libs=["deltatune", "peft"], default=False,
+                          about="HRA, 8 Householder reflections, on query, value"),
+    "fourierft-qv":  dict(kind="train", libs=["deltatune", "peft"], default=False,
+                          about="FourierFT, 1000 coefficients, scale 150, on query, value"),
     "infer-base":    dict(kind="infer", libs=["torch"], envs=["main", "peft", "adapters"],
                           about="forward only, no adapter (inference baseline)"),
     "infer-lora":    dict(kind="infer", libs=["deltatune", "peft", "adapters"], method="lora-qv",
@@ -113,6 +130,7 @@ DELTATUNE = {
     "lora-qv":  ("lora", dict(r=LORA_R, alpha=LORA_ALPHA, dropout=0.0, sites=["attn.q", "attn.v"])),
     "lora-all": ("lora", dict(r=LORA_R, alpha=LORA_ALPHA, dropout=0.0,
                               sites=lambda cfg: ALL_LINEAR_SITES[cfg.model_type])),
+    "dora-qv":  ("lora", dict(r=LORA_R, alpha=LORA_ALPHA, dropout=0.0, sites=["attn.q", "attn.v"], use_dora=True)),
     "ia3":      ("ia3", dict()),  # keys, values, and the FFN activation (input of ffn.out)
     "prefix":   ("prefix", dict(length=N_VIRTUAL, hidden=PREFIX_MLP)),
     "prompt":   ("prompt", dict(length=N_VIRTUAL)),
@@ -123,6 +141,13 @@ DELTATUNE = {
     "bitfit":   ("bitfit", dict()),
     "ln":       ("ln", dict()),
     "telly":    ("telly", dict(k=lambda cfg: cfg.num_hidden_layers - 2)),  # top 2 blocks train
+    "loha-qv":  ("loha", dict(r=8, alpha=8.0, sites=["attn.q", "attn.v"])),
+    "lokr-qv":  ("lokr", dict(r=8, alpha=8.0, sites=["attn.q", "attn.v"])),
+    "oft-qv":   ("oft", dict(block_size=32, sites=["attn.q", "attn.v"])),
+    "boft-qv":  ("boft", dict(block_size=8, n_butterfly_factor=1, sites=["attn.q", "attn.v"])),
+    "boft-m2-qv": ("boft", dict(block_size=8, n_butterfly_factor=2, sites=["attn.q", "attn.v"])),
+    "hra-qv":   ("hra", dict(r=8, sites=["attn.q", "attn.v"])),
+    "fourierft-qv": ("fourierft", dict(n_frequency=1000, scaling=150.0, sites=["attn.q", "attn.v"])),
 }
 
 
@@ -172,13 +197,24 @@ def attach_torch(model, config: str):
     return model
 
 
+RELATIVES = {  # config -> (peft's config class, the options of DELTATUNE[config]), on query and value
+    "loha-qv": ("LoHaConfig", dict(r=8, alpha=8)),
+    "lokr-qv": ("LoKrConfig", dict(r=8, alpha=8)),
+    "oft-qv": ("OFTConfig", dict(oft_block_size=32)),
+    "boft-qv": ("BOFTConfig", dict(boft_block_size=8, boft_n_butterfly_factor=1)),
+    "hra-qv": ("HRAConfig", dict(r=8)),
+    "fourierft-qv": ("FourierFTConfig", dict(n_frequency=1000, scaling=150.0)),
+}
+
+
 def attach_peft(model, config: str, family: str):
     import peft
     t = TARGETS[family]
     task = "SEQ_CLS"
-    if config in ("lora-qv", "lora-all"):
+    if config in ("lora-qv", "lora-all", "dora-qv"):
         cfg = peft.LoraConfig(task_type=task, r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
-                              target_modules=t["qv"] if config == "lora-qv" else t["all_linear"])
+                              target_modules=t["all_linear"] if config == "lora-all" else t["qv"],
+                              use_dora=config == "dora-qv")
     elif config == "ia3":
         cfg = peft.IA3Config(task_type=task, target_modules=t["ia3"], feedforward_modules=t["ia3_ff"])
     elif config == "prefix":
@@ -188,6 +224,9 @@ def attach_peft(model, config: str, family: str):
         cfg = peft.PromptTuningConfig(task_type=task, num_virtual_tokens=N_VIRTUAL)
     elif config == "ln":
         cfg = peft.LNTuningConfig(task_type=task, target_modules=t["ln"])
+    elif config in RELATIVES:
+        name, options = RELATIVES[config]
+        cfg = getattr(peft, name)(task_type=task, target_modules=t["qv"], **options)
     else:
         raise SystemExit(f"bench: no peft configuration for {config!r}")
     return peft.get_peft_model(model, cfg)

@@ -359,6 +359,29 @@ class Sparse(nn.Module):
         return F.linear(x, self.delta_weight(), self.delta_bias())
 
 
+class WeightDelta(nn.Module):
+    """Base of a delta that is a weight update dW (out, in) built from its own parameters each pass (LoHa's
+    Hadamard product, LoKr's Kronecker product, FourierFT's spectrum): delta(x) = dW x, ``delta_weight()``
+    folds it. Subclasses give ``delta_weight()`` and may override ``apply(x)`` (a cheaper product than the
+    dense one) and ``row_mask(out)`` (LyCORIS's rank dropout: output rows of dW dropped while training).
+    ``module_dropout``: the probability that the whole delta is skipped in a training pass (LyCORIS)."""
+
+    module_dropout = 0.0
+
+    def apply(self, x):  # (..., in) -> (..., out), before the row mask
+        return F.linear(x, self.delta_weight().to(x.dtype))
+
+    def row_mask(self, out: int) -> torch.Tensor | None:
+        return None
+
+    def forward(self, x):
+        if self.training and self.module_dropout > 0 and not float(torch.rand(1)) > self.module_dropout:
+            return x.new_zeros(*x.shape[:-1], self.out_features)
+        y = self.apply(x)
+        mask = self.row_mask(self.out_features) if self.training else None
+        return y if mask is None else y * mask.to(y.dtype)
+
+
 # ---------------------------------------------------------------- Kronecker / PHM (Compacter, KAdaptation)
 
 class KroneckerRule(nn.Module):
@@ -586,3 +609,171 @@ class SVDLowRank(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:  # (out, in)
         return self.B @ (self.A * self.E) * self.scale
+
+
+# ---------------------------------------------------------------- prompt relatives and representation edits
+
+class PromptEncoder(nn.Module):
+    """P-tuning's prompt (Liu et al. 2021, "GPT Understands, Too", §3.2): trainable input vectors e (length, d),
+    ~ N(0, 1) as nn.Embedding, mapped to the prompt by an encoder: 'lstm' (the paper's), a bidirectional
+    two-layer LSTM then a ReLU MLP, h = MLP([LSTM_fwd(e); LSTM_bwd(e)]); 'mlp' (peft's default), three ReLU
+    linear layers; 'none', a plain table (what a saved adapter holds). Called as a prompt delta (with the batch's
+    embeddings and mask, which it does not read); returns (length, d). ``fold()`` keeps the encoder's output as
+    the table, so a saved adapter holds only the prompt."""
+
+    def __init__(self, length: int, d: int, encoder: str = "lstm", hidden: int = 0, dropout: float = 0.0):
+        super().__init__()
+        self.prompt = nn.Parameter(torch.randn(length, d)) if encoder == "none" else None
+        if encoder == "none":
+            return
+        self.embedding = nn.Parameter(torch.randn(length, d))
+        if encoder == "lstm":  # width per direction: d / 2 by default, as the paper's code (peft's encoder_hidden_size)
+            h = hidden or max(1, d // 2)
+            self.lstm = nn.LSTM(d, h, num_layers=2, dropout=dropout, bidirectional=True, batch_first=True)
+            self.head = nn.Sequential(nn.Linear(2 * h, 2 * h), nn.ReLU(), nn.Linear(2 * h, d))
+        elif encoder == "mlp":
+            h = hidden or d
+            self.lstm = None
+            self.head = nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, d))
+        else:
+            raise ValueError(f"unknown encoder {encoder!r}")
+
+    def table(self) -> torch.Tensor:  # (length, d)
+        if self.prompt is not None:
+            return self.prompt
+        e = self.embedding
+        if self.lstm is not None:
+            e = self.lstm(e.unsqueeze(0))[0].squeeze(0)  # (length, 2h)
+        return self.head(e)
+
+    def forward(self, embeds=None, mask=None) -> torch.Tensor:
+        return self.table()
+
+    def folded_state(self) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return {"prompt": self.table().detach()}
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        if self.prompt is not None:
+            return
+        requires_grad = self.embedding.requires_grad
+        table = self.table().detach().clone()
+        del self.embedding, self.lstm, self.head
+        self.prompt = nn.Parameter(table, requires_grad=requires_grad)
+
+
+class AdaptionPrompt(nn.Module):
+    """LLaMA-Adapter's adaption prompt at one attention (Zhang et al. 2023, "LLaMA-Adapter: Efficient Fine-tuning
+    of Language Models with Zero-init Attention", §3.1-3.2): P (length, d) ~ N(0, 1) (the official code's
+    nn.Embedding) and a gate g = 0, so training starts at the base model. Its keys and values are the layer's own
+    frozen key and value projections of P, without a position (the prompt has none). ``projections``: the
+    (module, output slice) of the key and of the value projection; forward -> keys, values (kv_heads, length, hd)."""
+
+    def __init__(self, length: int, d: int, kv_heads: int, head_dim: int, projections):
+        super().__init__()
+        self.kv_heads, self.head_dim = kv_heads, head_dim
+        self.prompt = nn.Parameter(torch.randn(length, d))
+        self.gate = nn.Parameter(torch.zeros(1))
+        object.__setattr__(self, "projections", projections)  # the base model's modules, not this delta's
+
+    def _project(self, module, rows) -> torch.Tensor:  # (length, d) -> (kv_heads, length, hd)
+        from .sites import weight_out_in
+
+        a, b = rows or (0, None)
+        weight, bias = weight_out_in(module)[a:b], getattr(module, "bias", None)
+        # the frozen weights directly: another adapter's hooks on the projection serve the batch's rows, not P's
+        y = F.linear(self.prompt.to(weight.dtype), weight, None if bias is None else bias[a:b])
+        return y.view(-1, self.kv_heads, self.head_dim).transpose(0, 1)
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        (k_module, k_rows), (v_module, v_rows) = self.projections
+        return self._project(k_module, k_rows), self._project(v_module, v_rows)
+
+
+class TokenRows(nn.Module):
+    """Trainable values of chosen rows of a token embedding matrix E (V, d) (trainable tokens, as peft's
+    TrainableTokens): ``rows`` (n, d), starting at E[ids] so that training starts at the base model. One per
+    adapter (``shared~tokens``), read by every module that holds E (``RowsOf``): the input embedding, and an LM
+    head or a decoder's embedding tied to it. ``ids`` and the lookup ``position`` (V,) come from the options."""
+
+    def __init__(self, weight: torch.Tensor, ids: list[int]):
+        super().__init__()
+        index = torch.tensor(ids, dtype=torch.long, device=weight.device)
+        position = torch.full((weight.shape[0],), -1, dtype=torch.long, device=weight.device)
+        position[index] = torch.arange(len(ids), device=weight.device)
+        self.register_buffer("ids", index, persistent=False)
+        self.register_buffer("position", position, persistent=False)
+        self.rows = nn.Parameter(weight.detach()[index].clone())
+
+
+class RowsOf(nn.Module):
+    """One module's view of the adapter's ``TokenRows`` (the combine ``ReplaceRows`` reads it): ``scale``, the
+    factor an embedding applies to its output (BART's scaled embeddings); ``foldable=False`` for the modules whose
+    weight is the same tensor as one that folds them already (a tied head)."""
+
+    def __init__(self, tokens: TokenRows, name: str, scale: float = 1.0, foldable: bool = True):
+        super().__init__()
+        object.__setattr__(self, "tokens", tokens)  # not a submodule: the adapter registers it once
+        self.shared = {name: tokens}
+        self.scale, self.foldable = scale, foldable
+
+
+class LowRankIntervention(nn.Module):
+    """LoReFT (Wu et al. 2024, "ReFT: Representation Finetuning for Language Models", §3.2 eq. 2):
+    phi(h) = h + R^T (W h + b - R h) at chosen positions, R (r, d) with orthonormal rows, W (r, d), b (r,).
+
+    R is trained as a free matrix and used orthonormalised, Q = L^-1 R with L L^T = R R^T (Cholesky, that is
+    Gram-Schmidt on its rows, which leaves rows that are orthonormal already as they are); it starts orthonormal
+    (torch's orthogonal_, as pyreft), W and b start as nn.Linear's. The positions are each row's first ``first``
+    and last ``last`` real tokens, each at most half of the row's tokens (pyreft's get_intervention_locations),
+    read from the attention mask; ``part`` 'first' or 'last' keeps one side (untied weights), 'both' all.
+    ``dropout`` drops entries of the edit R^T (...) while training."""
+
+    def __init__(self, d: int, r: int, first: int, last: int, part: str = "both", dropout: float = 0.0):
+        super().__init__()
+        self.R = nn.Parameter(nn.init.orthogonal_(torch.empty(r, d)))
+        source = nn.Linear(d, r)
+        self.W = nn.Parameter(source.weight.detach().clone())
+        self.b = nn.Parameter(source.bias.detach().clone())
+        self.first, self.last, self.part = first, last, part
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def basis(self) -> torch.Tensor:  # Q (r, d): R with orthonormal rows, computed in float32
+        with torch.autocast(self.R.device.type, enabled=False):
+            R = self.R.float()
+            L = torch.linalg.cholesky(R @ R.t())
+            return torch.linalg.solve_triangular(L, R, upper=False)
+
+    def chosen(self, mask: torch.Tensor | None, shape) -> torch.Tensor | None:
+        """(B, T) bool: the positions this intervention edits; None where it edits none (a continuation)."""
+        batch, length = shape
+        if mask is None:
+            real = torch.ones(batch, length, dtype=torch.bool, device=self.R.device)
+        elif mask.shape[1] > length:  # new tokens after a key/value cache: the chosen ones were all in the prompt
+            return None
+        elif mask.shape[1] < length:
+            raise ValueError(f"LoReFT got hidden states of {length} positions but a mask of {mask.shape[1]}: an "
+                             "adapter that adds positions to the input (a prompt) ran first; attach LoReFT alone")
+        else:
+            real = mask.bool()
+        n = real.sum(dim=1, keepdim=True)  # (B, 1) tokens per row
+        rank = real.cumsum(dim=1) - 1  # (B, T): each real token's index among its row's tokens
+        first = torch.clamp(n // 2, max=self.first)
+        last = torch.clamp(n // 2, max=self.last)
+        at_first, at_last = real & (rank < first), real & (rank >= n - last)
+        return at_first if self.part == "first" else at_last if self.part == "last" else at_first | at_last
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:  # h (B, T, d)
+        chosen = self.chosen(mask, h.shape[:2])
+        if chosen is None:
+            return h
+        Q = self.basis().to(h.dtype)
+        low = F.linear(h, self.W.to(h.dtype), self.b.to(h.dtype)) - F.linear(h, Q)  # (B, T, r): W h + b - R h
+        edit = self.dropout(F.linear(low, Q.t()))  # (B, T, d)
+        return torch.where(chosen[..., None], h + edit, h)
+
+    def folded_state(self) -> dict[str, torch.Tensor]:
+        """R as it is used (orthonormal rows), so a saved adapter holds a valid R."""
+        with torch.no_grad():
+            return {"R": self.basis().to(self.R.dtype), "W": self.W.detach(), "b": self.b.detach()}

@@ -160,6 +160,8 @@ class _ModuleHooks:
 class Hooks(Mechanism):
     """Forward (pre-)hooks on the target modules of the combines it runs and on every source module."""
 
+    module_hooks = _ModuleHooks  # what it puts on each module (MaskedHooks: one that also hands out the mask)
+
     def __init__(self, store):
         super().__init__(store)
         self.modules: dict[int, _ModuleHooks] = {}
@@ -167,7 +169,7 @@ class Hooks(Mechanism):
     def _at(self, module) -> _ModuleHooks:
         hooks = self.modules.get(id(module))
         if hooks is None:
-            hooks = self.modules[id(module)] = _ModuleHooks(self, module)
+            hooks = self.modules[id(module)] = self.module_hooks(self, module)
         return hooks
 
     def add(self, entry):
@@ -189,6 +191,53 @@ class Hooks(Mechanism):
             for h in hooks.handles:
                 h.remove()
         self.modules.clear()
+
+
+class _MaskedModuleHooks(_ModuleHooks):
+    def _pre(self, module, args, kwargs):
+        for e in self.outputs:  # set at every call, so a checkpointed block's recomputation sees it too
+            e.stash = self.owner.mask
+        return super()._pre(module, args, kwargs)
+
+
+class MaskedHooks(Hooks):
+    """Hooks whose output combines also read the batch's token mask, as their ``source``: the 2D attention
+    mask (B, T) the backbone (the encoder, for encoder-decoders) was called with, taken as each forward pass
+    starts; None where every position is a token. A continuation over a key/value cache hands a mask as long
+    as the whole sequence (ones where none was given), longer than the new hidden states, so a combine can
+    tell the two apart. Per-row routing slices it like any source. LoReFT reads its positions from it."""
+
+    def __init__(self, store, stack):
+        super().__init__(store)
+        self.mask = None
+        self.signature = inspect.signature(stack.forward)
+        self.handle = stack.register_forward_pre_hook(self._start, with_kwargs=True)
+
+    module_hooks = _MaskedModuleHooks
+
+    @classmethod
+    def create(cls, store, backbone):
+        encdec = getattr(backbone.config, "is_encoder_decoder", False)
+        return cls(store, backbone.get_encoder() if encdec else backbone)
+
+    def _start(self, module, args, kwargs):
+        kw = self.signature.bind_partial(*args, **kwargs).arguments
+        kw.update(kw.pop("kwargs", {}))
+        mask = kw.get("attention_mask")
+        if mask is not None and mask.dim() != 2:
+            from .errors import ConfigError
+            raise ConfigError(f"this adapter reads token positions from a 2D attention mask (batch, tokens); the "
+                              f"model was called with a {mask.dim()}-D mask: pass the tokenizer's attention_mask")
+        past = kw.get("cache", kw.get("past_key_values"))  # transformers 5.24 renamed past_key_values to cache
+        seen = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
+        if seen and mask is None:
+            ref = kw.get("inputs_embeds") if kw.get("inputs_embeds") is not None else kw.get("input_ids")
+            mask = torch.ones(ref.shape[0], seen + ref.shape[1], dtype=torch.long, device=ref.device)
+        self.mask = mask
+
+    def remove(self):
+        super().remove()
+        self.handle.remove()
 
 
 # ---------------------------------------------------------------- prefix keys / values
@@ -257,6 +306,11 @@ def prefix_attention(module, query, key, value, attention_mask, **kwargs):
     mech, entries = getattr(module, "_deltatune_prefix", (None, ()))
     batch = key.shape[0]
     live = mech.live(entries, batch, key.device) if entries else ()
+    # Combines that attend on their own (LLaMA-Adapter's gated prompt: its own softmax) add to the output after
+    # the base attention; the others are prefixes, concatenated to the keys and values before it.
+    after = [(e, rows) for e, rows in live if hasattr(e.combine, "attend")]
+    if after:
+        live = [(e, rows) for e, rows in live if not hasattr(e.combine, "attend")]
     if live:
         q_len, k_len = query.shape[2], key.shape[2]
         keys, values, seen = [], [], []
@@ -289,7 +343,13 @@ def prefix_attention(module, query, key, value, attention_mask, **kwargs):
         bias = kwargs.get("position_bias")
         if bias is not None:  # T5 adds a relative position bias: none for the prefix positions
             kwargs["position_bias"] = F.pad(bias, (length, 0))
-    return _base_attention(module)(module, query, key, value, attention_mask, **kwargs)
+    result = _base_attention(module)(module, query, key, value, attention_mask, **kwargs)
+    if not after:
+        return result
+    out, *rest = result  # out: (B, T, heads, head_dim), before the output projection
+    for e, rows in after:
+        out = e.combine.attend(module, query, out, e, rows, kwargs.get("scaling"))
+    return (out, *rest)
 
 
 def _base_attention(module):

@@ -44,8 +44,13 @@ KINDS = ("base", "lm")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def load_backbone(name: str, kind: str | None = None):
-    """``(model, tokenizer)`` for a named model, a local folder or a cached Hugging Face id."""
+def load_backbone(name: str, kind: str | None = None, quantize: str | None = None):
+    """``(model, tokenizer)`` for a named model, a local folder or a cached Hugging Face id. ``quantize``
+    ("nf4", "fp4", "int8") holds the backbone's linear layers quantized (:mod:`deltatune.quantize`)."""
+    if quantize is not None:
+        from .quantize import quantize_base
+        model, tokenizer = load_backbone(name, kind)
+        return quantize_base(model, quantize), tokenizer
     if kind not in (None, *KINDS):
         raise ConfigError(f"kind must be one of {KINDS} or None, not {kind!r}")
     if name.startswith("tiny-"):

@@ -31,7 +31,13 @@ _SOURCES: dict = {}
 
 
 def options(method, family):
-    """Options a method cannot do without (attempt: source prompts saved by 'prompt' on this family)."""
+    """Options a method cannot do without (attempt: source prompts saved by 'prompt' on this family;
+    fourierft: fewer coefficients than the 1000 default, which the tiny Llama's 16 x 32 v_proj cannot hold,
+    starting at zero: N(0, 1) coefficients at scale 150 change a 32-wide weight by ~1.5 per entry)."""
+    if method == "fourierft":
+        return {"n_frequency": 100, "init": "zero"}
+    if method == "trainable-tokens":  # ids of the batch's first row, so that every row trained gets a gradient
+        return {"tokens": sorted(set(tiny.inputs(family)["input_ids"][0].tolist()))[:3]}
     if method != "attempt":
         return {}
     if family not in _SOURCES:
@@ -126,8 +132,43 @@ def formula(method, family):
     if method == "tarp":
         r = opts["r"]
         return head + n_attn * ((d * r + 2 * r * d + r) + (kvd * r + 2 * r * d + r))
+    if method == "vera":  # d (r) and b (out) per site; the shared random A and B are frozen
+        r = opts["r"]
+        return head + n_attn * ((r + d) + (r + kvd))
+    if method == "adalora":  # P (out, r), lambda (r), Q (r, in) per site at the initial rank
+        r = opts["init_r"]
+        return head + n_attn * (r * (d + 1 + d) + r * (d + 1 + kvd))
     if method == "attempt":
         return head + 20 * d + 2 * d * opts["hidden"]  # a target prompt as long as the sources ('prompt' default 20)
+    if method == "loha":  # two rank-r pairs per projection: 2 r (out + in)
+        r = opts["r"]
+        return head + n_attn * (2 * r * (d + d) + 2 * r * (kvd + d))
+    if method == "lokr":  # widths split as LyCORIS does (32 = 4 x 8, 16 = 4 x 4); W1 (a, c) and W2 (b, d) full at r = 8
+        split = {32: (4, 8), 16: (4, 4)}
+        def kron(d_out, d_in):
+            (a, b), (c, e) = split[d_out], split[d_in]
+            return a * c + b * e
+        return head + n_attn * (kron(d, d) + kron(kvd, d))
+    if method == "oft":  # one skew block's upper triangle per block_size inputs: 32 -> one block, 32 * 31 / 2
+        b = opts["block_size"]
+        return head + n_attn * 2 * (d // b) * b * (b - 1) // 2
+    if method == "boft":  # m factors of (in / b) full b x b blocks (peft's layout), and a scale per output
+        b, m = opts["block_size"], opts["n_butterfly_factor"]
+        return head + n_attn * (2 * m * (d // b) * b * b + d + kvd)
+    if method == "hra":  # r reflection vectors of the input width
+        return head + n_attn * 2 * d * opts["r"]
+    if method == "fourierft":  # n coefficients per projection (options(): 100)
+        return head + n_attn * 2 * 100
+    if method == "ptuning":  # inputs, a 2-layer bidirectional LSTM of width h = d/2 per direction, a 2-layer MLP
+        h = d // 2
+        lstm = 2 * ((4 * h * d + 4 * h * h + 8 * h) + (4 * h * 2 * h + 4 * h * h + 8 * h))
+        return head + opts["length"] * d + lstm + (2 * h * 2 * h + 2 * h) + (2 * h * d + d)
+    if method == "llama-adapter":  # a prompt and a gate at each layer's self-attention
+        return head + _dims(family)[5] * (opts["length"] * d + 1)
+    if method == "trainable-tokens":  # the chosen rows (options(): 3 ids)
+        return head + 3 * d
+    if method == "loreft":  # R and W (r, d) and b (r,) at every block (tied: one per block)
+        return head + _dims(family)[5] * (2 * opts["r"] * d + opts["r"])
     return None
 
 

@@ -28,6 +28,8 @@ def add_arguments(p) -> None:
                    "length; outside a run the model's own configured maximum, e.g. 256 for minilm, else the "
                    "longest its positions take)")
     p.add_argument("--batch-size", type=int, metavar="N", help="examples per forward pass (default: the run's, else 32)")
+    p.add_argument("--quantize", metavar="nf4|fp4|int8|none", help="score on a quantized base (bitsandbytes), the "
+                   "adapter unmerged on top; none: the float32 base (default: as the run trained; float32 outside a run)")
     p.add_argument("--out", metavar="DIR", help="where metrics-<split>.json and predictions-<split>.jsonl go "
                    "(default: <run dir>/eval-<task>/, <adapter dir>/eval-<task>/ outside a run, "
                    "runs/<model>-<task>-zero-shot/ without an adapter)")
@@ -48,7 +50,7 @@ def add_arguments(p) -> None:
 
 # What `deltatune eval` used, printed on one line of its own rather than among the metrics.
 _EVAL_SETTINGS = ("task", "split", "metric", "value", "examples", "max_eval", "max_len", "max_len_source", "run_max_len",
-                  "batch_size", "truncated", "adapter", "model", "predictions_file")
+                  "batch_size", "truncated", "adapter", "model", "predictions_file", "quantize")
 
 
 def run(args) -> int:
@@ -65,7 +67,7 @@ def run(args) -> int:
         chosen_folder(args.out, "<run dir>/eval-<task>")
     out = OwnedFolder(out, EVAL)  # an eval folder: new, empty or an earlier eval's; never a user's, never a link
     metrics = evaluate(adapter, task=args.task, split=args.split, model=args.model, max_eval=args.max_eval,
-                       max_len=args.max_len, batch_size=args.batch_size, out_dir=out)
+                       max_len=args.max_len, batch_size=args.batch_size, out_dir=out, quantize=args.quantize)
     if args.json:
         print(json.dumps(metrics, default=jsonable), flush=True)
         return 0
@@ -76,7 +78,8 @@ def run(args) -> int:
             print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
     print(f"used: {metrics['examples']} examples ({whole}), max_len {metrics['max_len']} ({metrics['max_len_source']}; "
           f"{metrics['truncated']} inputs truncated), batch size {metrics['batch_size']}; model {metrics['model']}, "
-          f"adapter {metrics['adapter'] or 'none (zero-shot)'}")
+          f"adapter {metrics['adapter'] or 'none (zero-shot)'}"
+          + (f", on a {metrics['quantize']}-quantized base" if metrics.get("quantize") else ""))
     if metrics["run_max_len"] not in (None, metrics["max_len"]):
         print(f"  the run trained and was tested at max_len {metrics['run_max_len']}: "
               f"--max-len {metrics['run_max_len']} (the default) reproduces its own scoring")

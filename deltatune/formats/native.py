@@ -37,9 +37,12 @@ WEIGHTS, CONFIG = "adapter.safetensors", "adapter_config.json"
 
 
 def base_identity(model) -> dict:
+    """What the adapter file says of its base. ``quantized`` (``{"scheme", "library", "layers"}``) records a base
+    whose linear layers were quantized (deltatune.quantize); the fingerprint is then the float base's it was
+    quantized from, so the adapter loads onto that float base, and a float base's adapter onto the quantized one."""
     _, backbone = sites.find_backbone(model)
     d_model, *_ = sites.attention_shape(model)
-    return {
+    identity = {
         "class": type(backbone).__name__,
         "model_type": getattr(backbone.config, "model_type", None),
         "family": sites.family_of(model),
@@ -47,6 +50,16 @@ def base_identity(model) -> dict:
         "num_layers": sites.num_layers(model),
         "dtype": _name(next(backbone.parameters()).dtype),
     }
+    quantized = sites.quantization(model)
+    if quantized is not None:
+        identity["quantized"] = quantized
+    return identity
+
+
+def _fingerprint(model, info) -> str:
+    """The base fingerprint an adapter records: the one taken when it was attached (before any merge), or, on a
+    quantized base (which refuses merges), the float base's, read from what each quantized layer kept of it."""
+    return sites.base_digest(model, set(info.selected)) if sites.quantization(model) is not None else info.fingerprint
 
 
 def _one_adapter(store, adapter):
@@ -85,7 +98,7 @@ def adapter_tensors(model, adapter: str | None = None, fold: bool = True) -> tup
         "method": info.method.name,
         "options": options,
         "folded": fold,
-        "base": {**base_identity(model), "fingerprint": info.fingerprint},
+        "base": {**base_identity(model), "fingerprint": _fingerprint(model, info)},
         "tensors": {k: list(v.shape) for k, v in tensors.items()},
     }
     labels = getattr(model, "label_names", None)  # a classifier's class names (train sets them from the task)
@@ -185,7 +198,7 @@ def _saved_fingerprint(model, path: str, selected: list, dtype=None) -> str:
     """This model's base fingerprint as it reads with its backbone at ``path`` (where the saved model had it)."""
     here, backbone = sites.find_backbone(model)
     skip = {name for n in selected if (name := _rebase("base." + n, here, path)) is not None}
-    return core.fingerprint(_holder(backbone, path), {n[len("base."):] for n in skip}, dtype=dtype)
+    return sites.base_digest(_holder(backbone, path), {n[len("base."):] for n in skip}, dtype=dtype)
 
 
 def part_digests(model, skip: set, dtype: torch.dtype | None = None) -> dict:
@@ -198,16 +211,16 @@ def part_digests(model, skip: set, dtype: torch.dtype | None = None) -> dict:
     except (ConfigError, KeyError):
         block = None
     digests: dict = {}
+    stand_in = sites.float_identities(backbone)  # a quantized layer reads as the float weight it was made from
     for name, p in sorted(backbone.named_parameters()):
         if name.startswith("deltatune.") or (f"{prefix}.{name}" if prefix else name) in skip:
             continue
         m = block.match(name) if block is not None else None
         part = m.group(0) if m else name.split(".")[0]
-        flat = p.detach().reshape(-1)
-        sample = flat[::max(1, flat.numel() // 256)][:256]
+        shape, sample = stand_in.get(name) or (tuple(p.shape), sites.weight_sample(p))
         sample = (sample.to(dtype) if dtype is not None and sample.dtype.is_floating_point else sample).float().cpu()
         d = digests.setdefault(part, hashlib.blake2b(digest_size=6))
-        d.update(name.encode() + str(tuple(p.shape)).encode() + sample.numpy().tobytes())
+        d.update(name.encode() + str(shape).encode() + sample.numpy().tobytes())
     return {part: d.hexdigest() for part, d in digests.items()}
 
 
@@ -417,7 +430,7 @@ def _check_fingerprint(path, model, base: dict, info, saved_path: str) -> None:
     with the backbone where the saved model had it (a task wrapper's ``backbone.`` prefix, or none)."""
     want = base.get("fingerprint")
     here, _ = sites.find_backbone(model)
-    have_fp = info.fingerprint if saved_path == here else _saved_fingerprint(model, saved_path, info.selected)
+    have_fp = _fingerprint(model, info) if saved_path == here else _saved_fingerprint(model, saved_path, info.selected)
     if want is None or want == have_fp:
         return
     saved, have = base.get("dtype"), base_identity(model)["dtype"]

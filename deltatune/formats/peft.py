@@ -347,6 +347,70 @@ class Bridge:
             raise ConfigError(f"peft applies {what} only through a task-specific PeftModel ({', '.join(_PROMPT_TASKS)}); "
                               f"this model's class maps to task type {self.task}, where peft would ignore the {what}")
 
+    # -- tuners with one set of named tensors per adapted module (LoHa, LoKr, OFT, BOFT, HRA, FourierFT)
+    def tuner_tensors(self, deltas, names: dict, what: str, conv1d: bool) -> dict:
+        """{'<peft module name>.<peft tensor>': tensor} of deltas at whole modules, ``names``: deltatune's
+        parameter -> peft's tensor. Refused: slices of a fused projection (peft adapts GPT-2's c_attn whole),
+        and GPT-2's Conv1D where peft's tuner (``conv1d=False``) adapts only torch's Linear and convolutions."""
+        out = {}
+        for module_name, marks, params in deltas:
+            if not conv1d and _is_conv1d(self.model.get_submodule(module_name)):
+                raise ConfigError(f"peft's {what} adapts torch Linear and convolution layers only; {module_name} is "
+                                  "GPT-2's Conv1D, which peft's get_peft_model refuses, so the adapter cannot be written "
+                                  "for peft (save it with format='deltatune')")
+            if marks:
+                raise ConfigError(f"{what} on {'attn.' + marks[0]}, a slice of GPT-2's fused {module_name}: peft adapts "
+                                  "c_attn whole; train with sites ['re:h\\.(?P<layer>\\d+)\\.attn\\.c_attn'] to export it")
+            for pname, t in params.items():
+                out[f"{self.rel(module_name)}.{names[pname]}"] = t
+        return out
+
+    def tuner_modules(self, tensors: dict, names: dict, what: str, conv1d: bool = False) -> dict[str, dict]:
+        """{module name in ``model``: {deltatune's parameter: tensor}} of a tuner's '<module>.<peft tensor>'
+        tensors, ``names``: peft's tensor -> deltatune's parameter; every module a Linear of this model (or
+        GPT-2's Conv1D, where peft's tuner adapts it: ``conv1d``)."""
+        pattern = re.compile(r"(.+)\.(" + "|".join(sorted(map(re.escape, names), key=len, reverse=True)) + ")")
+        out: dict[str, dict] = defaultdict(dict)
+        for k, t in tensors.items():
+            m = pattern.fullmatch(k)
+            if m is None:
+                what_is = "a bias (bias='all' or a tuner-only bias)" if k.endswith(".bias") else f"not a {what} tensor"
+                raise ConfigError(f"tensor '{k}' is {what_is}; deltatune's {what} holds {', '.join(names)} only")
+            full = self.full(m.group(1))
+            try:
+                module = self.model.get_submodule(full)
+            except AttributeError:
+                raise ConfigError(f"the adapter targets '{m.group(1)}', which this model does not have; load it onto "
+                                  "the model it was trained on") from None
+            if not (isinstance(module, torch.nn.Linear) or (conv1d and _is_conv1d(module))):
+                raise ConfigError(f"the adapter targets '{m.group(1)}' ({type(module).__name__}); deltatune's {what} "
+                                  "reads peft's adapters of Linear projections only")
+            out[full][names[m.group(2)]] = t
+        if not out:
+            raise ConfigError(f"the adapter holds no {what} tensors")
+        return dict(out)
+
+    def check_shapes(self, full: str, got: dict, want: dict, what: str) -> None:
+        """The tensors of module ``full`` are exactly ``want`` (deltatune's parameter -> shape); else the error."""
+        if set(got) != set(want):
+            raise ConfigError(f"'{self.rel(full)}' holds {sorted(got)}, where {what} has {sorted(want)}; "
+                              "the adapter is damaged")
+        for k, shape in want.items():
+            if tuple(got[k].shape) != tuple(shape):
+                raise ConfigError(f"'{self.rel(full)}': {k} is {tuple(got[k].shape)}, where {what} has {tuple(shape)}")
+
+    @staticmethod
+    def refuse_patterns(config: dict, what: str) -> None:
+        for field in ("rank_pattern", "alpha_pattern", "n_frequency_pattern"):
+            if config.get(field):
+                raise ConfigError(f"{field}={config[field]!r}: deltatune's {what} takes one value for every module; "
+                                  f"save the adapter without {field}")
+
+    @staticmethod
+    def number(value: float):
+        """An integral float as an int (peft's configs write alpha as an int)."""
+        return int(value) if float(value).is_integer() else float(value)
+
     # -- fields of an untrusted config
     def get(self, config: dict, key: str, types, default):
         """``config[key]`` if it is of ``types`` (None or missing: ``default``), else an AdapterFileError."""

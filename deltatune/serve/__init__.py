@@ -39,7 +39,7 @@ class Limits:
                                  "runs to its longest row")
     max_tokens_in_flight: int = setting(8192, min=1, max=1 << 30,
                                         help="generation: prompt plus new tokens of the running rows; more wait")
-    quantize: str | None = setting(None, choices=(None, "nf4", "fp4", "int8"), metavar="nf4|fp4|int8",
+    quantize: str | None = setting(None, choices=("nf4", "fp4", "int8"), metavar="nf4|fp4|int8",
                                    default_text="off: a float32 base",
                                    help="hold the base's linear layers quantized (bitsandbytes); adapters run unmerged "
                                         "on top in float32 (docs/performance.md)")

@@ -56,7 +56,7 @@ class TrainConfig:
                                              help="recompute activations in the backward pass to save memory: on "
                                                   "(the bare flag), off, or auto (on when the largest batch would keep "
                                                   "over 2 GiB of activations; the same losses either way)")
-    quantize: str | None = setting(None, choices=(None, "nf4", "fp4", "int8"), metavar="nf4|fp4|int8",
+    quantize: str | None = setting(None, choices=("nf4", "fp4", "int8"), metavar="nf4|fp4|int8",
                                    default_text="off: a float32 base",
                                    help="hold the base's linear layers quantized (bitsandbytes; nf4 is QLoRA's 4-bit "
                                         "type) and train the adapter on top in float32; methods that train "
