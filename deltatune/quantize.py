@@ -10,9 +10,12 @@ introduced, whose releases since 0.45 run on CPU):
   weight);
 - ``fp4``: bitsandbytes' 4-bit float, the same blocks;
 - ``int8``: LLM.int8() (Dettmers et al. 2022) row-wise absmax int8 weights without outlier columns
-  (threshold 0): while training the weight is dequantized for a float32 matmul; at evaluation the
-  activations are quantized per row too and the product is an int8 matmul (``torch._int_mm``), as bitsandbytes
-  runs it on CPU.
+  (threshold 0): while training (and wherever a gradient is recorded) bitsandbytes dequantizes the weight for a
+  float32 matmul; without a gradient (evaluation, serving) the activations are quantized per row too and the
+  product is an int8 matmul. On CPUs with AVX-512 deltatune computes that product itself with PyTorch's
+  ``torch._int_mm`` in float32 around it (:func:`int8_matmul`), about 2x faster than bitsandbytes' own CPU path,
+  whose float16 conversions and rescaling cost more than the matmul (docs/performance.md); elsewhere
+  bitsandbytes' path runs (``_int_mm`` has no fast kernel there).
 
 There is no integer 4-bit scheme: bitsandbytes has none (its 4-bit types are NF4 and FP4) and torchao's
 int4 weights have no float32 CPU kernel (docs/performance.md, "A quantized base", measures both libraries).
@@ -155,8 +158,8 @@ def quantize_linear(linear: nn.Linear, scheme: str, bnb=None) -> nn.Module:
                 "sample": sites.weight_sample(weight).float().clone()}
     device, has_bias = weight.device, linear.bias is not None
     if scheme == "int8":
-        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias,
-                                    has_fp16_weights=False, threshold=0.0, device="meta")
+        layer = _int8_class(bnb)(linear.in_features, linear.out_features, bias=has_bias,
+                                 has_fp16_weights=False, threshold=0.0, device="meta")
         layer.weight = bnb.nn.Int8Params(weight.to("cpu").contiguous(), requires_grad=False, has_fp16_weights=False)
         layer.weight = layer.weight.to(device)  # quantizes (row-wise absmax)
         layer.init_8bit_state()  # the codes and scales move to the layer's state, where every matmul reads them
@@ -179,6 +182,41 @@ def quantize_linear(linear: nn.Linear, scheme: str, bnb=None) -> nn.Module:
     layer.train(linear.training)
     setattr(layer, sites.QUANTIZED, identity)
     return layer
+
+
+# torch._int_mm has a fast (VNNI) kernel on AVX-512 CPUs only; elsewhere it is a scalar loop, slower than float32
+# (bitsandbytes makes the same choice for its own CPU kernel).
+FAST_INT8 = torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX")
+_INT8_CLASS: list = []
+
+
+def _int8_class(bnb):
+    """bitsandbytes' ``Linear8bitLt`` with deltatune's int8 matmul where no gradient is recorded."""
+    if not _INT8_CLASS:
+        class Int8Linear(bnb.nn.Linear8bitLt):
+            """LLM.int8() without outliers: bitsandbytes' layer, its inference matmul :func:`int8_matmul`."""
+
+            def forward(self, x):
+                if self.training or torch.is_grad_enabled() or not FAST_INT8 or self.state.CB is None:
+                    return super().forward(x)
+                return int8_matmul(x, self.state.CB, self.state.SCB, self.bias)
+
+        _INT8_CLASS.append(Int8Linear)
+    return _INT8_CLASS[0]
+
+
+def int8_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ W.T + bias`` with W = codes * scales / 127 (int8 (out, in), float (out,): bitsandbytes' row-wise
+    absmax quantization) and x quantized the same way per row: LLM.int8()'s vector-wise product (Dettmers et al.
+    2022, §3.1), y = (x_i8 @ W_i8^T) * s_x s_w / 127^2, accumulated exactly in int32 by ``torch._int_mm``."""
+    shape = x.shape
+    rows = x.reshape(-1, shape[-1]).float()  # (N, in)
+    step = rows.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) / 127.0  # (N, 1)
+    q = torch.round(rows / step).to(torch.int8)
+    out = torch._int_mm(q, codes.t()).float().mul_(step).mul_(scales.float() / 127.0)  # (N, out)
+    if bias is not None:
+        out += bias.float()
+    return out.reshape(*shape[:-1], codes.shape[0]).to(x.dtype)
 
 
 def _float32_matmuls(layer) -> None:

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import time
+import warnings
 
 from ..errors import ConfigError, DeltatuneError, TrainingError
 from .search import DONE, WAIT, normal
@@ -119,6 +120,8 @@ def _trainable(config, task=None):
     from ray import tune
 
     spec = json.loads(config["spec"])
+    # a worker's warnings reach the driver's terminal: one line each, saying which trial, as the CLI words them
+    warnings.formatwarning = lambda message, *_, **__: f"deltatune sweep: trial {spec['number']}: warning: {message}\n"
 
     def report(step, value):
         tune.report({"step": step, "valid": value})
