@@ -121,7 +121,7 @@ def test_eval_command(tmp_path, capsys):
     assert main(["eval", "--task", "humaneval", "--model", "tiny-llama", "--n", "2"]) == 2
     assert "temperature" in capsys.readouterr().err
     assert main(["eval", "--task", "code-search"]) == 2
-    assert "--adapter is required" in capsys.readouterr().err
+    assert "without an adapter the bare model is scored (zero-shot): --model must say" in capsys.readouterr().err
 
 
 def test_adapter_trained_on_code_generation_evaluates_on_humaneval(tmp_path):

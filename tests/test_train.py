@@ -286,9 +286,9 @@ def test_evaluate_scores_the_whole_split_unless_told(tmp_path, tasks):
     out = tmp_path / "run"
     assert resolve_adapter(out) == out / "best" and resolve_adapter(out / "best") == out / "best"
     whole = evaluate(out)  # the run scored 6 test examples at max_len 8; evaluate does not inherit that
-    assert whole["examples"] == 16 and whole["max_eval"] is None and whole["max_len"] == 512  # tiny-bert's 512 positions
-    assert whole["max_len_source"] == "the model's maximum: 512 positions" and whole["run_max_len"] == 8
-    again = evaluate(out, max_eval=6, max_len=8)  # the run's own subset (the run's seed picks it) and length
+    assert whole["examples"] == 16 and whole["max_eval"] is None and whole["max_len"] == 8  # issue 27: the run's length
+    assert whole["max_len_source"] == "the run's training length" and whole["run_max_len"] == 8
+    again = evaluate(out, max_eval=6, max_len=8)  # the run's own subset (a fixed data seed picks it) and length
     assert again["examples"] == 6 and again["mrr"] == json.loads((out / "metrics.json").read_text())["mrr"]
     chosen = evaluate(out, max_eval=4, max_len=24, batch_size=3, out_dir=tmp_path / "elsewhere")
     assert (chosen["examples"], chosen["max_len"], chosen["batch_size"]) == (4, 24, 3)
