@@ -16,11 +16,11 @@ from ..sites import target_features, weight_out_in
 # peft's init_lora_weights values whose A and B are a plain LoRA's once trained (the base untouched);
 # "pissa" and "olora" start from the weight and keep the residual; the rest change the base in ways that
 # the original base alone cannot reproduce (a randomised SVD, quantisation, data or gradients).
-_PEFT_PLAIN_INITS = {"true", "false", "gaussian", "eva", "orthogonal", "mica"}
+_PEFT_PLAIN_INITS = {"true", "false", "none", "gaussian", "eva", "orthogonal", "mica"}
 # peft LoraConfig fields that turn on a variant with another forward pass than LoRA's (or DoRA's).
 _PEFT_VARIANTS = ("lora_bias", "use_qalora", "use_bdlora", "alora_invocation_tokens", "arrow_config", "velora_config",
                   "monteclora_config", "kasa_config", "trainable_token_indices", "layer_replication",
-                  "target_parameters", "ensure_weight_tying")
+                  "target_parameters")
 
 
 def principal_factors(weight: torch.Tensor, r: int, scale: float, init: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -398,6 +398,9 @@ class LoRA(Method):
                 deltas[key + ".A0"], deltas[key + ".B0"] = A0.to(A.dtype), B0.to(B.dtype)
             ranks[name], alphas[name] = r, float(alpha)
             groups["embedding" if embedding else "linear"].add(full)
+        if groups["embedding"] and config.get("ensure_weight_tying"):
+            raise ConfigError("ensure_weight_tying=true: peft also adapts the LM head tied to the embedding; deltatune's "
+                              "embedding LoRA adapts the lookup only")
         chosen, layers = peft.choose_sites([groups["linear"], groups["embedding"]])
         if groups["embedding"]:
             try:
