@@ -1,8 +1,9 @@
 """Combines: how a delta's result meets the hidden state.
 
 Each combine names the class of the mechanism that runs it (``mechanisms.py``): ``Hooks`` (forward
-hooks on the site's module: output combines after it, input combines before it), ``PrefixAttention``
-(keys/values concatenated inside attention) or ``PromptTokens`` (tokens concatenated at the input
+hooks on the site's module: output combines after it, input combines before it; ``MaskedHooks`` also
+hands them the batch's token mask), ``PrefixAttention`` (keys/values concatenated inside attention, or
+an attention of the delta's own beside it) or ``PromptTokens`` (tokens concatenated at the input
 embeddings).
 
 ``merge`` folds a delta into the module's weight in place. There is no arithmetic inverse: the
@@ -249,7 +250,7 @@ class PrependPrompt(Combine):
 class GatedAttention(Combine):
     """Beside the attention, inside it: the query also attends to the delta's keys and values, with a softmax of
     its own scaled by the delta's gate g, and the result joins the attention output before the output projection,
-    out + g softmax(s q K_p^T) V_p (LLaMA-Adapter, Zhang et al. 2023, §3.2 eq. 8: the prompt's scores apart from
+    out + g softmax(s q K_p^T) V_p (LLaMA-Adapter, Zhang et al. 2023, §3.2: the prompt's scores apart from
     the tokens', gated). Run by ``PrefixAttention`` after the model's own attention. Not mergeable."""
 
     name = "gated_attention"

@@ -614,7 +614,7 @@ class SVDLowRank(nn.Module):
 # ---------------------------------------------------------------- prompt relatives and representation edits
 
 class PromptEncoder(nn.Module):
-    """P-tuning's prompt (Liu et al. 2021, "GPT Understands, Too", §3.2): trainable input vectors e (length, d),
+    """P-tuning's prompt (Liu et al. 2021, "GPT Understands, Too", §3): trainable input vectors e (length, d),
     ~ N(0, 1) as nn.Embedding, mapped to the prompt by an encoder: 'lstm' (the paper's), a bidirectional
     two-layer LSTM then a ReLU MLP, h = MLP([LSTM_fwd(e); LSTM_bwd(e)]); 'mlp' (peft's default), three ReLU
     linear layers; 'none', a plain table (what a saved adapter holds). Called as a prompt delta (with the batch's
@@ -720,7 +720,7 @@ class RowsOf(nn.Module):
 
 
 class LowRankIntervention(nn.Module):
-    """LoReFT (Wu et al. 2024, "ReFT: Representation Finetuning for Language Models", §3.2 eq. 2):
+    """LoReFT (Wu et al. 2024, "ReFT: Representation Finetuning for Language Models", §3, eq. 2):
     phi(h) = h + R^T (W h + b - R h) at chosen positions, R (r, d) with orthonormal rows, W (r, d), b (r,).
 
     R is trained as a free matrix and used orthonormalised, Q = L^-1 R with L L^T = R R^T (Cholesky, that is
@@ -753,8 +753,10 @@ class LowRankIntervention(nn.Module):
         elif mask.shape[1] > length:  # new tokens after a key/value cache: the chosen ones were all in the prompt
             return None
         elif mask.shape[1] < length:
-            raise ValueError(f"LoReFT got hidden states of {length} positions but a mask of {mask.shape[1]}: an "
-                             "adapter that adds positions to the input (a prompt) ran first; attach LoReFT alone")
+            from .errors import ConfigError
+            raise ConfigError(f"LoReFT got hidden states of {length} positions but a mask of {mask.shape[1]}: an "
+                              "adapter that adds positions to the input (a prompt) runs in the same model; "
+                              "use LoReFT without it")
         else:
             real = mask.bool()
         n = real.sum(dim=1, keepdim=True)  # (B, 1) tokens per row

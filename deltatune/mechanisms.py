@@ -10,9 +10,13 @@ model with ``create(store, backbone)``, so a new mechanism is one class here and
 * ``Hooks``: a forward pre-hook and a forward hook per target module, applying the input and output
   combines of every live delta there; it also hands a module's input to deltas that read it
   (a placement's ``source``).
+* ``MaskedHooks``: ``Hooks`` whose output combines also get the batch's 2D token mask, taken as each
+  forward pass starts (LoReFT picks its positions from it).
 * ``PrefixAttention``: a registered attention function that prepends each live prefix to the keys
   and values an attention module computed, extends the mask (and T5's position bias), then calls
   the model's own attention (sdpa or eager). Rows that a prefix does not apply to mask it out.
+  Combines with an ``attend`` method (LLaMA-Adapter's gated prompt) add their own attention's
+  output to the model's after it.
 * ``PromptTokens``: hooks on the backbone (the encoder, for encoder-decoders) that prepend soft
   tokens to the input embeddings, extend mask and positions, and strip the prompt positions from
   the outputs (and recompute the pooler from the stripped states), so heads and losses see the
@@ -207,13 +211,13 @@ class MaskedHooks(Hooks):
     as the whole sequence (ones where none was given), longer than the new hidden states, so a combine can
     tell the two apart. Per-row routing slices it like any source. LoReFT reads its positions from it."""
 
+    module_hooks = _MaskedModuleHooks
+
     def __init__(self, store, stack):
         super().__init__(store)
-        self.mask = None
+        self.mask = None  # the pass in flight's; not derived from anything trainable
         self.signature = inspect.signature(stack.forward)
         self.handle = stack.register_forward_pre_hook(self._start, with_kwargs=True)
-
-    module_hooks = _MaskedModuleHooks
 
     @classmethod
     def create(cls, store, backbone):
@@ -498,7 +502,7 @@ class PromptTokens(Mechanism):
 
     @staticmethod
     def _interleave(prompt, lengths, embeds, token_mask):
-        batch, total, tokens = prompt.shape[0], prompt.shape[1], embeds.shape[1]
+        total, tokens = prompt.shape[1], embeds.shape[1]
         out = torch.cat([prompt, embeds], dim=1)  # then move each row's tokens right after its own prompt
         pos = torch.arange(total + tokens, device=embeds.device)[None, :]
         n = lengths[:, None]

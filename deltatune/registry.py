@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import torch
 from torch import nn
 
 from . import sites as S
@@ -199,8 +200,16 @@ class Method:
                                   f"only {cls.name} adapters with the same options average parameter by parameter")
             for key, delta in deltas.items():
                 acc = states.setdefault(key, {})
+                fixed = {n for n, _ in delta.named_buffers()}  # not trained: the chosen indices, fixed projections
                 for pname, t in folded_state(delta).items():
-                    acc[pname] = acc.get(pname, 0) + w * t.double()
+                    if pname in fixed or not t.is_floating_point():
+                        if pname in acc and not torch.equal(acc[pname], t):
+                            raise ConfigError(f"average: '{name}' and '{names[0]}' differ in {key}.{pname}, which is "
+                                              "not trained (e.g. which weights a sparse delta holds); only adapters "
+                                              "that share it average parameter by parameter")
+                        acc[pname] = t
+                    else:
+                        acc[pname] = acc.get(pname, 0) + w * t.double()
         return options, states, {"rank": None, "error": 0.0, "site_errors": {}}
 
     # The Hugging Face PEFT format: the peft_type of the same computation ('': none). A method that has

@@ -1,4 +1,5 @@
-"""The comparison report of a bench: results.csv -> results.md, two PNG plots and one self-contained HTML page.
+"""The comparison report of a bench: results.csv -> results.md, two PNG plots and one self-contained HTML page
+(and, for a sweep's folder, :func:`report_dir` rebuilds the sweep's own table and plot: deltatune.sweep.report).
 
 Everything here is a pure function of the per-run rows (one dict per method x seed, the JSON summary
 that `deltatune train --json` prints) plus a small `meta` dict (machine, versions, date, command), so
@@ -457,6 +458,36 @@ def report_folder(out_dir, what: str = "DIR") -> storage.OwnedFolder:
     folder is also its input, a folder without the marker that holds none of REPORT_FILES yet (they are
     then only added, never replacing a file of the user's)."""
     return storage.OwnedFolder(out_dir, storage.BENCH, what=what, add=REPORT_FILES)
+
+
+def report_dir(out_dir, what: str = "DIR") -> tuple[str, dict[str, Path]]:
+    """`deltatune report DIR`: the report of a sweep's folder (recognised by the ``sweep.json`` a sweep writes:
+    its table, CSV and plot rebuilt from its records) or of a bench folder (from results.csv and bench.json).
+    Returns the markdown and the paths written ("main": the one to open). The folder is written by the
+    rule of :class:`~deltatune.storage.OwnedFolder`: replacing its own files in a folder of its kind, only adding
+    new ones elsewhere."""
+    from deltatune.sweep import files as sweep_files
+
+    if sweep_files.is_sweep(out_dir):
+        from deltatune.sweep import report as sweep_report
+
+        folder = storage.OwnedFolder(out_dir, storage.SWEEP, what=what, add=sweep_report.FILES)
+        folder.check()  # a running sweep holds the lock: refused until it ends (it writes these files then)
+        try:
+            text, files = sweep_report.rebuild(folder)
+        finally:
+            folder.close()
+        paths = {name: Path(p) for name, p in files.items()}
+        return text, {**paths, "main": paths["results.md"]}
+    folder = report_folder(out_dir, what)
+    folder.check()  # a folder the report may write (nothing through a link, nothing of the user's replaced)
+    try:
+        rows = read_csv(Path(folder.path) / RESULTS_FILE)
+        meta = read_meta(folder.path)
+        paths = write_report(rows, folder, meta)
+    finally:
+        folder.close()
+    return markdown(rows, meta), {**paths, "main": paths["html"]}
 
 
 def write_report(rows: list[dict], out_dir, meta: dict | None = None) -> dict[str, Path]:

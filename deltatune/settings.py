@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 
 _TYPES = {"int": int, "float": float, "bool": bool, "str": str, "list": list, "dict": dict, "object": object}
 _WHAT = {int: "a whole number", float: "a finite number", bool: "true or false", str: "a string", list: "a list",
@@ -159,3 +160,21 @@ def argv_of(values: dict, cls) -> list[str]:
         elif value is not False:
             out += [flag_of(name), str(value)]
     return out
+
+
+def env_limit(env: str, default: float, error: type[Exception], unit: str = "megabytes", kind=float,
+              reading: str = "") -> float:
+    """A positive limit from the environment variable ``env`` (``default`` where it is unset or blank; ``inf``
+    lifts it). Anything else is refused with ``error``, naming the variable, its value and what it must be."""
+    text = os.environ.get(env, "").strip()
+    if not text:
+        return default
+    try:
+        value = kind(text)
+    except ValueError:
+        value = -1
+    if not value > 0:
+        where = f" (reading {reading})" if reading else ""
+        raise error(f"{env}={text!r} must be a positive {'size in ' if kind is float else 'whole number of '}"
+                    f"{unit}{where}")
+    return value

@@ -34,7 +34,6 @@ from deltatune.errors import DataError
 from deltatune.tasks import load_task
 
 from . import figures, tiny
-from .test_train import write_task
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -125,7 +124,7 @@ DATA = {  # file name -> (content: str, bytes, or {split file: content} for a di
     "symlink-loop.jsonl": (lambda path: os.symlink(path.name, path), "a symlink loop"),
     "dangling-link.jsonl": (lambda path: os.symlink("nowhere.jsonl", path), "a symlink to a missing file"),
     "too-big.jsonl": (_jsonl(GOOD * 2000), "set DELTATUNE_MAX_DATA_MB"),  # the probe runs with a 0.5 MB limit
-    "train-fifo": ({"train.jsonl": lambda path: os.mkfifo(path), "test.jsonl": _jsonl(GOOD)}, "no train file"),
+    "train-fifo": ({"train.jsonl": lambda path: os.mkfifo(path), "test.jsonl": _jsonl(GOOD)}, "is a FIFO, not a regular file"),
 }
 PROBE_DATA_MB = "0.5"
 # Cases only a loaded model can decide: refused before anything is written (then the model is loaded).

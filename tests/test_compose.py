@@ -200,3 +200,27 @@ def test_fold_keeps_a_classifier_head_and_saves_it(tmp_path):
     path = compose.save_folded(clf, tmp_path / "m")
     assert torch.equal(load_file(str(path / "head.safetensors"))["head.weight"], head)
     assert (path / "config.json").exists()
+
+
+def test_average_of_sparse_deltas_needs_the_same_indices():
+    """SIFT's values sit at indices chosen per adapter: values at different weights must not be added up."""
+    from deltatune.deltas import Sparse
+
+    model = tiny.model("bert")
+    for name, seed in (("a", 1), ("b", 2), ("c", 3)):
+        _with(model, "sift", name, seed)
+    s = model.deltatune.adapters
+    parts = {n: [(k, m) for k, d in s[n].items() for m in d.modules() if isinstance(m, Sparse)] for n in "abc"}
+    assert parts["a"]
+    for (_, pa), (_, pb), (_, pc) in zip(parts["a"], parts["b"], parts["c"]):
+        pb.indices.copy_(pa.indices)  # b holds the same weights as a; c others
+        pc.indices.copy_(torch.flip(pa.indices, [0]) if pa.indices.numel() > 1 else pa.indices + 1)
+    compose.average(model, ["a", "b"], adapter="ab")
+    for (_, pa), (_, pb), (_, avg) in zip(parts["a"], parts["b"],
+                                          [(k, m) for k, d in s["ab"].items() for m in d.modules()
+                                           if isinstance(m, Sparse)]):
+        assert torch.equal(avg.indices, pa.indices)
+        torch.testing.assert_close(avg.values, 0.5 * (pa.values + pb.values))
+    with pytest.raises(dt.ConfigError, match="not trained"):
+        compose.average(model, ["a", "c"], adapter="ac")
+    assert "ac" not in model.deltatune.records  # nothing attached

@@ -100,7 +100,7 @@ DEVIATIONS = {
     "adalora": ['when the budget does not'],  # added with the method (issue 23): its own label
     "boft": ['each block keeps a full'],  # added with the method (issue 23): its own label
     "fourierft": ['the coefficients start at N(0'],  # added with the method (issue 23): its own label
-    "hra": ['the orthogonality regulariser of §3.2'],  # added with the method (issue 23): its own label
+    "hra": ['the orthogonality regulariser (lambda |I - U^T U|^2 in the loss) is not offered'],  # added with the method (issue 23): its own label
     "llama-adapter": ['every layer by default (the'],  # added with the method (issue 23): its own label
     "lokr": ['the scale alpha / r'],  # added with the method (issue 23): its own label
     "loreft": ['R is trained as a'],  # added with the method (issue 23): its own label

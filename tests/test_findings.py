@@ -404,3 +404,90 @@ def test_a_bad_run_file_is_one_line_naming_it(tmp_path, claim_t, capsys, damage,
     assert err.count("\n") == 1 and "Traceback" not in err and str(path) in err and words in err
     assert main(["--claims", "T", "--plan", "--out", str(tmp_path / "out")]) == 2  # the planner reads it too
     assert str(path) in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the runs through deltatune.sweep
+
+def test_the_runs_go_through_the_sweep_and_are_the_runs_trained_alone(tmp_path, claim_t):
+    """The tiny claim run for real: the lr grid as one grid sweep over lr, the seeds as sweeps of one
+    configuration; the run files are those the runner always wrote, and a run equals the same run trained alone."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    result = F.run_suite(["T"], [0, 1], out=out, work_dir=work, log=lambda _: None)
+    store = F.Store(out)
+    planned = F.planned_runs(store, ["T"], [0, 1])
+    assert not result["failed"] and not result["waiting"] and all(r["done"] for r in planned)
+    assert sorted(result["ran"]) == sorted(F.run_key(r["config"]) for r in planned)
+    lora = claim_t.groups[0]
+    chosen = F.grid(store, TINY, lora)["lr"]
+    assert chosen is not None and all(r["config"]["lr"] == chosen for r in planned if r["phase"] == "seed")
+    for path, record in store.records():  # checked as every reader checks them; the page's inputs are there
+        assert path.name == F.run_key(record["config"]) + ".json"
+        assert {"value", "valid_value", "zero_shot_value", "trainable_params", "metric"} <= set(record["result"])
+        assert len(record["test_scores"]["values"]) == record["n_test"] == 8 and record["n_train"] == 8
+        kept = record["config"]["method"] == "lora" and record["config"]["seed"] == 0
+        assert bool(record["adapter_dir"]) == kept
+        assert not kept or (Path(record["adapter_dir"]) / "adapter.safetensors").is_file()
+    # the grid was one sweep: its trials are the grid's lrs at seed 0, and it scored no chosen test of its own
+    grids = [p for p in (work / "sweeps").iterdir() if "-grid-" in p.name]
+    assert len(grids) == 1 and (grids[0] / ".deltatune-sweep.json").is_file()
+    trials = [json.loads(line) for line in (grids[0] / "trials.jsonl").read_text().splitlines()]
+    assert [t["params"]["lr"] for t in trials] == F.grid_lrs(lora) and not (grids[0] / "test").exists()
+    assert all(r["seed"] == 0 for t in trials for r in t["runs"])
+    # the run folders whose adapter is not kept are gone once their run files are written
+    assert not [p for p in work.glob("sweeps/*telly*/trials/*") if p.name.endswith("-s0") or p.name.endswith("-s1")]
+    # one run trained alone, as --rescore trains it: the same numbers as its run file from the sweep
+    config = F.run_config(TINY, lora, chosen, 1)
+    alone = F._train_one(config, tmp_path / "alone", store)
+    swept = store.get(config)
+    for key in ("value", "valid_value", "zero_shot_value", "trainable_params", "best_step", "steps"):
+        assert alone["result"][key] == swept["result"][key], key
+    assert alone["test_scores"] == swept["test_scores"]
+    # everything has its file: a second call trains nothing
+    again = F.run_suite(["T"], [0, 1], out=out, work_dir=work, log=lambda _: None)
+    assert again["ran"] == [] and not again["failed"]
+
+
+def test_an_extension_is_its_own_sweep_at_the_rules_lr(tmp_path, claim_t):
+    """The suite's rule (grid()) decides an extension, at its own lr to the last digit; the seeds wait for it."""
+    store = F.Store(tmp_path)
+    g = claim_t.groups[0]
+    low, mid, high = F.grid_lrs(g)
+    for lr, valid in ((low, 0.3), (mid, 0.4)):
+        store.put(F.run_config(TINY, g, lr, F.GRID_SEED), _record(0.5, valid))
+    todo = [r for r in F.planned_runs(store, ["T"], [0, 1]) if not r["done"] and r["config"] is not None]
+    assert [[r["config"]["lr"] for r in b] for b in F.batches(todo)] == [[high]]  # the grid's missing point
+    store.put(F.run_config(TINY, g, high, F.GRID_SEED), _record(0.5, 0.6))  # the best at the high edge
+    todo = [r for r in F.planned_runs(store, ["T"], [0, 1]) if not r["done"] and r["config"] is not None]
+    assert [[(r["phase"], r["config"]["lr"]) for r in b] for b in F.batches(todo)] == \
+        [[("extension", F.grid(store, TINY, g)["rows"][-1]["lr"])]]
+    assert F.batches(todo)[0][0]["config"]["lr"] == float(f"{F.default_lr('lora') * 9:.6g}")
+
+
+
+@pytest.mark.slow
+def test_on_a_ray_cluster_the_runs_and_their_files_are_the_same(tmp_path, claim_t):
+    """The tiny claim on a local Ray cluster of two one-CPU workers (several sweeps in one process, logging with
+    print itself) writes the run files it writes here: the same names and the same scores."""
+    here = F.run_suite(["T"], [0, 1], out=tmp_path / "here", work_dir=tmp_path / "work-here", log=lambda _: None)
+    ray_tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"dtrf{os.getpid()}"  # Ray's sockets: a short path
+    (ray_tmp / "ray").mkdir(parents=True, exist_ok=True)
+    os.environ["RAY_TMPDIR"] = str(ray_tmp)
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
+                                                           "object_store_memory": 80 * 2**20})
+    try:
+        for _ in range(2):
+            cluster.add_node(num_cpus=1, object_store_memory=80 * 2**20)
+        there = F.run_suite(["T"], [0, 1], out=tmp_path / "there", work_dir=tmp_path / "work-there", log=print,
+                            ray=cluster.address)
+    finally:
+        cluster.shutdown()
+        os.environ.pop("RAY_TMPDIR", None)
+    assert not there["failed"] and sorted(there["ran"]) == sorted(here["ran"])
+    local, remote = F.Store(tmp_path / "here"), F.Store(tmp_path / "there")
+    for path, record in remote.records():
+        mine = local.get(record["config"])
+        for key in ("value", "valid_value", "zero_shot_value", "best_step"):
+            assert record["result"][key] == mine["result"][key], (path.name, key)
+        assert record["test_scores"] == mine["test_scores"]

@@ -126,6 +126,7 @@ def test_eval_command(tmp_path, capsys):
 
 def test_adapter_trained_on_code_generation_evaluates_on_humaneval(tmp_path):
     from deltatune.training import TrainConfig, evaluate, train
+    from deltatune.training.runs import adapter_and_model
 
     run = tmp_path / "run"
     train(TrainConfig(model="tiny-llama", task="code-generation", method="lora", max_steps=1, batch_size=2,
@@ -133,8 +134,8 @@ def test_adapter_trained_on_code_generation_evaluates_on_humaneval(tmp_path):
                       progress=False))
     m = evaluate(run, task="humaneval", max_eval=2, out_dir=tmp_path / "eval")
     assert m["problems"] == 2 and m["adapter"] == str(run / "best") and m["model"] == "tiny-llama"
-    with pytest.raises(ConfigError, match="trained on"):
-        humaneval.evaluate(model="tiny-gpt2", adapter=run, limit=1)
+    with pytest.raises(ConfigError, match="trained on"):  # how evaluate and deltatune eval find a run's adapter
+        adapter_and_model(run, "tiny-gpt2")
 
 
 # ----------------------------------------------------------------------------- the code-generation task

@@ -185,7 +185,7 @@ def test_imported_options_name_the_sites(tmp_path):
 
 # ---------------------------------------------------------------- what has no exact counterpart
 
-@pytest.mark.parametrize("method", ["houlsby", "pfeiffer", "parallel", "bitfit", "ln", "full", "telly", "lightweight"])
+@pytest.mark.parametrize("method", ["houlsby", "pfeiffer", "parallel", "bitfit", "full", "telly", "lightweight"])
 def test_methods_without_peft_counterpart_say_so(tmp_path, method):
     model = dt.attach(tiny.model("bert"), method)
     with pytest.raises(ConfigError, match=f"method '{method}' has no PEFT counterpart"):
@@ -273,11 +273,10 @@ def test_peft_prefix_on_encoder_decoders_uses_only_the_first_layer_slice(family)
 
 
 def test_peft_files_deltatune_cannot_hold_are_refused(tmp_path):
-    peft_adapter(tmp_path / "dora", "llama", "lora", dict(r=4, use_dora=True))
     peft_adapter(tmp_path / "bias", "bert", "lora", dict(r=4, bias="lora_only"))
     peft_adapter(tmp_path / "gpt2-prefix", "gpt2", "prefix", dict(num_virtual_tokens=2))
     peft_adapter(tmp_path / "t5-prompt", "t5", "prompt", dict(num_virtual_tokens=2))
-    cases = {"dora": ("llama", "use_dora"), "bias": ("bert", "is a bias"),
+    cases = {"bias": ("bert", "is a bias"),
              "gpt2-prefix": ("gpt2", "learned absolute positions"), "t5-prompt": ("t5", "cross-attends")}
     for folder, (family, reason) in cases.items():
         model = tiny.model(family)
@@ -305,8 +304,9 @@ def test_peft_files_for_another_model_or_damaged_are_refused(tmp_path):
     with pytest.raises(AdapterFileError, match="pickle"):
         dt.load_adapter(tiny.model("bert"), pickled)
     other = tmp_path / "other"
-    peft.get_peft_model(tiny.model("bert"), peft.LoHaConfig(r=2, target_modules=["query"])).save_pretrained(str(other))
-    with pytest.raises(AdapterFileError, match="peft_type 'LOHA' has no deltatune counterpart"):
+    peft.get_peft_model(tiny.model("bert"), peft.VBLoRAConfig(r=2, num_vectors=16, vector_length=8,
+                                                                       target_modules=["query"])).save_pretrained(str(other))
+    with pytest.raises(AdapterFileError, match="peft_type 'VBLORA' has no deltatune counterpart"):
         dt.load_adapter(tiny.model("bert"), other)
 
 
@@ -639,3 +639,134 @@ def test_prefix_on_a_classifier_is_refused_as_peft_cannot_run_it(tmp_path):
     theirs = peft.get_peft_model(llama_classifier(), peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=2))
     with pytest.raises(ValueError, match="does not support past key values"):  # peft itself cannot run it
         theirs(**tiny.inputs("llama"))
+
+
+# ---------------------------------------------------------------- LN tuning: a selection's base tensors, both ways
+
+def test_every_peft_type_is_claimed_by_one_method():
+    """A file's peft_type picks the method that reads it: two claimants would make the choice arbitrary."""
+    types = list(dtpeft.peft_types().values())
+    assert len(types) == len(set(types))
+    assert dtpeft._method_of("LN_TUNING").name == "ln"
+
+
+LN_EXPORTS = [(f, {}) for f in ("bert", "gpt2", "llama", "t5", "bart", "bert-base")] + [("gpt2", {"layers": [1]})]
+
+
+@pytest.mark.parametrize("family,options", LN_EXPORTS, ids=[f"{f}-{i}" for i, (f, _) in enumerate(LN_EXPORTS)])
+def test_ln_adapter_runs_in_peft_and_back(tmp_path, family, options):
+    model = dt.attach(make(family), "ln", **options)
+    perturb(model)  # every trained norm parameter (and a classifier's head) moves off the base's value
+    model.eval()
+    dt.save_adapter(model, tmp_path, format="peft")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LN_TUNING" and config["task_type"] == TASK[family]
+    tensors, _ = dtpeft.peft_state(model)
+    saved = [k for k in tensors if not k.startswith("base_model.model.classifier.")]
+    assert saved and all(".ln_tuning_layers." in k for k in saved)
+    assert len(saved) == len(dt.formats.native.adapter_tensors(model)[1]["tensors"]) - (
+        2 if family == "bert" else 0)  # one copy per trained norm parameter (bert's classifier: weight and bias)
+    loaded = peft.PeftModel.from_pretrained(make(family), str(tmp_path)).eval()
+    b = batch(family)
+    assert_same(real_outputs(loaded, b), real_outputs(model, b))
+    again = dt.load_adapter(make(family), tmp_path).eval()
+    assert_same(real_outputs(again, b), real_outputs(model, b))
+    assert dtpeft.to_deltatune(make(family), tmp_path)[0]["options"] == {"layers": options.get("layers")}
+
+
+def test_ln_adapter_of_some_layers_names_exactly_their_norms(tmp_path):
+    model = dt.attach(tiny.model("gpt2"), "ln", layers=[1])
+    _, config = dtpeft.peft_state(model)
+    assert config["target_modules"] == ["1.ln_1", "1.ln_2"]  # not h.0's norms, not ln_f
+
+
+LN_IMPORTS = [
+    ("bert", dict(target_modules=["LayerNorm"])),  # peft has no default LN targets for BERT
+    ("gpt2", {}), ("llama", {}), ("t5", {}), ("bart", {}),  # peft's defaults (BART's leave layernorm_embedding)
+    ("bert-base", dict(target_modules=["LayerNorm"])),
+    ("gpt2", dict(target_modules=["ln_1"])),  # a part of the norms: the others keep the model's values
+    ("llama", dict(target_modules=["norm"])),  # the final norm alone
+    ("llama", dict(target_modules=r".*layers\.1\..*layernorm")),  # a pattern: one block's norms
+]
+
+
+@pytest.mark.parametrize("family,options", LN_IMPORTS, ids=[f"{f}-{i}" for i, (f, _) in enumerate(LN_IMPORTS)])
+def test_peft_ln_tuning_runs_in_deltatune(tmp_path, family, options):
+    torch.manual_seed(3)
+    theirs = peft.get_peft_model(make(family), peft.LNTuningConfig(task_type=TASK[family], **options))
+    perturb(theirs)
+    theirs.eval()
+    theirs.save_pretrained(str(tmp_path))
+    ours = dt.load_adapter(make(family), tmp_path).eval()
+    assert dt.adapters(ours) == ["default"]
+    b = batch(family)
+    assert_same(real_outputs(ours, b), real_outputs(theirs, b))
+    assert (real_outputs(ours, b) - real_outputs(make(family), b)).abs().max() > 1e-3  # the copies were read
+
+
+def test_peft_ln_tuning_options_are_the_layers_of_its_norms(tmp_path):
+    cases = {"all": ("gpt2", None, None), "ln_1": ("gpt2", ["ln_1"], [0, 1]),
+             "block1": ("llama", r".*layers\.1\..*layernorm", [1]), "final": ("llama", ["norm"], None)}
+    for folder, (family, targets, layers) in cases.items():
+        peft.get_peft_model(make(family), peft.LNTuningConfig(task_type=TASK[family], target_modules=targets)
+                            ).save_pretrained(str(tmp_path / folder))
+        config, _ = dtpeft.to_deltatune(make(family), tmp_path / folder)
+        assert (config["method"], config["options"]) == ("ln", {"layers": layers}), folder
+
+
+def _rewrite_tensors(folder, change):
+    """Edit a saved adapter's tensors in place (a damaged or hand-made file)."""
+    from safetensors.torch import load_file, save_file
+
+    file = folder / "adapter_model.safetensors"
+    tensors = load_file(str(file))
+    change(tensors)
+    save_file(tensors, str(file))
+
+
+def test_peft_ln_tuning_deltatune_cannot_hold_is_refused(tmp_path):
+    """Copies of modules that are not the norms ln tunes, and copies that do not fit this model's norms."""
+    import re
+
+    for family, targets, named in [("bert", ["query"], "attention.self.query' (Linear)"),
+                                   ("gpt2", ["c_attn", "ln_f"], "attn.c_attn' (Conv1D)"),
+                                   ("llama", ["q_proj"], "self_attn.q_proj' (Linear)")]:
+        folder = tmp_path / family
+        peft.get_peft_model(make(family), peft.LNTuningConfig(task_type=TASK[family], target_modules=targets)
+                            ).save_pretrained(str(folder))
+        model = make(family)
+        reason = f"{named}, which is not one of the norms deltatune's ln tunes"
+        with pytest.raises(AdapterFileError, match=re.escape(reason)):
+            dt.load_adapter(model, folder)
+        assert dt.adapters(model) == []  # left as it was
+    key = "base_model.model.transformer.h.0.ln_1.ln_tuning_layers."
+    damage = {"short": (lambda t: t.update({key + "weight": torch.ones(16)}),
+                        re.escape("weight is (16,), where this model's LayerNorm has (32,)")),
+              "no-bias": (lambda t: t.pop(key + "bias"),
+                          re.escape("holds ['weight'], where this model's LayerNorm has ['bias', 'weight']")),
+              "not-a-copy": (lambda t: t.update({"base_model.model.transformer.h.0.ln_1.weight": torch.ones(32)}),
+                             "not an LN tuning copy"),
+              "no-such-block": (lambda t: t.update({key.replace("h.0", "h.7") + "bias": torch.ones(32)}),
+                                "'transformer.h.7.ln_1', which this model does not have")}
+    for name, (change, reason) in damage.items():
+        folder = tmp_path / name
+        peft.get_peft_model(make("gpt2"), peft.LNTuningConfig(task_type="CAUSAL_LM")).save_pretrained(str(folder))
+        _rewrite_tensors(folder, change)
+        model = make("gpt2")
+        with pytest.raises(AdapterFileError, match=reason):
+            dt.load_adapter(model, folder)
+        assert dt.adapters(model) == []
+    peft.get_peft_model(make("gpt2"), peft.LNTuningConfig(task_type="CAUSAL_LM")).save_pretrained(str(tmp_path / "g"))
+    with pytest.raises(AdapterFileError, match=r"weight is \(32,\), where this model's LayerNorm has \(16,\)"):
+        dt.load_adapter(tiny.model("gpt2", hidden=16), tmp_path / "g")  # another model's width
+
+
+def test_an_adapter_whose_base_parameters_the_conversion_leaves_out_is_refused(tmp_path, monkeypatch):
+    """The PEFT writer refuses an adapter with trained base parameters unless the method's conversion took them."""
+    from deltatune.methods.ln import LNTuning
+
+    monkeypatch.setattr(LNTuning, "to_peft", lambda self, bridge, deltas: ({}, {"target_modules": ["ln_f"]}))
+    model = dt.attach(tiny.model("gpt2"), "ln")
+    with pytest.raises(ConfigError, match="also trains base parameters, which the PEFT format cannot hold"):
+        dt.save_adapter(model, tmp_path, format="peft")
+    assert not any(tmp_path.iterdir())

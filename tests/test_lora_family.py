@@ -9,7 +9,6 @@ load with ``PeftModel.from_pretrained`` (then back into deltatune).
 from __future__ import annotations
 
 import json
-import math
 
 import peft
 import pytest

@@ -138,10 +138,10 @@ def test_real_minilm_and_smollm2(tmp_path, monkeypatch):
     assert not list(tmp_path.glob(".*tmp*"))  # written to a temporary folder, then renamed
     assert getattr(first.config, "quantization_config", None) is None
 
-    def no_gguf(*args, **kwargs):
+    def no_conversion(*args, **kwargs):
         raise AssertionError("the cached copy should be used")
 
-    monkeypatch.setattr(models, "_package_dir", no_gguf)
+    monkeypatch.setattr(models, "_convert_smollm2", no_conversion)
     started = time.perf_counter()
     second, _ = load_backbone("smollm2")
     assert time.perf_counter() - started < 15  # about 0.5 s on an idle machine; GGUF conversion is ~25 s

@@ -69,7 +69,8 @@ IMPORTS = [
     ("llama", "ptuning", 2, dict(encoder_reparameterization_type="LSTM", encoder_hidden_size=6)),
     ("llama", "llama-adapter", 4, dict(adapter_layers=2)),
     ("llama", "llama-adapter", 2, dict(adapter_layers=1)),
-    *[(f, "trainable-tokens", 0, dict(token_indices=TOKENS)) for f in ("bert", "bert-base", "gpt2", "llama", "t5", "bart")],
+    *[(f, "trainable-tokens", 0, dict(token_indices=TOKENS))
+      for f in ("bert", "bert-base", "gpt2", "llama", "t5", "bart")],
 ]
 
 
@@ -83,7 +84,8 @@ def peft_adapter(tmp_path, family, method, n, options):
     return model
 
 
-@pytest.mark.parametrize("family,method,n,options", IMPORTS, ids=[f"{f}-{m}-{i}" for i, (f, m, _, _) in enumerate(IMPORTS)])
+@pytest.mark.parametrize("family,method,n,options", IMPORTS,
+                         ids=[f"{f}-{m}-{i}" for i, (f, m, _, _) in enumerate(IMPORTS)])
 def test_peft_adapter_runs_in_deltatune(tmp_path, family, method, n, options):
     theirs = peft_adapter(tmp_path, family, method, n, options)
     ours = dt.load_adapter(make(family), tmp_path).eval()
@@ -100,8 +102,8 @@ def test_imported_options(tmp_path):
     peft_adapter(root / "p", "llama", "ptuning", 3, dict(encoder_hidden_size=8))
     peft_adapter(root / "a", "llama", "llama-adapter", 4, dict(adapter_layers=1))
     peft_adapter(root / "t", "gpt2", "trainable-tokens", 0, dict(token_indices=TOKENS))
-    options = {k: dtpeft.to_deltatune(tiny.model(f), root / k)[0]["options"] for k, f in (("p", "llama"), ("a", "llama"),
-                                                                                           ("t", "gpt2"))}
+    options = {k: dtpeft.to_deltatune(tiny.model(f), root / k)[0]["options"]
+               for k, f in (("p", "llama"), ("a", "llama"), ("t", "gpt2"))}
     assert options["p"] == {"length": 3, "encoder": "none", "hidden": 0, "dropout": 0.0}
     assert options["a"] == {"length": 4, "layers": [1]}
     assert options["t"] == {"tokens": TOKENS}
@@ -196,7 +198,8 @@ def test_peft_files_deltatune_cannot_hold_are_refused(tmp_path):
     tensors = load_file(str(file))
     tensors["base_model.model.lm_head.trainable_tokens_delta"] += 1.0
     save_file(tensors, str(file))
-    for folder, family, reason in (("position", "bert", "not this model's input embedding"), ("tied", "gpt2", "differ")):
+    for folder, family, reason in (("position", "bert", "not this model's input embedding"),
+                                   ("tied", "gpt2", "differ")):
         model = tiny.model(family)
         with pytest.raises(AdapterFileError, match=reason):
             dt.load_adapter(model, tmp_path / folder)
@@ -354,7 +357,8 @@ def test_loreft_is_equation_2_at_the_chosen_positions(family, options, pad):
 def test_loreft_positions_follow_pyreft():
     from deltatune.deltas import LowRankIntervention
 
-    mask = torch.tensor([[1] * 9, [0, 0, 0, 1, 1, 1, 1, 1, 0], [1, 0, 0, 0, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0, 0]])
+    mask = torch.tensor([[1] * 9, [0, 0, 0, 1, 1, 1, 1, 1, 0], [1, 0, 0, 0, 0, 0, 0, 0, 0],
+                         [1, 1, 1, 0, 0, 0, 0, 0, 0]])
     for first, last in ((7, 7), (1, 0), (0, 2), (2, 3)):
         for part in ("both", "first", "last"):
             edit = LowRankIntervention(8, 2, first, last, part)

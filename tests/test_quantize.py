@@ -283,3 +283,29 @@ def test_a_quantized_base_server_answers_with_the_adapters_unmerged(tmp_path):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
         # and near what it gives on the float base
         assert _rel(got, S.alone_embedding("tiny-bert", path, "read a file")) < 0.05
+
+
+def test_the_int8_inference_matmul_agrees_with_bitsandbytes_and_the_float_layer(monkeypatch):
+    """deltatune's int8 product (torch._int_mm, float32 around it) computes bitsandbytes' LLM.int8() without
+    outliers: the same codes and row scales, activations quantized per row."""
+    import deltatune.quantize as Q
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 64).requires_grad_(False)
+    float_weight = linear.weight.clone()
+    layer = Q.quantize_linear(linear, "int8").eval()
+    assert torch.equal(linear.weight, float_weight)  # the float layer is left as it was
+    for x in (torch.randn(3, 5, 96), torch.randn(1, 1, 96), torch.zeros(2, 96)):
+        with torch.no_grad():
+            ours = Q.int8_matmul(x, layer.state.CB, layer.state.SCB, layer.bias)
+            monkeypatch.setattr(Q, "FAST_INT8", False)
+            theirs = layer(x)
+            monkeypatch.setattr(Q, "FAST_INT8", True)
+            want = torch.nn.functional.linear(x, linear.weight, linear.bias)
+        assert ours.shape == want.shape and ours.dtype == x.dtype
+        torch.testing.assert_close(ours, theirs, atol=5e-3 * float(want.abs().max()) + 1e-6, rtol=0)
+        assert _rel(ours, want) < 0.02 if want.norm() > 0 else torch.equal(ours, want)
+    layer.train()  # training: bitsandbytes' weight-only product, differentiable in its input
+    x = torch.randn(4, 96, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad is not None and _rel(x.grad, linear.weight.sum(0).expand(4, -1)) < 0.02

@@ -296,3 +296,82 @@ def test_the_same_sweep_on_a_ray_cluster_of_two_workers(task, tmp_path, straight
     folders = [Path(t["runs"][0]["out_dir"]) for t in trials]
     assert len(set(folders)) == len(folders) and all(f.parent.parent == storage for f in folders)
     assert result["chosen"]["number"] == max(trials, key=lambda t: (t["value"], -t["number"]))["number"]
+
+
+# ----------------------------------------------------------------------------- deltatune report, the sweep's folder
+
+def _copy(straight, where: Path) -> Path:
+    import shutil
+
+    shutil.copytree(straight["out"], where, symlinks=True)  # a sweep folder under another name: still a sweep's
+    return where
+
+
+def test_report_rebuilds_a_sweeps_table_and_plot_from_its_files(straight, tmp_path, capsys):
+    original = Path(straight["out"])
+    copy = _copy(straight, tmp_path / "anything")
+    for name in ("results.md", "results.csv", "sweep.png"):
+        (copy / name).unlink()
+    assert main(["report", str(copy)]) == 0
+    out = capsys.readouterr().out
+    assert f"report: {copy / 'results.md'}" in out and "| trial | lr | status | accuracy (valid) |" in out
+    # the same table as the sweep wrote when it ended (nothing trained, nothing scored again)
+    assert (copy / "results.md").read_text() == (original / "results.md").read_text()
+    assert (copy / "results.csv").read_text() == (original / "results.csv").read_text()
+    assert (copy / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (copy / "report.html").exists() and not (copy / "metric_vs_params.png").exists()  # not a bench's
+
+    # a sweep stopped before its end: the best trial so far, no test score, and it says so
+    lines = (copy / "trials.jsonl").read_text().splitlines()
+    (copy / "trials.jsonl").write_text("\n".join(lines[:2]) + "\n")
+    assert main(["report", str(copy)]) == 0
+    text = (copy / "results.md").read_text()
+    assert "the sweep has not ended" in text and "test** (scored" not in text
+    best = max(straight["trials"][:2], key=lambda t: (t["value"], -t["number"]))
+    assert f"| {best['number']} **chosen** |" in text and text.count("**chosen**") == 1
+
+
+def test_report_of_a_sweep_keeps_the_folder_rules(straight, tmp_path, capsys):
+    from deltatune.storage import SWEEP, OwnedFolder
+
+    copy = _copy(straight, tmp_path / "sweep")
+    held = OwnedFolder(copy, SWEEP)
+    held.check()  # what a sweep running in it holds
+    assert main(["report", str(copy)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "in use by another deltatune sweep" in err
+    held.close()
+    # without the marker (copied without hidden files) the report only adds files, never replacing one
+    (copy / SWEEP.marker).unlink()
+    before = (copy / "results.md").read_text()
+    assert main(["report", str(copy)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "never replaces a file it did not write" in err
+    assert (copy / "results.md").read_text() == before
+
+
+def test_a_sweep_refuses_a_folder_that_is_not_a_sweeps(task, tmp_path, capsys, straight):
+    argv = ["sweep", "--model", "tiny-bert", "--task", task, "--lr", GRID, "--algorithm", "grid", "--out"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    assert main([*argv, str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not empty and is not a deltatune sweep folder" in err
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"] and (mine / "notes.txt").read_text() == "my notes"
+    # a sweep's files without its marker: refused, saying how to declare it
+    (mine / "notes.txt").unlink()
+    for name in ("sweep.json", "trials.jsonl"):
+        (mine / name).write_text("{}\n")
+    assert main([*argv, str(mine)]) == 2
+    assert "create an empty .deltatune-sweep.json in it" in capsys.readouterr().err
+    # a link inside a sweep's folder is never followed: refused before anything is read or written there
+    copy = _copy(straight, tmp_path / "copy")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (copy / "trials" / "elsewhere").symlink_to(outside)
+    records = (copy / "trials.jsonl").read_text()
+    assert main([*argv, str(copy)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a symbolic link" in err
+    assert (copy / "trials.jsonl").read_text() == records and list(outside.iterdir()) == []

@@ -1,27 +1,20 @@
-"""`deltatune report DIR`: rebuild results.md, the plots and report.html from DIR/results.csv."""
+"""`deltatune report DIR`: rebuild a bench's results.md, plots and report.html from DIR/results.csv, or a sweep's
+results.md, results.csv and sweep.png from its records."""
 from __future__ import annotations
 
-from pathlib import Path
-
-NAME, HELP = "report", "rebuild results.md, the plots and report.html from DIR/results.csv"
+NAME, HELP = "report", "rebuild a bench's or a sweep's table and plots from the files in DIR"
 
 
 def add_arguments(p) -> None:
-    p.add_argument("dir", metavar="DIR", help="a bench folder (its --out); in a folder `deltatune bench` did not write, "
-                   "the report files are only added, never replacing one")
+    p.add_argument("dir", metavar="DIR", help="a bench folder (its --out) or a sweep folder (recognised by its "
+                   "sweep.json); in a folder deltatune did not write, the report files are only added, never "
+                   "replacing one")
 
 
 def run(args) -> int:
     from deltatune import report
 
-    folder = report.report_folder(args.dir)
-    folder.check()  # a folder the report may write (nothing through a link, nothing of the user's replaced)
-    try:
-        rows = report.read_csv(Path(folder.path) / report.RESULTS_FILE)
-        meta = report.read_meta(folder.path)
-        paths = report.write_report(rows, folder, meta)
-    finally:
-        folder.close()
-    print(report.markdown(rows, meta))
-    print(f"report: {paths['html']}")
+    text, paths = report.report_dir(args.dir)
+    print(text)
+    print(f"report: {paths['main']}")
     return 0

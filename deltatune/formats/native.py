@@ -29,6 +29,7 @@ from safetensors.torch import save as st_save
 from .. import registry, sites, store as core
 from ..deltas import folded_state
 from ..errors import AdapterFileError, ConfigError, DeltatuneError
+from ..settings import env_limit
 # The durable-storage helpers live in storage.py; imported here so that io.atomic_write_* keep working.
 from ..storage import atomic_write_bytes, atomic_write_json, fsync_dir, storage_error  # noqa: F401
 
@@ -157,7 +158,8 @@ def portable(model, tensors: dict, config: dict) -> tuple[dict, dict]:
     base = {**config["base"], "backbone_path": path, "model_class": type(model).__name__}
     others = {n for r in store.records.values() if r is not info for n in r.selected}
     if not store.merged and not others:  # the frozen weights are those it was trained on: say per part
-        base["parts"] = part_digests(model, set(info.selected))
+        if parts := part_digests(model, set(info.selected)):
+            base["parts"] = parts
     return renamed, {**config, "keys": KEYS, "base": base, "tensors": {k: list(v.shape) for k, v in renamed.items()}}
 
 
@@ -204,7 +206,8 @@ def _saved_fingerprint(model, path: str, selected: list, dtype=None) -> str:
 def part_digests(model, skip: set, dtype: torch.dtype | None = None) -> dict:
     """A short digest of each part of the backbone's weights (each block, the embeddings, the final norm...),
     from a strided sample of every tensor as the fingerprint takes it (at ``dtype``, default each tensor's
-    own): which parts differ, when a base does."""
+    own): which parts differ, when a base does. Empty where the weights are sharded over processes (FSDP's
+    DTensors: a sample of the whole tensor would need every process)."""
     prefix, backbone = sites.find_backbone(model)
     try:
         block = re.compile(sites.SITE_MAP[sites.family_of(model)]["block"] + r"(?=\.)")
@@ -215,6 +218,8 @@ def part_digests(model, skip: set, dtype: torch.dtype | None = None) -> dict:
     for name, p in sorted(backbone.named_parameters()):
         if name.startswith("deltatune.") or (f"{prefix}.{name}" if prefix else name) in skip:
             continue
+        if name not in stand_in and type(p.data) is not torch.Tensor:
+            return {}
         m = block.match(name) if block is not None else None
         part = m.group(0) if m else name.split(".")[0]
         shape, sample = stand_in.get(name) or (tuple(p.shape), sites.weight_sample(p))
@@ -232,13 +237,7 @@ MAX_MB_ENV, MAX_MB_DEFAULT = "DELTATUNE_MAX_ADAPTER_MB", 16384
 
 
 def _max_bytes(file) -> tuple[int, float]:
-    text = os.environ.get(MAX_MB_ENV, "")
-    try:
-        mb = float(text) if text.strip() else MAX_MB_DEFAULT
-    except ValueError:
-        mb = float("nan")
-    if not mb > 0:
-        raise AdapterFileError(f"{MAX_MB_ENV}={text!r} must be a positive size in megabytes (reading {file})")
+    mb = env_limit(MAX_MB_ENV, MAX_MB_DEFAULT, AdapterFileError, reading=str(file))
     return (int(mb * 2**20) if math.isfinite(mb) else 2**62), mb
 
 

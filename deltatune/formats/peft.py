@@ -282,15 +282,30 @@ class Bridge:
     being read (for messages); ``excluded``: modules peft must not adapt (modules_to_save, heads).
     Patterns from a config run under one time budget per file (``sites.MATCH_SECONDS``), with the
     engine ``re:`` sites use, which gives up after its timeout and lets other threads run meanwhile.
+    ``base``: the base parameters a selection method trains (LN tuning), by their name in ``model``: what
+    the adapter holds when writing (``to_peft`` reads it with :meth:`trained_base`), what ``from_peft``
+    puts there when reading.
     """
 
-    def __init__(self, model, file: str = "", excluded=()):
+    def __init__(self, model, file: str = "", excluded=(), base: dict | None = None):
         self.model = model
         self.prefix, self.root = hf_root(model)
         self.task = task_type(self.root)
         self.file = file
         self.excluded = list(excluded)
+        self.base: dict[str, torch.Tensor] = dict(base or {})
+        self.base_taken = False
         self._deadline = None
+
+    def trained_base(self) -> dict[str, dict]:
+        """{module name in ``model``: {parameter: tensor}} of the trained base parameters. A method that asks
+        says its PEFT type holds them; the adapters of any other are refused (the format would drop them)."""
+        self.base_taken = True
+        grouped: dict[str, dict] = defaultdict(dict)
+        for name, t in self.base.items():
+            module, _, pname = name.rpartition(".")
+            grouped[module][pname] = t
+        return dict(grouped)
 
     # -- names and shapes
     def rel(self, name: str) -> str:
@@ -461,12 +476,11 @@ def peft_state(model, adapter: str | None = None) -> tuple[dict, dict]:
     if cls is None or not cls.peft_type:
         raise ConfigError(f"method '{method}' has no PEFT counterpart; the PEFT format holds "
                           f"{', '.join(peft_types())} adapters (save this one with format='deltatune')")
-    if any(k.startswith("base.") for k in tensors):
-        raise ConfigError(f"this {method} adapter also trains base parameters, which the PEFT format cannot hold")
     prefix, root = hf_root(model)
     head = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
+    base = {k[len("base."):]: v for k, v in tensors.items() if k.startswith("base.")}
     saved, head_rel = _head_modules(root, prefix, head) if head else ([], {})
-    bridge = Bridge(model, excluded=saved + _AUTO_SAVED.get(task_type(root), []))
+    bridge = Bridge(model, excluded=saved + _AUTO_SAVED.get(task_type(root), []), base=base)
     out_cfg = {
         "peft_type": cls.peft_type,
         "task_type": bridge.task,
@@ -475,6 +489,8 @@ def peft_state(model, adapter: str | None = None) -> tuple[dict, dict]:
         "modules_to_save": saved or None,
     }
     out_t, extra = registry.build_method(method, options).to_peft(bridge, _deltas(tensors))
+    if base and not bridge.base_taken:
+        raise ConfigError(f"this {method} adapter also trains base parameters, which the PEFT format cannot hold")
     out_cfg.update(extra)
     where = _where(cls.peft_type)
     if cls.peft_type not in _PROMPT_LEARNING:  # a tuner's tensors sit at the model's own modules (or on the tuner)
@@ -585,6 +601,7 @@ def to_deltatune(model, path) -> tuple[dict, dict]:
     except ConfigError as err:
         raise AdapterFileError(f"{path}: {err}") from None
     out = {f"delta.{k}": v for k, v in deltas.items()}
+    out.update({f"base.{k}": v for k, v in bridge.base.items()})  # a selection's base parameters (LN tuning)
     out.update(_head_in(model, bridge.prefix, head, file))
     dt_config = {
         "format": io.FORMAT, "format_version": io.VERSION, "adapter": "default", "method": cls.name,

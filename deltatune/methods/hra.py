@@ -53,8 +53,9 @@ class HRA(Method):
     Yuan et al. 2024, "Bridging The Gap between Low-rank and Orthogonal Adaptation via Householder Reflection
     Adaptation" (NeurIPS), §3: W = W0 H_1 ... H_r, H_i = I - 2 u_i u_i^T / |u_i|^2, initialised in equal pairs
     so that training starts at the base model; peft's defaults: r = 8 on W_q and W_v, and its ``apply_GS``
-    (reflections made orthogonal by Gram–Schmidt, §3.2's strict form). Mergeable: W0 <- W0 H. The paper's
-    orthogonality regulariser (lambda |I - U^T U|^2 in the loss, §3.2) is not offered (peft has none either).
+    (reflections made orthogonal by Gram–Schmidt, the paper's strictly orthogonal variant). Mergeable:
+    W0 <- W0 H. The paper's orthogonality regulariser (lambda |I - U^T U|^2 added to the loss) is not offered
+    (peft has none either).
     On a slice of GPT-2's fused c_attn the slice's rows are recomputed from H x (the other slices read x).
     """
 
@@ -63,8 +64,8 @@ class HRA(Method):
     lr = 1e-3
     identity_at_init = False  # paired reflections cancel to rounding (|H - I| ~ 1e-7), not bitwise
     combines = (TRANSFORM_INPUT, TRANSFORM_SLICE)
-    deviations = ("the orthogonality regulariser of §3.2 is not offered (as in peft); apply_gs gives strictly "
-                  "orthogonal reflections instead")
+    deviations = ("the orthogonality regulariser (lambda |I - U^T U|^2 in the loss) is not offered (as in peft); "
+                  "apply_gs gives strictly orthogonal reflections instead")
 
     r: int = option(8, min=1, help="Householder reflections")
     apply_gs: bool = option(False, help="make the reflections orthogonal (Gram–Schmidt); starts away from the base")

@@ -11,17 +11,17 @@ class LlamaAdapter(Method):
     a zero-initialised gate, so training starts exactly at the base model.
 
     Zhang et al. 2023, "LLaMA-Adapter: Efficient Fine-tuning of Language Models with Zero-init Attention", §3.2
-    eq. 8: with the layer's own projections K_p = W_k P, V_p = W_v P (no position), each token's query adds
-    g softmax(q K_p^T / sqrt(hd)) V_p to its attention output before the output projection; the prompt's scores
-    get a softmax of their own, apart from the tokens'. g is one scalar per layer, starting at 0; P ~ N(0, 1) as
-    the official code's embedding. length = 10 (the paper's K). Runs inside the model's attention through the
-    prefix mechanism (``PrefixAttention``), so masks, padding, per-row routing and generate() work as for prefixes.
-    Not mergeable.
+    (zero-init attention): with the layer's own projections K_p = W_k P, V_p = W_v P (no position), each token's
+    query adds g softmax(q K_p^T / sqrt(hd)) V_p to its attention output before the output projection; the
+    prompt's scores get a softmax of their own, apart from the tokens'. g is one scalar per layer, starting at 0;
+    P ~ N(0, 1) as the official code's embedding. length = 10 (the paper's K). Runs inside the model's attention
+    through the prefix mechanism (``PrefixAttention``), so masks, padding, per-row routing and generate() work as
+    for prefixes. Not mergeable.
     """
 
     name = "llama-adapter"
     paper = "Zhang et al. 2023, LLaMA-Adapter"
-    lr = 9e-3  # the paper's (§4.1, with AdamW, batch 64)
+    lr = 9e-3  # the paper's instruction-tuning setting (AdamW, batch 64)
     combines = (GATED_ATTENTION,)
     # decoders of the paper's kind, and BERT-style encoders (the same self-attention); encoder-decoders not built
     families = ("bert", "gpt2", "llama")

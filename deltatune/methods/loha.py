@@ -64,7 +64,9 @@ class LoHa(Method):
 
     name = "loha"
     paper = "Hyeon-Woo et al. 2022, FedPara (LoHa, via LyCORIS)"
-    lr = 2e-3
+    # chosen on the validation split at the demo budget (MiniLM code-search, 15 x 32, seed 0): validation MRR
+    # 0.658 at 2e-3 (LoRA's), 0.708 at 2e-2, 0.674 at 6e-2; its update grows as the product of two products
+    lr = 2e-2
     combines = (PARALLEL,)
 
     r: int = option(8, min=1)

@@ -9,15 +9,15 @@ from ..sites import attention_shape
 class LoReFT(Method):
     """LoReFT: a low-rank edit of the hidden states at chosen positions, phi(h) = h + R^T (W h + b - R h).
 
-    Wu et al. 2024, "ReFT: Representation Finetuning for Language Models" (NeurIPS), §3.2 eq. 2: R (r, d) has
+    Wu et al. 2024, "ReFT: Representation Finetuning for Language Models" (NeurIPS), §3, eq. 2: R (r, d) has
     orthonormal rows, so the edit moves h only inside the r-dimensional subspace R spans, to the values W h + b
     there. Applied to each adapted block's output (the residual stream) at each row's first ``first`` and last
     ``last`` real tokens, each at most half of the row's tokens (as pyreft picks them), read from the attention
     mask, so left and right padding both work. ``tied``: one intervention for both sides (the paper's "tied"
-    weights), else one per side. Defaults are the paper's commonsense/arithmetic ones (§4, Table 8: rank 8, f7+l7,
-    tied, every layer, lr 9e-4, no dropout); its GLUE runs use rank 1, f1, dropout 0.05. A continuation over a
-    key/value cache edits none of its new tokens (the chosen positions are all in the prompt, as pyreft
-    intervenes on the prompt only). Per-row routing works. Not mergeable: it depends on the positions.
+    weights), else one per side. Defaults are the paper's commonsense/arithmetic runs (as pyreft's examples give
+    them: rank 8, f7+l7, tied, every layer, lr 9e-4, no dropout); its GLUE runs use rank 1, f1, dropout 0.05. A
+    continuation over a key/value cache edits none of its new tokens (the chosen positions are all in the prompt,
+    as pyreft intervenes on the prompt only). Per-row routing works. Not mergeable: it depends on the positions.
 
     No PEFT library has it in this form (peft 0.21 has no ReFT type); pyreft 0.1.0 is its reference
     implementation (it pins transformers 4.45.1, so the equality test writes eq. 2 out by hand).
@@ -44,12 +44,14 @@ class LoReFT(Method):
             raise ConfigError("loreft: first=0 and last=0 choose no position to edit; set first and/or last")
         d = attention_shape(model)[0]
         if self.r > d:
-            raise ConfigError(f"loreft: rank r={self.r} exceeds the hidden size {d}; R needs r orthonormal rows of width d")
+            raise ConfigError(f"loreft: rank r={self.r} exceeds the hidden size {d}; R needs r orthonormal rows of "
+                              "width d")
 
     def placements(self, model):
         d = attention_shape(model)[0]
         # Untied: one intervention per side (pyreft's), unless one side has no position at all.
-        parts = [("both", "")] if self.tied or not (self.first and self.last) else [("first", "~first"), ("last", "~last")]
+        one = self.tied or not (self.first and self.last)
+        parts = [("both", "")] if one else [("first", "~first"), ("last", "~last")]
         return [Placement(t, LowRankIntervention(d, self.r, self.first, self.last, part, self.dropout), INTERVENE,
                           suffix=suffix)
                 for t in self.targets(model, ["block"]) for part, suffix in parts]

@@ -10,12 +10,12 @@ from .prompt import Prompt
 class PTuning(Method):
     """P-tuning: trainable virtual tokens, reparameterised by a prompt encoder, prepended to the input embeddings.
 
-    Liu et al. 2021, "GPT Understands, Too", §3.2: the prompt is h = MLP([LSTM_fwd(e); LSTM_bwd(e)]) of
-    trainable inputs e (length, d): a bidirectional two-layer LSTM (width d/2 per direction, as the paper's
-    code) and a ReLU MLP; ``encoder='mlp'`` is peft's three-layer ReLU MLP instead (width d by default).
-    The encoder is a training device only: ``dt.save_adapter`` folds it and stores the prompt it computes,
-    (length, d), as peft's P_TUNING files do. Placed, masked and stripped from the outputs as ``prompt`` is
-    (prompt.py). Not mergeable.
+    Liu et al. 2021, "GPT Understands, Too", §3 (the prompt encoder): the prompt is
+    h = MLP([LSTM_fwd(e); LSTM_bwd(e)]) of trainable inputs e (length, d): a bidirectional two-layer LSTM
+    (width d/2 per direction, as the paper's code) and a ReLU MLP; ``encoder='mlp'`` is peft's three-layer ReLU
+    MLP instead (width d by default). The encoder is a training device only: ``dt.save_adapter`` folds it and
+    stores the prompt it computes, (length, d), as peft's P_TUNING files do. Placed, masked and stripped from the
+    outputs as ``prompt`` is (prompt.py). Not mergeable.
     """
 
     name = "ptuning"

@@ -26,16 +26,17 @@ def holders(model: nn.Module, every_name: bool = False) -> list[tuple[str, nn.Mo
 class TrainableTokens(Method):
     """Trainable tokens: the rows of the token embedding matrix E for chosen token ids train, all else is frozen.
 
-    As peft's TrainableTokens (peft 0.21, no paper of its own; Hugging Face's answer to "train the embeddings of
-    a few new or changed tokens without the whole matrix"): values (n, d) for the n chosen rows, starting at
+    As peft's TrainableTokens (peft 0.21; no paper of its own), for training the embeddings of a few new or
+    changed tokens without the whole matrix: values (n, d) for the n chosen rows, starting at
     E[ids], replace those rows wherever E is used: at the input embedding and at every module tied to it (an LM
     head reads them as its output rows for those ids). Mergeable, exactly: the rows are written into E
-    (merged equals unmerged; unmerge copies the original rows back, bitwise).
+    (merged equals unmerged; unmerge copies the original rows back, bitwise). In one line: E'[i] = v_i for the
+    chosen ids i, E'[j] = E[j] for every other id.
     """
 
     name = "trainable-tokens"
-    paper = "peft TrainableTokens (Hugging Face, 2025)"
-    lr = 1e-3
+    paper = "peft's TrainableTokens (no paper)"
+    lr = 1e-3  # an Adam-typical rate for embedding rows (not tuned here)
     combines = (REPLACE_ROWS,)
     honours_layers = False  # the rows belong to the embedding, below every layer
     families = ("bert", "gpt2", "llama", "t5", "bart")
@@ -50,8 +51,8 @@ class TrainableTokens(Method):
                               f"a {type(embed).__name__}")
         vocab = embed.num_embeddings
         if not self.tokens:
-            raise ConfigError("trainable-tokens needs the token ids to train: tokens=[...] (e.g. --set tokens=5,17 "
-                              "or the ids tokenizer.convert_tokens_to_ids gives for new tokens)")
+            raise ConfigError("trainable-tokens needs the token ids to train: tokens=[...]; e.g. --set tokens=5,17, "
+                              "or the ids tokenizer.convert_tokens_to_ids gives for new tokens")
         bad = [t for t in self.tokens if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
         if bad:
             raise ConfigError(f"trainable-tokens: tokens must be ids in 0..{vocab - 1} (this model's vocabulary), "
@@ -84,7 +85,8 @@ class TrainableTokens(Method):
         if shared is None:
             raise ConfigError("a trainable-tokens adapter holds its rows (shared~tokens)")
         names = [peft.rel(name) for name, _ in holders(peft.model, every_name=True)]
-        tensors = {f"{name}.trainable_tokens_delta": shared["rows"].clone() for name in names}  # safetensors: no shared memory
+        # a copy per name: safetensors refuses tensors that share memory
+        tensors = {f"{name}.trainable_tokens_delta": shared["rows"].clone() for name in names}
         return tensors, {"token_indices": list(self.tokens), "target_modules": [names[0]], "init_weights": True}
 
     @classmethod
@@ -100,11 +102,13 @@ class TrainableTokens(Method):
                 raise ConfigError(f"unexpected tensor '{key}' in a trainable tokens adapter")
             if name not in ours:
                 raise ConfigError(f"the adapter trains rows of '{name}', which is not this model's input embedding "
-                                  f"or tied to it ({', '.join(sorted(ours))}); deltatune trains the input embedding's rows")
+                                  f"or tied to it ({', '.join(sorted(ours))}); deltatune trains the input "
+                                  "embedding's rows")
             if values is None:
                 values = t
             elif t.shape != values.shape or not torch.equal(t, values):
-                raise ConfigError(f"the copies of the rows at the tied modules differ ('{key}'); the adapter is damaged")
+                raise ConfigError(f"the copies of the rows at the tied modules differ ('{key}'); the adapter is "
+                                  "damaged")
         if values is None or values.dim() != 2 or values.shape[0] != len(ids):
             raise ConfigError(f"trainable_tokens_delta must be ({len(ids)}, d) for {len(ids)} token_indices")
         return {"tokens": list(ids)}, {f"shared~{SHARED}.rows": values}

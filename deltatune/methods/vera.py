@@ -1,7 +1,6 @@
 import re
 from collections import defaultdict
 
-import torch
 
 from ..combine import PARALLEL
 from ..deltas import RandomProjections, ScaledRandom

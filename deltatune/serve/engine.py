@@ -506,7 +506,10 @@ class Engine:
                 raise ServeError(400, f"{path}: a classification adapter cannot be served on the causal LM "
                                       f"{self.model_name}; serve it on the encoder it was trained on")
             kind = _task_kind(path, head, self.generative)
-            if not kind.endpoints or (kind.model_form == "lm") != self.generative:
+            if not kind.endpoints:
+                raise ServeError(400, f"{path}: the server has no endpoint for {kind.name} adapters (the task kind "
+                                      "names none); score it with `deltatune eval`")
+            if (kind.model_form == "lm") != self.generative:
                 raise ServeError(400, f"{path}: a {kind.name} adapter cannot be served on {self.model_name}, "
                                       f"{'a causal LM' if self.generative else 'an encoder'}; serve it on the model "
                                       "it was trained on")

@@ -7,7 +7,7 @@ Every rule about what deltatune writes, replaces or removes on disk lives here:
   (``replace_dir``), and removed by a rename first (``remove_dir``); so a kill at any moment leaves
   the old version or the new one, and a failed write raises :class:`StorageError` naming the path
   and the cause in words;
-- every command that writes a folder (``train``'s run folder, ``bench``, ``eval``, ``analyze``)
+- every command that writes a folder (``train``'s run folder, ``bench``, ``eval``, ``analyze``, ``sweep``)
   owns it through a marker file of its kind (:class:`OwnedFolder`; ``.deltatune-run.json`` for a
   run), written when deltatune creates the folder. deltatune replaces and removes only what it wrote
   itself: an existing folder that is not empty and has no marker is refused, never cleared or

@@ -66,6 +66,7 @@ BENCH = FolderKind("bench", "bench folder", "bench", ("results.csv", "bench.json
 EVAL = FolderKind("eval", "eval folder", "eval", ("metrics-test.json", "metrics-valid.json", "metrics-train.json",
                                                    "generations.jsonl"))
 ANALYSIS = FolderKind("analysis", "analysis folder", "analysis", ("analysis.json",))
+SWEEP = FolderKind("sweep", "sweep folder", "sweep", ("sweep.json", "trials.jsonl"))  # deltatune sweep's --out
 MARKER = RUN.marker
 
 

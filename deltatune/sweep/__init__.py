@@ -11,7 +11,8 @@ Each trial is an ordinary run folder (``deltatune.training.train``) with the tes
 split is scored once, for the chosen configuration. The modules: ``space`` (dimensions typed by the fields'
 declarations, checked before anything runs), ``search`` (grid with edge extension, random, Optuna's TPE, the
 median pruner), ``trial`` (one trial's runs, here or on a worker), ``run`` (the driver: plan, resume, choose,
-score test), ``cluster`` (the same trials on Ray Tune) and ``report`` (table, CSV, plot, the comparison).
+score test), ``cluster`` (the same trials on Ray Tune), ``files`` (the folder's sweep.json and records, read back)
+and ``report`` (table, CSV, plot, the comparison; rebuilt from the folder alone by ``deltatune report``).
 """
 from .config import SweepConfig
 from .run import plan, run_sweep

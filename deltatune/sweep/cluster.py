@@ -41,6 +41,9 @@ class Cluster:
         os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         os.environ.setdefault("TUNE_RESULT_BUFFER_LENGTH", "1")  # a pruning decision after each validation
+        # Ray's driver would replace builtins.print with its own for good: a later sweep in this process, whose
+        # searcher Tune pickles, could then no longer pickle a log function that is (or holds) print
+        os.environ.setdefault("RAY_TQDM_PATCH_PRINT", "0")
         ray = _ray()
         self.ray, self.cfg = ray, cfg
         try:
@@ -129,6 +132,10 @@ def _trainable(config, task=None):
 
     record = run_trial(spec, report=report if spec["prune"] else None, task=task, threads=config.get("threads"))
     record["host"] = os.uname().nodename
+    from ..machine import machine_info
+
+    info = machine_info()  # where the runs ran (the driver's machine is not the worker's)
+    record["machine"], record["versions"] = info["machine"], info["versions"]
     tune.report({"record": json.dumps(record), "valid": record["value"] if record["value"] is not None else math.nan})
 
 

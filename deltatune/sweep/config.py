@@ -64,6 +64,10 @@ class SweepConfig:
                                                  "fine-tuning is the size of the model twice, goes)")
     score_test: bool = setting(True, flag=False, help="score the chosen configuration (and the baseline) on the "
                                                       "test split at the end")
+    trial_test: bool = setting(False, flag=False, help="also score every trial's runs on the test split (and the "
+                                                       "untrained model, zero-shot), for a harness that records each "
+                                                       "run's test score (experiments/findings); the choice still "
+                                                       "reads validation only")
     out: str | None = setting(None, flag=False, help="the sweep's folder")
     storage: str | None = setting(None, metavar="DIR", default_text="the sweep's folder",
                                   help="where the trials' run folders go (with --ray: a path every node sees)")

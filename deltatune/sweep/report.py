@@ -1,18 +1,28 @@
 """What a sweep shows: ``results.md`` (every trial, the chosen configuration, its test score and the comparison
 with the baseline), ``results.csv`` and ``sweep.png`` (the metric against each searched setting, and the trials
-over time), written to the sweep's folder."""
+over time), written to the sweep's folder when it ends, and again from its files alone by ``deltatune report
+SWEEP_DIR`` (:func:`from_folder`, :func:`rebuild`), also while it is unfinished."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
+import os
 import statistics
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from .. import storage
-from .space import show
+from ..errors import ConfigError, DataError
+from .config import SweepConfig
+from .files import read_json, read_records
+from .search import best_of
+from .space import Space, show
+from .trial import BASELINE
 
 LEVEL_Z = 1.959964  # 95% two-sided, normal
 BOOTSTRAP = 2000
@@ -113,7 +123,9 @@ def csv_text(table: list[dict]) -> str:
 def markdown(plan, result) -> str:
     cfg, space, metric = plan.cfg, plan.space, plan.metric
     base = {k: v for k, v in space.base.items() if k not in ("model", "task", "method", "options")}
-    fixed = ", ".join(f"{k}={show(v)}" for k, v in {**base, **space.base.get("options", {})}.items()) or "defaults"
+    # sorted: the same line from the driver's plan and from sweep.json (written with sorted keys)
+    fixed = ", ".join(f"{k}={show(v)}" for k, v in [*sorted(base.items()), *sorted(space.base.get("options", {}).items())]) \
+        or "defaults"
     searched = ", ".join(f"{d.name} {d.describe()}" for d in space.dims) or "nothing (one configuration)"
     lines = [f"# Sweep: {space.method} on {space.base.get('task', 'code-search')} ({space.base.get('model', 'minilm')})",
              "",
@@ -271,3 +283,65 @@ def write(folder, plan, result) -> dict:
     if png is not None:
         files["sweep.png"] = folder.write_bytes("sweep.png", png)
     return {k: str(v) for k, v in files.items()}
+
+
+# ----------------------------------------------------------------------------- from the folder alone
+
+FILES = ("results.md", "results.csv", "sweep.png")  # what write() and rebuild() write
+
+
+@dataclass
+class Saved:
+    """A sweep as its folder holds it: what the table and the plot read of the driver's plan."""
+
+    cfg: SweepConfig
+    space: Space
+    metric: str
+    out: Path
+
+
+def from_folder(path) -> tuple[Saved, dict]:
+    """The sweep in ``path`` and its outcome, read from ``sweep.json``, ``trials.jsonl`` and ``chosen.json``
+    (nothing loaded or trained). A sweep that has not ended (killed, or running) has no ``chosen.json`` yet, or an
+    older one: its best trial so far is shown, and no test score."""
+    path = Path(path)
+    saved = read_json(path / "sweep.json")
+    try:
+        space = Space.from_json(saved["identity"]["space"])
+        settings = saved["settings"]
+        cfg = SweepConfig(**{f.name: settings[f.name] for f in dataclasses.fields(SweepConfig) if f.name in settings})
+    except (KeyError, TypeError, ValueError, AttributeError, ConfigError) as err:
+        raise DataError(f"{path / 'sweep.json'} is not the file deltatune sweep writes ({type(err).__name__}: "
+                        f"{' '.join(str(err).split())[:120]}); run the sweep again into another --out") from None
+    records = read_records(path)
+    ended = read_json(path / "chosen.json") if os.path.lexists(path / "chosen.json") else None
+    best = best_of(records.values())
+    # chosen.json speaks for the records only while they have the same best (a sweep that went on has another)
+    if ended is not None and (ended.get("chosen") or {}).get("number") != (best or {}).get("number"):
+        ended = None
+    trials = [r for n, r in sorted(records.items()) if n >= 0]
+    metric = (ended or {}).get("metric") or next((r.get("metric") for r in records.values() if r.get("metric")), None) \
+        or "value"
+    starts = [r["started"] for r in records.values() if isinstance(r.get("started"), (int, float))]
+    ends = [r["ended"] for r in records.values() if isinstance(r.get("ended"), (int, float))]
+    result = {"out": str(path), "metric": metric, "trials": trials, "baseline": records.get(BASELINE), "chosen": best,
+              "trial_seconds": round(sum(r.get("seconds") or 0 for r in records.values()), 1),
+              "wall_seconds": round(max(ends) - min(starts), 1) if starts and ends else 0.0, "other_load": None,
+              "test": None, "baseline_test": None, "comparison": None,
+              "notes": ["the sweep has not ended (it was stopped, or it is running): the best trial so far is shown, "
+                        "the test split is not scored yet; run the same sweep again to go on"]}
+    if ended is not None:
+        result.update({k: ended.get(k) for k in ("test", "baseline_test", "comparison", "other_load")},
+                      notes=list(ended.get("notes") or []),
+                      wall_seconds=ended.get("wall_seconds") or result["wall_seconds"])
+    return Saved(cfg, space, metric, path.absolute()), result
+
+
+def rebuild(folder) -> tuple[str, dict]:
+    """results.md, results.csv and sweep.png written again into the sweep's folder (an open-able
+    :class:`~deltatune.storage.OwnedFolder` of kind SWEEP) from its files; the markdown and the paths."""
+    saved, result = from_folder(folder.path)
+    folder.open()
+    for name in FILES:  # every name checked before the first is written
+        folder.file(name)
+    return markdown(saved, result), write(folder, saved, result)

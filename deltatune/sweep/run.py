@@ -22,15 +22,12 @@ from pathlib import Path
 from .. import settings, storage
 from ..errors import ConfigError, DataError, StorageError
 from ..machine import machine_cpu, machine_info, other_load
-from ..storage import FolderKind, OwnedFolder
+from ..storage import SWEEP, OwnedFolder
 from .config import DEFAULT_TRIALS, SweepConfig
+from .files import FORMAT, VERSION, read_json, read_records
 from .search import DONE, WAIT, MedianPruner, best_of, build_search, normal
 from .space import Space, build_space, params_text
 from .trial import BASELINE, run_trial
-
-SWEEP = FolderKind("sweep", "sweep folder", "sweep", ("sweep.json", "trials.jsonl"))
-FORMAT = "deltatune.sweep"
-VERSION = 1
 
 
 @dataclass
@@ -52,7 +49,8 @@ class Plan:
         return {"number": number, "params": params, "baseline": baseline,
                 "config": self.space.default_config() if baseline else self.space.config(params),
                 "seeds": list(self.cfg.seeds), "root": str(self.root), "metric": self.metric,
-                "prune": self.pruner is not None and not baseline, "keep_checkpoints": self.cfg.keep_checkpoints}
+                "prune": self.pruner is not None and not baseline, "keep_checkpoints": self.cfg.keep_checkpoints,
+                "score_test": self.cfg.trial_test}
 
 
 def plan(cfg: SweepConfig, task=None, capacity: int | None = None) -> Plan:
@@ -95,6 +93,8 @@ def plan(cfg: SweepConfig, task=None, capacity: int | None = None) -> Plan:
         identity.update(extend=cfg.extend, grid_points=cfg.grid_points)
     if prune == "median":
         identity["prune_startup"] = cfg.prune_startup
+    if cfg.trial_test:
+        identity["trial_test"] = True  # the trials' runs hold test scores (a sweep without them is another sweep)
     if algorithm == "tpe" or prune == "median":
         identity["concurrency"] = concurrency  # decisions that read results read whole rounds
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
@@ -182,18 +182,11 @@ class State:
         self.records: dict[int, dict] = {}
         path = folder.path / "sweep.json"
         if os.path.lexists(path):
-            saved = _read_json(path)
+            saved = read_json(path)
             if saved.get("format") != FORMAT:
                 raise StorageError(f"{path} is not a deltatune sweep's file; choose another --out")
             _same_identity(saved.get("identity", {}), plan.identity, folder.path)
-            for line in storage.read_text(folder.path / "trials.jsonl").splitlines() \
-                    if os.path.lexists(folder.path / "trials.jsonl") else []:
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(record, dict) and isinstance(record.get("number"), int):
-                    self.records[record["number"]] = record
+            self.records = read_records(folder.path)
             trials = len([n for n in self.records if n >= 0])
             log(f"continuing the sweep in {folder.path}: {trials} trial{'s' * (trials != 1)} finished "
                 "(they are not run again)")
@@ -223,16 +216,6 @@ class State:
         best = best_of(self.records.values())
         tail = f"; best so far: {_name(best)} ({best['value']:.4f})" if best is not None else ""
         self.log(f"{_name(record)} ({params_text(record['params'])}): {what} in {record['seconds']:.0f} s{tail}")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(storage.read_text(path))
-    except (OSError, ValueError) as err:
-        raise StorageError(f"{path} cannot be read ({err}); it is written by deltatune sweep") from None
-    if not isinstance(data, dict):
-        raise StorageError(f"{path} must hold a JSON object; it is written by deltatune sweep")
-    return data
 
 
 def _same_identity(saved: dict, now: dict, where: Path) -> None:
@@ -408,7 +391,7 @@ def test_scores(state: State, record: dict) -> dict:
         out = state.folder.path / "test" / Path(run["out_dir"]).name
         saved = out / "metrics-test.json"
         if os.path.lexists(saved):  # scored by an earlier call of this sweep
-            result = _read_json(saved)
+            result = read_json(saved)
         else:
             result = evaluate(run["out_dir"], task=plan.task, split="test",
                               max_eval=None if plan.task is not None else plan.space.base.get("max_eval"), out_dir=out)

@@ -1,5 +1,6 @@
 """One trial: a configuration trained once per seed, each an ordinary run folder (``train(TrainConfig(...))``)
-with the test split left out (``score_test=False``); the same code on this machine and on a Ray worker.
+with the test split left out (``score_test=False``, unless the sweep's caller records every run's test score:
+``SweepConfig.trial_test``); the same code on this machine and on a Ray worker.
 
 A trial whose folders hold a checkpoint goes on from it (``resume``), so a trial cut short by a kill, on this
 machine or on a worker that died, ends with the result it would have had; a run counts only once its
@@ -19,7 +20,7 @@ from pathlib import Path
 from .. import storage
 from ..errors import ConfigError, StorageError, TrainingError
 
-TRIAL_FIELDS = {"progress": False, "score_test": False, "json_log": True}
+TRIAL_FIELDS = {"progress": False, "json_log": True}
 BASELINE = -1  # the default configuration's record number (not a trial of the search)
 
 
@@ -99,7 +100,9 @@ class _Run:
         self.seed, self.task, self.metric = seed, task, spec["metric"]
         self.keep_checkpoints = spec.get("keep_checkpoints", False)
         self.out = Path(spec["root"]) / run_name(spec["number"], seed)
-        self.config = {**spec["config"], **TRIAL_FIELDS, "seed": seed, "out_dir": str(self.out)}
+        # score_test: only where the sweep's caller records every run's test score (SweepConfig.trial_test)
+        self.config = {**spec["config"], **TRIAL_FIELDS, "score_test": bool(spec.get("score_test")), "seed": seed,
+                       "out_dir": str(self.out)}
         self.summary = None
         self.resumed_from = self.step()
         if self.finished():

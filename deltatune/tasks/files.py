@@ -30,6 +30,7 @@ import stat
 from pathlib import Path
 
 from deltatune.errors import DataError
+from deltatune.settings import env_limit
 from deltatune.tasks.kinds import KINDS, Classification, get_kind
 from deltatune.tasks.registry import TASKS, TaskData
 
@@ -56,13 +57,7 @@ MAX_MB_ENV, MAX_MB_DEFAULT = "DELTATUNE_MAX_DATA_MB", 1024
 
 def max_data_bytes() -> int:
     """The largest data file read: $DELTATUNE_MAX_DATA_MB megabytes (default 1024)."""
-    text = os.environ.get(MAX_MB_ENV, "")
-    try:
-        mb = float(text) if text.strip() else MAX_MB_DEFAULT
-    except ValueError:
-        raise DataError(f"{MAX_MB_ENV}={text!r} is not a number; set it to a size in megabytes") from None
-    if not mb > 0:
-        raise DataError(f"{MAX_MB_ENV}={text!r} must be a positive size in megabytes")
+    mb = env_limit(MAX_MB_ENV, MAX_MB_DEFAULT, DataError)
     return int(mb * 2**20) if math.isfinite(mb) else 2**62
 
 

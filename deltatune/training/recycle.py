@@ -48,6 +48,7 @@ from torch import nn
 
 from .. import sites as S
 from ..errors import ConfigError
+from ..settings import env_limit
 from ..storage import CacheEntry
 from ..models import cache_dir
 from ..store import hash_tensors, require_store
@@ -266,16 +267,7 @@ def _touch(path: Path) -> None:
 
 
 def _limit(env: str, default: float, kind) -> float:
-    text = os.environ.get(env, "").strip()
-    if not text:
-        return default
-    try:
-        value = kind(text)
-    except ValueError:
-        value = -1
-    if not value > 0:
-        raise ConfigError(f"{env}={text!r} must be a positive {'number of gigabytes' if kind is float else 'whole number'}")
-    return value
+    return env_limit(env, default, ConfigError, "gigabytes" if kind is float else "files", kind)
 
 
 def _alive(pid: int) -> bool:

@@ -347,7 +347,8 @@ def render(claims=None, seeds=(0, 1, 2), out="docs/findings", page="docs/finding
           "package: from a checkout with `make setup` done, `python experiments/findings/run.py --claims 4,5 --plan` "
           "lists a claim's runs (done, to do) with an estimated time, the same without `--plan` runs what is missing "
           "(resumable: finished runs are skipped) and then writes this page, `--render-only` writes the page from the "
-          "run files alone, `--part I/N` splits the runs across machines (copy the run files into one folder), and "
+          "run files alone, `--ray auto|ADDRESS` runs the lr grids as sweeps on a Ray cluster (`deltatune sweep`'s "
+          "machinery; the run files are written where the driver runs), and "
           "`--rescore` gives finished runs their per-example test scores where a re-run reproduces the recorded score "
           "exactly. It uses deltatune's public API only (`deltatune.training.train`, `deltatune.analysis.analyze`, "
           "`deltatune.tasks.load_task`).", "",
@@ -462,7 +463,7 @@ def render(claims=None, seeds=(0, 1, 2), out="docs/findings", page="docs/finding
         summary.append(f"\nThe {len(todo)} missing runs need about {hours:.1f} h more on this machine at the load "
                        "measured (estimated from the finished runs of each budget): "
                        f"`python experiments/findings/run.py --claims {','.join(F.ORDER)}` resumes where it stopped, and "
-                       "`--part I/N` splits them across machines (copy the run files into one docs/findings/runs/).")
+                       "`--ray auto|ADDRESS` spreads them over a Ray cluster.")
     at = md.index("SUMMARY")
     md[at:at + 1] = summary
     page = Path(page)

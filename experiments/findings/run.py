@@ -3,6 +3,7 @@ not part of the installed package (it uses deltatune's public API and its own ru
 
     python experiments/findings/run.py --claims 4,5 --plan        # the runs, done and to do, and a time estimate
     python experiments/findings/run.py --claims 4,5               # run what is missing (resumable), then the page
+    python experiments/findings/run.py --claims 4,5 --ray auto --work /shared/findings   # the same on a Ray cluster
     python experiments/findings/run.py --render-only              # the page from the run files alone
     python experiments/findings/run.py --claims 2 --rescore       # per-example test scores for runs that reproduce
 
@@ -52,8 +53,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0,1,2", help="comma list of seeds (default 0,1,2); lr is tuned on seed 0")
     p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help=f"run files and plots (default {DEFAULT_OUT})")
     p.add_argument("--page", default=PAGE, metavar="FILE", help=f"the page written (default {PAGE})")
-    p.add_argument("--part", metavar="I/N", help="run only part I of N (every N-th lr group); merge parts by copying "
-                   "their run files into one --out")
+    p.add_argument("--ray", metavar="auto|ADDRESS",
+                   help="train the runs on a Ray cluster (through deltatune sweep: a grid's lrs at once, one run per "
+                        "worker); --work must then be a path every node sees. The run files and the page are "
+                        "written here")
+    p.add_argument("--part", metavar="I/N", help="run only part I of N (every N-th lr group), for machines that share "
+                   "no Ray cluster; merge parts by copying their run files into one --out (with --ray, not needed)")
     p.add_argument("--plan", action="store_true", help="print the runs and an estimated time; run nothing")
     p.add_argument("--render-only", "--render", dest="render_only", action="store_true",
                    help="write the page from the run files; run nothing")
@@ -62,7 +67,8 @@ def parser() -> argparse.ArgumentParser:
                         "re-run reproduces the recorded test score exactly (a run file's numbers never change); then "
                         "the page. Private runs are skipped (their noise is fresh by design)")
     p.add_argument("--work", default="runs/findings", metavar="DIR",
-                   help="scratch run folders (adapters kept for the analysis; default runs/findings)")
+                   help="scratch: the sweeps' folders and their run folders under sweeps/ (the adapters the analysis "
+                        "compares are kept; default runs/findings)")
     return p
 
 
@@ -85,7 +91,7 @@ def run(args) -> int:
             f"reproduce (files unchanged), {len(done['skipped'])} private runs skipped")
     elif not args.render_only:
         started = time.monotonic()
-        result = run_suite(claims, seeds, args.out, part, work_dir=args.work, log=log)
+        result = run_suite(claims, seeds, args.out, part, work_dir=args.work, log=log, ray=args.ray)
         log(f"{len(result['ran'])} runs done, {len(result['skipped'])} already there, {len(result['failed'])} failed, "
             f"{len(result['waiting'])} waiting, in {(time.monotonic() - started) / 60:.1f} min")
     from findings.page import render

@@ -11,13 +11,16 @@ result. A group may instead take the lr chosen by another group (``lr_from``: te
 fine-tuning's) or use a fixed one.
 
 Every finished run is one small JSON file, ``<out>/runs/<key>.json``, the key a hash of the run's
-whole configuration: a suite resumes by skipping runs whose file exists, and parts run on other
-machines merge by copying their files (``--part I/N`` takes every N-th lr group, so that a group's
-seeds run where its grid ran). A failed run writes nothing there (its message goes to
-``<out>/failures.jsonl``) and the others go on. Runs train in this process, one after another,
-through :func:`deltatune.training.train`; the data subsample is the same for every seed (data seed 0),
-so seeds differ in initialisation, dropout and data order only, and every method of a setting is
-scored on the same validation and test examples.
+whole configuration: a suite resumes by skipping runs whose file exists. A failed run writes nothing there
+(its message goes to ``<out>/failures.jsonl``) and the others go on. The runs train through
+:func:`deltatune.sweep.run_sweep` (:func:`run_suite`): a group's lr grid is a grid sweep over lr on seed 0, its
+seeds at the chosen lr one more sweep, each run the very TrainConfig :func:`_train_one` trains; with ``ray``
+(``--ray auto|ADDRESS``) the sweeps run on a Ray cluster's workers (a grid's lrs at once; a configuration's
+seeds one after another in its trial, as a sweep's trial runs them) and the run files are written here, so
+the suite needs neither ``--part I/N`` (which still takes every N-th lr group, for machines outside one
+cluster, their run files merged by copying) nor merging by hand. The data subsample is the same for every
+seed (data seed 0), so seeds differ in initialisation, dropout and data order only, and every method of a
+setting is scored on the same validation and test examples.
 """
 from __future__ import annotations
 
@@ -466,11 +469,14 @@ def estimate_seconds(store: Store, run: dict) -> float:
 
 
 def run_suite(claims=("1", "3", "4", "5", "7", "2", "6"), seeds=(0, 1, 2), out=DEFAULT_OUT, part=None,
-              plan_only: bool = False, work_dir: str = "runs/findings", log=print, trainer=None) -> dict:
+              plan_only: bool = False, work_dir: str = "runs/findings", log=print, ray=None) -> dict:
     """Run every run of ``claims`` that has no file yet; returns {"ran", "skipped", "failed", "waiting"}.
 
-    Runs of a group whose lr is not chosen yet wait for its grid; the loop goes round again until
-    nothing more can run. ``trainer(config, work_dir, store) -> record`` stands in for :func:`_train_one`.
+    The runs go through :func:`deltatune.sweep.run_sweep`, a batch at a time (:func:`batches`): a group's missing
+    grid runs as one grid sweep over lr, its seeds at the chosen lr as one more; on the Ray cluster ``ray`` (an
+    address or "auto"; ``work_dir`` then a path every node sees) a grid's runs train at once on the workers.
+    Runs of a group whose lr is not chosen yet wait for its grid (an extension is the next batch); the loop
+    goes round again until nothing more can run. Analysis runs train here, one at a time.
     """
     claims = [str(c) for c in claims]
     unknown = [c for c in claims if c not in CLAIMS]
@@ -492,41 +498,62 @@ def run_suite(claims=("1", "3", "4", "5", "7", "2", "6"), seeds=(0, 1, 2), out=D
             "(estimated from finished runs of the same budget, else a first guess)")
         result["waiting"] = todo
         return result
-    trainer = trainer or _train_one
+    from deltatune import storage
+
     attempted = set()
     failed_keys = set()
+
+    def failed(r, key, kind, message):
+        log(f"FAILED {_label(r)}: {kind}: {message}")
+        failed_keys.add(key)
+        result["failed"].append({"key": key, "error": f"{kind}: {message}"})
+        _append(Path(out) / "failures.jsonl", {"key": key, "config": r["config"], "error": message,
+                                                 "when": time.strftime("%Y-%m-%d %H:%M:%S")})
+
+    def done(r, key, record):
+        store.put(r["config"], record)
+        result["ran"].append(key)
+        value = record.get("result", {}).get("value")
+        log(f"done {_label(r)}: {record.get('result', {}).get('metric', '')} {value} in {record['wall_seconds']:.0f} s")
+
     while True:
         runs = planned_runs(store, claims, seeds, part)
         todo = [r for r in runs if not r["done"] and r["config"] is not None
                 and run_key(r["config"]) not in attempted]
         if not todo:
             break
-        r = todo[0]
-        key = run_key(r["config"])
-        attempted.add(key)
-        label = (f"analyze {r['config']['model']}" if r["group"] is None else
-                 f"[{r['group'].setting}] {r['group'].name} lr {r['config']['lr']:g} seed {r['config']['seed']} ({r['phase']})")
-        log(f"run {label}: {key}")
+        batch = batches(todo)[0]
+        keys = {run_key(r["config"]): r for r in batch}
+        attempted.update(keys)
+        for key, r in keys.items():
+            log(f"run {_label(r)}: {key}")
         started = time.monotonic()
         try:
-            record = trainer(r["config"], Path(work_dir) / key, store)
-        except Exception as err:  # one run's failure must not stop the others
+            if batch[0]["group"] is None:
+                records, errors, folders = {key: _analyze_one(batch[0]["config"], Path(work_dir) / key, store)
+                                            for key in keys}, {}, {}
+            else:
+                records, errors, folders = sweep_batch(batch, work_dir, ray=ray, log=log)
+        except Exception as err:  # one batch's failure must not stop the others
             message = " ".join(str(err).split())[:500] or type(err).__name__
-            log(f"FAILED {label}: {type(err).__name__}: {message}")
-            failed_keys.add(key)
-            result["failed"].append({"key": key, "error": f"{type(err).__name__}: {message}"})
-            _append(Path(out) / "failures.jsonl", {"key": key, "config": r["config"], "error": message,
-                                                     "when": time.strftime("%Y-%m-%d %H:%M:%S")})
-            continue
-        record.setdefault("wall_seconds", round(time.monotonic() - started, 1))
-        store.put(r["config"], record)
-        result["ran"].append(key)
-        value = record.get("result", {}).get("value")
-        log(f"done {label}: {record.get('result', {}).get('metric', '')} {value} in {record['wall_seconds']:.0f} s")
+            records, errors, folders = {}, {key: (type(err).__name__, message) for key in keys}, {}
+        for key, r in keys.items():
+            if key in records:
+                records[key].setdefault("wall_seconds", round(time.monotonic() - started, 1))
+                done(r, key, records[key])
+                if key in folders and not records[key].get("adapter_dir"):  # its run file holds what it found
+                    storage.remove_dir(folders[key])
+            else:
+                failed(r, key, *errors.get(key, ("RuntimeError", "no record of this run")))
     runs = planned_runs(store, claims, seeds, part)
     result["skipped"] = [run_key(r["config"]) for r in runs if r["done"] and run_key(r["config"]) not in result["ran"]]
     result["waiting"] = [r for r in runs if not r["done"] and (r["config"] is None or run_key(r["config"]) not in failed_keys)]
     return result
+
+
+def _label(r: dict) -> str:
+    return (f"analyze {r['config']['model']}" if r["group"] is None else
+            f"[{r['group'].setting}] {r['group'].name} lr {r['config']['lr']:g} seed {r['config']['seed']} ({r['phase']})")
 
 
 def rescore(claims, seeds=(0, 1, 2), out=DEFAULT_OUT, work_dir: str = "runs/findings", log=print, trainer=None,
@@ -616,27 +643,25 @@ def example_scores(path, value) -> list | None:
     return None
 
 
-def _train_one(config: dict, work: Path, store: Store, keep: bool | None = None) -> dict:
-    """One run of the suite; ``keep``: whether its best/ adapter stays in ``work`` (default: seed-0 runs of
-    KEEP_ADAPTERS, which the analysis runs compare)."""
-    if config.get("kind") == "analyze":
-        return _analyze_one(config, work, store)
-    from deltatune.machine import machine_info, other_load
+def task_data(config: dict):
+    """The subsampled TaskData of a run (data seed 0: the same examples for every seed), loaded once per process."""
     from deltatune.tasks import load_task
-    from deltatune.training import TrainConfig, train
-    import resource
 
     task_key = (config["task"], config["max_train"], config["max_eval"])
     if task_key not in _TASKS:  # loading a built-in task parses the standard library: once per process
         _TASKS[task_key] = load_task(config["task"], seed=config["data_seed"], max_train=config["max_train"],
                                      max_eval=config["max_eval"])
+    return _TASKS[task_key]
+
+
+def train_fields(config: dict) -> dict:
+    """The TrainConfig fields of a run of the suite, but its lr, seed and folder (one definition for the runs
+    trained here, through a sweep and again by --rescore, so that they are the same runs)."""
     steps = config["steps"]
     fields = dict(model=config["model"], task=config["task"], method=config["method"], options=dict(config["options"]),
-                  max_steps=steps, batch_size=config["batch"], max_len=config["max_len"], lr=config["lr"],
-                  seed=config["seed"], eval_every=config["eval_every"] or max(1, steps // 2),
-                  grad_accum=config.get("grad_accum", 1),
-                  max_train=config["max_train"], max_eval=config["max_eval"], progress=False, overwrite=True,
-                  out_dir=str(work))
+                  max_steps=steps, batch_size=config["batch"], max_len=config["max_len"],
+                  eval_every=config["eval_every"] or max(1, steps // 2), grad_accum=config.get("grad_accum", 1),
+                  max_train=config["max_train"], max_eval=config["max_eval"])
     if config.get("max_new_tokens"):
         fields["max_new_tokens"] = config["max_new_tokens"]
     for name in ("dp_epsilon", "recycle", "recycle_dtype"):
@@ -644,28 +669,131 @@ def _train_one(config: dict, work: Path, store: Store, keep: bool | None = None)
             fields[name] = config[name]
     if config.get("dp_epsilon"):
         fields["dp_delta"] = DP_DELTA  # not the engine's default, which may change: the claim's runs share one delta
+    return fields
+
+
+def keeps_adapter(config: dict) -> bool:
+    """Seed-0 runs of KEEP_ADAPTERS keep their best/ adapter: the analysis runs compare them."""
+    return config["method"] in KEEP_ADAPTERS and config["seed"] == GRID_SEED and not config.get("dp_epsilon")
+
+
+def run_record(summary: dict, task, wall: float, load, adapter_dir, info: dict) -> dict:
+    """A run file's record (without its key and config) from a finished run's summary."""
+    scores = example_scores(summary.get("predictions_file"), summary.get("value"))
+    zero = example_scores(summary.get("zero_shot_predictions_file"), summary.get("zero_shot_value"))
+    return {"result": {k: summary[k] for k in _RESULT_KEYS if k in summary}, "wall_seconds": round(wall, 1),
+            "other_load": load, "machine": info["machine"], "versions": info["versions"], "finished": info["date"],
+            "adapter_dir": adapter_dir, "n_train": len(task.train), "n_test": len(task.test),
+            **({"test_scores": {"values": scores, "zero_shot": zero if zero is not None and len(zero) == len(scores)
+                                else None}} if scores is not None else {})}
+
+
+def _train_one(config: dict, work: Path, store: Store, keep: bool | None = None) -> dict:
+    """One run of the suite trained here, in ``work`` (--rescore, and an adapter the analysis needs again); ``keep``:
+    whether its best/ adapter stays there (default: :func:`keeps_adapter`)."""
+    if config.get("kind") == "analyze":
+        return _analyze_one(config, work, store)
+    import resource
+
+    from deltatune.machine import machine_info, other_load
+    from deltatune.training import TrainConfig, train
+
+    task = task_data(config)
+    fields = {**train_fields(config), "lr": config["lr"], "seed": config["seed"], "progress": False, "overwrite": True,
+              "out_dir": str(work)}
     before, cpu0 = _cpu_busy(), resource.getrusage(resource.RUSAGE_SELF)
     started = time.monotonic()
-    summary = train(TrainConfig(**fields), task=_TASKS[task_key])
+    summary = train(TrainConfig(**fields), task=task)
     wall = time.monotonic() - started
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     own = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
-    if keep is None:
-        keep = config["method"] in KEEP_ADAPTERS and config["seed"] == GRID_SEED and not config.get("dp_epsilon")
-    scores = example_scores(summary.get("predictions_file"), summary.get("value"))
-    zero = example_scores(summary.get("zero_shot_predictions_file"), summary.get("zero_shot_value"))
+    keep = keeps_adapter(config) if keep is None else keep
+    record = run_record(summary, task, wall, other_load(before, _cpu_busy(), own, wall),
+                        str(work / "best") if keep else None, machine_info())
     if keep:
         shutil.rmtree(work / "checkpoints", ignore_errors=True)  # the best/ adapter stays for the analysis
     else:
         shutil.rmtree(work, ignore_errors=True)
-    info = machine_info()
-    return {"result": {k: summary[k] for k in _RESULT_KEYS if k in summary}, "wall_seconds": round(wall, 1),
-            "other_load": other_load(before, _cpu_busy(), own, wall),
-            "machine": info["machine"], "versions": info["versions"], "finished": info["date"],
-            "adapter_dir": str(work / "best") if keep else None, "n_train": len(_TASKS[task_key].train),
-            "n_test": len(_TASKS[task_key].test),
-            **({"test_scores": {"values": scores, "zero_shot": zero if zero is not None and len(zero) == len(scores)
-                                else None}} if scores is not None else {})}
+    return record
+
+
+# ----------------------------------------------------------------------------- runs through deltatune.sweep
+
+def batches(todo: list[dict]) -> list[list[dict]]:
+    """The runs to do, in plan order, as the sweeps that run them: a group's grid runs still missing (seed 0, one
+    lr each: a grid sweep over lr), or its seed runs at one lr (one configuration, those seeds). An extension of
+    a grid is its own batch: it runs once the grid before it has chosen to extend (:func:`grid`)."""
+    out, placed = [], set()
+    for i, r in enumerate(todo):
+        if i in placed:
+            continue
+        if r["group"] is None:  # an analysis run: not a training run, trained here alone
+            placed.add(i)
+            out.append([r])
+            continue
+        grid_phase = r["phase"] in ("grid", "extension")
+        batch = []
+        for j, other in enumerate(todo):
+            if j in placed or other["group"] is not r["group"] or (other["phase"] in ("grid", "extension")) != grid_phase:
+                continue
+            if grid_phase or other["config"]["lr"] == r["config"]["lr"]:
+                placed.add(j)
+                batch.append(other)
+        out.append(batch)
+    return out
+
+
+def sweep_batch(batch: list[dict], work_dir, ray=None, log=print) -> tuple[dict, dict, dict]:
+    """Train a batch of runs (:func:`batches`) through :func:`deltatune.sweep.run_sweep`: a grid sweep over their
+    lrs at seed 0, or one configuration over their seeds; here, or on the Ray cluster ``ray`` (an address or
+    "auto"). Each run is the run :func:`_train_one` trains (the same TrainConfig, the test split scored too:
+    ``trial_test``), in a trial folder under ``<work_dir>/sweeps/``; a run whose adapter is not kept
+    (:func:`keeps_adapter`) goes once its run file is written (the caller's). Returns ({run key: record},
+    {run key: error}, {run key: its run folder})."""
+    from deltatune import storage
+    from deltatune.machine import machine_info
+    from deltatune.sweep import SweepConfig, run_sweep
+
+    configs = [r["config"] for r in batch]
+    first = configs[0]
+    lrs = sorted({c["lr"] for c in configs})
+    seeds = sorted({c["seed"] for c in configs})
+    if len(lrs) > 1 and len(seeds) > 1:
+        raise ValueError("a batch varies the lr or the seeds, not both")
+    keys = sorted(run_key(c) for c in configs)
+    digest = hashlib.sha256(json.dumps(keys).encode()).hexdigest()[:10]
+    name = f"{slug(batch[0]['group'].id)}-{'seeds' if batch[0]['phase'] == 'seed' else 'grid'}-{digest}"
+    task = task_data(first)
+    cfg = SweepConfig(base=train_fields(first), space={"lr": lrs}, seeds=seeds, algorithm="grid", extend=0,
+                      prune="none", score_test=False, trial_test=True, out=str(Path(work_dir) / "sweeps" / name),
+                      ray=ray)
+    # the sweep's notes speak of its own extension (off here: the suite's rule, grid(), decides and extends)
+    result = run_sweep(cfg, task=task, log=lambda line: None if line.startswith("note: ") else
+                       log(f"  sweep {name}: {line}"))
+    by_run = {(c["lr"], c["seed"]): c for c in configs}
+    here = machine_info()
+    records, errors, folders = {}, {}, {}
+    for trial in result["trials"]:
+        for run in trial["runs"]:
+            config = by_run.get((trial["params"].get("lr", first["lr"]), run["seed"]))
+            if config is None:
+                continue
+            key = run_key(config)
+            if trial["status"] != "complete":
+                errors[key] = ("TrainingError", (trial.get("error") or trial["status"])[:500])
+                continue
+            folder = folders[key] = Path(run["out_dir"])
+            summary = json.loads(storage.read_text(folder / "metrics.json"))
+            adapter = None
+            if keeps_adapter(config):  # named as the runner always named it: relative to where it runs, if inside
+                adapter = folder / "best"
+                adapter = adapter.relative_to(Path.cwd()) if adapter.is_relative_to(Path.cwd()) else adapter
+            info = {**here, **{k: trial[k] for k in ("machine", "versions") if k in trial}}  # a Ray worker's own
+            records[key] = run_record(summary, task, sum(summary.get("phase_seconds", {}).values()),
+                                      result["other_load"], None if adapter is None else str(adapter), info)
+    for key in set(map(run_key, configs)) - set(records) - set(errors):
+        errors[key] = ("RuntimeError", "the sweep ended without this run (see its messages above)")
+    return records, errors, folders
 
 
 def _analyze_one(config: dict, work: Path, store: Store) -> dict:
