@@ -14,26 +14,14 @@ The engine's worker calls :meth:`Scheduler.step` between its other work. A step
 4. runs ONE forward pass of one token per running row, each row with its own adapter
    (``dt.routing``), sampling parameters and stop conditions; rows that finished leave the batch at once.
 
-The key/value cache. The running batch keeps one tensor pair per layer, ``(rows, kv_heads, length,
-head_dim)``, every row left-padded to the batch's length: ``[padding | the row's own keys]``. A joining
-row's cache is padded on the left to the batch's length (or the batch to the row's, when the row is
-longer), and leaving rows are cut out with the common left padding trimmed. Each decode pass gets a 2-D
-attention mask (0 over a row's padding) and explicit position ids (a row's next position is the number
-of keys it holds), so a row sees exactly the keys and positions it has alone:
-
-* additive and multiplicative deltas (LoRA, (IA)^3, adapters) act per token: nothing to do;
-* prefix tuning prepends its keys/values inside attention at every pass (they never enter the cache),
-  masked for the rows of other adapters;
-* prompt tuning puts its soft tokens in front of the prompt at prefill, so they are in the row's cache
-  and count in its positions (alone, ``generate`` shifts the later positions by the prompt's length in
-  the same way). The prompt mechanism's own continuation layout (kept for ``generate``, which does not
-  place rows itself) is cleared before each decode pass: the positions here are already complete.
-
-So rows of every routable method share one batch and every row's tokens equal what its request gives
-alone (greedy, and seeded sampling: each row draws from its own ``torch.Generator``), up to the float
-rounding of a batched matmul. Models with sliding-window or recurrent layers (whose caches cannot be
-padded this way) are not scheduled here: :func:`supported` says why, and the engine batches their
-generation statically.
+The running batch and its key/value cache are a :class:`deltatune.tasks.decoding.CacheBatch` (its module
+says how rows join, leave and see exactly the keys and positions they have alone; scoring a generation
+task decodes through the same core). Here each pass runs under ``dt.routing`` with every row's own
+adapter; prefix tuning's keys/values are masked for the rows of other adapters. So rows of every routable
+method share one batch and every row's tokens equal what its request gives alone (greedy, and seeded
+sampling: each row draws from its own ``torch.Generator``), up to the float rounding of a batched matmul.
+Models with sliding-window or recurrent layers (whose caches cannot be padded this way) are not
+scheduled here: :func:`supported` says why, and the engine batches their generation statically.
 """
 from __future__ import annotations
 
@@ -46,10 +34,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from torch.nn import functional as F
 
 import deltatune as dt
 from ..models import format_prompt
+from ..tasks.decoding import CacheBatch, supported
 
 
 @dataclass(frozen=True)
@@ -79,19 +67,6 @@ class Piece(str):
     logprobs: list = ()
 
 
-def supported(model) -> str | None:
-    """None when every layer of ``model`` keeps a plain growing key/value cache (full attention), which the
-    scheduler can pad and join; otherwise why not."""
-    from transformers.cache_utils import DynamicCache, DynamicLayer
-
-    try:
-        layers = DynamicCache(config=model.config).layers
-    except Exception as err:  # an architecture without a text config the cache understands
-        return f"its cache cannot be built ({type(err).__name__})"
-    odd = sorted({type(layer).__name__ for layer in layers if type(layer) is not DynamicLayer})
-    return f"its cache has {', '.join(odd)} layers (sliding-window or recurrent)" if odd else None
-
-
 def routed(model, names: list):
     """``dt.routing(model, names)`` (None: the bare base); a model that never had an adapter runs as it is."""
     if dt.store.store_of(model) is None:
@@ -99,15 +74,6 @@ def routed(model, names: list):
             raise dt.ConfigError(f"no adapter is attached; cannot route rows to {sorted(set(names) - {None})}")
         return contextlib.nullcontext()
     return dt.routing(model, names)
-
-
-def _positions_are_complete(model) -> None:
-    """Before a decode pass whose position ids and mask already count every row's soft prompt: clear the
-    continuation layout the prompt mechanism kept from the last prefill (see the module docstring)."""
-    store = dt.store.store_of(model)
-    for mech in store.mechanisms.values() if store is not None else ():
-        if mech.extends_input and getattr(mech, "cached", None) is not None:
-            mech.cached = None
 
 
 class _Row:
@@ -150,12 +116,14 @@ class Scheduler:
         ends = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
         ends = ends if isinstance(ends, (list, tuple)) else [ends]
         self.eos = {t for t in (*ends, tokenizer.eos_token_id) if t is not None}
-        self.rows: list[_Row] = []
-        self.pads: list[int] = []  # each row's left padding in the cache
-        self.cache: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer: keys, values (rows, heads, length, dim)
+        self.batch = CacheBatch(model, device)  # the running rows (_Row) and their key/value cache
         self._prompts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # job -> its token ids, or a refusal
 
     # ------------------------------------------------------------------------------ state
+
+    @property
+    def rows(self) -> list[_Row]:
+        return self.batch.rows
 
     def fail(self, job, status: int, message: str) -> None:
         try:
@@ -275,7 +243,7 @@ class Scheduler:
                     self.fail(job, 410, f"adapter {adapter!r} was unloaded while this request was queued")
                 continue
             try:
-                logits, cache = self._prefill(adapter, list(prompt))
+                logits, cache = self.batch.prefill(list(prompt), routed(self.model, [adapter]))
             except Exception as err:  # this prompt fails alone; the batch goes on
                 for job in group:
                     self.fail(job, 500, f"the prompt failed: {type(err).__name__}: {str(err)[:200]}")
@@ -289,73 +257,17 @@ class Scheduler:
                 if row.finish is None:
                     rows.append(row)
             if rows:
-                self._add(rows, cache)
-
-    def _prefill(self, adapter, prompt: list[int]):
-        from transformers.cache_utils import DynamicCache
-
-        cache = DynamicCache(config=self.model.config)
-        ids = torch.tensor([prompt], device=self.device)
-        with routed(self.model, [adapter]):
-            out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache, use_cache=True,
-                             logits_to_keep=1)
-        return out.logits[0, -1].float(), [(layer.keys, layer.values) for layer in cache.layers]
-
-    def _add(self, rows: list[_Row], cache: list) -> None:
-        """Append rows sharing one prefilled cache (1, heads, n, dim) to the batch, padding on the left."""
-        n = cache[0][0].shape[2]
-        width = self.cache[0][0].shape[2] if self.rows else 0
-        target = max(width, n)
-        joined = []
-        for i, (k, v) in enumerate(cache):
-            k, v = (F.pad(t, (0, 0, target - n, 0)).expand(len(rows), -1, -1, -1) for t in (k, v))
-            if self.rows:
-                old_k, old_v = (F.pad(t, (0, 0, target - width, 0)) for t in self.cache[i])
-                k, v = torch.cat([old_k, k]), torch.cat([old_v, v])
-            joined.append((k.contiguous(), v.contiguous()))
-        self.cache = joined
-        self.pads = [p + target - width for p in self.pads] + [target - n] * len(rows)
-        self.rows = self.rows + rows
+                self.batch.add(rows, cache)
 
     def _keep(self, indices: list[int]) -> None:
         """Keep only these rows (in order) and trim the left padding they all share."""
-        if not indices:
-            self.rows, self.pads, self.cache = [], [], []
-            return
-        if len(indices) == len(self.rows):
-            trim = min(self.pads)
-            if trim == 0:
-                return
-            index = None
-        else:
-            index = torch.tensor(indices, device=self.device)
-            trim = min(self.pads[i] for i in indices)
-        self.rows = [self.rows[i] for i in indices]
-        self.pads = [self.pads[i] - trim for i in indices]
-        self.cache = [tuple((t if index is None else t.index_select(0, index))[:, :, trim:] for t in kv)
-                      for kv in self.cache]
+        self.batch.keep(indices)
 
     # ------------------------------------------------------------------------------ decoding
 
     def _decode(self) -> None:
-        from transformers.cache_utils import DynamicCache
-
-        width = self.cache[0][0].shape[2]
-        cache = DynamicCache(config=self.model.config)
-        for layer, (k, v) in zip(cache.layers, self.cache):
-            layer.lazy_initialization(k, v)
-            layer.keys, layer.values = k, v
-        pads = torch.tensor(self.pads, device=self.device)
-        mask = (torch.arange(width + 1, device=self.device)[None, :] >= pads[:, None]).long()  # 0 over padding
-        ids = torch.tensor([[row.last] for row in self.rows], device=self.device)
-        positions = torch.tensor([[row.length] for row in self.rows], device=self.device)
-        with routed(self.model, [row.job.adapter for row in self.rows]):
-            _positions_are_complete(self.model)
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
-        self.cache = [(layer.keys, layer.values) for layer in cache.layers]
-        logits = out.logits[:, -1].float()
+        logits = self.batch.decode(routed(self.model, [row.job.adapter for row in self.rows]))
         for i, row in enumerate(self.rows):
-            row.length += 1
             self._accept(row, logits[i])
 
     # ------------------------------------------------------------------------------ one token

@@ -187,7 +187,9 @@ def progress(model, examples, desc: str, enabled: bool = True):
         return int(first.shape[0]) if first is not None and first.dim() else 0
 
     def on_call(_module, args, kwargs):
-        if not generating[0]:
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        continues = cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0
+        if not generating[0] and not continues:  # a pass over a key/value cache that holds keys: no new input
             bar.update(rows(args, kwargs))
 
     handle = model.register_forward_pre_hook(on_call, with_kwargs=True)

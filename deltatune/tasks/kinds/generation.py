@@ -3,7 +3,8 @@
 Rows ``{"prompt", "target"}``; a row with ``"prompt_format": "completion"`` is continued as plain
 text, others go through the chat template (:func:`deltatune.models.format_prompt`). The model is
 the causal LM itself; the loss counts the target tokens only (the LM head in chunks where it can,
-:mod:`.lm_loss`); greedy decoding; exact match, smoothed BLEU-4 and code2seq subtoken F1.
+:mod:`.lm_loss`); greedy decoding, the rows batched through one key/value cache, each leaving as it
+ends (:mod:`deltatune.tasks.decoding`); exact match, smoothed BLEU-4 and code2seq subtoken F1.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from deltatune.metrics import exact_match, smoothed_bleu4, subtoken_prf
 from deltatune.models import format_prompt, load_backbone
 from deltatune.tensors import to_device
 
+from ..decoding import greedy, greedy_differs
 from .base import TaskKind, register_kind, traceable
 from .lm_loss import IGNORE, causal_lm_loss, head_in_chunks
 
@@ -91,6 +93,23 @@ class Generation(TaskKind):
         return causal_lm_loss(model, batch)
 
     def predict(self, model, examples, batch_size, device):
+        """Greedy continuations of the prompts, in their order: at most ``batch_size`` rows in flight over one
+        key/value cache, longest prompts first, each row leaving as it ends and the next taking its place
+        (:func:`deltatune.tasks.decoding.greedy`: each row's tokens are what ``generate`` gives it alone).
+        A model that cannot be decoded that way is decoded by ``generate`` in fixed batches."""
+        if greedy_differs(model) is not None:
+            return self.predict_in_batches(model, examples, batch_size, device)
+        tok = self.tokenizer
+        ends = tok.eos_token_id if tok.eos_token_id is not None else \
+            getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        ends = {e for e in (ends if isinstance(ends, (list, tuple)) else [ends]) if e is not None}
+        made = greedy(model, [e["input_ids"] for e in examples], max_new_tokens=self.cfg.max_new_tokens, eos=ends,
+                      rows=batch_size, device=device)
+        return [t.strip() for t in tok.batch_decode(made, skip_special_tokens=True)]
+
+    def predict_in_batches(self, model, examples, batch_size, device):
+        """``generate`` on fixed batches in the examples' order, each padded on the left to its longest prompt
+        and run until its longest output ends."""
         texts = []
         for start in range(0, len(examples), batch_size):
             batch = to_device(self.pad(examples[start:start + batch_size], left=True), device)
