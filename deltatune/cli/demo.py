@@ -14,7 +14,7 @@ def add_arguments(p) -> None:
     p.add_argument("--out", metavar="DIR", help="default runs/demo (runs/demo-quick with --quick)")
 
 
-# `deltatune demo`: the whole comparison on embedded defaults, sized to finish in about ten minutes
+# `deltatune demo`: the whole comparison on embedded defaults, sized to finish in about 6 minutes on 2 cores
 # on 2 CPU cores. Measured on a 2-core Xeon @ 2.5 GHz: the 8 methods at 20 steps with these sizes took
 # 1363 CPU-seconds (about 170 per run: ~20 to start and load, ~6 per step, 3 evaluations of ~5 steps
 # each), i.e. ~12.5 min on two idle cores; 15 steps brings it to ~10 min. prompt, pfeiffer and
