@@ -320,6 +320,19 @@ class Bridge:
         """(in, out) of the Linear or GPT-2 Conv1D ``name`` of ``model``, else None."""
         return _linear(self.model.get_submodule(name))
 
+    def projection(self, name: str) -> tuple[str, tuple[int, int]]:
+        """(the full name, (in, out)) of the linear projection a file names ``name`` (peft's name); a name this model
+        does not have, or a module that is no linear projection, is refused naming it."""
+        full = self.full(name)
+        try:
+            feats = self.features(full)
+        except AttributeError:
+            raise ConfigError(f"the adapter targets '{name}', which this model does not have; load it onto "
+                              "the model it was trained on") from None
+        if feats is None:
+            raise ConfigError(f"the adapter targets '{name}', not a linear projection")
+        return full, feats
+
     def fused_rows(self, name: str, mark: str) -> tuple[int, int]:
         """The output rows of module ``name`` that a slice delta (key mark 'q', 'k' or 'v') owns:
         GPT-2's c_attn holds q, k and v in thirds of its output."""

@@ -130,14 +130,7 @@ class AdaLoRA(Method):
         for name, got in parts.items():
             if set(got) != set("AEB"):
                 raise ConfigError(f"module '{name}' lacks lora_{'/'.join(sorted(set('AEB') - set(got)))}")
-            full = peft.full(name)
-            try:
-                feats = peft.features(full)
-            except AttributeError:
-                raise ConfigError(f"the adapter targets '{name}', which this model does not have; load it onto "
-                                  "the model it was trained on") from None
-            if feats is None:
-                raise ConfigError(f"the adapter targets '{name}', not a linear projection")
+            full, feats = peft.projection(name)
             A, E, B = got["A"], got["E"], got["B"]
             k = A.shape[0] if A.dim() == 2 else -1
             if k < 0 or k > init_r or A.shape[1] != feats[0] or tuple(E.shape) != (k, 1) or tuple(B.shape) != (feats[1], k):

@@ -101,14 +101,7 @@ class VeRA(Method):
         for name, got in vectors.items():
             if set(got) != {"b", "d"}:
                 raise ConfigError(f"module '{name}' has vera_lambda_{'b' if 'b' in got else 'd'} but not its partner")
-            full = peft.full(name)
-            try:
-                feats = peft.features(full)
-            except AttributeError:
-                raise ConfigError(f"the adapter targets '{name}', which this model does not have; load it onto "
-                                  "the model it was trained on") from None
-            if feats is None:
-                raise ConfigError(f"the adapter targets '{name}', not a linear projection")
+            full, feats = peft.projection(name)
             if tuple(got["b"].shape) != (feats[1],) or tuple(got["d"].shape) != (r,):
                 raise ConfigError(f"'{name}': vera_lambda_b {tuple(got['b'].shape)} and vera_lambda_d "
                                   f"{tuple(got['d'].shape)} do not fit a {feats[0]} -> {feats[1]} projection at r={r}")
