@@ -36,6 +36,16 @@ limit twice its docstring summary's tokens (clamped to 16..96); generation is gr
 the model's end token or that limit. Per server and rate: output tokens per second (all tokens over
 the span from the first arrival to the last answer), time to first token and time per output token
 after the first (p50, p99 over requests). The servers alternate within each round.
+
+``--gen-mixed`` adds a deltatune continuous-batching server whose --gen-adapters adapters are of mixed
+methods (LoRA, prefix tuning and prompt tuning in turn; random non-zero weights), so rows of different
+mechanisms share every decode pass. ``--peft`` adds peft's mixed-adapter batching as a user without a
+server writes it: the same LoRA adapters written in the PEFT format, loaded into one ``PeftModel`` (a
+fresh copy of the base, in this process, with the servers' thread count), and the requests taken in
+arrival order: whenever generate is idle, every request that has arrived (up to --window) becomes one
+``generate(..., adapter_names=[...])`` call, left-padded, greedy, each row stopping at its own token limit
+or the end token. Its rows are timed as if streamed: a row's first token at the first decode step of its
+call (a logits processor stamps every step), its last at the step that made it.
 """
 from __future__ import annotations
 
@@ -69,6 +79,9 @@ def _load_now() -> float:
 
 MIXED_METHODS = [("lora", {}), ("ia3", {}), ("prefix", {"length": 10}), ("prompt", {"length": 10, "init": "random"}),
                  ("pfeiffer", {}), ("parallel", {}), ("houlsby", {"train_ln": False}), ("mam", {})]
+
+
+GEN_MIXED = [("lora", {}), ("prefix", {"length": 10}), ("prompt", {"length": 10, "init": "random"})]
 
 
 def texts(n: int, seed: int = 0) -> list[str]:
@@ -317,6 +330,74 @@ async def _gen_run(server: dict, requests: list[dict], arrivals: list[float], na
         return await asyncio.gather(*(_gen_one(client, server, r, start, at, names) for r, at in zip(requests, arrivals)))
 
 
+class _Steps:
+    """A logits processor that stamps the time of every generation step (step k: token k+1 is chosen)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.times.append(time.monotonic())
+        return scores
+
+
+class _OwnLimits:
+    """Stop each row at its own token limit (peft's generate takes one max_new_tokens for the batch)."""
+
+    def __init__(self, start: int, limits: list[int]):
+        self.start, self.limits = start, torch.tensor(limits)
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return (input_ids.shape[1] - self.start) >= self.limits
+
+
+def peft_model(args, folders: dict[str, Path]):
+    """A fresh base with every adapter loaded through peft (PEFT-format files), and its tokenizer."""
+    from peft import PeftModel
+
+    base, tok = load_backbone(args.gen_model, "lm")
+    names = list(folders)
+    model = PeftModel.from_pretrained(base, str(folders[names[0]]), adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(str(folders[name]), adapter_name=name)
+    return model.eval(), tok
+
+
+def peft_run(model, tok, requests: list[dict], arrivals: list[float], names: list[str], window: int) -> list[dict]:
+    """Static batching with peft's generate(adapter_names=...): whatever has arrived when generate is idle."""
+    from transformers import LogitsProcessorList, StoppingCriteriaList
+
+    from deltatune.models import format_prompt
+
+    tok.padding_side = "left"
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    start, results, i = time.monotonic(), [None] * len(requests), 0
+    with torch.inference_mode():
+        while i < len(requests):
+            now = time.monotonic() - start
+            if arrivals[i] > now:
+                time.sleep(arrivals[i] - now)
+                now = time.monotonic() - start
+            take = [j for j in range(i, min(len(requests), i + window)) if arrivals[j] <= now]
+            i = take[-1] + 1
+            batch = tok([format_prompt(tok, requests[j]["prompt"]) for j in take], return_tensors="pt", padding=True,
+                        add_special_tokens=False)
+            limits = [requests[j]["max_new_tokens"] for j in take]
+            steps = _Steps()
+            width = batch["input_ids"].shape[1]
+            out = model.generate(**batch, adapter_names=[names[requests[j]["adapter"]] for j in take],
+                                 max_new_tokens=max(limits), do_sample=False, pad_token_id=pad,
+                                 eos_token_id=tok.eos_token_id, logits_processor=LogitsProcessorList([steps]),
+                                 stopping_criteria=StoppingCriteriaList([_OwnLimits(width, limits)]))
+            for row, j in enumerate(take):
+                made = out[row, width:].tolist()[:limits[row]]
+                n = made.index(tok.eos_token_id) if tok.eos_token_id in made else len(made)
+                last = steps.times[min(max(n, 1), len(steps.times)) - 1]
+                results[j] = {"sent": arrivals[j], "first": steps.times[0] - start, "end": last - start, "tokens": n,
+                              "status": 200}
+    return results
+
+
 def _quantile(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
@@ -354,7 +435,7 @@ def part3(args) -> list[dict]:
 
     lm, tok = load_backbone(args.gen_model, "lm")
     requests = gen_workload(args, tok)
-    servers, procs = [], []
+    servers, procs, threads = [], [], torch.get_num_threads()
     # every server gets the same threads; on a machine whose cores other jobs keep busy, 2 OpenMP threads
     # wait for each other at every parallel region (tens of ms per attention call), so 1 is the default
     env = {**os.environ, "OMP_NUM_THREADS": str(args.gen_threads), "MKL_NUM_THREADS": str(args.gen_threads),
@@ -367,17 +448,34 @@ def part3(args) -> list[dict]:
             randomize(lm.deltatune.adapters[name], seed=100 + i)
             dt.save_adapter(lm, Path(tmp) / name, adapter=name)
             flags += ["--adapter", f"{name}={Path(tmp) / name}"]
+        peft_folders = {}
+        if args.peft:
+            for name in names:
+                peft_folders[name] = Path(tmp) / "peft" / name
+                dt.save_adapter(lm, peft_folders[name], adapter=name, format="peft")
+        mixed_flags = []
+        if args.gen_mixed:
+            for i, (method, options) in enumerate(GEN_MIXED[i % len(GEN_MIXED)] for i in range(args.gen_adapters)):
+                name = f"mixed{i}"
+                dt.attach(lm, method, adapter=name, **options)
+                randomize(lm.deltatune.adapters[name], seed=200 + i)
+                dt.save_adapter(lm, Path(tmp) / name, adapter=name)
+                dt.detach(lm, name)
+                mixed_flags += ["--adapter", f"{name}={Path(tmp) / name}"]
         try:
-            for batching in args.gen_batching:
+            for batching, adapter_flags, label in [*[(b, flags, "LoRA") for b in args.gen_batching],
+                                                   *([("continuous", mixed_flags, "mixed-method")] if args.gen_mixed else [])]:
                 sock = free_port()
                 port = sock.getsockname()[1]
                 sock.close()
                 base = f"http://127.0.0.1:{port}"
                 procs.append(_start([sys.executable, "-m", "deltatune", "serve", "--model", args.gen_model, "--port",
                                      str(port), "--batching", batching, "--max-batch", str(args.window), "--queue", "4096",
-                                     "--timeout", "3600", "--max-len", str(args.gen_prompt_tokens + 64), *flags], base, env))
-                servers.append({"name": f"deltatune {batching}, {args.gen_adapters} LoRA mixed", "kind": "deltatune",
-                                "base": base})
+                                     "--timeout", "3600", "--max-len", str(args.gen_prompt_tokens + 64), *adapter_flags],
+                                    base, env))
+                servers.append({"name": f"deltatune {batching}, {args.gen_adapters} {label} adapters mixed",
+                                "kind": "deltatune", "base": base,
+                                "names": names if adapter_flags is flags else [f"mixed{i}" for i in range(len(names))]})
             if args.reference:
                 for name in names[1:]:
                     dt.detach(lm, name)
@@ -393,9 +491,17 @@ def part3(args) -> list[dict]:
                 servers.append({"name": "transformers serve --continuous-batching, 1 LoRA merged", "kind": "transformers",
                                 "base": base, "model": str(folder)})
             del lm
+            if args.peft:
+                torch.set_num_threads(args.gen_threads)
+                pm, ptok = peft_model(args, peft_folders)
+                servers.append({"name": f"peft generate(adapter_names=...), {args.gen_adapters} LoRA mixed, static "
+                                        "batches", "kind": "peft", "model": pm, "tok": ptok})
             warm = requests[:1]
             for server in servers:  # first requests pay for lazy loading; not timed
-                asyncio.run(_gen_run(server, warm, [0.0], names))
+                if server["kind"] == "peft":
+                    peft_run(server["model"], server["tok"], warm, [0.0], names, args.window)
+                else:
+                    asyncio.run(_gen_run(server, warm, [0.0], server.get("names", names)))
             rows = []
             for rate in args.rates:
                 arrivals = gen_arrivals(len(requests), rate, seed=int(rate * 1000))
@@ -403,11 +509,16 @@ def part3(args) -> list[dict]:
                     order = servers if rnd % 2 == 0 else servers[::-1]
                     for server in order:
                         load = _load_now()
-                        result = gen_summary(asyncio.run(_gen_run(server, requests, arrivals, names)))
+                        if server["kind"] == "peft":
+                            got = peft_run(server["model"], server["tok"], requests, arrivals, names, args.window)
+                        else:
+                            got = asyncio.run(_gen_run(server, requests, arrivals, server.get("names", names)))
+                        result = gen_summary(got)
                         rows.append({"server": server["name"], "rate": rate, "round": rnd, "load": load,
                                      "load_after": _load_now(), **result})
                         print(f"generation {server['name']} rate={rate} round={rnd}: {rows[-1]}", file=sys.stderr)
         finally:
+            torch.set_num_threads(threads)
             for proc in procs:
                 proc.terminate()
                 try:
@@ -425,12 +536,13 @@ def gen_markdown(args, rows: list[dict], load_before: float, load_after: float) 
     loads = [x for r in rows for x in (r["load"], r["load_after"])]
     out = [f"Measured by `bench/serving.py` ({' '.join(sys.argv[1:])}) on {args.gen_model}, torch {torch.__version__}, "
            f"{args.gen_threads} thread(s) per server, {os.cpu_count()} CPUs, {args.gen_requests} requests per rate and server "
-           f"(prompts of up to {args.gen_prompt_tokens} code tokens, token limits 16..96), greedy. The machine was shared "
-           f"with other agents' jobs: 1-minute load average {load_before:.1f} before, {load_after:.1f} after, "
-           f"{min(loads, default=0):.1f} to {max(loads, default=0):.1f} around the runs, on {os.cpu_count()} CPUs; "
-           f"absolute numbers are low and noisy. The servers ran one after another in each round (the order reversed "
-           f"every other round), on the same requests and arrival times; each number is the median of {args.gen_rounds} "
-           "round(s).", "",
+           f"(prompts of up to {args.gen_prompt_tokens} code tokens, token limits 16..96), greedy. 1-minute load average "
+           f"{load_before:.1f} before, {load_after:.1f} after, {min(loads, default=0):.1f} to {max(loads, default=0):.1f} "
+           f"around the runs (all processes, the benchmark's own included), on {os.cpu_count()} CPUs"
+           + ("; the machine was shared with other jobs, so absolute numbers are low and noisy"
+              if max([load_before, load_after, *loads]) > os.cpu_count() + 1 else "")
+           + ". The servers ran one after another in each round (the order reversed every other round), on the "
+           f"same requests and arrival times; each number is the median of {args.gen_rounds} round(s).", "",
            "| rate (req/s) | server | output tokens/s | TTFT p50 s | TTFT p99 s | TPOT p50 s | TPOT p99 s | load |",
            "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for (rate, server), rs in table.items():
@@ -509,6 +621,9 @@ def main(argv=None) -> int:
     g.add_argument("--gen-batching", nargs="+", default=["continuous", "static"], choices=["continuous", "static"])
     g.add_argument("--rates", type=float, nargs="+", default=[0.2, 0.5], help="Poisson arrival rates, requests/s")
     g.add_argument("--reference", action="store_true", help="also transformers serve --continuous-batching")
+    g.add_argument("--gen-mixed", action="store_true", help="also a continuous server of mixed methods (LoRA, prefix, "
+                                                            "prompt)")
+    g.add_argument("--peft", action="store_true", help="also peft's generate(adapter_names=...) in static batches")
     g.add_argument("--gen-threads", type=int, default=1, help="torch threads of every server (OMP_NUM_THREADS)")
     p.add_argument("--raw", default=str(ROOT / "docs" / "bench" / "serving.json"),
                    help="where the raw results go (JSON; default docs/bench/serving.json; '' for nowhere)")
