@@ -320,15 +320,20 @@ class Bridge:
         """(in, out) of the Linear or GPT-2 Conv1D ``name`` of ``model``, else None."""
         return _linear(self.model.get_submodule(name))
 
-    def projection(self, name: str) -> tuple[str, tuple[int, int]]:
-        """(the full name, (in, out)) of the linear projection a file names ``name`` (peft's name); a name this model
-        does not have, or a module that is no linear projection, is refused naming it."""
+    def module(self, name: str) -> tuple[str, torch.nn.Module]:
+        """(the full name, the module) a file names ``name`` (peft's name); a name this model lacks is refused."""
         full = self.full(name)
         try:
-            feats = self.features(full)
+            return full, self.model.get_submodule(full)
         except AttributeError:
             raise ConfigError(f"the adapter targets '{name}', which this model does not have; load it onto "
                               "the model it was trained on") from None
+
+    def projection(self, name: str) -> tuple[str, tuple[int, int]]:
+        """(the full name, (in, out)) of the linear projection a file names ``name`` (peft's name); a name this model
+        does not have, or a module that is no linear projection, is refused naming it."""
+        full, module = self.module(name)
+        feats = _linear(module)
         if feats is None:
             raise ConfigError(f"the adapter targets '{name}', not a linear projection")
         return full, feats
@@ -404,12 +409,7 @@ class Bridge:
             if m is None:
                 what_is = "a bias (bias='all' or a tuner-only bias)" if k.endswith(".bias") else f"not a {what} tensor"
                 raise ConfigError(f"tensor '{k}' is {what_is}; deltatune's {what} holds {', '.join(names)} only")
-            full = self.full(m.group(1))
-            try:
-                module = self.model.get_submodule(full)
-            except AttributeError:
-                raise ConfigError(f"the adapter targets '{m.group(1)}', which this model does not have; load it onto "
-                                  "the model it was trained on") from None
+            full, module = self.module(m.group(1))
             if not (isinstance(module, torch.nn.Linear) or (conv1d and _is_conv1d(module))):
                 raise ConfigError(f"the adapter targets '{m.group(1)}' ({type(module).__name__}); deltatune's {what} "
                                   "reads peft's adapters of Linear projections only")
