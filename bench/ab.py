@@ -60,6 +60,7 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--profile", action="store_true", help="print torch.profiler's top operators per config")
+    ap.add_argument("--json", help="append one line to this file: each spec's median step and ratio (JSON)")
     args = ap.parse_args(argv)
 
     import torch
@@ -104,11 +105,20 @@ def main(argv=None):
     print(f"{args.size}, {args.kind}, batch {args.batch}, seq {args.seq}, {args.threads} threads, "
           f"{args.rounds} interleaved rounds{steal}; ratio: median over rounds of the step time over "
           f"the reference's step in the same round")
+    result = {}
     for s in args.specs:
         med = statistics.median(times[s])
         ratio = statistics.median(t / r for t, r in zip(times[s], ref))
+        result[s] = {"median_s": med, "ratio": ratio}
         print(f"  {s:28s} median {1e3 * med:9.1f} ms  best {1e3 * min(times[s]):9.1f} ms  ratio {ratio:6.3f}x"
               f"  (spread {100 * (max(times[s]) - min(times[s])) / med:.0f}%)")
+    if args.json:
+        import json
+        import os
+        with open(args.json, "a") as f:
+            f.write(json.dumps({"size": args.size, "kind": args.kind, "batch": args.batch, "seq": args.seq,
+                                "rounds": args.rounds, "threads": args.threads, "load": os.getloadavg()[0],
+                                "specs": result}) + "\n")
     if args.profile:
         from torch.profiler import profile
         for s, step in steps.items():

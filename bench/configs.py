@@ -107,6 +107,8 @@ CONFIGS = {
                           about="HRA, 8 Householder reflections, on query, value"),
     "fourierft-qv":  dict(kind="train", libs=["deltatune", "peft"], default=False,
                           about="FourierFT, 1000 coefficients, scale 150, on query, value"),
+    "vera-qv":       dict(kind="train", libs=["deltatune", "peft"], default=False,
+                          about="VeRA r=256 (shared frozen A, B; trained d, b), on query, value"),
     "infer-base":    dict(kind="infer", libs=["torch"], envs=["main", "peft", "adapters"],
                           about="forward only, no adapter (inference baseline)"),
     "infer-lora":    dict(kind="infer", libs=["deltatune", "peft", "adapters"], method="lora-qv",
@@ -148,6 +150,7 @@ DELTATUNE = {
     "boft-m2-qv": ("boft", dict(block_size=8, n_butterfly_factor=2, sites=["attn.q", "attn.v"])),
     "hra-qv":   ("hra", dict(r=8, sites=["attn.q", "attn.v"])),
     "fourierft-qv": ("fourierft", dict(n_frequency=1000, scaling=150.0, sites=["attn.q", "attn.v"])),
+    "vera-qv":  ("vera", dict(r=256, sites=["attn.q", "attn.v"])),
 }
 
 
@@ -204,6 +207,7 @@ RELATIVES = {  # config -> (peft's config class, the options of DELTATUNE[config
     "boft-qv": ("BOFTConfig", dict(boft_block_size=8, boft_n_butterfly_factor=1)),
     "hra-qv": ("HRAConfig", dict(r=8)),
     "fourierft-qv": ("FourierFTConfig", dict(n_frequency=1000, scaling=150.0)),
+    "vera-qv": ("VeraConfig", dict(r=256)),
 }
 
 

@@ -1,0 +1,72 @@
+#!/usr/bin/env python
+"""LoRA's relatives beside peft (issue 23): each method's training-step overhead above the frozen floor,
+deltatune's and peft's, from repeated in-process A/B runs.
+
+    .venv/bin/python bench/relatives.py --processes 3 --rounds 10 --json docs/bench/relatives.jsonl
+
+For each config, --processes runs of `bench/ab.py torch:floor dt:CONFIG peft:CONFIG` (a fresh process each,
+the two libraries' order swapped every other run); each run gives the median over its rounds of each step
+time over the floor's in the same round. The table shows, per library, the median of those ratios over the
+runs and their range; the verdict names a faster library only where the two ranges do not overlap, else
+"undecided". `--from FILE` renders the table from earlier runs' lines without running anything.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CONFIGS = ["lora-qv", "dora-qv", "vera-qv", "loha-qv", "lokr-qv", "oft-qv", "boft-qv", "hra-qv", "fourierft-qv"]
+
+
+def table(lines: list[dict]) -> str:
+    by: dict[str, dict[str, list[float]]] = {}
+    for line in lines:
+        for spec, r in line["specs"].items():
+            lib, config = spec.split(":")[:2]
+            if lib != "torch":
+                by.setdefault(config, {}).setdefault(lib, []).append(r["ratio"])
+    out = ["| config | runs | deltatune × floor (range) | peft × floor (range) | overhead above the floor, dt / peft | "
+           "verdict |", "|---|--:|--:|--:|--:|---|"]
+    for config, libs in by.items():
+        dt, pf = libs.get("dt", []), libs.get("peft", [])
+        if not dt or not pf:
+            continue
+        md, mp = statistics.median(dt), statistics.median(pf)
+        if max(dt) < min(pf):
+            verdict = f"deltatune faster ({(mp - md) / mp:.0%} of peft's step)"
+        elif max(pf) < min(dt):
+            verdict = f"peft faster ({(md - mp) / mp:.0%} of its step)"
+        else:
+            verdict = "undecided (ranges overlap)"
+        out.append(f"| {config} | {len(dt)} | {md:.3f} ({min(dt):.3f}-{max(dt):.3f}) | {mp:.3f} ({min(pf):.3f}-"
+                   f"{max(pf):.3f}) | {md - 1:+.1%} / {mp - 1:+.1%} | {verdict} |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--processes", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--json", default=str(HERE.parent / "docs" / "bench" / "relatives.jsonl"))
+    ap.add_argument("--from", dest="source", help="render the table from this file's lines; run nothing")
+    args = ap.parse_args(argv)
+    if not args.source:
+        for i in range(args.processes):
+            for config in args.configs.split(","):
+                libs = [f"dt:{config}", f"peft:{config}"]
+                specs = ["torch:floor", *(libs if i % 2 == 0 else libs[::-1])]
+                subprocess.run([sys.executable, str(HERE / "ab.py"), *specs, "--rounds", str(args.rounds),
+                                "--json", args.json], check=True)
+    lines = [json.loads(x) for x in Path(args.source or args.json).read_text().splitlines() if x.strip()]
+    print(table(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
