@@ -27,6 +27,8 @@ SOURCES = {
     "5": "Karimi Mahabadi et al., NeurIPS 2021, Compacter; METHODS.md section 6",
     "6": "Saad-Falcon et al., Findings of EACL 2023, Embedding Recycling; METHODS.md section 11",
     "7": "Yu et al., ICLR 2022, Differentially Private Fine-tuning of Language Models; METHODS.md section 13",
+    "8": "Liu et al. 2024 (DoRA), Kopiczko et al., ICLR 2024 (VeRA), Hyeon-Woo et al., ICLR 2022 (FedPara: LoHa), "
+         "Wu et al. 2024 (ReFT: LoReFT); issue 23",
 }
 
 
@@ -438,7 +440,7 @@ def render(claims=None, seeds=(0, 1, 2), out="docs/findings", page="docs/finding
             extra = [("epsilon spent (delta)", lambda s: _eps(s).replace("epsilon spent ", "").replace(" at delta ", " (delta ")
                       + ")" if s["dp_epsilon"] is not None else "–")] if cid == "7" else []
             md += [results_table(cstats, groups, extra), ""]
-            if cid in ("1", "4", "5"):
+            if cid in ("1", "4", "5", "8"):
                 png = plot_metric_vs_params(cstats, store.out / f"claim-{cid}.png", f"claim {cid}")
                 if png:
                     md += [f"![claim {cid}]({_rel(png)})", ""]

@@ -199,6 +199,31 @@ def verdict_5(st: dict) -> str:
                     "under 0.1% of the parameters; an interval covering -0.02: undecided")
 
 
+def verdict_8(st: dict) -> str:
+    lora, full = st.get("cs:lora"), st.get("cs:full")
+    if not _complete(lora):
+        return "**Verdict: not enough runs yet.**"
+    parts = []
+    for key, claimed in (("cs:lora:use_dora=True", "beats"), ("cs:vera", "matches"), ("cs:loha", "matches"),
+                         ("cs:loreft", "matches")):
+        other = st.get(key)
+        if not _complete(other):
+            parts.append((None, f"{key.split(':', 1)[1]}: not enough runs yet"))
+            continue
+        iv = compare(lora, other)  # other - lora
+        threshold = 0.0 if claimed == "beats" else -_point(lora["metric"])
+        outcome, why = _tested(_at_least(iv, threshold), lora, other)
+        size = f"; trains {_pct(other['pct'])} against LoRA's {_pct(lora['pct'])}" if other["pct"] and lora["pct"] else ""
+        parts.append((outcome, f"{_diff_text(lora, other, iv)}{size}: " + _outcome(outcome, {
+            HOLDS: f"{other['group'].name} {claimed} LoRA", NOT: f"{other['group'].name} falls behind LoRA",
+            UNDECIDED: f"undecided (the interval covers {threshold:+g})"}) + why))
+    if _complete(full):
+        parts.append((None, f"for reference, {_diff_text(full, lora)}"))
+    return _verdict(parts, "beats (DoRA) = the interval of DoRA minus LoRA lies above 0; matches (VeRA, LoHa, LoReFT) = "
+                    "the interval of the method minus LoRA lies above -1 point (0.01 MRR); falls behind = the interval "
+                    "lies below that threshold; else undecided")
+
+
 def _eps(s: dict) -> str:
     """'epsilon spent 8.00 at delta 1e-4' (delta from the run files, beside every epsilon)."""
     if s["dp_epsilon"] is None:
@@ -304,7 +329,8 @@ def _verdict(parts: list, rule: str) -> str:
     return f"**Verdict: {head}.**\n\n" + "\n".join(lines) + f"\n\nCriterion (rules of {RULES_DATE}): {rule}."
 
 
-VERDICTS = {"1": verdict_1, "3": verdict_3, "4": verdict_4, "5": verdict_5, "6": verdict_6, "7": verdict_7}
+VERDICTS = {"1": verdict_1, "3": verdict_3, "4": verdict_4, "5": verdict_5, "6": verdict_6, "7": verdict_7,
+            "8": verdict_8}
 
 
 # ----------------------------------------------------------------------------- claim 2
