@@ -119,6 +119,16 @@ def test_emulated_bf16_is_named_once_with_the_fix(monkeypatch):
     assert "no native bfloat16" in messages[0] and "drop --bf16, or use --bf16 auto" in messages[0]
 
 
+def test_compile_on_a_cpu_is_refused_with_the_measurement_and_writes_nothing(tmp_path, capsys):
+    task = write_task(tmp_path / "task", "retrieval", n_eval=6)
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "train", "--model", "tiny-bert", "--task", str(task), "--method", "lora", "--compile",
+                       "--max-steps", "1", "--out", str(out))
+    assert code == 2 and "--compile on cpu" in err and "0.87-0.91x the eager speed" in err and "drop --compile" in err
+    assert "Traceback" not in err and not out.exists()
+    assert not TrainConfig().compile  # off unless asked for
+
+
 def test_the_batch_fit_check_and_every_scoring_pass_show_progress(tmp_path, capsys):
     task = write_task(tmp_path / "task", "retrieval", n_eval=6)
     train(TrainConfig(model="tiny-bert", task=task, method="lora", max_steps=1, eval_every=1, batch_size=4,

@@ -136,6 +136,8 @@ def _train(cfg: TrainConfig, task, folder: RunFolder) -> dict:
     if cfg.recycle:  # the frozen lower part runs once; training and evaluation start from its cached output
         from . import recycle
         objective, data = recycle.prepare(cfg, model, objective, data)
+    if cfg.compile:  # CUDA only (resolved() refuses it elsewhere); the module stays itself for saving and routing
+        model.forward = torch.compile(model.forward)
     lap("setup")
     checkpointing = check_batch_fits(distributed.local(cfg), model, objective, data["train"])
     lap("batch_check")
