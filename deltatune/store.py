@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import re
 from dataclasses import dataclass, field
 
@@ -131,23 +130,6 @@ def hash_tensors(digest, named: dict, prefix: str = "") -> None:
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
-def fingerprint(model: nn.Module, skip: set[str], dtype: torch.dtype | None = None) -> str:
-    """A cheap fingerprint of the frozen base weights: shapes plus a strided sample of each tensor,
-    taken at ``dtype`` (default: each tensor's own), so a copy in another precision can be compared."""
-    digest = hashlib.sha256()
-    for name, p in sorted(S.backbone_parameters(model), key=lambda kv: kv[0]):
-        if name in skip:
-            continue
-        flat = p.detach().reshape(-1)
-        step = max(1, flat.numel() // 256)
-        sample = flat[::step][:256]
-        if dtype is not None and sample.dtype.is_floating_point:
-            sample = sample.to(dtype)
-        digest.update(name.encode() + str(tuple(p.shape)).encode())
-        digest.update(sample.float().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 def _param(model, name) -> nn.Parameter:
     return model.get_parameter(name)
 
@@ -243,7 +225,7 @@ def _attach(model, config: Method, adapter: str, placements: list, selected: lis
     _, backbone = S.find_backbone(model)
     device, dtype = _device_dtype(backbone)
     rec = AdapterRecord(adapter, config, selected=selected, head=head_parameter_names(model))
-    rec.fingerprint = fingerprint(model, set(selected))
+    rec.fingerprint = S.base_digest(model, set(selected))
     rec.dtype = str(dtype).replace("torch.", "")
     modules = nn.ModuleDict()
     store.records[adapter] = rec

@@ -58,9 +58,9 @@ def base_identity(model) -> dict:
 
 
 def _fingerprint(model, info) -> str:
-    """The base fingerprint an adapter records: the one taken when it was attached (before any merge), or, on a
-    quantized base (which refuses merges), the float base's, read from what each quantized layer kept of it."""
-    return sites.base_digest(model, set(info.selected)) if sites.quantization(model) is not None else info.fingerprint
+    """The base fingerprint an adapter records: the one taken when it was attached (before any merge; on a
+    quantized base, the float base's, read from what each quantized layer kept of it: sites.base_digest)."""
+    return info.fingerprint
 
 
 def _one_adapter(store, adapter):
