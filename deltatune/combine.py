@@ -36,6 +36,7 @@ class Combine:
     name = "combine"
     mechanism = Hooks
     where = "output"
+    gathers = False  # apply is exactly out + delta(x): routed rows of several adapters may share one gathered matmul
 
     def __init__(self, mergeable: bool = False):
         self.mergeable = mergeable
@@ -56,6 +57,7 @@ class Parallel(Combine):
     """h = W x + delta(x): the delta reads the site's input, its result is added (LoRA)."""
 
     name = "parallel"
+    gathers = True
 
     def apply(self, out, x, entry, source=None):
         if hasattr(entry.delta, "add_to"):  # a delta with a fused form of out + delta(x)
@@ -81,6 +83,7 @@ class Decompose(Parallel):
     module's weight rows and bias. Folds exactly: W <- g (W + dW), the bias unchanged."""
 
     name = "decompose"
+    gathers = False
 
     def apply(self, out, x, entry, source=None):
         a, b = entry.out_slice or (0, None)

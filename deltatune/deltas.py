@@ -52,6 +52,14 @@ class LowRank(nn.Module):
         """The rank the delta's weight can have (2r with an offset)."""
         return self.A.shape[0] * (2 if self.offset else 1)
 
+    def lowrank_factors(self):
+        """(A, B, scale) when this delta is exactly scale B A x: no offset, no dropout at work, a matmul lookup
+        (not an embedding's); else None. Serving gathers the factors of many adapters into one matmul."""
+        dropping = self.training and not isinstance(self.dropout, nn.Identity)
+        if self.offset or dropping or type(self).lookup is not LowRank.lookup:
+            return None
+        return self.A, self.B, self.scale
+
     def lookup(self, x, A):  # (..., in) -> (..., r): A x (an embedding delta looks rows up instead)
         return F.linear(x, A)
 

@@ -111,6 +111,47 @@ class Mechanism:
         return out
 
 
+def _gathered(out, x, live):
+    """The rows routed to several plain low-rank adapters at one module, computed in one pass: each row gathers
+    its adapter's (A, B) and two batched matmuls give every row's scale B A x (the gathered matmul S-LoRA and
+    Punica use to serve many LoRA adapters in one batch), instead of a pair of matmuls, an index and a copy per
+    adapter. Only without a graph (serving, scoring), and only for entries whose combine adds delta(x) to the
+    output as it is (``combine.gathers``), whose delta is exactly scale B A x (``delta.lowrank_factors()``), without a
+    slice, and that are their adapter's only entry here (so no order between entries changes), grouped by the
+    factors' shapes; the others, and groups of one, run as before. Returns (out, the entries left to run)."""
+    if x is None or torch.is_grad_enabled():
+        return out, live
+    adapters = [e.adapter for e, _ in live]
+    picked, factors = [], []
+    for e, rows in live:
+        f = (e.delta.lowrank_factors() if rows is not None and e.combine.gathers and e.out_slice is None
+             and adapters.count(e.adapter) == 1 and hasattr(e.delta, "lowrank_factors") else None)
+        if f is not None:
+            picked.append((e, rows))
+            factors.append(f)
+    groups: dict = {}  # factors of one shape and dtype stack into one gathered matmul
+    for item, (a, b, scale) in zip(picked, factors):
+        groups.setdefault((a.shape, b.shape, a.dtype, b.dtype), []).append((item, a, b, scale))
+    done = set()
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        rows = torch.cat([r for (_, r), *_ in group])
+        which = torch.cat([torch.full((len(r),), i, dtype=torch.long, device=r.device)
+                           for i, ((_, r), *_) in enumerate(group)])
+        a = torch.stack([g[1] for g in group])[which]  # (m, r, in)
+        b = torch.stack([g[2] for g in group])[which]  # (m, out, r)
+        scale = torch.tensor([float(g[3]) for g in group], dtype=a.dtype, device=a.device)[which]
+        xs = x[rows].to(a.dtype)
+        lead = xs.shape[:-1]
+        y = torch.bmm(torch.bmm(xs.reshape(len(rows), -1, xs.shape[-1]), a.transpose(1, 2)), b.transpose(1, 2))
+        out = out.index_add_(0, rows, (y * scale.view(-1, 1, 1)).reshape(*lead, -1).to(out.dtype))
+        for (e, _), *_ in group:
+            e.stash = None
+            done.add(id(e))
+    return out, [(e, r) for e, r in live if id(e) not in done]
+
+
 def _rows_apply(fn, out, rows, *args):
     """fn(out, *args) on all rows, or only on ``rows`` (the others keep ``out`` as it is)."""
     if rows is None:
@@ -148,7 +189,10 @@ class _ModuleHooks:
         if isinstance(out, tuple):  # a block returns (hidden states, extras...): the combine sees the first
             return (self._post(module, args, out[0]), *out[1:])
         x = args[0] if args else None
-        for e, rows in self.owner.live(self.outputs, out.shape[0], out.device):
+        live = self.owner.live(self.outputs, out.shape[0], out.device)
+        if len(live) > 1:
+            out, live = _gathered(out, x, live)
+        for e, rows in live:
             source, e.stash = e.stash, None
             if rows is None:
                 out = e.combine.apply(out, x, e, source)

@@ -55,6 +55,43 @@ def test_a_mixed_batch_gives_each_row_what_its_adapter_gives_alone(method, famil
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5, msg=lambda m: f"row {i} ({names[i]}): {m}")
 
 
+def test_many_lora_adapters_share_a_gathered_matmul_and_each_row_gets_what_its_adapter_gives_alone(monkeypatch):
+    """Serving's gathered path (mechanisms._gathered): LoRA adapters of one rank share one pair of batched matmuls
+    per module; a different rank, rsLoRA's scale, DoRA, (IA)^3 and the bare base sit in the same batch."""
+    from deltatune import mechanisms
+
+    model = tiny.model("llama")
+    for seed, (name, opts) in enumerate([("a0", {}), ("a1", {"r": 4}), ("a2", {"use_rslora": True}), ("a3", {}),
+                                         ("a4", {"r": 4}), ("dora", {"use_dora": True})], start=20):
+        dt.attach(model, "lora", adapter=name, **opts)
+        _perturb(model, seed=seed)
+    dt.attach(model, "ia3", adapter="s")
+    _perturb(model, seed=12)
+    gathered = []
+    real = mechanisms._gathered
+
+    def spy(out, x, live):
+        out, rest = real(out, x, live)
+        gathered.append(len(live) - len(rest))
+        return out, rest
+
+    monkeypatch.setattr(mechanisms, "_gathered", spy)
+    names = ["a0", "a1", "s", "a2", None, "dora", "a3", "a4", "a0"]
+    batch = tiny.inputs("llama", batch=len(names))
+    with torch.no_grad():
+        want = _alone(model, batch, names)
+        with dt.routing(model, names):
+            got = model(**batch).logits
+    assert gathered and max(gathered) == 5  # a0, a2, a3 (rank 8) and a1, a4 (rank 4); DoRA and (IA)^3 run alone
+    with dt.routing(model, names):  # with a graph recorded nothing is gathered, and the result is the same
+        graph = model(**batch).logits
+    assert gathered[-1] == 0
+    mask = batch["attention_mask"].bool()
+    for i, w in enumerate(want):
+        torch.testing.assert_close(got[i][mask[i]], w[0][mask[i]], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(graph[i][mask[i]], w[0][mask[i]], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("method", ["lora", "prefix", "prompt", "ia3"])
 def test_routing_every_row_to_one_adapter_equals_that_adapter_active(method):
     model = _two_adapters(method, "bert")
