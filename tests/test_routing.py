@@ -77,7 +77,7 @@ def test_many_lora_adapters_share_a_gathered_matmul_and_each_row_gets_what_its_a
 
     monkeypatch.setattr(mechanisms, "_gathered", spy)
     names = ["a0", "a1", "s", "a2", None, "dora", "a3", "a4", "a0"]
-    batch = tiny.inputs("llama", batch=len(names))
+    batch = {k: v[:, :1] for k, v in tiny.inputs("llama", batch=len(names)).items()}  # a decode-sized pass: one token
     with torch.no_grad():
         want = _alone(model, batch, names)
         with dt.routing(model, names):
@@ -85,6 +85,9 @@ def test_many_lora_adapters_share_a_gathered_matmul_and_each_row_gets_what_its_a
     assert gathered and max(gathered) == 5  # a0, a2, a3 (rank 8) and a1, a4 (rank 4); DoRA and (IA)^3 run alone
     with dt.routing(model, names):  # with a graph recorded nothing is gathered, and the result is the same
         graph = model(**batch).logits
+    assert gathered[-1] == 0
+    with torch.no_grad(), dt.routing(model, names):  # a prefill (several tokens a row) is not gathered
+        model(**tiny.inputs("llama", batch=len(names)))
     assert gathered[-1] == 0
     mask = batch["attention_mask"].bool()
     for i, w in enumerate(want):
