@@ -13,12 +13,14 @@ introduced, whose releases since 0.45 run on CPU):
   (threshold 0): while training (and wherever a gradient is recorded) bitsandbytes dequantizes the weight for a
   float32 matmul; without a gradient (evaluation, serving) the activations are quantized per row too and the
   product is an int8 matmul. On CPUs with AVX-512 deltatune computes that product itself with PyTorch's
-  ``torch._int_mm`` in float32 around it (:func:`int8_matmul`), about 2x faster than bitsandbytes' own CPU path,
-  whose float16 conversions and rescaling cost more than the matmul (docs/performance.md); elsewhere
-  bitsandbytes' path runs (``_int_mm`` has no fast kernel there).
+  ``torch._int_mm`` in float32 around it (:func:`int8_matmul`) instead of bitsandbytes' own CPU path, whose
+  float16 conversions and rescaling cost more than the matmul in a profile (not yet timed side by side in
+  docs/performance.md, which measures int8 serving against float32); elsewhere bitsandbytes' path runs
+  (``_int_mm`` has no fast kernel there).
 
 There is no integer 4-bit scheme: bitsandbytes has none (its 4-bit types are NF4 and FP4) and torchao's
-int4 weights have no float32 CPU kernel (docs/performance.md, "A quantized base", measures both libraries).
+int4 weights have no float32 CPU kernel (``bench/quantize.py libs`` runs both libraries side by side; its table is
+not in docs/performance.md yet).
 
 Only the backbone's ``nn.Linear`` layers are quantized: embeddings, norms, biases, the task head and the LM
 head stay as they were (the head trains, the LM head is tied to the embeddings on SmolLM2). GPT-2's
