@@ -7,8 +7,9 @@ deltatune's and peft's, from repeated in-process A/B runs.
 For each config, --processes runs of `bench/ab.py torch:floor dt:CONFIG peft:CONFIG` (a fresh process each,
 the two libraries' order swapped every other run); each run gives the median over its rounds of each step
 time over the floor's in the same round. The table shows, per library, the median of those ratios over the
-runs and their range; the verdict names a faster library only where the two ranges do not overlap, else
-"undecided". `--from FILE` renders the table from earlier runs' lines without running anything.
+runs and their range; the verdict names a faster library only where the ranges do not overlap AND the gap exceeds
+the ±5% this machine resolves (RESOLUTION), else "undecided". `--from FILE` renders the table from earlier runs' lines
+without running anything.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+RESOLUTION = 0.05  # ratios of steps taken side by side resolve about ±5% here (docs/performance.md, "Noisy machine")
 CONFIGS = ["lora-qv", "dora-qv", "vera-qv", "loha-qv", "lokr-qv", "oft-qv", "boft-qv", "hra-qv", "fourierft-qv"]
 
 
@@ -37,12 +39,14 @@ def table(lines: list[dict]) -> str:
         if not dt or not pf:
             continue
         md, mp = statistics.median(dt), statistics.median(pf)
-        if max(dt) < min(pf):
-            verdict = f"deltatune faster ({(mp - md) / mp:.0%} of peft's step)"
-        elif max(pf) < min(dt):
-            verdict = f"peft faster ({(md - mp) / mp:.0%} of its step)"
+        gap = (mp - md) / mp  # of peft's step; this machine resolves about RESOLUTION between processes
+        if max(dt) < min(pf) and gap > RESOLUTION:
+            verdict = f"deltatune faster ({gap:.0%} of peft's step)"
+        elif max(pf) < min(dt) and -gap > RESOLUTION:
+            verdict = f"peft faster ({-gap:.0%} of its step)"
         else:
-            verdict = "undecided (ranges overlap)"
+            verdict = ("undecided (ranges overlap)" if not (max(dt) < min(pf) or max(pf) < min(dt))
+                       else f"undecided (a gap of {abs(gap):.0%}, within the {RESOLUTION:.0%} this machine resolves)")
         out.append(f"| {config} | {len(dt)} | {md:.3f} ({min(dt):.3f}-{max(dt):.3f}) | {mp:.3f} ({min(pf):.3f}-"
                    f"{max(pf):.3f}) | {md - 1:+.1%} / {mp - 1:+.1%} | {verdict} |")
     return "\n".join(out)
