@@ -120,8 +120,8 @@ def resolved(cfg: TrainConfig, task) -> TrainConfig:
     if cfg.compile and not device.startswith("cuda"):
         raise ConfigError(f"--compile on {device}: torch.compile's training step on a CPU measured 0.87-0.91x the eager "
                           "speed here (LoRA, (IA)^3, the bottleneck adapters; the frozen model alone is slower too: "
-                          "docs/performance.md, \"What profiling taught us\"), so it would only cost time; drop --compile (it is for "
-                          "CUDA devices)")
+                          "docs/performance.md, \"What profiling taught us\"), so it would only cost time; drop "
+                          "--compile (it is for CUDA devices)")
     task_name = task.name if task is not None else cfg.task
     return dataclasses.replace(
         cfg,
