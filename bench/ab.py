@@ -42,11 +42,9 @@ def build(spec: str, size: str, kind: str):
         model.eval()
         if "merged" in flags:
             bench.merge_lora(model, libs[lib])
-        opt = None
     else:
         model.train()
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    return (torch.compile(model) if "compile" in flags else model), opt, cfg
+    return (torch.compile(model) if "compile" in flags else model), libs[lib], cfg
 
 
 def main(argv=None):
@@ -64,29 +62,26 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     import torch
-    import torch.nn.functional as F
     torch.set_num_threads(args.threads)
     built = {s: build(s, args.size, args.kind) for s in args.specs}
     vocab = next(iter(built.values()))[2].vocab_size
 
-    def stepper(model, opt, spec):
+    def stepper(model, lib, spec):
         gen = torch.Generator().manual_seed(0)  # the same tokens for every spec (floor+20tok: 20 more)
         extra = bench.CONFIGS.get(spec.split(":")[1], {}).get("extra_tokens", 0)
         ids = torch.randint(1, vocab, (args.batch, args.seq + extra), generator=gen)
         mask = torch.ones_like(ids)
         labels = torch.randint(0, 2, (args.batch,), generator=gen)
-        if opt is None:
-            def step():
-                with torch.inference_mode():
-                    model(input_ids=ids, attention_mask=mask)
-        else:
-            def step():
-                F.cross_entropy(model(input_ids=ids, attention_mask=mask).logits, labels).backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+        if args.kind == "train":
+            return bench.TrainStep(model, lib, [p for p in model.parameters() if p.requires_grad],
+                                   dict(input_ids=ids, attention_mask=mask), labels)
+
+        def step():
+            with torch.inference_mode():
+                model(input_ids=ids, attention_mask=mask)
         return step
 
-    steps = {s: stepper(m, o, s) for s, (m, o, _) in built.items()}
+    steps = {s: stepper(m, lib, s) for s, (m, lib, _) in built.items()}
     for spec, step in steps.items():  # warm-up (compiles), one update so zero-initialised deltas are live
         t0 = time.perf_counter()
         step(), step()

@@ -34,6 +34,7 @@ TARGETS = {
         ia3=BERT_LAYER + r"\.(attention\.self\.(key|value)|output\.dense)",
         ia3_ff=BERT_LAYER + r"\.output\.dense",  # scales the FFN activation, i.e. its input
         ln=["LayerNorm"],
+        embed="word_embeddings",
     ),
     "llama": dict(
         qv=["q_proj", "v_proj"],
@@ -41,6 +42,7 @@ TARGETS = {
         ia3=["k_proj", "v_proj", "down_proj"],
         ia3_ff=["down_proj"],
         ln=["input_layernorm", "post_attention_layernorm", "norm"],
+        embed="embed_tokens",
     ),
 }
 
@@ -109,6 +111,19 @@ CONFIGS = {
                           about="FourierFT, 1000 coefficients, scale 150, on query, value"),
     "vera-qv":       dict(kind="train", libs=["deltatune", "peft"], default=False,
                           about="VeRA r=256 (shared frozen A, B; trained d, b), on query, value"),
+    "pissa-qv":      dict(kind="train", libs=["deltatune", "peft"], default=False,
+                          about="LoRA r=8 on query, value, PiSSA's initialisation (peft: the residual written into "
+                                "the base weight; deltatune: the base untouched, the initial product subtracted)"),
+    "ptuning":       dict(kind="train", libs=["deltatune", "peft"], default=False,
+                          about="P-tuning, 20 virtual tokens through an MLP prompt encoder (peft's default)"),
+    "trainable-tokens": dict(kind="train", libs=["deltatune", "peft"], default=False,
+                             about="trainable tokens: 16 rows of the input embedding matrix train"),
+    "llama-adapter": dict(kind="train", libs=["deltatune", "peft"], default=False,
+                          about="LLaMA-Adapter, 10 adaption prompts with zero-initialised gates in every layer "
+                                "(Llama shapes only in peft)"),
+    "adalora-qv":    dict(kind="train", libs=["deltatune", "peft"], default=False,
+                          about="AdaLoRA rank 12 -> 8, alpha 8, on query, value; the orthogonality regulariser and "
+                                "the rank allocation every step (deltaT 1) in the step, as both libraries run them"),
     "infer-base":    dict(kind="infer", libs=["torch"], envs=["main", "peft", "adapters"],
                           about="forward only, no adapter (inference baseline)"),
     "infer-lora":    dict(kind="infer", libs=["deltatune", "peft", "adapters"], method="lora-qv",
@@ -117,6 +132,7 @@ CONFIGS = {
                               method="lora-qv", merge=True,
                               about="forward only, LoRA (q, v) merged into the weights"),
 }
+ADALORA_STEPS = 1000  # AdaLoRA's schedule length: a benchmark's steps sit early in it, pruning every step
 LIB_ENV = {"deltatune": "main", "peft": "peft", "adapters": "adapters"}
 
 # ---------------------------------------------------------------------------------------------
@@ -151,6 +167,11 @@ DELTATUNE = {
     "hra-qv":   ("hra", dict(r=8, sites=["attn.q", "attn.v"])),
     "fourierft-qv": ("fourierft", dict(n_frequency=1000, scaling=150.0, sites=["attn.q", "attn.v"])),
     "vera-qv":  ("vera", dict(r=256, sites=["attn.q", "attn.v"])),
+    "pissa-qv": ("lora", dict(r=LORA_R, alpha=LORA_ALPHA, dropout=0.0, sites=["attn.q", "attn.v"], init="pissa")),
+    "ptuning":  ("ptuning", dict(length=N_VIRTUAL, encoder="mlp")),
+    "trainable-tokens": ("trainable-tokens", dict(tokens=list(range(1000, 1016)))),
+    "llama-adapter": ("llama-adapter", dict(length=10)),
+    "adalora-qv": ("adalora", dict(init_r=12, target_r=8, alpha=8.0, total_step=ADALORA_STEPS, sites=["attn.q", "attn.v"])),
 }
 
 
@@ -208,6 +229,7 @@ RELATIVES = {  # config -> (peft's config class, the options of DELTATUNE[config
     "hra-qv": ("HRAConfig", dict(r=8)),
     "fourierft-qv": ("FourierFTConfig", dict(n_frequency=1000, scaling=150.0)),
     "vera-qv": ("VeraConfig", dict(r=256)),
+    "adalora-qv": ("AdaLoraConfig", dict(init_r=12, target_r=8, lora_alpha=8, total_step=ADALORA_STEPS)),
 }
 
 
@@ -228,6 +250,15 @@ def attach_peft(model, config: str, family: str):
         cfg = peft.PromptTuningConfig(task_type=task, num_virtual_tokens=N_VIRTUAL)
     elif config == "ln":
         cfg = peft.LNTuningConfig(task_type=task, target_modules=t["ln"])
+    elif config == "pissa-qv":
+        cfg = peft.LoraConfig(task_type=task, r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=t["qv"],
+                              init_lora_weights="pissa")
+    elif config == "ptuning":
+        cfg = peft.PromptEncoderConfig(task_type=task, num_virtual_tokens=N_VIRTUAL, encoder_reparameterization_type="MLP")
+    elif config == "trainable-tokens":
+        cfg = peft.TrainableTokensConfig(token_indices=list(range(1000, 1016)), target_modules=[t["embed"]])
+    elif config == "llama-adapter":
+        cfg = peft.AdaptionPromptConfig(adapter_len=10, adapter_layers=model.config.num_hidden_layers)
     elif config in RELATIVES:
         name, options = RELATIVES[config]
         cfg = getattr(peft, name)(task_type=task, target_modules=t["qv"], **options)
@@ -302,6 +333,47 @@ def merge_lora(model, lib: str):
     elif lib == "adapters":
         model.merge_adapter("bench")
     return model
+
+
+class TrainStep:
+    """One library's training step on a fixed batch: the loss, backward, AdamW, and the work a method does in
+    the training loop around them (AdaLoRA's regulariser and rank allocation: deltatune's update rule, peft's
+    loss term and ``update_and_allocate``), so that a step costs what it costs in a real run of either library."""
+
+    def __init__(self, model, lib: str, params: list, inputs: dict, labels):
+        import torch
+        self.model, self.params, self.inputs, self.labels = model, params, inputs, labels
+        self.opt = torch.optim.AdamW(params, lr=1e-4)
+        self.rule, self.allocate, self.n = None, None, 0
+        if lib == "deltatune":
+            from deltatune import updates
+            named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+            self.rule = updates.build(model, named, max_steps=ADALORA_STEPS)
+        elif lib == "peft" and hasattr(model.base_model, "update_and_allocate"):
+            self.allocate = model.base_model.update_and_allocate  # its regulariser joins the loss the model returns
+
+    def __call__(self, on_grads=None):
+        """One step; ``on_grads()`` runs with the step's gradients in place (before they are cleared)."""
+        import torch.nn.functional as F
+        step, self.n = self.n, self.n + 1
+        if self.rule is not None:
+            self.rule.before_step(step)
+        if self.allocate is not None:
+            loss = self.model(**self.inputs, labels=self.labels).loss
+        else:
+            loss = F.cross_entropy(self.model(**self.inputs).logits, self.labels)
+        loss.backward()
+        if self.rule is not None:
+            self.rule.after_backward(step)
+        if on_grads is not None:
+            on_grads()
+        self.opt.step()
+        if self.rule is not None:
+            self.rule.after_step(step)
+        if self.allocate is not None:
+            self.allocate(step)
+        self.opt.zero_grad(set_to_none=True)
+        return loss.detach()
 
 
 def versions() -> dict:

@@ -15,12 +15,11 @@ import time
 from pathlib import Path
 
 from configs import (CONFIGS, LIB_ENV, READY_TAG, RESULT_TAG, ROOT, SIZES, STEP_TAG, attach, build_model,
-                     cpu_ticks, merge_lora, rss_mb, versions)
+                     TrainStep, cpu_ticks, merge_lora, rss_mb, versions)
 from results import key
 
 def worker(job: dict) -> dict:
     import torch
-    import torch.nn.functional as F
 
     torch.set_num_threads(job["threads"])
     lib, config, size = job["lib"], job["config"], job["size"]
@@ -62,21 +61,16 @@ def worker(job: dict) -> dict:
     else:
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-4)
+        train_step = TrainStep(model, lib, params, dict(input_ids=ids, attention_mask=mask), labels)
         if spec.get("compile"):
-            model = torch.compile(model)
+            train_step.model = torch.compile(model)
+
+        def count_grads():  # every trainable tensor must receive a non-zero gradient
+            result["grads_nonzero"] = sum(1 for p in params if p.grad is not None and bool(p.grad.abs().sum() > 0))
+            result["grads_expected"] = len(params)
 
         def step(check=False):
-            logits = model(input_ids=ids, attention_mask=mask).logits
-            loss = F.cross_entropy(logits, labels)
-            loss.backward()
-            if check:  # every trainable tensor must receive a non-zero gradient
-                result["grads_nonzero"] = sum(
-                    1 for p in params if p.grad is not None and bool(p.grad.abs().sum() > 0))
-                result["grads_expected"] = len(params)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss.detach()
+            return train_step(count_grads if check else None)
 
     losses = []
     t0 = time.perf_counter()

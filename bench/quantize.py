@@ -6,6 +6,7 @@ docs/performance.md, "A quantized base".
     .venv/bin/python bench/quantize.py memory --shape smollm2-360m --batch 8 --seq 256 --steps 1
     .venv/bin/python bench/quantize.py speed --shape smollm2-135m --batch 4 --seq 128 --rounds 5
     .venv/bin/python bench/quantize.py serve --rounds 5                     # MiniLM embeddings, int8 vs float32
+    .venv/bin/python bench/quantize.py serve-gen --rounds 3 --batch 8       # SmolLM2 generation, int8 vs float32
     .venv/bin/python bench/quantize.py error --batch 8 --max-len 128        # SmolLM2 and MiniLM: quantized vs float32
     PYTHONPATH=/path/to/torchao .venv/bin/python bench/quantize.py libs      # bitsandbytes vs torchao (pip install torchao==0.18.0)
 
@@ -292,6 +293,55 @@ def serve(args) -> dict:
     return out
 
 
+def serve_gen(args) -> dict:
+    """SmolLM2 (the real SmolLM2-135M-Instruct) generating with a LoRA adapter unmerged, float32 and int8 bases in
+    one process, alternating rounds: every round decodes the same code-summarization prompts greedily through
+    the server's decoding core (deltatune.tasks.decoding: rows join and leave one key/value cache, --batch rows
+    in flight, --max-new-tokens each). Reported: new tokens per second, and how far int8's tokens are from
+    float32's (prompts whose tokens are all the same; tokens equal up to the first difference)."""
+    import torch
+
+    import deltatune as dt
+    from deltatune.models import format_prompt, load_backbone
+    from deltatune.tasks import load_task
+    from deltatune.tasks.decoding import greedy
+
+    task = load_task("code-summarization", seed=0)
+    models, tok = {}, None
+    for scheme in ("float32", "int8"):
+        model, tok = load_backbone("smollm2", quantize=None if scheme == "float32" else scheme)
+        torch.manual_seed(0)
+        dt.attach(model, "lora")
+        with torch.no_grad():  # a trained-looking adapter: B non-zero
+            for p in model.deltatune.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+        models[scheme] = model.eval()
+    rows = task.split("test")[: args.batch * args.batches]
+    prompts = [tok(format_prompt(tok, row["prompt"]), add_special_tokens=False)["input_ids"][-args.max_len:]
+               for row in rows]  # chat-formatted, the end kept, as the generation task kind prompts
+    eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    times, outs = {k: [] for k in models}, {}
+    for rnd in range(args.rounds + 1):
+        for scheme, model in models.items():
+            t0 = time.perf_counter()
+            made = greedy(model, prompts, max_new_tokens=args.max_new_tokens, eos=eos, rows=args.batch, device="cpu")
+            if rnd:
+                times[scheme].append((time.perf_counter() - t0, sum(len(m) for m in made)))
+            else:
+                outs[scheme] = made
+    per_s = {k: statistics.median(n / t for t, n in v) for k, v in times.items()}
+    same = sum(a == b for a, b in zip(outs["int8"], outs["float32"]))
+    prefix = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+              for a, b in zip(outs["int8"], outs["float32"])]
+    out = {"model": "smollm2", "prompts": len(prompts), "rows": args.batch, "max_len": args.max_len,
+           "max_new_tokens": args.max_new_tokens, "rounds": args.rounds, "tokens_per_second": per_s,
+           "int8_speedup": per_s["int8"] / per_s["float32"], "same_tokens_prompts": same,
+           "equal_prefix_tokens_median": statistics.median(prefix),
+           "float32_tokens_median": statistics.median(len(m) for m in outs["float32"]), "loadavg": os.getloadavg()[0]}
+    print(json.dumps(out), flush=True)
+    return out
+
+
 def error(args) -> list[dict]:
     """How far a quantized base is from its float32 base, on the real models: the relative Frobenius error of
     the linear layers' weights (dequantized) and of the outputs (SmolLM2's logits on code-summarization prompts,
@@ -373,7 +423,7 @@ def libs_child(lib: str, scheme: str, args) -> None:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__)
-    ap.add_argument("mode", choices=["memory", "speed", "serve", "error", "libs", "memory-child", "libs-child"])
+    ap.add_argument("mode", choices=["memory", "speed", "serve", "serve-gen", "error", "libs", "memory-child", "libs-child"])
     ap.add_argument("extra", nargs="*", help=argparse.SUPPRESS)
     ap.add_argument("--shape", default="smollm2-360m", choices=list(SHAPES))
     ap.add_argument("--batch", type=int, default=8)
@@ -381,7 +431,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--batches", type=int, default=4, help="serve: batches per round")
-    ap.add_argument("--max-len", type=int, default=128, help="serve: tokens per text")
+    ap.add_argument("--max-len", type=int, default=128, help="serve: tokens per text (serve-gen: per prompt)")
+    ap.add_argument("--max-new-tokens", type=int, default=32, help="serve-gen: tokens generated per prompt, at most")
     ap.add_argument("--configs", default=",".join(MEMORY_CONFIGS), help="memory: which configurations")
     ap.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
     ap.add_argument("--json", help="append the results to this file (JSON lines)")
@@ -390,7 +441,8 @@ def main(argv=None):
         return memory_child(" ".join(args.extra), args)
     if args.mode == "libs-child":
         return libs_child(args.extra[0], args.extra[1], args)
-    out = {"memory": memory, "speed": speed, "serve": serve, "error": error, "libs": libs}[args.mode](args)
+    out = {"memory": memory, "speed": speed, "serve": serve, "serve-gen": serve_gen, "error": error,
+           "libs": libs}[args.mode](args)
     if args.json and out is not None:
         with open(args.json, "a") as f:
             for row in out if isinstance(out, list) else [out]:

@@ -98,13 +98,27 @@ class LowRank(nn.Module):
 
     @torch.no_grad()
     def weight_norm(self, weight: torch.Tensor) -> torch.Tensor:  # (out,)
-        """||W + dW|| per output row, without a gradient (DoRA §4.3 treats it as a constant)."""
-        return torch.linalg.vector_norm(weight.float() + self.delta_weight().float(), dim=1).to(self.A.dtype)
+        """||W + dW|| per output row, without a gradient (DoRA §4.3 treats it as a constant).
+
+        With dW = s B A (rank r, B0 A0 subtracted as a second factor pair): ||W_i||^2 + 2 s B_i (A W_i^T)
+        + s^2 B_i (A A^T) B_i^T, which never forms W + dW (o x in) and costs one (o, in) x (in, r) product.
+        Where a row's norm is below a tenth of ||W_i|| (dW nearly cancels W: rounding of the sum would show),
+        the rows are summed directly instead."""
+        A, B = self.A.float(), self.B.float()
+        if self.offset:
+            A, B = torch.cat([A, self.A0.float()]), torch.cat([B, -self.B0.float()], dim=1)
+        W, s = weight.float(), self.weight_scale
+        w2 = torch.linalg.vector_norm(W, dim=1).square()
+        n2 = w2 + 2 * s * ((W @ A.t()) * B).sum(1) + s * s * ((B @ (A @ A.t())) * B).sum(1)
+        if bool((n2 < 0.01 * w2).any()):
+            n2 = torch.linalg.vector_norm(W + self.delta_weight().float(), dim=1).square()
+        return n2.sqrt().to(self.A.dtype)
 
     def decomposed(self, out, x, weight, bias):
         """DoRA's output from the module's own: g (W x + dW x) + b with g = m / ||W + dW||, as
-        g (out - b + dW x) + b = g (out + dW x) + (1 - g) b: one addmm and one addcmul over ``out``
-        (..., o), the module's output (its slice's rows of ``weight`` (o, in) and ``bias`` (o,) or None).
+        g (out - b + dW x) + b = g (out + dW x) + (1 - g) b: one addcmul and one addmm over ``out``
+        (..., o), the module's output (its slice's rows of ``weight`` (o, in) and ``bias`` (o,) or None);
+        in training through ``_DoraOutput``, whose backward makes fewer passes over ``out`` than autograd's.
         Under dropout (training) the update reads dropout(x), and so does the base's share that g
         rescales (out + (g - 1) W dropout(x) + g dW dropout(x)), as in DoRA's code and peft."""
         g = self.m / self.weight_norm(weight)  # (o,); the gradient reaches m only
@@ -113,6 +127,10 @@ class LowRank(nn.Module):
             base = F.linear(xd, weight.to(xd.dtype))
             return out + ((g - 1) * base + g * self._undropped(xd)).to(out.dtype)
         h = self.lookup(x, self.A)
+        if (torch.is_grad_enabled() and not self.offset and out.dtype == h.dtype == self.B.dtype == g.dtype
+                and (bias is None or not bias.requires_grad)):  # a trained bias: autograd's graph below
+            flat, h = out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1])
+            return _DoraOutput.apply(flat, h, self.B, g, bias, self.scale).view(out.shape)
         if self.offset or not out.dtype == h.dtype == self.B.dtype or not out.is_contiguous():
             y = out + self._undropped(x).to(out.dtype)
         else:
@@ -136,6 +154,35 @@ class LowRank(nn.Module):
     def decomposed_weight(self, weight: torch.Tensor) -> torch.Tensor:  # (o, in): the merged weight
         g = self.m / self.weight_norm(weight)
         return (g[:, None].float() * (weight.float() + self.delta_weight().float())).to(weight.dtype)
+
+
+class _DoraOutput(torch.autograd.Function):
+    """DoRA's training output z = g out + (1 - g) b + s h (g B)^T with its gradient written out: out (T, o) the
+    module's output (bias included), h = A x (T, r), B (o, r), g (o,), b (o,) or None, s the scale.
+    Autograd's own graph of the same sum (addmm, then addcmul) keeps two (T, o) results and makes three more
+    in the backward; this keeps one and makes one (the step's overhead over LoRA is mostly these passes)."""
+
+    @staticmethod
+    def forward(ctx, out, h, B, g, b, s):
+        z = out * g if b is None else torch.addcmul((1 - g) * b, out, g)
+        z.addmm_(h, (B * g[:, None]).t(), alpha=s)
+        ctx.save_for_backward(out, h, B, g, b)
+        ctx.s = s
+        return z
+
+    @staticmethod
+    def backward(ctx, gz):
+        out, h, B, g, b = ctx.saved_tensors
+        s = ctx.s
+        M = gz.t() @ h  # (o, r): gz^T h, shared by B's gradient and g's
+        buf = gz * out  # (T, o): then gz g in the same memory (one (T, o) tensor made, not two)
+        grad_g = buf.sum(0) + s * (B * M).sum(1)  # dz/dg = out - b + s h B^T
+        if b is not None:
+            grad_g -= b * gz.sum(0)
+        gy = torch.mul(gz, g, out=buf) if ctx.needs_input_grad[0] or ctx.needs_input_grad[1] else None
+        grad_h = (gy @ B) * s if ctx.needs_input_grad[1] else None
+        grad_B = M * (s * g)[:, None] if ctx.needs_input_grad[2] else None
+        return (gy if ctx.needs_input_grad[0] else None), grad_h, grad_B, grad_g, None, None
 
 
 class EmbeddingLowRank(LowRank):

@@ -168,7 +168,7 @@ def test_script_plan_and_bad_flags(capsys):
     assert main(["--claims", "5", "--plan"]) == 0
     out = capsys.readouterr().out
     assert "compacter++" in out and "to do" in out
-    assert main(["--claims", "9", "--plan"]) == 2
+    assert main(["--claims", "99", "--plan"]) == 2
     assert "the claims are" in capsys.readouterr().err
 
 

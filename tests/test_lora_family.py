@@ -197,6 +197,48 @@ def test_dora_dropout_reads_the_dropped_input_as_peft_does():
     torch.testing.assert_close(got, out + (g - 1) * (xd @ W.t()) + g * (0.5 * xd @ delta.A.t() @ delta.B.t()))
 
 
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_dora_training_gradients_are_autograds_of_the_formula(with_bias):
+    """The training path's hand-written backward (``_DoraOutput``) gives autograd's gradients of
+    g (W x + s B A x) + b, g = m / ||W + s B A|| held constant, for A, B, m and the input."""
+    torch.manual_seed(0)
+    W, bias = torch.randn(6, 4), (torch.randn(6) if with_bias else None)
+    delta = LowRank(4, 6, 2, 0.5)
+    nn.init.normal_(delta.B)
+    delta.decompose(W)
+    with torch.no_grad():
+        delta.m.mul_(torch.rand(6) + 0.5)
+    x = torch.randn(3, 5, 4, requires_grad=True)
+    upstream = torch.randn(3, 5, 6)
+
+    def grads(fn):
+        for t in (delta.A, delta.B, delta.m, x):
+            t.grad = None
+        out = x @ W.t() + (bias if with_bias else 0)
+        fn(out).backward(upstream)
+        return [t.grad.clone() for t in (delta.A, delta.B, delta.m, x)]
+
+    def formula(out):
+        g = delta.m / (W + 0.5 * delta.B @ delta.A).norm(dim=1).detach()
+        y = g * (x @ W.t() + 0.5 * x @ delta.A.t() @ delta.B.t())
+        return y + bias if with_bias else y
+
+    for got, want in zip(grads(lambda out: delta.decomposed(out, x, W, bias)), grads(formula)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_dora_norm_of_a_delta_that_nearly_cancels_the_weight():
+    """||W + dW|| from the expanded form (no (out, in) sum) falls back to the direct sum where dW nearly
+    cancels W, so the norm stays accurate there too."""
+    torch.manual_seed(0)
+    delta = LowRank(4, 6, 2, 1.0)
+    nn.init.normal_(delta.B)
+    W = -delta.delta_weight().detach() + 1e-4 * torch.randn(6, 4)
+    torch.testing.assert_close(delta.weight_norm(W), (W + delta.delta_weight()).norm(dim=1), atol=1e-7, rtol=1e-4)
+    W2 = torch.randn(6, 4)
+    torch.testing.assert_close(delta.weight_norm(W2), (W2 + delta.delta_weight()).norm(dim=1))
+
+
 def test_a_tied_embedding_runs_unmerged():
     """Llama's lm_head shares embed_tokens' weight: folding the embedding's LoRA would change the head too."""
     model = dt.attach(tiny.model("llama"), "lora", sites=["embed", "attn.q"], use_dora=True)

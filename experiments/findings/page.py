@@ -29,6 +29,7 @@ SOURCES = {
     "7": "Yu et al., ICLR 2022, Differentially Private Fine-tuning of Language Models; METHODS.md section 13",
     "8": "Liu et al. 2024 (DoRA), Kopiczko et al., ICLR 2024 (VeRA), Hyeon-Woo et al., ICLR 2022 (FedPara: LoHa), "
          "Wu et al. 2024 (ReFT: LoReFT); issue 23",
+    "9": "Dettmers et al., NeurIPS 2023, QLoRA: Efficient Finetuning of Quantized LLMs; issue 24",
 }
 
 

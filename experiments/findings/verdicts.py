@@ -224,6 +224,27 @@ def verdict_8(st: dict) -> str:
                     "lies below that threshold; else undecided")
 
 
+def verdict_9(st: dict) -> str:
+    lora = st.get("sum:lora")
+    if not _complete(lora):
+        return "**Verdict: not enough runs yet.**"
+    parts = []
+    for scheme in ("nf4", "int8"):
+        other = st.get(f"sum:lora:quantize={scheme}")
+        if not _complete(other):
+            parts.append((None, f"{scheme}: not enough runs yet"))
+            continue
+        iv = compare(lora, other)  # quantized - float32
+        threshold = -_point(lora["metric"])
+        outcome, why = _tested(_at_least(iv, threshold), lora, other)
+        parts.append((outcome, f"code-summarization (SmolLM2, tiny budget): {_diff_text(lora, other, iv)}: " + _outcome(
+            outcome, {HOLDS: f"LoRA on the {scheme} base matches LoRA on the float32 base",
+                      NOT: f"LoRA on the {scheme} base falls behind",
+                      UNDECIDED: f"undecided (the interval covers {threshold:+g})"}) + why))
+    return _verdict(parts, "matches = the interval of LoRA on the quantized base minus LoRA on the float32 base lies "
+                    "above -1 point (BLEU: 1); below it: does not hold; covering it: undecided")
+
+
 def _eps(s: dict) -> str:
     """'epsilon spent 8.00 at delta 1e-4' (delta from the run files, beside every epsilon)."""
     if s["dp_epsilon"] is None:
@@ -330,7 +351,7 @@ def _verdict(parts: list, rule: str) -> str:
 
 
 VERDICTS = {"1": verdict_1, "3": verdict_3, "4": verdict_4, "5": verdict_5, "6": verdict_6, "7": verdict_7,
-            "8": verdict_8}
+            "8": verdict_8, "9": verdict_9}
 
 
 # ----------------------------------------------------------------------------- claim 2
