@@ -19,8 +19,8 @@ introduced, whose releases since 0.45 run on CPU):
   (``_int_mm`` has no fast kernel there).
 
 There is no integer 4-bit scheme: bitsandbytes has none (its 4-bit types are NF4 and FP4) and torchao's
-int4 weights have no float32 CPU kernel (``bench/quantize.py libs`` runs both libraries side by side; its table is
-not in docs/performance.md yet).
+int4 weights have no float32 CPU kernel. Why bitsandbytes and not torchao: ``bench/quantize.py libs`` runs both
+(docs/performance.md, "bitsandbytes or torchao": torchao's nf4 training step was 1.46x slower on SmolLM2's shape).
 
 Only the backbone's ``nn.Linear`` layers are quantized: embeddings, norms, biases, the task head and the LM
 head stay as they were (the head trains, the LM head is tied to the embeddings on SmolLM2). GPT-2's

@@ -512,16 +512,20 @@ def _teardown(model, store: DeltaStore) -> None:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; total includes the deltas."""
+    """(trainable, total) parameter counts; total includes the deltas. A quantized layer's weight counts as
+    the float weight it holds (its packed storage has fewer, wider elements: nf4 packs two weights a byte)."""
     trainable = total = 0
     seen = set()
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += p.numel()
-        if p.requires_grad:
-            trainable += p.numel()
+    for module in model.modules():
+        q = S.quantized(module)
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            n = p.numel() if q is None or name != "weight" else int(torch.Size(q["shape"]).numel())
+            total += n
+            if p.requires_grad:
+                trainable += n
     return trainable, total
 
 

@@ -368,8 +368,14 @@ def test_per_example_scores_are_read_where_their_mean_is_the_score(tmp_path):
     labels = tmp_path / "c.jsonl"
     labels.write_text("".join(json.dumps({"reference": a, "prediction": b}) + "\n" for a, b in (("x", "x"), ("x", "y"))))
     assert F.example_scores(labels, 0.5) == [1.0, 0.0]
-    assert F.example_scores(labels, 0.9) is None  # e.g. BLEU: their mean is not the score
+    assert F.example_scores(labels, 0.9) is None  # no mean of theirs is the score
     assert F.example_scores(tmp_path / "none.jsonl", 0.5) is None
+    from deltatune.metrics import sentence_bleu4, smoothed_bleu4
+    pairs = (("returns the sum of two numbers", "return the sum of two numbers"), ("open a file", "close the socket"))
+    texts = tmp_path / "g.jsonl"
+    texts.write_text("".join(json.dumps({"reference": a, "prediction": b}) + "\n" for a, b in pairs))
+    bleu = F.example_scores(texts, smoothed_bleu4([a for a, _ in pairs], [b for _, b in pairs]))  # bleu4: its mean
+    assert bleu == [float(f"{100 * sentence_bleu4(a, b):.6g}") for a, b in pairs] and bleu[0] > bleu[1] > 0
 
 
 # ----------------------------------------------------------------------------- bad run files
@@ -491,3 +497,19 @@ def test_on_a_ray_cluster_the_runs_and_their_files_are_the_same(tmp_path, claim_
         for key in ("value", "valid_value", "zero_shot_value", "best_step"):
             assert record["result"][key] == mine["result"][key], (path.name, key)
         assert record["test_scores"] == mine["test_scores"]
+
+
+def test_every_groups_extra_fields_reach_the_run():
+    """A group's extra TrainConfig fields (privacy, recycling, a quantized base) are all in the run it trains:
+    none is recorded in the run file's configuration and then left out of the training."""
+    from deltatune.training import TrainConfig
+
+    seen = set()
+    for claim in F.CLAIMS.values():
+        for g in claim.groups:
+            fields = F.train_fields(F.run_config(F.SETTINGS[g.setting], g, 1e-3, 0))
+            TrainConfig(**fields, lr=1e-3, seed=0)  # every field is one TrainConfig has
+            for name, value in g.extra:
+                assert fields[name] == value, (g.id, name)
+                seen.add(name)
+    assert {"dp_epsilon", "recycle", "quantize"} <= seen

@@ -127,6 +127,13 @@ def test_additive_methods_train_on_a_quantized_base_and_the_layers_stay_frozen()
                 assert not p.requires_grad and torch.equal(p, frozen[n]), (method, n)
 
 
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_a_quantized_base_counts_the_parameters_of_its_float_base(scheme):
+    """The count (and a run's "% of model") is of the weights the base holds, not of their packed storage."""
+    want = dt.count_parameters(dt.attach(tiny.model("llama"), "lora"))
+    assert dt.count_parameters(dt.attach(quantize_base(tiny.model("llama"), scheme), "lora")) == want
+
+
 def test_gradients_are_the_same_after_an_evaluation_pass():
     """bitsandbytes' CPU kernel for 4-bit inference repacks the weight at the first evaluation-mode call on
     AVX512-BF16 machines and keeps using it in training mode; deltatune keeps every layer on its float32 path."""

@@ -646,8 +646,8 @@ def _cpu_busy():
 
 def example_scores(path, value) -> list | None:
     """Each test example's score from a run's predictions file, where the run's metric is their mean: the
-    reciprocal of each query's rank (MRR) or whether a prediction is its reference (accuracy). None where
-    neither mean gives the run's score (e.g. BLEU, which the predictions file does not break down)."""
+    reciprocal of each query's rank (MRR), whether a prediction is its reference (accuracy) or its smoothed
+    sentence BLEU-4 x 100 (bleu4, CodeXGLUE's mean of them). None where no such mean gives the run's score."""
     try:
         rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
     except (OSError, TypeError, ValueError):
@@ -659,6 +659,9 @@ def example_scores(path, value) -> list | None:
         candidates.append([1.0 / r["rank"] for r in rows])
     if all("prediction" in r and "reference" in r for r in rows):
         candidates.append([1.0 if r["prediction"] == r["reference"] else 0.0 for r in rows])
+        if all(isinstance(r["prediction"], str) and isinstance(r["reference"], str) for r in rows):
+            from deltatune.metrics import sentence_bleu4  # bleu4: CodeXGLUE's sentence BLEU averaged, x100
+            candidates.append([100.0 * sentence_bleu4(r["reference"], r["prediction"]) for r in rows])
     for scores in candidates:
         if abs(statistics.fmean(scores) - value) <= 1e-9:  # the metric is their mean: they are its examples
             return [float(f"{x:.6g}") for x in scores]
@@ -686,9 +689,9 @@ def train_fields(config: dict) -> dict:
                   max_train=config["max_train"], max_eval=config["max_eval"])
     if config.get("max_new_tokens"):
         fields["max_new_tokens"] = config["max_new_tokens"]
-    for name in ("dp_epsilon", "recycle", "recycle_dtype"):
-        if name in config:
-            fields[name] = config[name]
+    budget = {f.name for f in dataclasses.fields(Setting)} - {"name"}
+    known = budget | {"schema", "kind", "method", "options", "lr", "seed", "data_seed", "steps", "batch"}
+    fields.update({k: v for k, v in config.items() if k not in known})  # a group's extra TrainConfig fields, all of them
     if config.get("dp_epsilon"):
         fields["dp_delta"] = DP_DELTA  # not the engine's default, which may change: the claim's runs share one delta
     return fields
