@@ -129,3 +129,28 @@ def test_greedy_refuses_an_empty_prompt():
     lm, _ = build_task_model("tiny-llama", "generation")
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         greedy(lm.eval(), [[5, 6], []], max_new_tokens=2, eos={2}, rows=2, device="cpu")
+
+
+@pytest.mark.parametrize("score_rows,batch_size,most", [(None, 1, 4), (2, 1, 2), (None, 16, 7)])
+def test_scoring_decodes_score_rows_together(tmp_path, score_rows, batch_size, most):
+    """Scoring keeps ``score_rows`` rows in flight (default 4 x the batch size, at most 32; here at most the 7
+    prompts), whatever the training batch: the predictions are the same at every width."""
+    lm, tok, objective, examples = _setup("tiny-llama", "lora", tmp_path)
+    lm.generation_config.eos_token_id = None
+    objective.cfg = TrainConfig(**{**objective.cfg.__dict__, "score_rows": score_rows})
+    widths = []
+
+    def seen(_module, _args, kwargs):
+        cache = kwargs.get("cache")
+        if cache is not None and cache.get_seq_length() > 0:
+            widths.append(kwargs["input_ids"].shape[0])
+
+    handle = lm.register_forward_pre_hook(seen, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            got = objective.predict(lm, examples, batch_size, "cpu")
+    finally:
+        handle.remove()
+    assert max(widths) == most
+    with torch.no_grad():
+        assert got == [objective.predict_in_batches(lm, [e], 1, "cpu")[0] for e in examples]

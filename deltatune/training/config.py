@@ -50,6 +50,10 @@ class TrainConfig:
     seed: int = setting(0, min=0, max=2**32 - 1, flag=False, help="random seed")  # NumPy's seeds
     max_len: int = setting(128, min=2, max=COUNT, help="tokens per input; longer inputs are truncated (one warning)")
     max_new_tokens: int = setting(64, min=1, max=COUNT, help="generation tasks: greedy decoding length limit")
+    score_rows: int | None = setting(None, min=1, max=COUNT,
+                                     help="generation tasks: prompts decoded together over one key/value cache when "
+                                          "scoring (default: 4 x batch size, at most 32; a decode step reads every "
+                                          "weight once for all its rows)")
     bf16: bool | str = setting(False, choices=(True, False, "auto"),
                                help="bfloat16 autocast: on (the bare flag), off, or auto (on where the device "
                                     "computes bf16 natively; emulated bf16 is many times slower)")

@@ -264,7 +264,7 @@ def zero_shot_key(cfg: TrainConfig, model, objective, task) -> str:
     tok = objective.tokenizer
     digest.update(scoring_code())
     digest.update(json.dumps(["zero-shot/1", task.name, task.metric, task.kind, getattr(task, "retrieval_pool", None),
-                              type(tok).__name__, len(tok), cfg.max_len, cfg.max_new_tokens, cfg.batch_size,
+                              type(tok).__name__, len(tok), cfg.max_len, cfg.max_new_tokens, cfg.batch_size, cfg.score_rows,
                               bool(cfg.bf16),
                               torch.device(cfg.device).type, task.split("test")],
                              sort_keys=True, default=str).encode())
