@@ -250,11 +250,24 @@ def speed(args) -> dict:
     return out
 
 
+def _lora_on(model):
+    """``model`` with a trained-looking LoRA adapter (B non-zero), the same on every base (seed 0), in eval mode."""
+    import torch
+
+    import deltatune as dt
+
+    torch.manual_seed(0)
+    dt.attach(model, "lora")
+    with torch.no_grad():
+        for p in model.deltatune.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model.eval()
+
+
 def serve(args) -> dict:
     """MiniLM embeddings through the server's path (a BiEncoder with a LoRA adapter unmerged), float32 vs int8."""
     import torch
 
-    import deltatune as dt
     from deltatune.models import BiEncoder, load_backbone
     from deltatune.tasks import load_task
 
@@ -263,13 +276,7 @@ def serve(args) -> dict:
     encoders = {}
     for scheme in ("float32", "int8"):
         base, tok = load_backbone("minilm", quantize=None if scheme == "float32" else scheme)
-        enc = BiEncoder(base)
-        torch.manual_seed(0)
-        dt.attach(enc, "lora")
-        with torch.no_grad():  # a trained-looking adapter: B non-zero
-            for p in enc.deltatune.parameters():
-                p.add_(torch.randn_like(p) * 0.02)
-        encoders[scheme] = enc.eval()
+        encoders[scheme] = _lora_on(BiEncoder(base))
     batches = [texts[i:i + args.batch] for i in range(0, args.batch * args.batches, args.batch)]
     tokenized = [tok(b, padding=True, truncation=True, max_length=args.max_len, return_tensors="pt") for b in batches]
     times, outs = {k: [] for k in encoders}, {k: [] for k in encoders}
@@ -299,9 +306,6 @@ def serve_gen(args) -> dict:
     the server's decoding core (deltatune.tasks.decoding: rows join and leave one key/value cache, --batch rows
     in flight, --max-new-tokens each). Reported: new tokens per second, and how far int8's tokens are from
     float32's (prompts whose tokens are all the same; tokens equal up to the first difference)."""
-    import torch
-
-    import deltatune as dt
     from deltatune.models import format_prompt, load_backbone
     from deltatune.tasks import load_task
     from deltatune.tasks.decoding import greedy
@@ -310,12 +314,7 @@ def serve_gen(args) -> dict:
     models, tok = {}, None
     for scheme in ("float32", "int8"):
         model, tok = load_backbone("smollm2", quantize=None if scheme == "float32" else scheme)
-        torch.manual_seed(0)
-        dt.attach(model, "lora")
-        with torch.no_grad():  # a trained-looking adapter: B non-zero
-            for p in model.deltatune.parameters():
-                p.add_(torch.randn_like(p) * 0.02)
-        models[scheme] = model.eval()
+        models[scheme] = _lora_on(model)
     rows = task.split("test")[: args.batch * args.batches]
     prompts = [tok(format_prompt(tok, row["prompt"]), add_special_tokens=False)["input_ids"][-args.max_len:]
                for row in rows]  # chat-formatted, the end kept, as the generation task kind prompts
