@@ -690,7 +690,7 @@ def train_fields(config: dict) -> dict:
     if config.get("max_new_tokens"):
         fields["max_new_tokens"] = config["max_new_tokens"]
     budget = {f.name for f in dataclasses.fields(Setting)} - {"name"}
-    known = budget | {"schema", "kind", "method", "options", "lr", "seed", "data_seed", "steps", "batch"}
+    known = budget | {"schema", "kind", "method", "options", "lr", "seed", "data_seed"}
     fields.update({k: v for k, v in config.items() if k not in known})  # a group's extra TrainConfig fields, all of them
     if config.get("dp_epsilon"):
         fields["dp_delta"] = DP_DELTA  # not the engine's default, which may change: the claim's runs share one delta
