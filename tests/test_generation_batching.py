@@ -154,3 +154,44 @@ def test_scoring_decodes_score_rows_together(tmp_path, score_rows, batch_size, m
     assert max(widths) == most
     with torch.no_grad():
         assert got == [objective.predict_in_batches(lm, [e], 1, "cpu")[0] for e in examples]
+
+
+@pytest.mark.parametrize("method", list(ADAPTERS))
+def test_prompts_of_one_length_share_a_prefill_and_long_rows_outgrow_the_cache_buffers(tmp_path, method):
+    """Prompts of one length are prefilled in one pass (no padding); rows that write far more tokens than
+    their prompts held outgrow the cache's first buffers (copied into bigger ones) and leave from any slot:
+    every row still writes what generate gives it alone."""
+    lm, tok, _, _ = _setup("tiny-llama", method, tmp_path)
+    lm.generation_config.eos_token_id = None
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(10, 200, (n,), generator=g).tolist() for n in (6, 3, 6, 9, 6, 3, 2)]
+    new = [70, 5, 40, 70, 12, 70, 3]  # rows end at different steps: slots in the middle leave
+    want = []
+    for p, n in zip(prompts, new):
+        ids = torch.tensor([p])
+        with torch.no_grad():
+            out = lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=70, do_sample=False,
+                              pad_token_id=tok.pad_token_id, eos_token_id=None)
+        want.append(out[0, len(p):].tolist())
+    # Each row's token at its step n ends rows (it, or any row writing that token earlier): a spread of ends.
+    ends = set()
+    for w, n in zip(want, new):
+        if n < 70:
+            ends.add(w[n])
+    want = [_cut(w, ends) for w in want]
+    assert len({len(w) for w in want}) > 2, [len(w) for w in want]
+    prefills = []
+
+    def seen(_module, _args, kwargs):
+        cache = kwargs.get("cache")
+        if cache is not None and cache.get_seq_length() == 0:
+            prefills.append(kwargs["input_ids"].shape)
+
+    handle = lm.register_forward_pre_hook(seen, with_kwargs=True)
+    try:
+        got = greedy(lm, prompts, max_new_tokens=70, eos=ends, rows=4, device="cpu")
+    finally:
+        handle.remove()
+    assert got == want
+    assert (3, 6) in [tuple(s) for s in prefills]  # the three prompts of 6 tokens, one pass
+    assert sum(s[0] for s in prefills) == len(prompts)  # each prompt prefilled once
