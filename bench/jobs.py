@@ -153,11 +153,20 @@ def section(results: list[dict], args) -> str:
         lines.append(f"| {j} / peer (median of per-round ratios) | **{q['wall_s']:.2f}×** | "
                      f"{q['train_seconds']:.2f}× | {q['cpu_s']:.2f}× | | | {q['rounds']} |")
     lines.append("")
+    goal = 0.8 if args.suite == "generation" else 0.7  # issue 24's goal; the code-search job's own issue's
     for j, q in ratio.items():
-        met = q["wall_s"] <= 0.7 and med[j]["value"] >= med[PEER]["value"]
-        lines.append(f"Goal (whole job at most 0.7× the peer's wall time at an equal or better metric), {j}: "
+        met = q["wall_s"] <= goal and med[j]["value"] >= med[PEER]["value"]
+        lines.append(f"Goal (whole job at most {goal}× the peer's wall time at an equal or better metric), {j}: "
                      f"{q['wall_s']:.2f}×, {metric} {med[j]['value']:.4f} vs {med[PEER]['value']:.4f}: "
                      f"{'met' if met else '**not met**'}.")
+        # The same work as the peer's: our job without the two scoring passes the peer does not run.
+        extra = [(a, b) for n in rounds for a in rows for b in rows if a["round"] == b["round"] == n
+                 and a["job"] == j and b["job"] == PEER and (a.get("phase_seconds") or {}).get("zero_shot") is not None]
+        if extra:
+            same = statistics.median((a["wall_s"] - a["phase_seconds"]["zero_shot"] - a["phase_seconds"].get("validate", 0))
+                                     / b["wall_s"] for a, b in extra)
+            lines.append(f"Without the zero-shot and validation scoring, which the peer does not run (the whole job's "
+                         f"wall time less those two phases), {j}: {same:.2f}× the peer's.")
     if loads:
         lines.append(f"Load: other processes took {100 * min(loads):.0f}-{100 * max(loads):.0f} % (median "
                      f"{100 * statistics.median(loads):.0f} %) of the machine's busy CPU time while a job ran; on a busy "

@@ -7,6 +7,7 @@ docs/performance.md, "A quantized base".
     .venv/bin/python bench/quantize.py speed --shape smollm2-135m --batch 4 --seq 128 --rounds 5
     .venv/bin/python bench/quantize.py serve --rounds 5                     # MiniLM embeddings, int8 vs float32
     .venv/bin/python bench/quantize.py serve-gen --rounds 3 --batch 8       # SmolLM2 generation, int8 vs float32
+    .venv/bin/python bench/quantize.py gen-quality --adapter RUN/adapter --max-new-tokens 64   # a trained adapter's BLEU
     .venv/bin/python bench/quantize.py error --batch 8 --max-len 128        # SmolLM2 and MiniLM: quantized vs float32
     PYTHONPATH=/path/to/torchao .venv/bin/python bench/quantize.py libs      # bitsandbytes vs torchao (pip install torchao==0.18.0)
 
@@ -334,11 +335,60 @@ def serve_gen(args) -> dict:
               for a, b in zip(outs["int8"], outs["float32"])]
     out = {"model": "smollm2", "prompts": len(prompts), "rows": args.batch, "max_len": args.max_len,
            "max_new_tokens": args.max_new_tokens, "rounds": args.rounds, "tokens_per_second": per_s,
-           "int8_speedup": per_s["int8"] / per_s["float32"], "same_tokens_prompts": same,
+           "int8_speedup": per_s["int8"] / per_s["float32"],
+           "round_speedups": [round((n8 / t8) / (n32 / t32), 3) for (t32, n32), (t8, n8) in zip(times["float32"], times["int8"])],
+           "same_tokens_prompts": same,
            "equal_prefix_tokens_median": statistics.median(prefix),
            "float32_tokens_median": statistics.median(len(m) for m in outs["float32"]), "loadavg": os.getloadavg()[0]}
     print(json.dumps(out), flush=True)
     return out
+
+
+def gen_quality(args) -> dict:
+    """Does int8 serving change what a trained adapter writes, as the task scores it? The adapter (--adapter: a
+    `deltatune train` run's adapter folder, trained on SmolLM2 code-summarization) on the float32 and the int8
+    base scores the task's test subset (--max-eval: the examples `train --max-eval` scores)
+    the way the engine scores it (the generation task kind's greedy decoding, --max-new-tokens): smoothed
+    BLEU-4 on each base, and the int8 - float32 difference with a 95% paired bootstrap interval over the test
+    examples (each example's sentence BLEU-4 x 100, whose mean is the task's score; 2000 resamples, seed 0)."""
+    import numpy as np
+
+    import deltatune as dt
+    from deltatune.metrics import sentence_bleu4, smoothed_bleu4
+    from deltatune.models import load_backbone
+    from deltatune.tasks.kinds import Generation
+    from deltatune.training import TrainConfig
+    from deltatune.training.scoring import load_task as run_task
+
+    if not args.adapter:
+        raise SystemExit("gen-quality needs --adapter DIR (a trained adapter: deltatune train --model smollm2 "
+                         "--task code-summarization ... --out RUN, then --adapter RUN/adapter)")
+    task = run_task(TrainConfig(model="smollm2", task="code-summarization", max_eval=args.max_eval))  # as train takes it
+    rows = task.split("test")
+    refs = [r["target"] for r in rows]
+    out, per_example = {}, {}
+    for scheme in ("float32", "int8"):
+        model, tok = load_backbone("smollm2", "lm", quantize=None if scheme == "float32" else scheme)
+        dt.load_adapter(model, args.adapter)
+        objective = Generation(tok, TrainConfig(model="smollm2", task=task.name, max_len=args.max_len,
+                                                max_new_tokens=args.max_new_tokens, progress=False))
+        t0 = time.perf_counter()
+        preds = objective.predict(model.eval(), objective.encode(rows, train=False), args.batch, "cpu")
+        out[scheme] = {"bleu4": smoothed_bleu4(refs, preds), "seconds": round(time.perf_counter() - t0, 1)}
+        per_example[scheme] = 100 * np.array([sentence_bleu4(r, p) for r, p in zip(refs, preds)])
+        out[scheme]["predictions"] = preds
+    diff = per_example["int8"] - per_example["float32"]
+    rng = np.random.default_rng(0)
+    boot = [diff[rng.integers(0, len(diff), len(diff))].mean() for _ in range(2000)]
+    same = sum(a == b for a, b in zip(out["int8"].pop("predictions"), out["float32"].pop("predictions")))
+    result = {"model": "smollm2", "task": task.name, "adapter": args.adapter, "test_examples": len(rows),
+              "max_new_tokens": args.max_new_tokens, "bleu4": {k: v["bleu4"] for k, v in out.items()},
+              "seconds": {k: v["seconds"] for k, v in out.items()},
+              "int8_minus_float32": float(diff.mean()),
+              "interval95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
+              "same_predictions": same}
+    print(json.dumps(result), flush=True)
+    return result
 
 
 def error(args) -> list[dict]:
@@ -422,7 +472,8 @@ def libs_child(lib: str, scheme: str, args) -> None:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__)
-    ap.add_argument("mode", choices=["memory", "speed", "serve", "serve-gen", "error", "libs", "memory-child", "libs-child"])
+    ap.add_argument("mode", choices=["memory", "speed", "serve", "serve-gen", "gen-quality", "error", "libs", "memory-child",
+                                     "libs-child"])
     ap.add_argument("extra", nargs="*", help=argparse.SUPPRESS)
     ap.add_argument("--shape", default="smollm2-360m", choices=list(SHAPES))
     ap.add_argument("--batch", type=int, default=8)
@@ -432,6 +483,8 @@ def main(argv=None):
     ap.add_argument("--batches", type=int, default=4, help="serve: batches per round")
     ap.add_argument("--max-len", type=int, default=128, help="serve: tokens per text (serve-gen: per prompt)")
     ap.add_argument("--max-new-tokens", type=int, default=32, help="serve-gen: tokens generated per prompt, at most")
+    ap.add_argument("--adapter", help="gen-quality: a trained SmolLM2 code-summarization adapter folder")
+    ap.add_argument("--max-eval", type=int, default=40, help="gen-quality: test examples (the task's seeded subset)")
     ap.add_argument("--configs", default=",".join(MEMORY_CONFIGS), help="memory: which configurations")
     ap.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
     ap.add_argument("--json", help="append the results to this file (JSON lines)")
@@ -440,7 +493,8 @@ def main(argv=None):
         return memory_child(" ".join(args.extra), args)
     if args.mode == "libs-child":
         return libs_child(args.extra[0], args.extra[1], args)
-    out = {"memory": memory, "speed": speed, "serve": serve, "serve-gen": serve_gen, "error": error,
+    out = {"memory": memory, "speed": speed, "serve": serve, "serve-gen": serve_gen, "gen-quality": gen_quality,
+           "error": error,
            "libs": libs}[args.mode](args)
     if args.json and out is not None:
         with open(args.json, "a") as f:
