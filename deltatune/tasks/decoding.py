@@ -172,8 +172,8 @@ class CacheBatch:
     def keep(self, indices: list[int]) -> None:
         """Keep only these rows (their order in the batch may change: a kept row from the end moves into a
         leaving row's slot) and trim the left padding they all share."""
-        if not indices:
-            self.rows, self.pads, self.start, self.end = [], [], 0, 0
+        if not indices:  # the buffers go too: an idle server holds no cache
+            self.rows, self.pads, self.keys, self.values, self.start, self.end = [], [], [], [], 0, 0
             return
         count, kept = len(indices), set(indices)
         holes = [i for i in range(count) if i not in kept]  # slots that leave and get a row from the end
