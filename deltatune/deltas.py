@@ -103,7 +103,11 @@ class LowRank(nn.Module):
         With dW = s B A (rank r, B0 A0 subtracted as a second factor pair): ||W_i||^2 + 2 s B_i (A W_i^T)
         + s^2 B_i (A A^T) B_i^T, which never forms W + dW (o x in) and costs one (o, in) x (in, r) product.
         Where a row's norm is below a tenth of ||W_i|| (dW nearly cancels W: rounding of the sum would show),
-        the rows are summed directly instead."""
+        the rows are summed directly instead. That check reads the result on the host, which on an
+        accelerator would wait for its queue at every DoRA layer of every step: there the rows are summed
+        directly, always (the form peft uses)."""
+        if weight.device.type != "cpu":
+            return torch.linalg.vector_norm(weight.float() + self.delta_weight().float(), dim=1).to(self.A.dtype)
         A, B = self.A.float(), self.B.float()
         if self.offset:
             A, B = torch.cat([A, self.A0.float()]), torch.cat([B, -self.B0.float()], dim=1)
