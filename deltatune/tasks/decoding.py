@@ -28,10 +28,10 @@ with sliding-window or recurrent layers (whose caches cannot be padded this way)
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections import deque
 
 import torch
-from transformers.cache_utils import DynamicLayer
 
 from deltatune.store import store_of
 
@@ -58,25 +58,33 @@ def positions_are_complete(model) -> None:
             mech.cached = None
 
 
-class _Slots(DynamicLayer):
-    """One layer's cache inside a :class:`CacheBatch`'s buffers for one decode pass: ``update`` writes the new
-    keys/values into the buffer's next free column in place and hands attention the live view, so a pass
-    copies nothing (``DynamicLayer`` concatenates the whole cache at every pass)."""
+@functools.cache
+def _slots():
+    """The cache layer class a decode pass runs on (made at first use: transformers loads only when a model
+    decodes, so that bad input is refused before it)."""
+    from transformers.cache_utils import DynamicLayer
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, rows: int, start: int, end: int):
-        super().__init__()
-        self.buf_k, self.buf_v, self.n, self.start, self.end = keys, values, rows, start, end
-        self.keys, self.values = keys[:rows, :, start:end], values[:rows, :, start:end]
-        self.device, self.is_initialized = keys.device, True
+    class Slots(DynamicLayer):
+        """One layer's cache inside a :class:`CacheBatch`'s buffers for one decode pass: ``update`` writes the
+        new keys/values into the buffer's next free column in place and hands attention the live view, so a
+        pass copies nothing (``DynamicLayer`` concatenates the whole cache at every pass)."""
 
-    def update(self, key_states, value_states, *args, **kwargs):
-        step = key_states.shape[2]
-        self.buf_k[:self.n, :, self.end:self.end + step] = key_states
-        self.buf_v[:self.n, :, self.end:self.end + step] = value_states
-        self.end += step
-        self.keys = self.buf_k[:self.n, :, self.start:self.end]
-        self.values = self.buf_v[:self.n, :, self.start:self.end]
-        return self.keys, self.values
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, rows: int, start: int, end: int):
+            super().__init__()
+            self.buf_k, self.buf_v, self.n, self.start, self.end = keys, values, rows, start, end
+            self.keys, self.values = keys[:rows, :, start:end], values[:rows, :, start:end]
+            self.device, self.is_initialized = keys.device, True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            step = key_states.shape[2]
+            self.buf_k[:self.n, :, self.end:self.end + step] = key_states
+            self.buf_v[:self.n, :, self.end:self.end + step] = value_states
+            self.end += step
+            self.keys = self.buf_k[:self.n, :, self.start:self.end]
+            self.values = self.buf_v[:self.n, :, self.start:self.end]
+            return self.keys, self.values
+
+    return Slots
 
 
 class CacheBatch:
@@ -200,7 +208,7 @@ class CacheBatch:
             self._grow(len(self.rows), 0)
         width, count = self.end - self.start, len(self.rows)
         cache = DynamicCache(config=self.model.config)
-        cache.layers = [_Slots(k, v, count, self.start, self.end) for k, v in zip(self.keys, self.values)]
+        cache.layers = [_slots()(k, v, count, self.start, self.end) for k, v in zip(self.keys, self.values)]
         pads = torch.tensor(self.pads, device=self.device)
         mask = (torch.arange(width + 1, device=self.device)[None, :] >= pads[:, None]).long()  # 0 over padding
         ids = torch.tensor([[row.last] for row in self.rows], device=self.device)
