@@ -260,7 +260,8 @@ class Scheduler:
                 self.batch.add(rows, cache)
 
     def _keep(self, indices: list[int]) -> None:
-        """Keep only these rows (in order) and trim the left padding they all share."""
+        """Keep only these rows (the batch's order may change: rows are read from ``self.rows`` afresh) and
+        trim the left padding they all share."""
         self.batch.keep(indices)
 
     # ------------------------------------------------------------------------------ decoding
