@@ -136,6 +136,10 @@ def section(results: list[dict], args) -> str:
         if pairs:
             ratio[j] = {k: statistics.median(a[k] / b[k] for a, b in pairs) for k in ("wall_s", "train_seconds", "cpu_s")}
             ratio[j]["rounds"] = len(pairs)
+            # The same work as the peer's: our job less the two scoring passes the peer does not run.
+            phased = [(a["wall_s"] - a["phase_seconds"]["zero_shot"] - a["phase_seconds"].get("validate", 0)) / b["wall_s"]
+                      for a, b in pairs if (a.get("phase_seconds") or {}).get("zero_shot") is not None]
+            ratio[j]["without_extra"] = statistics.median(phased) if phased else None
     loads = [r["load"] for r in rows if r.get("load") is not None]
     m = machine()
     metric = "BLEU" if args.suite == "generation" else "MRR"
@@ -159,14 +163,9 @@ def section(results: list[dict], args) -> str:
         lines.append(f"Goal (whole job at most {goal}× the peer's wall time at an equal or better metric), {j}: "
                      f"{q['wall_s']:.2f}×, {metric} {med[j]['value']:.4f} vs {med[PEER]['value']:.4f}: "
                      f"{'met' if met else '**not met**'}.")
-        # The same work as the peer's: our job without the two scoring passes the peer does not run.
-        extra = [(a, b) for n in rounds for a in rows for b in rows if a["round"] == b["round"] == n
-                 and a["job"] == j and b["job"] == PEER and (a.get("phase_seconds") or {}).get("zero_shot") is not None]
-        if extra:
-            same = statistics.median((a["wall_s"] - a["phase_seconds"]["zero_shot"] - a["phase_seconds"].get("validate", 0))
-                                     / b["wall_s"] for a, b in extra)
+        if q["without_extra"] is not None:
             lines.append(f"Without the zero-shot and validation scoring, which the peer does not run (the whole job's "
-                         f"wall time less those two phases), {j}: {same:.2f}× the peer's.")
+                         f"wall time less those two phases), {j}: {q['without_extra']:.2f}× the peer's.")
     if loads:
         lines.append(f"Load: other processes took {100 * min(loads):.0f}-{100 * max(loads):.0f} % (median "
                      f"{100 * statistics.median(loads):.0f} %) of the machine's busy CPU time while a job ran; on a busy "

@@ -7,7 +7,7 @@ docs/performance.md, "A quantized base".
     .venv/bin/python bench/quantize.py speed --shape smollm2-135m --batch 4 --seq 128 --rounds 5
     .venv/bin/python bench/quantize.py serve --rounds 5                     # MiniLM embeddings, int8 vs float32
     .venv/bin/python bench/quantize.py serve-gen --rounds 3 --batch 8       # SmolLM2 generation, int8 vs float32
-    .venv/bin/python bench/quantize.py gen-quality --adapter RUN/adapter --max-new-tokens 64   # a trained adapter's BLEU
+    .venv/bin/python bench/quantize.py gen-quality --adapter RUN/best --max-new-tokens 64   # a trained adapter's BLEU
     .venv/bin/python bench/quantize.py error --batch 8 --max-len 128        # SmolLM2 and MiniLM: quantized vs float32
     PYTHONPATH=/path/to/torchao .venv/bin/python bench/quantize.py libs      # bitsandbytes vs torchao (pip install torchao==0.18.0)
 
@@ -362,11 +362,11 @@ def gen_quality(args) -> dict:
 
     if not args.adapter:
         raise SystemExit("gen-quality needs --adapter DIR (a trained adapter: deltatune train --model smollm2 "
-                         "--task code-summarization ... --out RUN, then --adapter RUN/adapter)")
+                         "--task code-summarization ... --out RUN, then --adapter RUN/best)")
     task = run_task(TrainConfig(model="smollm2", task="code-summarization", max_eval=args.max_eval))  # as train takes it
     rows = task.split("test")
     refs = [r["target"] for r in rows]
-    out, per_example = {}, {}
+    out, per_example, made = {}, {}, {}
     for scheme in ("float32", "int8"):
         model, tok = load_backbone("smollm2", "lm", quantize=None if scheme == "float32" else scheme)
         dt.load_adapter(model, args.adapter)
@@ -376,11 +376,11 @@ def gen_quality(args) -> dict:
         preds = objective.predict(model.eval(), objective.encode(rows, train=False), args.batch, "cpu")
         out[scheme] = {"bleu4": smoothed_bleu4(refs, preds), "seconds": round(time.perf_counter() - t0, 1)}
         per_example[scheme] = 100 * np.array([sentence_bleu4(r, p) for r, p in zip(refs, preds)])
-        out[scheme]["predictions"] = preds
+        made[scheme] = preds
     diff = per_example["int8"] - per_example["float32"]
     rng = np.random.default_rng(0)
     boot = [diff[rng.integers(0, len(diff), len(diff))].mean() for _ in range(2000)]
-    same = sum(a == b for a, b in zip(out["int8"].pop("predictions"), out["float32"].pop("predictions")))
+    same = sum(a == b for a, b in zip(made["int8"], made["float32"]))
     result = {"model": "smollm2", "task": task.name, "adapter": args.adapter, "test_examples": len(rows),
               "max_new_tokens": args.max_new_tokens, "bleu4": {k: v["bleu4"] for k, v in out.items()},
               "seconds": {k: v["seconds"] for k, v in out.items()},
