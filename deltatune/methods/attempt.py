@@ -1,4 +1,5 @@
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -14,6 +15,10 @@ def read_sources(dirs: list) -> torch.Tensor:
     """The prompts of adapters saved by the 'prompt' method (directories, or train out dirs), stacked:
     (t, length, d)."""
     prompts = []
+    odd = [d for d in dirs if not isinstance(d, (str, os.PathLike))]
+    if odd:
+        raise ConfigError(f"attempt: sources must be adapter directories (paths), got {odd[0]!r}; "
+                          "pass sources=[DIR, ...] (CLI: --set sources=DIR,DIR)")
     for path in map(Path, dirs):
         if path.is_dir() and not (path / "adapter.safetensors").exists() and (path / "best").is_dir():
             path = path / "best"  # a `deltatune train` out dir: its best adapter
