@@ -96,6 +96,14 @@ class Stack(Composite):
     def folded_options(self) -> dict:
         return {"parts": [{"method": cfg.name, "options": cfg.folded_options()} for cfg in self.part_configs().values()]}
 
+    @classmethod
+    def paths_named(cls, options: dict) -> list[str]:
+        parts = options.get("parts")
+        return [f"parts[{i}].options.{k}" for i, part in enumerate(parts if isinstance(parts, list) else [])
+                if isinstance(part, dict) and isinstance(part.get("options"), dict)
+                and part.get("method") in registry.REGISTRY
+                for k in registry.REGISTRY[part["method"]].paths_named(part["options"])]
+
 
 def _check_names(store, names, what: str) -> list:
     if isinstance(names, str) or not names:

@@ -98,6 +98,9 @@ class Method:
     # Options added after adapters of this method were first saved, with the values that rebuild the old layout:
     # a file that lacks one loads as it was written (formats/native.py fills them in).
     old_file_options: ClassVar[dict] = {}
+    # Options that name files read when the adapter is built (ATTEMPT's source prompts): a saved adapter carries
+    # what they gave and records them empty, so loading reads no path named in a file (``paths_named``).
+    file_options: ClassVar[tuple[str, ...]] = ()
 
     layers: list | None = option(None, help="only these block indices (default: all)")
 
@@ -164,6 +167,15 @@ class Method:
     def folded_options(self) -> dict:
         """Options that rebuild the adapter after training-only parts are folded away."""
         return self.options()
+
+    def saved_options(self, fold: bool) -> dict:
+        """The options a saved adapter records: folded, or as trained (``fold=False``) where that names no file."""
+        return self.folded_options() if fold or self.file_options else self.options()
+
+    @classmethod
+    def paths_named(cls, options: dict) -> list[str]:
+        """The ``file_options`` that ``options`` (read from a saved adapter) set: loading refuses them."""
+        return [k for k in cls.file_options if options.get(k)]
 
     # -- what the rest of the library asks of a method, so that no module outside methods/ names one
 

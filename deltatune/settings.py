@@ -178,3 +178,14 @@ def env_limit(env: str, default: float, error: type[Exception], unit: str = "meg
         raise error(f"{env}={text!r} must be a positive {'size in ' if kind is float else 'whole number of '}"
                     f"{unit}{where}")
     return value
+
+
+NO_LIMIT = 2**62  # bytes: more than any file this machine holds
+
+
+def env_bytes(env: str, default_mb: float, error: type[Exception], reading: str = "") -> tuple[int, float]:
+    """(bytes, megabytes) of a size limit in megabytes from ``env`` (see :func:`env_limit`); a limit at or beyond
+    :data:`NO_LIMIT` bytes (``inf``, ``1e308``) is none."""
+    mb = env_limit(env, default_mb, error, reading=reading)
+    size = mb * 2**20
+    return (int(size) if size < NO_LIMIT else NO_LIMIT), mb

@@ -385,11 +385,20 @@ def _freeze(task):
     return freeze_depth("tiny-bert", task, steps=2, samples=12, max_len=32, batch_size=8, progress=False)
 
 
+def _deeper(entry: dict, more: int) -> dict:
+    """The entry with ``more`` layers' scores added and the K the rule gives for them (K beyond this model)."""
+    from deltatune.training.freeze import SCORE, THRESHOLD, recommend_k
+
+    scores = {k: v + [v[-1]] * more for k, v in entry["value"]["scores"].items()}
+    return {**entry, "value": {**entry["value"], "scores": scores, "k": recommend_k(scores[SCORE], THRESHOLD)}}
+
+
 SPOILED_FREEZE = {
     "a K that its scores do not give": _json_edit(lambda e: {**e, "value": {**e["value"], "k": e["value"]["k"] + 5}}),
     "NaN scores": _json_edit(lambda e: {**e, "value": {**e["value"], "scores": {
         k: [float("nan")] * len(v) for k, v in e["value"]["scores"].items()}}}),
     "the analysis of other settings": _json_edit(lambda e: {**e, "value": {**e["value"], "settings": {}}}),
+    "scores of a deeper model, with the K they give": _json_edit(lambda e: _deeper(e, 48)),
     **{k: SPOILED_JSON[k] for k in ("owned by another user", "a FIFO", "not JSON", "no key inside (the format of old)")},
 }
 

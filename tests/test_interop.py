@@ -395,6 +395,36 @@ def test_damaged_peft_config_fields_are_one_line_errors(tmp_path, fields, messag
     assert dt.adapters(model) == []
 
 
+@pytest.mark.parametrize("fields,loads", [
+    ({}, True),
+    ({"layers_to_transform": [0, 1]}, True),
+    ({"target_modules": ".*\\.(query|value)"}, True),
+    ({"target_modules": "all-linear"}, True),
+    ({"layers_to_transform": [1]}, False),
+    ({"layers_to_transform": 99}, False),
+    ({"target_modules": ["query"]}, False),
+    ({"target_modules": "nothing"}, False),
+    ({"exclude_modules": ["value"]}, False),
+    ({"layers_to_transform": [0, 1], "layers_pattern": "nowhere"}, False),
+])
+def test_a_peft_config_selects_every_module_its_tensors_sit_on(tmp_path, fields, loads):
+    """peft loads a tensor only onto a module its config selects (target_modules, exclude_modules,
+    layers_to_transform, layers_pattern): where the config leaves one out, peft computes without it, so
+    deltatune refuses the file instead of computing something else; where every tensor is selected, both agree."""
+    peft_adapter(tmp_path, "bert", "lora", dict(r=4, target_modules=["query", "value"]))
+    _edit_config(tmp_path, **fields)
+    model = tiny.model("bert")
+    if not loads:
+        with pytest.raises(AdapterFileError, match="which the config .* does not select: peft would leave it out"):
+            dt.load_adapter(model, tmp_path)
+        assert dt.adapters(model) == []
+        return
+    theirs = peft.PeftModel.from_pretrained(make("bert"), str(tmp_path)).eval()
+    ours = dt.load_adapter(make("bert"), tmp_path).eval()
+    b = batch("bert")
+    assert_same(real_outputs(ours, b), real_outputs(theirs, b))
+
+
 def test_a_peft_lora_of_rank_0_is_a_clear_error(tmp_path):
     from safetensors.torch import load_file, save_file
 

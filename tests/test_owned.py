@@ -319,6 +319,55 @@ def test_a_folder_inside_an_owned_folder_is_never_a_link(tmp_path):
     assert sorted(os.listdir(theirs / "sub")) == [EVAL.marker, "metrics-test.json"]
 
 
+@pytest.mark.parametrize("depth", [1, 2])
+def test_a_link_on_the_way_to_out_inside_an_owned_folder_is_refused(tmp_path, depth):
+    """--out under a link that sits inside a deltatune folder (run/extra -> elsewhere, --out run/extra[/a]/ev)."""
+    parent = marked(tmp_path / "run", storage.RUN)
+    theirs = outside(tmp_path)
+    (parent / "extra").symlink_to(theirs, target_is_directory=True)
+    out = parent / "extra" / ("a/ev" if depth == 2 else "ev")
+    before = tree(theirs)
+    with pytest.raises(StorageError, match=r"run/extra is a symbolic link .* inside the deltatune folder"):
+        OwnedFolder(out, EVAL).open()
+    assert tree(theirs) == before
+
+
+def test_an_append_never_reaches_a_file_through_a_hard_link(tmp_path):
+    theirs = outside(tmp_path) / "precious.txt"
+    os.link(theirs, tmp_path / "generations.jsonl")
+    with pytest.raises(StorageError, match="hard link"):
+        storage.append_text(tmp_path / "generations.jsonl", "{}\n")
+    assert theirs.read_text() == "not deltatune's"
+
+
+def test_export_builds_in_a_folder_of_its_own(tmp_path, capsys, monkeypatch):
+    """The merged export's temporary folder is made new at an unpredictable name: a link or a user's folder
+    planted at the old name (.OUT.tmp-PID) is neither followed nor removed."""
+    import deltatune as dt
+    from deltatune.models import load_backbone
+
+    dt.save_adapter(dt.attach(load_backbone("tiny-bert")[0], "lora"), tmp_path / "adapter")
+    monkeypatch.chdir(tmp_path)
+    theirs = outside(tmp_path)
+    os.symlink(theirs, tmp_path / f".exp.tmp-{os.getpid()}")
+    before = tree(theirs)
+    export = ["export", "adapter", "--model", "tiny-bert", "--format"]
+    assert cli.main([*export, "merged", "--out", "exp"]) == 0
+    assert tree(theirs) == before and (tmp_path / "exp" / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".exp.tmp-" + str(os.getpid()), "adapter",
+                                                                 "elsewhere", "exp"])
+    one_line_error(capsys, cli.main([*export, "peft", "--out", "x" * 300]), "cannot be used (File name too long)")
+
+
+@pytest.mark.parametrize("args", [["eval", "--adapter", "", "--model", "tiny-bert", "--task", "code-search"],
+                                  ["demo", "--out", ""], ["demo", "--quick", "--out", "  "]],
+                         ids=["eval --adapter", "demo --out", "demo --out blank"])
+def test_an_empty_value_never_means_the_default(tmp_path, capsys, monkeypatch, args):
+    monkeypatch.chdir(tmp_path)
+    one_line_error(capsys, cli.main(args), "is empty")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_owned_folder_files_refuse_fifos_folders_and_escapes(tmp_path):
     folder = OwnedFolder(tmp_path / "b", BENCH)
     folder.open()

@@ -461,6 +461,12 @@ def test_label_list_checks_range(tmp_path):
     ("ragged.csv", "text,label\na,1,extra\n", r"ragged\.csv, line 2"),
     ("number.jsonl", '{"text": 5, "label": 1}\n', r"number\.jsonl, line 1: column 'text' must be a string"),
     ("data.txt", "hello\n", r"data\.txt: unsupported file type"),
+    ("huge.jsonl", '{"text": "a", "label": ' + "1" * 5000 + '}\n', r"huge\.jsonl, line 1: a number with more digits"),
+    ("hugestr.jsonl", '{"text": "a", "label": 0}\n{"text": "b", "label": "' + "1" * 5000 + '"}\n',
+     r"hugestr\.jsonl, line 2: label '1{20}.*\(5002 characters\) would make over 10\^18 classes"),
+    ("huge.csv", "text,label\na,0\nb," + "1" * 5000 + "\n", r"huge\.csv, line 3: label .* would make over 10\^18"),
+    ("surrogate.jsonl", '{"text": "a", "label": 0}\n{"text": "b \\ud800", "label": 1}\n',
+     r"surrogate\.jsonl, line 2: column 'text' holds a lone surrogate"),
 ])
 def test_user_data_errors_name_the_problem(tmp_path, name, content, pattern):
     path = tmp_path / name
@@ -580,3 +586,13 @@ def test_humaneval_is_an_evaluation_not_a_dataset():
     assert REGISTRY["humaneval"].functional and "humaneval" not in TASKS
     with pytest.raises(DataError, match="deltatune eval --task humaneval"):
         load_task("humaneval")
+
+
+@pytest.mark.parametrize("limit", ["inf", "1e300", "1e308", "100000"])
+def test_a_data_size_limit_beyond_memory_reads_the_file(tmp_path, monkeypatch, limit):
+    """A limit larger than memory (or 'inf') is no limit: the file is read in pieces, never by one read of the
+    limit's size (a MemoryError or an OverflowError)."""
+    monkeypatch.setenv("DELTATUNE_MAX_DATA_MB", limit)
+    path = tmp_path / "d.jsonl"
+    write(path, "".join(f'{{"text": "row {i}", "label": {i % 2}}}\n' for i in range(12)))
+    assert len(load_task(path).split("train")) > 0

@@ -198,6 +198,69 @@ def test_options_asking_for_more_memory_than_there_is(tmp_path, options):
     figures.count("oversized options in adapter files")
 
 
+def _edit_options(folder: Path, **options) -> None:
+    file = folder / WEIGHTS
+    with safe_open(str(file), framework="pt") as f:
+        config = json.loads(f.metadata()["deltatune"])
+    config["options"].update(options)
+    save_file(load_file(str(file)), str(file), metadata={"deltatune": json.dumps(config)})
+
+
+@pytest.fixture
+def attempt_adapter(tmp_path):
+    prompt = dt.attach(tiny.model("bert"), "prompt", length=4, init="random")
+    dt.save_adapter(prompt, tmp_path / "prompt")
+    dt.save_adapter(dt.attach(tiny.model("bert"), "attempt", sources=[str(tmp_path / "prompt")]), tmp_path / "attempt")
+    return tmp_path / "attempt"
+
+
+@pytest.mark.parametrize("options", [{"r": 2**20}, {"rank_pattern": {".*": 2**20}}])
+def test_options_far_beyond_the_tensors_are_refused_before_anything_is_built(tmp_path, options):
+    """A few KB of file asking for r=2**20 (36 GiB on MiniLM) is refused by counting on the meta device first."""
+    dt.save_adapter(dt.attach(tiny.model("bert"), "lora", r=4), tmp_path / "a")
+    _edit_options(tmp_path / "a", **options)
+    fresh = tiny.model("bert")
+    with pytest.raises(dt.AdapterFileError, match=r"build deltas of [\d,]+ values, its tensors hold [\d,]+"):
+        dt.load_adapter(fresh, tmp_path / "a")
+    assert not hasattr(fresh, "deltatune")
+
+
+def test_a_saved_attempt_of_a_huge_source_shape_is_refused_before_it_is_built(attempt_adapter):
+    _edit_options(attempt_adapter, source_shape=[3000, 3000])
+    with pytest.raises(dt.AdapterFileError, match="build deltas of"):
+        dt.load_adapter(tiny.model("bert"), attempt_adapter)
+
+
+def test_loading_reads_no_path_named_in_a_file(attempt_adapter, tmp_path):
+    """A saved ATTEMPT carries its source prompts: sources in its options (a folder elsewhere, one that exists)
+    are refused, never read; so in a stack's part. Saved as trained (fold=False) it names none either."""
+    assert dt.adapters(dt.load_adapter(tiny.model("bert"), attempt_adapter)) == ["default"]
+    _edit_options(attempt_adapter, sources=[str(tmp_path / "prompt")])
+    with pytest.raises(dt.AdapterFileError, match="option 'sources' names files to read"):
+        dt.load_adapter(tiny.model("bert"), attempt_adapter)
+    unfolded = dt.attach(tiny.model("bert"), "attempt", sources=[str(tmp_path / "prompt")])
+    dt.save_adapter(unfolded, tmp_path / "unfolded", fold=False)
+    assert dt.adapters(dt.load_adapter(tiny.model("bert"), tmp_path / "unfolded")) == ["default"]
+    stacked = dt.compose.stack(dt.load_adapter(tiny.model("bert"), tmp_path / "unfolded"), ["default"], "s")
+    dt.save_adapter(stacked, tmp_path / "stack", adapter="s")
+    file = tmp_path / "stack" / WEIGHTS
+    with safe_open(str(file), framework="pt") as f:
+        config = json.loads(f.metadata()["deltatune"])
+    config["options"]["parts"][0]["options"]["sources"] = [str(tmp_path / "prompt")]
+    save_file(load_file(str(file)), str(file), metadata={"deltatune": json.dumps(config)})
+    with pytest.raises(dt.AdapterFileError, match=r"option 'parts\[0\].options.sources' names files"):
+        dt.load_adapter(tiny.model("bert"), tmp_path / "stack")
+
+
+@pytest.mark.parametrize("limit", ["inf", "1e308"])
+def test_an_adapter_size_limit_beyond_memory_is_no_limit(tmp_path, monkeypatch, limit):
+    from deltatune.formats.native import MAX_MB_ENV
+
+    dt.save_adapter(dt.attach(tiny.model("bert"), "lora"), tmp_path / "a")
+    monkeypatch.setenv(MAX_MB_ENV, limit)
+    assert dt.adapters(dt.load_adapter(tiny.model("bert"), tmp_path / "a")) == ["default"]
+
+
 def test_options_in_a_file_cannot_clash_with_attach_arguments(tmp_path):
     model = dt.attach(tiny.model("bert"), "lora")
     dt.save_adapter(model, tmp_path / "a")

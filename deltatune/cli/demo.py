@@ -28,7 +28,10 @@ DEMO_QUICK = {**DEMO, "out": "runs/demo-quick", "max-steps": 2, "batch-size": 8,
 
 def demo_argv(quick: bool = False, out: str | None = None) -> list[str]:
     """The `deltatune bench` arguments that `deltatune demo` runs."""
-    settings = {**(DEMO_QUICK if quick else DEMO), **({"out": out} if out else {})}
+    from deltatune.storage import chosen_folder
+
+    defaults = DEMO_QUICK if quick else DEMO
+    settings = {**defaults, **({"out": str(chosen_folder(out, defaults["out"]))} if out is not None else {})}
     return ["bench", "--methods", ",".join(DEMO_METHODS), *[x for k, v in settings.items() for x in (f"--{k}", str(v))]]
 
 

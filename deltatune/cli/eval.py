@@ -54,6 +54,10 @@ _EVAL_SETTINGS = ("task", "split", "metric", "value", "examples", "max_eval", "m
 
 
 def run(args) -> int:
+    for flag in ("adapter", "model", "task"):  # an empty value would silently mean "none given"
+        value = getattr(args, flag)
+        if value is not None and not str(value).strip():
+            raise ConfigError(f"--{flag} is empty; give a value, or leave --{flag} out")
     if args.task == "humaneval":
         return run_humaneval(args)
     if args.task:

@@ -54,9 +54,9 @@ def run(args) -> int:
     if not model_name:
         raise ConfigError(f"{args.adapter} is not a run folder of `deltatune train` (no run.json in it or its parents), "
                           "so the model it was trained on is unknown: pass --model NAME")
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"--out {out} exists and is not an empty folder; export to a new folder")
+    from deltatune.interop.sbert import check_new
+
+    out = check_new(args.out, "--out")
     _refuse_head(adapter, args.format)
     model, tokenizer = load_backbone(model_name, "base" if args.format == "sentence-transformers" else None)
     dt.load_adapter(model, adapter)  # onto the plain model: the file's names are relative to the backbone

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import stat
@@ -29,7 +28,7 @@ from safetensors.torch import save as st_save
 from .. import registry, sites, store as core
 from ..deltas import folded_state
 from ..errors import AdapterFileError, ConfigError, DeltatuneError
-from ..settings import env_limit
+from ..settings import env_bytes
 # The durable-storage helpers live in storage.py; imported here so that io.atomic_write_* keep working.
 from ..storage import atomic_write_bytes, atomic_write_json, fsync_dir, storage_error  # noqa: F401
 
@@ -91,7 +90,7 @@ def adapter_tensors(model, adapter: str | None = None, fold: bool = True) -> tup
                 seen.add(id(params[pname]))
                 tensors[f"{kind}.{pname}"] = params[pname]
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    options = info.method.folded_options() if fold else info.method.options()
+    options = info.method.saved_options(fold)
     config = {
         "format": FORMAT,
         "format_version": VERSION,
@@ -237,8 +236,7 @@ MAX_MB_ENV, MAX_MB_DEFAULT = "DELTATUNE_MAX_ADAPTER_MB", 16384
 
 
 def _max_bytes(file) -> tuple[int, float]:
-    mb = env_limit(MAX_MB_ENV, MAX_MB_DEFAULT, AdapterFileError, reading=str(file))
-    return (int(mb * 2**20) if math.isfinite(mb) else 2**62), mb
+    return env_bytes(MAX_MB_ENV, MAX_MB_DEFAULT, AdapterFileError, reading=str(file))
 
 
 def _check_file(file: Path) -> None:
@@ -360,6 +358,13 @@ def attach_loaded(model, path, config: dict, tensors: dict, adapter: str | None 
                     f"{path}: adapter was trained on a {want.get('class')} with {key}={want.get(key)}, "
                     f"this model has {key}={have[key]}; load it onto the model it was trained on"
                 )
+    cls = registry.REGISTRY.get(config["method"])
+    named = cls.paths_named(config["options"]) if cls is not None else []
+    if named:
+        raise AdapterFileError(f"{path}: option {named[0]!r} names files to read ({_short(config['options'])}); a saved "
+                               f"{config['method']} adapter carries what they gave and loading reads no path named in a "
+                               "file: the file was edited or damaged; save the adapter again with dt.save_adapter")
+    _check_built_size(model, path, config, tensors)
     try:
         core.attach(model, config["method"], adapter=name, **config["options"])
     except DeltatuneError as err:
@@ -404,6 +409,29 @@ def attach_loaded(model, path, config: dict, tensors: dict, adapter: str | None 
             raise AdapterFileError(f"{path}: cannot load the adapter: {_brief(err)}") from None
         raise
     return model
+
+
+BUILD_SLACK = 8, 2**20  # a saved adapter's deltas hold at most 3x its delta tensors' elements (FourierFT's indices)
+
+
+def _check_built_size(model, path, config: dict, tensors: dict) -> None:
+    """Refuse a file whose options would build deltas far larger than its tensors (a 6 KB LoRA file saying
+    r=2**20 asks for 36 GiB on MiniLM) before they are built: the deltas are placed on the meta device
+    first, which allocates nothing. A method that cannot place on it (it computes its deltas from the
+    weights) is left to the build and the shape checks after it."""
+    try:
+        cfg = registry.build_method(config["method"], config["options"])
+        with torch.device("meta"):
+            placements = cfg.placements(model)
+    except Exception:
+        return
+    need = sum(t.numel() for p in placements for t in [*p.delta.parameters(), *p.delta.buffers()])
+    have = sum(t.numel() for k, t in tensors.items() if k.startswith("delta."))
+    factor, slack = BUILD_SLACK
+    if need > factor * have + slack:
+        raise AdapterFileError(f"{path}: its options {_short(config['options'])} build deltas of {need:,} values, its "
+                               f"tensors hold {have:,}: the options do not belong to these tensors; the file is damaged "
+                               "or was edited (save the adapter again with dt.save_adapter)")
 
 
 def _name(dtype: torch.dtype) -> str:

@@ -462,7 +462,49 @@ class Bridge:
             return any(isinstance(t, str) and name.endswith(t) for t in ff)
         return None
 
-    def _match(self, field: str, pattern, compiled_from: str, name: str, full: bool) -> bool:
+    def selects(self, config: dict, name: str) -> bool:
+        """peft's check_target_module_exists for module ``name`` (a peft name): not excluded (exclude_modules),
+        selected by target_modules (a pattern matching the whole name, a list of name endings, 'all-linear'),
+        and where a list selects it, in layers_to_transform (the layer index found after layers_pattern).
+        A config without target_modules selects every module (peft's per-architecture defaults are not known here)."""
+        targets, exclude = config.get("target_modules"), config.get("exclude_modules")
+        layers, pattern = config.get("layers_to_transform"), config.get("layers_pattern")
+        for field, value, items in (("target_modules", targets, str), ("exclude_modules", exclude, str),
+                                    ("layers_to_transform", layers, int), ("layers_pattern", pattern, str)):
+            one = isinstance(value, items) and not isinstance(value, bool)
+            if not (value is None or one or isinstance(value, list) and all(
+                    isinstance(v, items) and not isinstance(v, bool) for v in value)):
+                raise AdapterFileError(f"{self.file}: field '{field}' must be a {items.__name__} or a list of them, "
+                                       f"got {value!r}")
+        if isinstance(exclude, str) and self._match("exclude_modules", exclude, exclude, name, full=True) \
+                or isinstance(exclude, list) and _peft_list_match(name, exclude):
+            return False
+        if targets is None:
+            return True
+        if targets == "all-linear":
+            out = getattr(self.root, "get_output_embeddings", lambda: None)()
+            module = self.root.get_submodule(name)
+            return _linear(module) is not None and module is not out
+        if isinstance(targets, str):
+            return self._match("target_modules", targets, targets, name, full=True)
+        if name in targets:
+            return True
+        if not _peft_list_match(name, targets):
+            return False
+        if layers is None or layers == []:
+            return True
+        found = None
+        for p in ([pattern] if isinstance(pattern, str) else pattern) if pattern else [None]:
+            regex = r".*?\.[^.]*\.(?P<idx>\d+)\." if p is None else rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\."
+            found = self._match("layers_pattern", p, regex, name, full=False, want_match=True)
+            if found is not None:
+                break
+        if found is None:
+            return False
+        index = int(found.group("idx"))
+        return index == layers if isinstance(layers, int) else index in layers
+
+    def _match(self, field: str, pattern, compiled_from: str, name: str, full: bool, want_match: bool = False):
         try:
             compiled = sites._regex(compiled_from, compiled_from)  # length, syntax and repeat limits of re: sites
         except SiteError as err:
@@ -476,7 +518,7 @@ class Bridge:
             raise _pattern_error(field, pattern, f"matching the module names took over {sites.MATCH_SECONDS:g} s, "
                                  "as a pattern that backtracks without end does, like (.|.)*x; the config is "
                                  "damaged or hostile") from None
-        return found is not None
+        return found if want_match else found is not None
 
 
 # ------------------------------------------------------------------ deltatune -> PEFT
@@ -609,6 +651,7 @@ def to_deltatune(model, path) -> tuple[dict, dict]:
             head[k] = t
         else:
             rest[k] = t
+    _check_selected(bridge, rest, config)
     try:
         options, deltas = cls.from_peft(bridge, config, rest)
     except ConfigError as err:
@@ -622,6 +665,21 @@ def to_deltatune(model, path) -> tuple[dict, dict]:
         "tensors": {k: list(v.shape) for k, v in out.items()}, "source": "peft",
     }
     return dt_config, out
+
+
+def _check_selected(bridge: Bridge, tensors: dict, config: dict) -> None:
+    """Every tensor sits on a module the config selects (:meth:`Bridge.selects`): peft loads a tensor of any other
+    module nowhere, so the adapter it computes would not be the one the file's tensors describe."""
+    modules = {n for n, _ in bridge.root.named_modules() if n}
+    for k in tensors:
+        parts = k.split(".")
+        name = next((".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1) if ".".join(parts[:i]) in modules), None)
+        if name is not None and not bridge.selects(config, name):
+            fields = ", ".join(f"{f}={config[f]!r}" for f in ("target_modules", "exclude_modules", "layers_to_transform",
+                                                              "layers_pattern") if config.get(f) is not None)
+            raise AdapterFileError(f"{bridge.file}: tensor '{k}' sits on module '{name}', which the config ({fields}) "
+                                   f"does not select: peft would leave it out, and the {config['peft_type']} adapter it loads "
+                                   "would differ from these tensors; the config or the tensors are damaged")
 
 
 def _head_in(model, prefix, head: dict, file: str) -> dict:

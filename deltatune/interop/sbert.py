@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -77,18 +78,29 @@ def plain_copy(model):
     return plain.eval()
 
 
-def _check_new(path) -> Path:
+def check_new(path, what: str = "the export folder") -> Path:
+    """``path`` is a new folder to write, or an empty one (not a link); a one-line error otherwise."""
+    if path is None or not str(path).strip():
+        raise ConfigError(f"{what} is empty; name a new folder to export to")
     path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise ConfigError(f"{path} exists and is not an empty folder; export to a new folder")
+    try:
+        if os.path.islink(path):
+            raise ConfigError(f"{what} {path} is a symbolic link (to {os.readlink(path)}); export to a new folder")
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise ConfigError(f"{what} {path} exists and is not an empty folder; export to a new folder")
+    except OSError as err:
+        raise ConfigError(f"{what} {path} cannot be used ({err.strerror or err}); export to another folder") from None
     return path
 
 
 def _new_folder(path, write) -> Path:
     """``write(tmp)`` into a temporary sibling of the new folder ``path``, then rename it into place."""
-    path = _check_new(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    path = check_new(path)
+    try:  # a folder of its own at an unpredictable name (never one that was there: a planted link or a user's)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        os.chmod(tmp, 0o755)
+    except OSError as err:
+        raise StorageError(f"cannot write {path}: {err.strerror or err}") from None
     try:
         write(tmp)
         if path.exists():
@@ -108,7 +120,7 @@ def export_merged(model, tokenizer, path) -> Path:
     """Write ``model``'s transformers model with its active (mergeable) adapters folded into the weights to the
     new folder ``path``, with the tokenizer: ``AutoModel.from_pretrained(path)`` (or the model's own class) loads
     it without deltatune."""
-    _check_new(path)
+    check_new(path)
     plain = plain_copy(model)
 
     def write(tmp):
@@ -132,7 +144,7 @@ def export_sentence_transformer(model, tokenizer, path, max_seq_length: int | No
             from sentence_transformers.models import Normalize, Pooling, Transformer
     except ImportError:
         raise ConfigError("sentence-transformers is not installed: pip install sentence-transformers") from None
-    _check_new(path)
+    check_new(path)
     plain = plain_copy(model)
     config = plain.config
     limit = getattr(config, "max_position_embeddings", None) or 512

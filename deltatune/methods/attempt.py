@@ -65,6 +65,7 @@ class ATTEMPT(Method):
                   "code loads a frozen one from multi-task training); single-task form")
     honours_layers = False  # the prompt is at the input embeddings, below every layer
     families = ("bert", "gpt2", "llama", "t5", "bart")
+    file_options = ("sources",)
 
     sources: list = option([], help="adapter directories of source prompts saved by the 'prompt' method")
     hidden: int = option(100, min=1, help="width of the attention module's bottleneck")

@@ -116,10 +116,16 @@ def read_text(path) -> str:
 
 
 def append_text(path, text: str) -> None:
-    """Append ``text`` to the file ``path`` (created if missing), never through a symbolic link."""
+    """Append ``text`` to the file ``path`` (created if missing), never through a symbolic link, nor to a file
+    with another name elsewhere (a hard link: the append would change that file too)."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW, 0o644)
         try:
+            links = os.fstat(fd).st_nlink
+            if links > 1:
+                raise StorageError(f"{path} is a hard link ({links} names for one file): appending to it would change "
+                                   "the file under its other names too; deltatune never writes to a file it shares: "
+                                   "remove it (or replace it with a copy), or choose another --out")
             data = text.encode()
             while data:
                 data = data[os.write(fd, data):]

@@ -32,7 +32,7 @@ def chosen_folder(value, default, what: str = "--out") -> Path:
         return Path(default)
     if not str(value).strip():
         raise StorageError(f"{what} is empty; give a folder (it is created if missing), or leave {what} out for "
-                           f"the default {default}")
+                           f"the default{f' {default}' if default is not None else ''}")
     return Path(value)
 
 
@@ -119,11 +119,6 @@ class OwnedFolder:
         """What the folder holds besides the marker (empty if it does not exist)."""
         return sorted(e for e in os.listdir(self.path) if e != self.kind.marker) if os.path.isdir(self.path) else []
 
-    def inside_owned(self) -> bool:
-        """The folder's parent is a folder deltatune owns (of any kind)."""
-        parent = self.path.parent
-        return any(_regular(parent / kind.marker) for kind in _KINDS.values())
-
     def check(self) -> None:
         """Refuse a folder deltatune must not write, before anything is loaded or written.
 
@@ -132,10 +127,11 @@ class OwnedFolder:
         link itself. A folder deltatune owns is locked here.
         """
         kind, what = self.kind, self.what
-        if os.path.islink(self.path) and self.inside_owned():
-            raise StorageError(f"{self.path} is a symbolic link (to {os.readlink(self.path)}) inside the deltatune "
-                               f"folder {self.path.parent}; deltatune never follows links inside its folders: "
-                               f"remove the link, or choose another {what}")
+        for path in (self.path, *self.path.parents):  # a link on the way, inside a deltatune folder (run/extra -> ..)
+            if os.path.islink(path) and _owned_by_deltatune(path.parent):
+                raise StorageError(f"{path} is a symbolic link (to {os.readlink(path)}) inside the deltatune "
+                                   f"folder {path.parent}; deltatune never follows links inside its folders: "
+                                   f"remove the link, or choose another {what}")
         _check_creatable(self.path, what)
         if not os.path.isdir(self.path):
             return
@@ -305,6 +301,11 @@ def owned(folder, kind: FolderKind, what: str = "--out") -> OwnedFolder:
     """``folder`` itself when it is an OwnedFolder already (a caller checked and holds it), else the
     OwnedFolder of kind ``kind`` at that path."""
     return folder if isinstance(folder, OwnedFolder) else OwnedFolder(folder, kind, what)
+
+
+def _owned_by_deltatune(folder: Path) -> bool:
+    """``folder`` carries the marker of a folder deltatune owns (of any kind)."""
+    return any(_regular(folder / kind.marker) for kind in _KINDS.values())
 
 
 def _regular(path) -> bool:

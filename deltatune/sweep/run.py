@@ -98,7 +98,8 @@ def plan(cfg: SweepConfig, task=None, capacity: int | None = None) -> Plan:
     if algorithm == "tpe" or prune == "median":
         identity["concurrency"] = concurrency  # decisions that read results read whole rounds
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
-    root = Path(cfg.storage) / f"{out.name}-{digest}" if cfg.storage else out / "trials"
+    root = storage.chosen_folder(cfg.storage, None, "--storage") / f"{out.name}-{digest}" if cfg.storage is not None \
+        else out / "trials"
     search = build_search(algorithm, space, seed=cfg.search_seed, concurrency=concurrency, extend=cfg.extend,
                           points=cfg.grid_points, tpe_startup=tpe_startup, valid=lambda params: _valid(space, params))
     pruner = MedianPruner(space, concurrency, cfg.prune_startup) if prune == "median" else None

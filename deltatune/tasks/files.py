@@ -23,14 +23,13 @@ import errno
 import hashlib
 import io
 import json
-import math
 import os
 import random
 import stat
 from pathlib import Path
 
 from deltatune.errors import DataError
-from deltatune.settings import env_limit
+from deltatune.settings import env_bytes
 from deltatune.tasks.kinds import KINDS, Classification, get_kind
 from deltatune.tasks.registry import TASKS, TaskData
 
@@ -57,8 +56,7 @@ MAX_MB_ENV, MAX_MB_DEFAULT = "DELTATUNE_MAX_DATA_MB", 1024
 
 def max_data_bytes() -> int:
     """The largest data file read: $DELTATUNE_MAX_DATA_MB megabytes (default 1024)."""
-    mb = env_limit(MAX_MB_ENV, MAX_MB_DEFAULT, DataError)
-    return int(mb * 2**20) if math.isfinite(mb) else 2**62
+    return env_bytes(MAX_MB_ENV, MAX_MB_DEFAULT, DataError)[0]
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -78,16 +76,34 @@ def _read_bytes(path: Path) -> bytes:
             st = os.fstat(f.fileno())
             if not stat.S_ISREG(st.st_mode):  # replaced between the stat and the open
                 raise DataError(f"{path} is not a regular file ({_file_kind(st.st_mode)})")
-            raw = f.read(limit + 1)
+            if st.st_size > limit:
+                raise DataError(_too_large(path))
+            raw = _read_upto(f, limit + 1)  # in pieces: read(n) would first allocate n bytes, a limit of 'inf' too
     except FileNotFoundError:
         raise DataError(f"{path}: no such file; pass a .jsonl/.csv/.tsv file, a directory with train/valid/test "
                         f"files, a built-in task name or hf:<dataset>") from None
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
-    if len(raw) > limit:
-        raise DataError(f"{path} is larger than {os.environ.get(MAX_MB_ENV) or MAX_MB_DEFAULT} MB, the limit for data files; set "
-                        f"{MAX_MB_ENV} to a larger number of megabytes to read it")
+    if len(raw) > limit:  # it grew after the fstat
+        raise DataError(_too_large(path))
     return raw
+
+
+def _too_large(path: Path) -> str:
+    return (f"{path} is larger than {os.environ.get(MAX_MB_ENV) or MAX_MB_DEFAULT} MB, the limit for data files; set "
+            f"{MAX_MB_ENV} to a larger number of megabytes to read it")
+
+
+def _read_upto(f, n: int, piece: int = 2**24) -> bytes:
+    """At most ``n`` bytes of ``f``, read in pieces."""
+    chunks, got = [], 0
+    while got < n:
+        chunk = f.read(min(piece, n - got))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
 
 
 def _file_kind(mode: int) -> str:
@@ -126,6 +142,9 @@ def read_rows(path: str | Path) -> list[tuple[int, dict]]:
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}, line {n}: malformed JSON ({e.msg} at column {e.colno}); "
                                 f"each line must hold one JSON object") from None
+            except ValueError:  # json raises it for a number of over 4300 digits (Python's int() limit)
+                raise DataError(f"{path}, line {n}: a number with more digits than Python reads (4300); write "
+                                "long numbers as strings") from None
             except RecursionError:
                 raise DataError(f"{path}, line {n}: JSON nested too deeply to read; each line must hold one flat "
                                 f"JSON object") from None
@@ -179,6 +198,9 @@ def _clean(rows: list[tuple[int, dict]], kind: str, path: Path) -> list[dict]:
                 raise DataError(f"{path}, line {n}: column {col!r} is null; give every row a value")
             if col in spec.text_fields and not isinstance(row[col], str):
                 raise DataError(f"{path}, line {n}: column {col!r} must be a string, got {type(row[col]).__name__}")
+            if col in spec.text_fields and not _encodable(row[col]):
+                raise DataError(f"{path}, line {n}: column {col!r} holds a lone surrogate (an unpaired \\ud800-"
+                                "\\udfff escape), which is no text; write the character itself or its pair of escapes")
         out.append({c: row[c] for c in required + optional if c in row} | {"_where": f"{path}, line {n}"})
     return out
 
@@ -187,8 +209,24 @@ def _clean(rows: list[tuple[int, dict]], kind: str, path: Path) -> list[dict]:
 # Labels
 # ---------------------------------------------------------------------------------------------
 
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:40]}...({len(text)} characters)"
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _as_int(value) -> int | None:
-    """An int for 3, True, 3.0 or "3"; None for anything else."""
+    """An int for 3, True, 3.0 or "3"; None for anything else. A number of more than 30 digits stands for
+    itself by 10**30 (more classes than any limit: Python refuses int() of over 4300 digits)."""
+    if isinstance(value, str) and len(value.strip().lstrip("-")) > 30 and value.strip().lstrip("-").isdecimal():
+        return -(10**30) if value.strip().startswith("-") else 10**30
     if isinstance(value, bool):
         return int(value)
     if isinstance(value, int):
@@ -230,10 +268,10 @@ def map_labels(splits: dict[str, list[dict]], labels: list[str] | None) -> list[
                 continue
             as_int = _as_int(value)
             if as_int is None:
-                raise DataError(f"{r['_where']}: unknown label {value!r}; the labels are {labels} "
+                raise DataError(f"{r['_where']}: unknown label {_shown(value)}; the labels are {labels} "
                                 f"(give one of those names or an int in 0..{len(labels) - 1})")
             if not 0 <= as_int < len(labels):
-                raise DataError(f"{r['_where']}: label {value!r} is out of range: with labels {labels} a label must be "
+                raise DataError(f"{r['_where']}: label {_shown(value)} is out of range: with labels {labels} a label must be "
                                 f"one of those names or an int in 0..{len(labels) - 1}")
             r["label"] = as_int
         _check_classes(rows, labels)
@@ -242,13 +280,13 @@ def map_labels(splits: dict[str, list[dict]], labels: list[str] | None) -> list[
     if all(i is not None for i in ints):
         for r, i in zip(rows, ints):
             if i < 0:
-                raise DataError(f"{r['_where']}: label {r['label']!r} is out of range: int labels must be "
+                raise DataError(f"{r['_where']}: label {_shown(r['label'])} is out of range: int labels must be "
                                 f"0..K-1 (or use class-name strings)")
         top = max(range(len(rows)), key=ints.__getitem__)
         k, distinct = ints[top] + 1, len(set(ints))
         if k > MAX_CLASSES or distinct < k / 2:  # checked before a name is made for each class
             shown = k if k <= 10**18 else "over 10^18"
-            raise DataError(f"{rows[top]['_where']}: label {rows[top]['label']!r} would make {shown} classes (int "
+            raise DataError(f"{rows[top]['_where']}: label {_shown(rows[top]['label'])} would make {shown} classes (int "
                             f"labels are class indices 0..K-1), but only {distinct} distinct labels occur"
                             + (f" and at most {MAX_CLASSES} classes are supported" if k > MAX_CLASSES else "")
                             + "; number the classes 0..K-1 without gaps, or use class-name strings")

@@ -24,6 +24,7 @@ import torch
 from ..errors import ConfigError
 from ..names import cache_dir
 from ..storage import CacheEntry
+from ..sites import num_layers
 from .config import TrainConfig
 from .loop import optimizer_step
 from ..tasks.kinds import get_kind
@@ -114,7 +115,8 @@ def freeze_depth(model_name: str, task, *, method: str = "full", steps: int = AU
     path = cache_dir() / "analysis" / f"freeze-{key}.json"
     entry = CacheEntry(path, key, "freeze-depth analysis", root=cache_dir())
     # untrusted input: used only when it is this analysis (its settings) and its K follows from its own scores
-    found = entry.read_json(lambda value: _check_analysis(value, settings, score, threshold)) if cache else None
+    states = num_layers(base) + 1  # the embeddings' output and each layer's
+    found = entry.read_json(lambda value: _check_analysis(value, settings, score, threshold, states)) if cache else None
     if found is not None:
         return {**found, "cached": True, "cache_file": str(path)}
     field = kind.text_field
@@ -142,14 +144,14 @@ def freeze_depth(model_name: str, task, *, method: str = "full", steps: int = AU
     return {**result, "cached": False, "cache_file": str(path)}
 
 
-def _check_analysis(value, settings: dict, score: str, threshold: float) -> None:
-    """A cached analysis of these settings: per-layer scores (finite numbers, one per hidden state) and the K
-    they give by the rule (ValueError, TypeError or KeyError otherwise)."""
+def _check_analysis(value, settings: dict, score: str, threshold: float, states: int) -> None:
+    """A cached analysis of these settings: per-layer scores (finite numbers, one per hidden state: ``states``)
+    and the K they give by the rule (ValueError, TypeError or KeyError otherwise)."""
     if value["settings"] != settings:
         raise ValueError("it is the analysis of other settings")
     scores = value["scores"]
     lengths = {len(v) for v in scores.values()} if isinstance(scores, dict) and scores else set()
-    if len(lengths) != 1 or lengths == {0} or any(
+    if lengths != {states} or any(
             isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) for v in scores.values() for x in v):
         raise ValueError("its scores are not finite numbers, one per hidden state")
     if value["k"] != recommend_k(scores[score], threshold) or not isinstance(value["rule"], str) \
