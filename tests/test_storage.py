@@ -217,10 +217,52 @@ def test_overwrite_removes_only_what_deltatune_wrote(task, finished, tmp_path):
     mine = {"notes.txt": "mine", ".notes.txt.tmp": "mine too", "best.txt": "and this"}
     for name, text in mine.items():
         (out / name).write_text(text)
-    (out / "checkpoints" / "step-000004" / "README").write_text("inside a checkpoint: deltatune's folder")
     assert cli.main(argv(task, out, "--overwrite", "--seed", "1")) == 0
     assert {name: (out / name).read_text() for name in mine} == mine
     figures.count("storage: reruns into a previous run")
+
+
+@pytest.mark.parametrize("where", ["best/README.md", "checkpoints/step-000004/notes.txt",
+                                   "checkpoints/step-000004/adapter/x.json", "checkpoints/mine/a.txt"])
+@pytest.mark.parametrize("extra", [["--overwrite"], ["--resume", "--max-steps", "6"]])
+def test_a_file_of_the_users_inside_best_or_checkpoints_is_refused(task, finished, tmp_path, capsys, where, extra):
+    """best/ and checkpoints/ are replaced whole (--overwrite, a better adapter, a newer checkpoint): a file of the
+    user's inside them is named and refused before anything changes."""
+    out = copy(finished, tmp_path)
+    (out / where).parent.mkdir(parents=True, exist_ok=True)
+    (out / where).write_text("mine")
+    before = tree(out)
+    named = where.rsplit("/", 1)[0] if "mine/" in where else where  # a folder of the user's is named itself
+    one_line_error(capsys, cli.main(argv(task, out, *extra)), named, "is not what a run writes there")
+    assert tree(out) == before
+
+
+def test_an_overwrite_that_fails_gives_the_previous_run_back(task, finished, tmp_path, monkeypatch):
+    """The run an --overwrite replaces is kept aside until the new run's first checkpoint: an error (or Ctrl-C)
+    before it brings the old run back whole, and so does the next command after a kill."""
+    from deltatune.training import run as run_module
+
+    out = copy(finished, tmp_path)
+    before = tree(out)
+
+    def broken(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(run_module, "run_loop", broken)
+        with pytest.warns(UserWarning, match="stopped with an error; the run it was"):
+            assert cli.main(argv(task, out, "--overwrite", "--seed", "5")) != 0  # the CLI's answer to Ctrl-C
+    assert tree(out) == before
+    kept = out / ".replaced"  # a kill midway: the replaced run aside, the new one's first files in place
+    kept.mkdir()
+    from deltatune.training.outdir import RUN_FILES
+
+    for name in RUN_FILES:
+        os.replace(out / name, kept / name)
+    (out / "log.jsonl").write_text('{"step": 0}\n')
+    with pytest.warns(UserWarning, match="was killed before its first checkpoint; the run it was replacing is back"):
+        assert cli.main(argv(task, out)) == 2  # then refused as ever: a finished run is there
+    assert tree(out) == before
 
 
 # ------------------------------------------------------------------ no links inside a run folder

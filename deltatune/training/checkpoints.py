@@ -26,6 +26,9 @@ from .config import COUNT, TrainConfig
 
 
 
+# Where a run an --overwrite replaces is kept until the new run's first checkpoint (see outdir.restore_replaced).
+REPLACED = ".replaced"
+
 
 def save_checkpoint(out: Path, model, optimizer, names, state, rule=None) -> None:
     """checkpoints/step-N/: adapter (unfolded), optimizer + RNG tensors (safetensors), the rest as JSON."""
@@ -60,6 +63,7 @@ def save_checkpoint(out: Path, model, optimizer, names, state, rule=None) -> Non
     for old in checkpoints(out):  # only once the new one is complete
         if old != path:
             storage.remove_dir(old)
+    storage.remove_dir(out / REPLACED)  # this run can be resumed now: the run an --overwrite replaced goes
 
 
 def load_checkpoint(path: Path, optimizer, names, cfg: TrainConfig, rule=None) -> dict:

@@ -9,15 +9,24 @@ import dataclasses
 import json
 import math
 import os
+import re
 import warnings
 from pathlib import Path
 
 from .. import storage
 from ..errors import StorageError, ConfigError
 from ..storage import RunFolder, atomic_write_bytes, atomic_write_json, storage_error
-from .checkpoints import checkpoints, latest_checkpoint, step_of
+from .checkpoints import REPLACED, checkpoints, latest_checkpoint, step_of
 from .config import RESUMABLE_CHANGES, TrainConfig
 from .runs import PREDICTIONS, config_from, read_run_json
+
+
+# What a run writes at the top of its folder (anything else there is the user's, and stays).
+RUN_FILES = ("checkpoints", "best", "log.jsonl", "metrics.json", "run.json", *PREDICTIONS.values())
+# What best/ and checkpoints/ hold (name pattern -> None for a file, the same for a folder): a run replaces them
+# whole (a better adapter, a newer checkpoint, --overwrite), so anything else in them is the user's, and refused.
+_ADAPTER = {r"adapter\.safetensors": None, r"adapter_config\.json": None}
+_REPLACED_WHOLE = {"best": _ADAPTER, "checkpoints": {r"step-\d+|\.step-\d+\.old": {"adapter": _ADAPTER, r"trainer\.(json|safetensors)": None}}}
 
 
 def check_out_dir(folder: RunFolder, cfg: TrainConfig) -> tuple[Path | None, bool]:
@@ -30,6 +39,9 @@ def check_out_dir(folder: RunFolder, cfg: TrainConfig) -> tuple[Path | None, boo
     """
     folder.check()
     out, run_json = folder.path, folder.path / "run.json"
+    restore_replaced(out, "a run that was replacing it was killed before its first checkpoint")
+    if folder.is_run():
+        _refuse_foreign_inside(out)
     if not (cfg.resume and folder.is_run()):
         if cfg.resume:
             warnings.warn(f"resume=True but {out} holds no run; starting from step 0", stacklevel=5)
@@ -49,6 +61,31 @@ def check_out_dir(folder: RunFolder, cfg: TrainConfig) -> tuple[Path | None, boo
     if checkpoint is None:  # what it wrote before its first checkpoint is recomputed the same way
         warnings.warn(f"resume=True but {out} holds no checkpoint yet; starting from step 0", stacklevel=5)
     return checkpoint, checkpoint is None
+
+
+def _refuse_foreign_inside(out: Path) -> None:
+    """best/ and checkpoints/ hold only what a run writes there (``_REPLACED_WHOLE``)."""
+    for top, spec in _REPLACED_WHOLE.items():
+        found = _foreign(out / top, spec) if storage.is_dir(out / top) else None
+        if found is not None:
+            raise StorageError(f"{found} is not what a run writes there: deltatune replaces {top}/ of a run folder whole "
+                               "(a better adapter, a newer checkpoint, --overwrite), which would remove it; move it "
+                               "out of the run folder first")
+
+
+def _foreign(folder: Path, spec: dict) -> Path | None:
+    """The first entry of ``folder`` that ``spec`` does not name (a crash's leftovers aside)."""
+    for name in sorted(os.listdir(folder)):
+        if storage._is_leftover(name):
+            continue
+        inner = next((v for pattern, v in spec.items() if re.fullmatch(pattern, name)), False)
+        path = folder / name
+        if inner is False or (inner is None) == storage.is_dir(path):
+            return path
+        found = _foreign(path, inner) if inner is not None else None
+        if found is not None:
+            return found
+    return None
 
 
 def refuse_to_replace(folder: RunFolder, cfg: TrainConfig) -> None:
@@ -77,11 +114,49 @@ def prepare_out_dir(folder: RunFolder, cfg: TrainConfig, checkpoint: Path | None
             if old != checkpoint:
                 storage.remove_dir(old)
         if checkpoint is None:  # allowed by now: a resumed run that wrote no checkpoint yet, or overwrite
-            for stale in ("checkpoints", "best", "log.jsonl", "metrics.json", *PREDICTIONS.values()):
-                storage.remove(out / stale)
+            stale = [name for name in RUN_FILES if os.path.lexists(out / name)]
+            if stale:  # kept aside until this run's first checkpoint (checkpoints.save), brought back if it fails first
+                os.mkdir(out / REPLACED)
+                for name in stale:
+                    os.replace(out / name, out / REPLACED / name)
+                storage.fsync_dir(out)
     except OSError as err:
         raise storage_error(err, out, "prepare") from err
     atomic_write_json(out / "run.json", dataclasses.asdict(cfg))
+
+
+def restore_replaced(out: Path, why: str) -> None:
+    """The run an --overwrite was replacing comes back when the new one stopped (``why``) before its first
+    checkpoint: the new run's files go (only the names a run writes), the kept ones return. Once the new run has
+    a checkpoint it can be resumed, and the replaced run goes instead. Safe to repeat after a kill midway: the
+    new run's files without a kept counterpart go first, then the kept folder is renamed to say so, then its
+    entries move back one by one."""
+    out = Path(out)
+    kept, back = out / REPLACED, out / f"{REPLACED}-back"
+    try:
+        if storage.is_dir(kept):
+            if latest_checkpoint(out) is not None:
+                finish_replacing(out)
+                return
+            warnings.warn(f"{out}: {why}; the run it was replacing is back", stacklevel=2)
+            saved = set(os.listdir(kept))
+            for name in RUN_FILES:
+                if name not in saved:
+                    storage.remove(out / name)
+            os.replace(kept, back)
+        if storage.is_dir(back):
+            for name in os.listdir(back):
+                storage.remove(out / name)
+                os.replace(back / name, out / name)
+            os.rmdir(back)
+            storage.fsync_dir(out)
+    except OSError as err:
+        raise storage_error(err, kept, "restore") from err
+
+
+def finish_replacing(out: Path) -> None:
+    """The new run can be resumed (or has finished): the run it replaced goes."""
+    storage.remove_dir(Path(out) / REPLACED)
 
 
 class Log:

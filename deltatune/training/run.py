@@ -36,7 +36,7 @@ from .loop import run_loop, seed_everything
 from .memory import autocast, check_batch_fits, check_positions, deterministic, enable_checkpointing, peak_rss_mb
 from ..quantize import quantize_base
 from ..tasks.kinds import build_task_model, get_kind
-from .outdir import Log, check_out_dir, prepare_out_dir
+from .outdir import Log, check_out_dir, finish_replacing, prepare_out_dir, restore_replaced
 from .runs import PREDICTIONS, write_predictions
 
 
@@ -154,49 +154,57 @@ def _train(cfg: TrainConfig, task, folder: RunFolder) -> dict:
         state = load_checkpoint(checkpoint, optimizer, names, cfg, rule)
     state = distributed.sync(model, optimizer, rule, state)
     distributed.rank0(lambda: prepare_out_dir(folder, cfg, checkpoint, restart))
-    log = Log(out / "log.jsonl" if cfg.json_log and distributed.is_rank0() else None, keep_until=step_of(checkpoint))
-    if zero_shot is not None:
-        for stale in PREDICTIONS.values():  # a fresh run: the previous run's predictions go with its metrics
-            (out / stale).unlink(missing_ok=True)
-        write_predictions(out / PREDICTIONS["zero-shot"], zero_shot_records)
-        log.write({"step": 0, "split": "test", "zero_shot": True, **zero_shot})
+    try:  # a run an --overwrite replaces is kept aside until this run's first checkpoint: it comes back if this run fails first
+        log = Log(out / "log.jsonl" if cfg.json_log and distributed.is_rank0() else None, keep_until=step_of(checkpoint))
+        if zero_shot is not None:
+            for stale in PREDICTIONS.values():  # a fresh run: the previous run's predictions go with its metrics
+                (out / stale).unlink(missing_ok=True)
+            write_predictions(out / PREDICTIONS["zero-shot"], zero_shot_records)
+            log.write({"step": 0, "split": "test", "zero_shot": True, **zero_shot})
 
-    lap("setup")
-    ended = run_loop(cfg, model, optimizer, names, objective, data, task, state, log, out, rule, phases)
-    lap("train")
-    phases["train"] -= phases.get("validate", 0.0) + phases.get("checkpoint", 0.0)
-    if ended == "interrupted":
-        return {"stopped_at": state["step"], "max_steps": cfg.max_steps, "out_dir": str(out),
-                "checkpoint": str(distributed.rank0(lambda: latest_checkpoint(out)))}
-    if not distributed.is_rank0():
-        return distributed.result(None)  # rank 0's summary, once it has scored the best adapter
-    rule_metrics = rule.metrics() if rule is not None else {}  # e.g. the privacy budget spent
-    # the test score comes from the saved best adapter, exactly as evaluate() sees it; every reference to the
-    # trained model goes first (params and the rules hold its trainable tensors, whose .grad is the size of them)
-    optimizer.zero_grad(set_to_none=True)
-    del model, optimizer, params, private, rule
-    gc.collect()  # hooks and stores refer back to their modules: the model is a cycle, freed by the collector
-    test = {}  # score_test=False (a sweep's trial): the test split stays out of the run
-    if cfg.score_test:
-        best, _ = scoring.restore(cfg, task, out / "best")
-        test, records = scoring.score(best.to(cfg.device), objective, data["test"], task, "test", cfg)
-        write_predictions(out / PREDICTIONS["test"], records)
-        log.write({"step": state["step"], "split": "test", "best_step": state["best_step"], **test})
-        lap("test")
-    summary = {
-        "method": cfg.method, "task": task.name, "model": cfg.model, "metric": task.metric,
-        "value": test.get(task.metric), "zero_shot_value": state["zero_shot_value"],
-        "zero_shot_cached": state.get("zero_shot_cached", False),
-        "trainable_params": trainable, "total_params": total, "train_seconds": state["train_seconds"],
-        "step_seconds_median": statistics.median(state["step_seconds"]), "peak_rss_mb": peak_rss_mb(),
-        "steps": state["step"], "max_steps": cfg.max_steps, "stopped_early": state["step"] < cfg.max_steps,
-        "best_step": state["best_step"], "valid_value": state["best_value"], "seed": cfg.seed, "lr": cfg.lr,
-        "phase_seconds": {k: round(v, 3) for k, v in phases.items()}, "grad_checkpointing": checkpointing,
-        "batch_size": cfg.batch_size, "options": cfg.options, "out_dir": str(out), "adapter_dir": str(out / "best"),
-        "predictions_file": str(out / PREDICTIONS["test"]) if cfg.score_test else None,
-        "zero_shot_predictions_file": str(out / PREDICTIONS["zero-shot"]) if state["zero_shot_value"] is not None else None,
-    }
-    summary.update(rule_metrics)
-    summary.update({k: v for k, v in test.items() if k not in summary})
-    atomic_write_json(out / "metrics.json", summary)
-    return distributed.result(summary)
+        lap("setup")
+        ended = run_loop(cfg, model, optimizer, names, objective, data, task, state, log, out, rule, phases)
+        lap("train")
+        phases["train"] -= phases.get("validate", 0.0) + phases.get("checkpoint", 0.0)
+        if ended == "interrupted":  # stop_after: a pause, to go on from its checkpoint
+            if distributed.is_rank0():
+                restore_replaced(out, "this run stopped (stop_after) before its first checkpoint")
+            return {"stopped_at": state["step"], "max_steps": cfg.max_steps, "out_dir": str(out),
+                    "checkpoint": str(distributed.rank0(lambda: latest_checkpoint(out)))}
+        if not distributed.is_rank0():
+            return distributed.result(None)  # rank 0's summary, once it has scored the best adapter
+        rule_metrics = rule.metrics() if rule is not None else {}  # e.g. the privacy budget spent
+        # the test score comes from the saved best adapter, exactly as evaluate() sees it; every reference to the
+        # trained model goes first (params and the rules hold its trainable tensors, whose .grad is the size of them)
+        optimizer.zero_grad(set_to_none=True)
+        del model, optimizer, params, private, rule
+        gc.collect()  # hooks and stores refer back to their modules: the model is a cycle, freed by the collector
+        test = {}  # score_test=False (a sweep's trial): the test split stays out of the run
+        if cfg.score_test:
+            best, _ = scoring.restore(cfg, task, out / "best")
+            test, records = scoring.score(best.to(cfg.device), objective, data["test"], task, "test", cfg)
+            write_predictions(out / PREDICTIONS["test"], records)
+            log.write({"step": state["step"], "split": "test", "best_step": state["best_step"], **test})
+            lap("test")
+        summary = {
+            "method": cfg.method, "task": task.name, "model": cfg.model, "metric": task.metric,
+            "value": test.get(task.metric), "zero_shot_value": state["zero_shot_value"],
+            "zero_shot_cached": state.get("zero_shot_cached", False),
+            "trainable_params": trainable, "total_params": total, "train_seconds": state["train_seconds"],
+            "step_seconds_median": statistics.median(state["step_seconds"]), "peak_rss_mb": peak_rss_mb(),
+            "steps": state["step"], "max_steps": cfg.max_steps, "stopped_early": state["step"] < cfg.max_steps,
+            "best_step": state["best_step"], "valid_value": state["best_value"], "seed": cfg.seed, "lr": cfg.lr,
+            "phase_seconds": {k: round(v, 3) for k, v in phases.items()}, "grad_checkpointing": checkpointing,
+            "batch_size": cfg.batch_size, "options": cfg.options, "out_dir": str(out), "adapter_dir": str(out / "best"),
+            "predictions_file": str(out / PREDICTIONS["test"]) if cfg.score_test else None,
+            "zero_shot_predictions_file": str(out / PREDICTIONS["zero-shot"]) if state["zero_shot_value"] is not None else None,
+        }
+        summary.update(rule_metrics)
+        summary.update({k: v for k, v in test.items() if k not in summary})
+        atomic_write_json(out / "metrics.json", summary)
+        finish_replacing(out)
+        return distributed.result(summary)
+    except BaseException:
+        if distributed.is_rank0():
+            restore_replaced(out, "this run stopped with an error")
+        raise
