@@ -15,12 +15,15 @@ itself and then ``exec``\\ s ``python -I program.py``, so the program starts alr
 - time: a wall-clock limit (the whole process group is killed) and ``RLIMIT_CPU``;
 - memory: ``RLIMIT_AS`` (an allocation beyond it raises MemoryError in the program); the memory
   that the address-space limit does not count is refused or bounded: ``memfd_create``,
-  ``memfd_secret`` and System V shared memory are refused by seccomp, POSIX message queues by
+  ``memfd_secret`` and System V shared memory, message queues and semaphores are refused by seccomp,
+  POSIX message queues by
   ``RLIMIT_MSGQUEUE`` = 0, and the program's folder is a tmpfs of :data:`DEFAULT_FOLDER_SIZE` bytes
   in a private mount namespace (as root, or with unprivileged user namespaces), so its files too
   have a ceiling (elsewhere only ``RLIMIT_FSIZE`` per file);
 - processes: ``RLIMIT_NPROC``, and on Linux a seccomp filter that refuses fork, vfork and clone
-  without CLONE_THREAD (threads still work) -- the rlimit alone does not bind a root caller;
+  without CLONE_THREAD (threads still work) -- the rlimit alone does not bind a root caller, whose
+  program therefore gets no threads either (uid 0 is exempt from the rlimit); ``prlimit`` only on
+  itself (uid 0 could otherwise change the limits of every uid 0 process, its parent's too);
 - system calls (seccomp, Linux x86-64 and arm64): besides the above, every metadata change
   (chmod, chown, utime, xattr families, in its own folder too), reboot, kexec, module loading,
   mount and the new mount API, swap, clock and host-name setting, namespaces (unshare, setns),
@@ -116,7 +119,8 @@ DENIED_SYSCALLS = {
     "identity": {"setuid": (105, 146), "setgid": (106, 144), "setreuid": (113, 145), "setregid": (114, 143),
                  "setresuid": (117, 147), "setresgid": (119, 149), "setgroups": (116, 159),
                  "setfsuid": (122, 151), "setfsgid": (123, 152), "capset": (126, 91)},
-    "memory": {"memfd_create": (319, 279), "memfd_secret": (447, 447), "shmget": (29, 194)},
+    "memory": {"memfd_create": (319, 279), "memfd_secret": (447, 447), "shmget": (29, 194), "msgget": (68, 186),
+               "semget": (64, 190)},
     "processes": {"fork": (57, None), "vfork": (58, None)},
     "network": {"socket": (41, 198), "io_uring_setup": (425, 425)},
 }
@@ -124,7 +128,7 @@ DENIED_SYSCALLS = {
 # towards the program itself), fcntl/ioctl (F_SETOWN and FIOSETOWN/SIOCSPGRP refused: they aim SIGIO elsewhere).
 _CHECKED_SYSCALLS = {"clone": (56, 220), "clone3": (435, 435), "kill": (62, 129), "rt_sigqueueinfo": (129, 138),
                      "tgkill": (234, 131), "rt_tgsigqueueinfo": (297, 240), "pidfd_open": (434, 434),
-                     "fcntl": (72, 25), "ioctl": (16, 29)}
+                     "fcntl": (72, 25), "ioctl": (16, 29), "prlimit64": (302, 261)}
 _ARCHES = {"x86_64": (0, 0xC000003E, True), "aarch64": (1, 0xC00000B7, False)}  # column, AUDIT_ARCH, has x32
 
 
@@ -311,15 +315,21 @@ if linux:
             op(JEQ, table[name], "TO_SELF_OR_GROUP", 0)
         for name in ("tgkill", "rt_tgsigqueueinfo", "pidfd_open"):
             op(JEQ, table[name], "TO_SELF", 0)
+        op(JEQ, table["prlimit64"], "SELF_OR_ZERO", 0)  # uid 0 may set any uid 0 process's limits otherwise
         op(JEQ, table["fcntl"], "FCNTL", 0)
         op(JEQ, table["ioctl"], "IOCTL", 0)
         for nr in table["deny"]:
             op(JEQ, nr, "EPERM", 0)
         op(RET, 0x7FFF0000)
-        label("CLONE"); arg(0); op(JSET, 0x00010000, "ALLOW", "EPERM")  # CLONE_THREAD
+        label("CLONE")
+        if os.getuid() == 0:  # uid 0 is exempt from RLIMIT_NPROC: its threads could not be bounded, so none
+            op(RET, 0x00050001)
+        else:
+            arg(0); op(JSET, 0x00010000, "ALLOW", "EPERM")  # CLONE_THREAD
         label("TO_SELF_OR_GROUP"); arg(0); op(JEQ, pid, "ALLOW", 0); op(JEQ, 0, "ALLOW", 0)
         op(JEQ, -pid & 0xFFFFFFFF, "ALLOW", "EPERM")  # its own process group (it leads its own session)
         label("TO_SELF"); arg(0); op(JEQ, pid, "ALLOW", "EPERM")
+        label("SELF_OR_ZERO"); arg(0); op(JEQ, pid, "ALLOW", 0); op(JEQ, 0, "ALLOW", "EPERM")
         label("FCNTL"); arg(1); op(JEQ, 8, "EPERM", 0); op(JEQ, 15, "EPERM", "ALLOW")  # F_SETOWN, F_SETOWN_EX
         label("IOCTL"); arg(1); op(JEQ, 0x8901, "EPERM", 0); op(JEQ, 0x8902, "EPERM", "ALLOW")  # FIOSETOWN, SIOCSPGRP
         for name, value in (("ALLOW", 0x7FFF0000), ("EPERM", 0x00050001), ("ENOSYS", 0x00050026),

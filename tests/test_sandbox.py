@@ -408,6 +408,34 @@ def test_signals_reach_only_itself():
                    "own_group": "OK", "thread": "OK", "pidfd_parent": "EPERM"}, got
 
 
+@runs
+@needs_seccomp
+def test_limits_change_only_its_own_and_ipc_queues_are_refused():
+    """prlimit on another process (as uid 0 the kernel allows it on every uid 0 process: the parent's CPU limit
+    set to 1 s kills it) is refused; on itself it works. System V queues and semaphores (memory RLIMIT_AS does not
+    count) are refused like shared memory. As uid 0 (exempt from RLIMIT_NPROC) no thread starts."""
+    got = attack(f"""
+        import resource, threading
+        attempt("parent", lambda: resource.prlimit(os.getppid(), resource.RLIMIT_NOFILE))
+        attempt("self_pid", lambda: resource.prlimit(os.getpid(), resource.RLIMIT_NOFILE))
+        attempt("self", lambda: resource.setrlimit(resource.RLIMIT_CORE, (0, 0)))
+        attempt("msgget", lambda: raw({nr("msgget")}, 0, 0o1600))
+        attempt("semget", lambda: raw({nr("semget")}, 0, 1, 0o1600))
+        def start():
+            t = threading.Thread(target=lambda: None)
+            t.start()
+            t.join()
+        try:
+            start()
+            outcome["thread"] = "OK"
+        except RuntimeError:
+            outcome["thread"] = "refused"
+        """)
+    thread = "refused" if os.getuid() == 0 else "OK"
+    assert got == {"parent": "EPERM", "self_pid": "OK", "self": "OK", "msgget": "EPERM", "semget": "EPERM",
+                   "thread": thread}, got
+
+
 # ----------------------------------------------------------------------------- memory the address-space limit misses
 
 @runs
