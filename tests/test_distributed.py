@@ -260,6 +260,30 @@ def test_one_process_calls_no_collective(tmp_path):
     assert distributed.rank0(lambda: 7) == 7 and distributed.result({"a": 1}) == {"a": 1}
 
 
+TORCHRUN = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": "29511"}
+
+
+@pytest.mark.parametrize("changes,named", [
+    ({"WORLD_SIZE": "abc"}, "WORLD_SIZE"), ({"WORLD_SIZE": "1e3"}, "WORLD_SIZE"), ({"WORLD_SIZE": "0"}, "WORLD_SIZE"),
+    ({"WORLD_SIZE": "-3"}, "WORLD_SIZE"), ({"RANK": "abc"}, "RANK"), ({"RANK": "5"}, "RANK"), ({"RANK": "-1"}, "RANK"),
+    ({"LOCAL_RANK": "x"}, "LOCAL_RANK"), ({"LOCAL_WORLD_SIZE": "x"}, "LOCAL_WORLD_SIZE"),
+    ({"MASTER_ADDR": None, "MASTER_PORT": None}, "MASTER_ADDR"), ({"MASTER_PORT": None}, "MASTER_PORT"),
+    ({"MASTER_ADDR": "junk..host"}, "MASTER_ADDR"),
+])
+def test_a_wrong_torchrun_environment_is_one_line(capsys, tmp_path, monkeypatch, changes, named):
+    """Each of torchrun's variables is checked before torch.distributed is asked to connect: a rank outside the
+    world or a host that does not resolve would otherwise wait for hours, a word a traceback."""
+    for name, value in {**TORCHRUN, **changes}.items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    code, err = _cli(capsys, tmp_path, "--batch-size", "8")
+    assert code == 2 and named in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+
+
 @pytest.mark.parametrize("port", ["99999", "abc", ""])
 def test_a_torchrun_environment_with_no_port_is_one_line(capsys, tmp_path, monkeypatch, port):
     """Started as one of torchrun's processes (RANK/WORLD_SIZE set) with MASTER_PORT that is no TCP port:

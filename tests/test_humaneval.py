@@ -198,7 +198,9 @@ def test_chat_answers_run_their_code_block():
 
 
 @pytest.mark.parametrize("flag, value", [("--timeout", "nan"), ("--timeout", "-1"), ("--timeout", "0"),
-                                         ("--workers", "0")])
+                                         ("--workers", "0"), ("--n", "100000000"), ("--max-new-tokens", "100000000"),
+                                         ("--batch-size", "0"), ("--seed", "-1"), ("--seed", "9" * 25),
+                                         ("--temperature", "1e-300"), ("--n", "2")])
 def test_eval_humaneval_refuses_limits_that_are_no_limits(tmp_path, capsys, flag, value):
     code = main(["eval", "--task", "humaneval", "--model", "tiny-llama", "--limit", "1", "--out", str(tmp_path / "o"),
                  flag, value])

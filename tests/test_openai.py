@@ -498,3 +498,17 @@ def test_the_serve_command_refuses_nonsense_generation_flags_in_one_line(flags, 
     assert cli.main(["serve", "--model", "tiny-llama", "--port", "0", *flags]) != 0
     err = capsys.readouterr().err.strip()
     assert words in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1e-40, 1.0), (5e-324, 1.0), (1.0, 1e-46), (1e-30, 1e-300)])
+def test_extreme_temperatures_and_top_p_draw_the_top_token(temperature, top_p):
+    """OpenAI's ranges admit a temperature of 1e-40 and a top_p below float32's least value: the draw is then
+    the limit (the top token), never a 500 from a distribution of NaN."""
+    import torch
+
+    from deltatune.serve.scheduler import GenerateOptions, _choose
+
+    logits = torch.randn(500, generator=torch.Generator().manual_seed(0)) * 5
+    options = GenerateOptions(temperature=temperature, top_p=top_p)
+    draws = {_choose(logits, options, torch.Generator().manual_seed(s)) for s in range(5)}
+    assert draws == {int(logits.argmax())}

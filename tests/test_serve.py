@@ -237,6 +237,14 @@ def test_load_and_unload_at_run_time_guarded_by_the_token(saved, tmp_path):
             assert broken.status_code == 400 and "safetensors" in broken.json()["detail"]
             missing = c.post("/v1/adapters", json={"name": "q", "path": str(tmp_path / "none")}, headers=auth)
             assert missing.status_code == 400 and "no adapter at" in missing.json()["detail"]
+            loop = tmp_path / "loop"
+            loop.symlink_to(loop)
+            for path, says in (("a\0b", "NUL character"), ("x" * 300, "File name too long"),
+                               (f"{loop}/x", "Too many levels of symbolic links")):
+                odd = c.post("/v1/adapters", json={"name": "q", "path": path}, headers=auth)
+                assert odd.status_code == 400 and says in odd.json()["detail"], odd.text
+                odd = c.post("/v1/adapters/lora/index", json={"path": path}, headers=auth)
+                assert odd.status_code == 400 and says in odd.json()["detail"], odd.text
             named = c.post("/v1/adapters", json={"name": "../x", "path": str(saved["ia3"])}, headers=auth)
             assert named.status_code == 400 and "adapter name" in named.json()["detail"]
             other = c.post("/v1/adapters", json={"name": "llama", "path": str(_llama_adapter(tmp_path))}, headers=auth)
@@ -733,8 +741,31 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(saved):
     assert 'endpoint="embed",status="413"' in metrics
 
 
+def test_a_body_that_never_arrives_is_answered_408_and_the_server_answers_others(saved, monkeypatch):
+    from deltatune.serve import app
+
+    monkeypatch.setattr(app, "BODY_SECONDS", 1.0)
+    engine = _engine(saved, ["lora"], max_wait=0.0)
+    try:
+        with S.running(engine) as url:
+            port = int(url.rsplit(":", 1)[1])
+            slow = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
+            for sock in slow:  # 10 of the 100 bytes promised, then nothing
+                sock.sendall(b"POST /v1/adapters/lora/embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: 100\r\n\r\n{\"text\": \"")
+            assert httpx.get(url + "/health", timeout=5).status_code == 200
+            for sock in slow:
+                answer = sock.recv(4096).decode()
+                assert answer.startswith("HTTP/1.1 408") and "took over 1.0 s to arrive" in answer, answer
+                sock.close()
+            assert httpx.post(url + "/v1/adapters/lora/embed", json={"text": "x"}).status_code == 200
+    finally:
+        engine.close()
+
+
 @pytest.mark.parametrize("flags, words", [
     (["--port", "99999"], "--port must be a whole number in [0, 65535], got 99999"),
+    (["--host", ""], "--host is empty"),
     (["--port", "-1"], "--port must be"),
     (["--max-batch", "0"], "--max-batch must be a whole number in [1, 4096], got 0"),
     (["--queue", "0"], "--queue must be a whole number in [1, 1000000], got 0"),

@@ -64,6 +64,8 @@ def _quiet(_line):
     (["--set", "r=4,,8"], "has an empty value"),
     (["--algorithm", "bayes"], "algorithm must be one of 'grid', 'random', 'tpe'"),
     (["--prune", "median", "--max-steps", "10"], "--prune median stops trials between validations"),
+    (["--lr", "1e-4..1e-2:100000000"], "--lr: a range's grid takes 2 to 10000 points, got :100000000"),
+    (["--seeds", "9" * 20], "give a count up to 10000"),
 ])
 def test_a_bad_space_is_one_line_before_any_trial(task, tmp_path, capsys, flags, words):
     out = tmp_path / "sweep"

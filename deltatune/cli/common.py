@@ -63,8 +63,10 @@ def seeds(text: str) -> list[int]:
         values = [int(part) for part in split_list(text)]
     except ValueError:
         values = []
-    if not values or (len(values) == 1 and values[0] < 1):
-        raise ConfigError(f"--seeds {text!r}: give a count (--seeds 3 runs seeds 0,1,2) or a list (--seeds 0,7,9)")
+    if not values or (len(values) == 1 and not 1 <= values[0] <= 10_000) or (
+            len(values) > 1 and not all(0 <= v < 2**63 for v in values)):
+        raise ConfigError(f"--seeds {text!r}: give a count up to 10000 (--seeds 3 runs seeds 0,1,2) or a list of seeds "
+                          "in [0, 2**63) (--seeds 0,7,9)")
     return list(range(values[0])) if len(values) == 1 else values
 
 

@@ -116,7 +116,7 @@ def run_humaneval(args) -> int:
     adapter, model = adapter_and_model(args.adapter, args.model) if args.adapter else (None, args.model)
     m = humaneval.evaluate(model=model, adapter=adapter, n=args.n, ks=ks, temperature=args.temperature,
                            max_new_tokens=args.max_new_tokens, limit=args.limit, seed=args.seed,
-                           batch_size=args.batch_size or 8, workers=args.workers, timeout=args.timeout, out_dir=out,
+                           batch_size=8 if args.batch_size is None else args.batch_size, workers=args.workers, timeout=args.timeout, out_dir=out,
                            prompt_format=args.prompt_format)
     if args.json:
         print(json.dumps(m, default=jsonable), flush=True)

@@ -99,8 +99,11 @@ def listen(host: str, port: int) -> list[socket.socket]:
     (the port taken, a privileged port, an address that is not this machine's) otherwise."""
     from ..errors import ConfigError
 
+    if not host.strip():
+        raise ConfigError("--host is empty (which would listen on every interface); use 127.0.0.1 (this machine "
+                          "only) or 0.0.0.0 (every interface)")
     try:
-        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (socket.gaierror, UnicodeError) as err:
         raise ConfigError(f"--host {host!r} is not an address or a name this machine resolves ({err}); "
                           "use 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)") from None
@@ -127,6 +130,11 @@ def listen(host: str, port: int) -> list[socket.socket]:
 def run(args) -> int:
     limits = check_limits(args)  # every flag before anything slow: the model loads only for a server that can run
     adapters, indexes = _pairs(args.adapter, "--adapter"), _pairs(args.index, "--index")
+    from ..storage import user_path
+
+    for flag, pairs in (("--adapter", adapters), ("--index", indexes)):
+        for name, path in pairs:
+            user_path(path, f"{flag} {name}=")  # before the model loads
 
     import asyncio
 

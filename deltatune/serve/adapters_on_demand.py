@@ -24,6 +24,7 @@ from collections import Counter, OrderedDict
 from pathlib import Path
 
 from ..errors import ConfigError, DeltatuneError
+from ..storage import user_path
 from ..store import check_adapter_name
 from ..training.runs import resolve_adapter
 from .engine import ServeError
@@ -36,7 +37,7 @@ class AdapterDir:
     """The adapter folders of ``root``, loaded into an engine on first use (see the module docstring)."""
 
     def __init__(self, root, max_adapters: int):
-        given = Path(root).expanduser()
+        given = user_path(root, "--adapter-dir")
         if not given.is_dir():
             raise ConfigError(f"--adapter-dir {root}: not a directory; give the folder that holds adapter folders")
         self.root = given.resolve()  # the operator's folder, its own links resolved once

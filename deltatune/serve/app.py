@@ -12,6 +12,8 @@ OpenAPI at /openapi.json and /docs.
 """
 from __future__ import annotations
 
+import asyncio
+
 import json
 import re
 import time
@@ -131,6 +133,9 @@ class _Read(Request):
         return self._value
 
 
+BODY_SECONDS = 30  # the longest a request body may take to arrive
+
+
 async def _checked(request: Request) -> Request:
     server: Server = request.app.state.server
     limit = server.max_body
@@ -138,16 +143,23 @@ async def _checked(request: Request) -> Request:
     if declared.isdigit() and int(declared) > limit:  # refused before a byte of it is read
         raise ServeError(413, f"the request body has {int(declared)} bytes; this server reads at most {limit} "
                               f"(--max-chars {server.max_chars} per text, {server.max_items} texts per request)")
-    chunks, size = [], 0
-    try:
+    chunks = []
+
+    async def read() -> None:
+        size = 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:  # a streamed body without a length: stop reading at the limit
                 raise ServeError(413, f"the request body passed {limit} bytes, the most this server reads "
                                       f"(--max-chars {server.max_chars} per text, {server.max_items} texts per request)")
             chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(read(), BODY_SECONDS)  # a body sent a byte at a time holds no connection for ever
     except ClientDisconnect:
         raise ServeError(499, "the client left while sending its body") from None
+    except asyncio.TimeoutError:
+        raise ServeError(408, f"the request body took over {BODY_SECONDS} s to arrive; send it whole") from None
     body = b"".join(chunks)
     value = _UNPARSED
     if body:

@@ -44,6 +44,7 @@ from torch import nn
 
 import deltatune as dt
 from ..errors import ConfigError, DeltatuneError
+from ..storage import user_path
 from ..training.runs import resolve_adapter
 from ..models import BiEncoder, cache_dir, format_prompt, load_backbone, mean_pool
 from ..tasks.kinds import KINDS as TASK_KINDS, get_kind
@@ -229,7 +230,7 @@ class Engine:
         dt.store.check_adapter_name(name)
         if name in self.adapters:
             raise ServeError(409, f"adapter {name!r} is already loaded; unload it first or pick another name")
-        path = Path(path)
+        path = user_path(path, "path")
         if dt.formats.format_of(path) == "deltatune":
             dt.read_adapter(resolve_adapter(path) if path.is_dir() else path)  # AdapterFileError
         return self._control_op(("load", name, path), timeout)

@@ -337,13 +337,14 @@ class Scheduler:
 
 def _choose(logits: torch.Tensor, options: GenerateOptions, generator) -> int:
     """Greedy, or a draw from softmax(logits / temperature) cut to the top-p nucleus, with the row's generator."""
-    if options.greedy:
+    if options.greedy or options.temperature < torch.finfo(logits.dtype).tiny:  # the limit as temperature -> 0
         return int(logits.argmax())
-    scores = logits / options.temperature
+    scores = (logits - logits.max()) / options.temperature  # <= 0, the top one 0: no overflow at temperature 1e-40
     if options.top_p < 1.0:
         ordered, order = scores.sort(descending=True)
         probs = ordered.softmax(-1)
         keep = probs.cumsum(-1) - probs < options.top_p  # the mass before a token is short of top_p: keep it
+        keep[0] = True  # the top token always (a top_p below float32's least value compares as 0)
         scores = torch.full_like(scores, -math.inf).scatter(0, order[keep], ordered[keep])
     return int(torch.multinomial(scores.softmax(-1), 1, generator=generator))
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, DeltatuneError, StorageError
-from ..storage import atomic_write_bytes, atomic_write_json, read_bytes
+from ..storage import atomic_write_bytes, atomic_write_json, read_bytes, user_path
 from .engine import ServeError
 
 MAX_FILE_BYTES = 1 << 20
@@ -231,7 +231,7 @@ def build_index(engine, name: str, root) -> dict:
     and the files are the same and it passes every check; rebuild it (with a warning) when it does not.
     A save that fails (a read-only cache, a foreign folder in the way) warns and keeps the index in memory."""
     info = engine.info(name, "search")
-    root_path = Path(root).expanduser().resolve()
+    root_path = user_path(root, "path").resolve()
     key = files_key(root_path, info.identity + engine.model_name)
     folder = engine.index_dir / key
     try:

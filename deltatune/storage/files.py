@@ -135,6 +135,27 @@ def append_text(path, text: str) -> None:
         raise storage_error(err, path) from err
 
 
+def user_path(value, what: str) -> Path:
+    """A path a user or a client names, checked before any other use: text without a NUL character, that the
+    system can look up (not too long, no loop of links, no file on the way); it need not exist. Otherwise a
+    one-line StorageError naming ``what``."""
+    text = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
+    if not isinstance(text, str) or not text.strip():
+        raise StorageError(f"{what} must be a path, got {value!r}")
+    shown = text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
+    if "\0" in text:
+        raise StorageError(f"{what} {shown!r} holds a NUL character, which no path can; give the path itself")
+    path = Path(text)
+    try:
+        path = path.expanduser()  # RuntimeError for ~someone unknown
+        os.stat(path)
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, RuntimeError) as err:
+        raise StorageError(f"{what} {shown} cannot be used ({getattr(err, 'strerror', None) or err})") from None
+    return path
+
+
 # ------------------------------------------------------------------------------ directories
 
 

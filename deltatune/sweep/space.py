@@ -35,6 +35,7 @@ RESERVED = {"seed": "the seeds are --seeds (every trial runs each of them)",
             "task": "a sweep searches one task: run one sweep per task",
             "method": "a sweep searches one method: run one sweep per method (its options are searchable)"}
 GRID_POINTS = 4  # points of a range on a grid, where the range does not say (:N)
+MAX_POINTS = 10_000  # the most a range's own :N may ask for (as --grid-points)
 _TRUE, _FALSE = ("true", "yes", "on"), ("false", "no", "off")
 _RANGE = re.compile(r"^(?P<low>[^:]+?)\.\.(?P<high>[^:]+?)(?::(?P<points>\d+))?$")
 
@@ -287,9 +288,11 @@ def _range(match, f, path, label, log) -> Dimension:
         if integer and value != int(value):
             raise ConfigError(f"{label} is a whole number: range end {text.strip()!r} is not one")
         ends.append(int(value) if integer else value)
-    points = int(match["points"]) if match["points"] else None
-    if points is not None and points < 2:
-        raise ConfigError(f"{label}: a range's grid needs at least 2 points, got :{points}")
+    points = None
+    if match["points"]:
+        points = int(match["points"]) if len(match["points"]) <= 6 else MAX_POINTS + 1
+        if not 2 <= points <= MAX_POINTS:
+            raise ConfigError(f"{label}: a range's grid takes 2 to {MAX_POINTS} points, got :{match['points']}")
     return Dimension(path, "range", low=ends[0], high=ends[1], log=log, integer=integer, points=points)
 
 

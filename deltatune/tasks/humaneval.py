@@ -49,6 +49,8 @@ __all__ = ["STOP_SEQUENCES", "load_problems", "truncate", "chat_code", "cut_chat
 # what follows it is prose, so the program is cut there instead of failing on the fence.
 STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint", "\n```")
 TOP_P = 0.95
+MAX_SAMPLES, MAX_NEW_TOKENS = 1000, 8192  # bounds of n and max_new_tokens (beyond: a typo, not an evaluation)
+MIN_TEMPERATURE = 1e-3  # a positive temperature below it overflows the scaled logits (use 0: greedy)
 
 
 def data_file() -> Path:
@@ -265,10 +267,15 @@ def evaluate(model: str | None = "smollm2", adapter=None, *, n: int = 1, ks=(1, 
 
     if prompt_format not in ("completion", "chat"):
         raise ConfigError(f"prompt_format must be 'completion' or 'chat', got {prompt_format!r}")
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ConfigError(f"n (samples per problem) must be a whole number >= 1, got {n!r}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
-        raise ConfigError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_SAMPLES:
+        raise ConfigError(f"n (samples per problem) must be a whole number in [1, {MAX_SAMPLES}] (the papers report "
+                          f"pass@k from n=200), got {n!r}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
+            and (temperature == 0 or MIN_TEMPERATURE <= temperature <= 100)):
+        raise ConfigError(f"temperature must be 0 (greedy) or a number in [{MIN_TEMPERATURE:g}, 100] (below it the "
+                          f"scaled logits overflow), got {temperature!r}")
+    if not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**63):
+        raise ConfigError(f"seed must be a whole number in [0, 2**63), got {seed!r}")
     if n > 1 and temperature == 0:
         raise ConfigError(f"n={n} samples need sampling: give a temperature > 0 (the paper used 0.2 for pass@1, "
                           "0.8 for pass@10 and pass@100), or n=1 for greedy decoding")
@@ -277,8 +284,12 @@ def evaluate(model: str | None = "smollm2", adapter=None, *, n: int = 1, ks=(1, 
         raise ConfigError(f"timeout (seconds per program, --timeout) must be a number in (0, 3600], got {timeout!r}")
     if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or not 1 <= workers <= 64):
         raise ConfigError(f"workers (programs run at once, --workers) must be a whole number in [1, 64], got {workers!r}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1 or batch_size < 1:
-        raise ConfigError("max_new_tokens and batch_size must be whole numbers >= 1")
+    if not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise ConfigError(f"max_new_tokens (--max-new-tokens) must be a whole number in [1, {MAX_NEW_TOKENS}], "
+                          f"got {max_new_tokens!r}")
+    if not isinstance(batch_size, int) or not 1 <= batch_size <= 4096:
+        raise ConfigError(f"batch_size (prompts generated together, --batch-size) must be a whole number in [1, 4096], "
+                          f"got {batch_size!r}")
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
         raise ConfigError(f"k values must be >= 1, got {ks}")

@@ -58,18 +58,30 @@ _TIMEOUT = datetime.timedelta(hours=2)  # the other ranks wait while rank 0 vali
 # ------------------------------------------------------------------------------------ who am I
 
 
+def _env_int(name: str, default: int, low: int, high: int, what: str) -> int:
+    """torchrun's variable ``name`` as a whole number in [low, high]: a one-line ConfigError otherwise."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    if not (text.lstrip("-").isdigit() and len(text) < 12 and low <= int(text) <= high):
+        raise ConfigError(f"{name}={text!r} must be a whole number in [{low}, {high}] ({what}); torchrun sets it, or "
+                          f"unset it to train in one process")
+    return int(text)
+
+
 def rank() -> int:
     """This process's rank (0 in one process; RANK under torchrun before the group exists)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()
-    return int(os.environ.get("RANK", "0") or 0)
+    world = size()
+    return _env_int("RANK", 0, 0, world - 1, f"this process's place among WORLD_SIZE={world}")
 
 
 def size() -> int:
     """The number of processes of the run (1 in one process)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return _env_int("WORLD_SIZE", 1, 1, 65536, "the number of processes of the run")
 
 
 def is_rank0() -> bool:
@@ -98,7 +110,7 @@ def check(cfg, nproc: int) -> None:
     if cfg.recycle:
         raise ConfigError("--recycle builds its cache in one process; drop --nproc or --recycle")
     device = torch.device(cfg.device)
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", nproc))
+    local = _env_int("LOCAL_WORLD_SIZE", nproc, 1, 65536, "the processes on this machine")
     if device.type == "cuda" and local > torch.cuda.device_count():
         raise ConfigError(f"{local} processes on this machine need {local} GPUs, it has {torch.cuda.device_count()}; "
                           "lower --nproc, or train on the CPU (device='cpu')")
@@ -174,7 +186,7 @@ def group(cfg):
     created = not dist.is_initialized()
     device = cfg.device
     if torch.device(device).type == "cuda":
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        device = f"cuda:{_env_int('LOCAL_RANK', 0, 0, 65535, 'this process on its machine')}"
         torch.cuda.set_device(torch.device(device))
     if created:
         _check_rendezvous()
@@ -194,13 +206,23 @@ def group(cfg):
 def _check_rendezvous() -> None:
     """torchrun's environment names where the processes meet (MASTER_ADDR, MASTER_PORT); a port that is no port
     is refused here in one line, rather than as a traceback from inside torch.distributed."""
+    rank()  # a RANK outside [0, WORLD_SIZE) would wait for ever for the others
+    _env_int("LOCAL_RANK", 0, 0, 65535, "this process's place on its machine")
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        if not os.environ.get(name, "").strip():
+            raise ConfigError(f"WORLD_SIZE={size()} processes meet at MASTER_ADDR:MASTER_PORT, but {name} is not set; "
+                              "start them with torchrun (which sets both), or set both (e.g. MASTER_ADDR=127.0.0.1 "
+                              "MASTER_PORT=29500)")
     port = os.environ.get("MASTER_PORT")
-    if port is not None and not (port.strip().isdigit() and 1 <= int(port) <= 65535):
+    if port is not None and not (port.strip().isdigit() and len(port.strip()) < 6 and 1 <= int(port) <= 65535):
         raise ConfigError(f"MASTER_PORT={port!r} is not a TCP port (1-65535); set it to a free port, e.g. "
                           "torchrun --master-port 29500 (or --rdzv-endpoint HOST:29500)")
-    if "MASTER_PORT" in os.environ and not os.environ.get("MASTER_ADDR", "").strip():
-        raise ConfigError("MASTER_PORT is set but MASTER_ADDR is empty; set MASTER_ADDR to the host of rank 0 "
-                          "(torchrun --master-addr HOST)")
+    addr = os.environ["MASTER_ADDR"].strip()
+    try:
+        socket.getaddrinfo(addr, int(port), type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError, OSError) as err:
+        raise ConfigError(f"MASTER_ADDR={addr!r} is not an address or a name this machine resolves ({err}); set it to "
+                          "the host of rank 0 (torchrun --master-addr HOST)") from None
 
 
 def folder(make, path):
