@@ -673,8 +673,13 @@ def _check_selected(bridge: Bridge, tensors: dict, config: dict) -> None:
     modules = {n for n, _ in bridge.root.named_modules() if n}
     for k in tensors:
         parts = k.split(".")
-        name = next((".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1) if ".".join(parts[:i]) in modules), None)
-        if name is not None and not bridge.selects(config, name):
+        i = next((i for i in range(len(parts) - 1, 0, -1) if ".".join(parts[:i]) in modules), None)
+        # a tuner's tensor: the module, then the tuner's own part, whose first name holds an underscore (peft's
+        # prefixes lora_, hada_, ia3_, ..., ln_tuning_layers, base_layer); any other name is the method's to refuse
+        if i is None or "_" not in parts[i]:
+            continue
+        name = ".".join(parts[:i])
+        if not bridge.selects(config, name):
             fields = ", ".join(f"{f}={config[f]!r}" for f in ("target_modules", "exclude_modules", "layers_to_transform",
                                                               "layers_pattern") if config.get(f) is not None)
             raise AdapterFileError(f"{bridge.file}: tensor '{k}' sits on module '{name}', which the config ({fields}) "
