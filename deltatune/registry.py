@@ -232,6 +232,10 @@ class Method:
     # Tensors peft keeps on the tuner itself ("base_model.<name>", e.g. VeRA's shared vera_A, vera_B) rather than
     # at a module of the model: ``to_peft`` / ``from_peft`` name them without a prefix.
     peft_shared: ClassVar[tuple[str, ...]] = ()
+    # Whether peft places this type's tensors by its common target rule (target_modules, exclude_modules,
+    # layers_to_transform: BaseTuner's check), which loading then enforces; False where the type reads
+    # target_modules its own way (ADAPTION_PROMPT: the attention's name; TRAINABLE_TOKENS: the embedding and its ties).
+    peft_target_rule: ClassVar[bool] = True
 
     def to_peft(self, peft, deltas: list) -> tuple[dict, dict]:
         """(tensors, config fields) of this adapter in the PEFT format. ``deltas``: (module name, key

@@ -651,7 +651,8 @@ def to_deltatune(model, path) -> tuple[dict, dict]:
             head[k] = t
         else:
             rest[k] = t
-    _check_selected(bridge, rest, config)
+    if cls.peft_target_rule:
+        _check_selected(bridge, rest, config)
     try:
         options, deltas = cls.from_peft(bridge, config, rest)
     except ConfigError as err:

@@ -44,6 +44,7 @@ class LlamaAdapter(Method):
 
     # -- the Hugging Face PEFT format (peft 0.21 ADAPTION_PROMPT); ``peft``: deltatune.formats.peft.Bridge
     peft_type = "ADAPTION_PROMPT"
+    peft_target_rule = False  # target_modules read its own way (registry.Method.peft_target_rule)
 
     def to_peft(self, peft, deltas):
         """``<attention>.adaption_prompt`` (1, length, d) and ``<attention>.adaption_gate`` (1,) per adapted layer;

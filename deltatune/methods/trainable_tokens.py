@@ -77,6 +77,7 @@ class TrainableTokens(Method):
 
     # -- the Hugging Face PEFT format (peft 0.21 TRAINABLE_TOKENS); ``peft``: deltatune.formats.peft.Bridge
     peft_type = "TRAINABLE_TOKENS"
+    peft_target_rule = False  # target_modules read its own way (registry.Method.peft_target_rule)
 
     def to_peft(self, peft, deltas):
         """``<module>.trainable_tokens_delta`` (n, d), the new rows, at the input embedding and (as peft saves
