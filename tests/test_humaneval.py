@@ -207,3 +207,10 @@ def test_eval_humaneval_refuses_limits_that_are_no_limits(tmp_path, capsys, flag
     err = capsys.readouterr().err
     assert code == 2 and flag.lstrip("-") in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "o" / "predictions-test.jsonl").exists()
+
+
+def test_an_encoder_is_refused_before_its_out_folder_is_made(tmp_path, capsys):
+    code = main(["eval", "--task", "humaneval", "--model", "tiny-bert", "--limit", "1", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "encoder and cannot generate" in err and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()

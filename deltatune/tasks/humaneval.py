@@ -299,6 +299,7 @@ def evaluate(model: str | None = "smollm2", adapter=None, *, n: int = 1, ks=(1, 
     adapter_dir = Path(adapter) if adapter is not None else None  # an adapter folder (callers resolve run folders)
     if not model:
         raise ConfigError("name the model: --model smollm2 (or give --adapter with the run.json that train wrote)")
+    HumanEval.check_model(model)  # an encoder is refused before its --out folder is made
     problems = load_problems(limit)
     sandbox = protections()  # refuses early where generated code could not be confined
     folder = owned(out_dir, EVAL) if out_dir is not None else None  # held (locked) until the results are written

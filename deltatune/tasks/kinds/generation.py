@@ -33,9 +33,14 @@ class Generation(TaskKind):
     fixed_inputs = False  # each decoding step feeds new tokens
 
     @classmethod
-    def model(cls, model_name, num_labels):
+    def check_model(cls, model_name) -> None:
+        """Refuse, before anything is loaded or written, a model known not to generate."""
         if model_name in ("minilm", "tiny-bert"):
             raise ConfigError(f"{model_name} is an encoder and cannot generate; use smollm2, tiny-llama or tiny-gpt2")
+
+    @classmethod
+    def model(cls, model_name, num_labels):
+        cls.check_model(model_name)
         return load_backbone(model_name, cls.model_form)
 
     @classmethod
