@@ -59,5 +59,6 @@ async def generate(name: str, body: Prompt, request: Request, server: ServerDep)
             yield json.dumps({"error": f"no token for {timeout:g} s", "status": 504}) + "\n"
         finally:
             job.cancelled = True  # a client that left stops its row at the next token
+            future.add_done_callback(lambda f: f.cancelled() or f.exception())  # its 499 is no one's answer now
 
     return StreamingResponse(lines(), media_type="application/x-ndjson")
