@@ -66,6 +66,8 @@ def _quiet(_line):
     (["--prune", "median", "--max-steps", "10"], "--prune median stops trials between validations"),
     (["--lr", "1e-4..1e-2:100000000"], "--lr: a range's grid takes 2 to 10000 points, got :100000000"),
     (["--seeds", "9" * 20], "give a count up to 10000"),
+    (["--storage", ""], "--storage is empty"),
+    (["--storage", "/dev/null"], "--storage /dev/null is not a folder"),
 ])
 def test_a_bad_space_is_one_line_before_any_trial(task, tmp_path, capsys, flags, words):
     out = tmp_path / "sweep"

@@ -98,12 +98,19 @@ def plan(cfg: SweepConfig, task=None, capacity: int | None = None) -> Plan:
     if algorithm == "tpe" or prune == "median":
         identity["concurrency"] = concurrency  # decisions that read results read whole rounds
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
-    root = storage.chosen_folder(cfg.storage, None, "--storage") / f"{out.name}-{digest}" if cfg.storage is not None \
-        else out / "trials"
+    root = _storage(cfg.storage) / f"{out.name}-{digest}" if cfg.storage is not None else out / "trials"
     search = build_search(algorithm, space, seed=cfg.search_seed, concurrency=concurrency, extend=cfg.extend,
                           points=cfg.grid_points, tpe_startup=tpe_startup, valid=lambda params: _valid(space, params))
     pruner = MedianPruner(space, concurrency, cfg.prune_startup) if prune == "median" else None
     return Plan(cfg, space, metric, out.absolute(), root.absolute(), identity, search, pruner, task)
+
+
+def _storage(value) -> Path:
+    """--storage: a folder (made if missing) that is not a file, a FIFO or a link loop, refused naming --storage."""
+    path = storage.user_path(storage.chosen_folder(value, None, "--storage"), "--storage")
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise ConfigError(f"--storage {path} is not a folder; give a folder for the trials' run folders")
+    return path
 
 
 def _stored_identity(out: Path) -> dict:
