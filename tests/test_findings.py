@@ -304,6 +304,24 @@ def test_verdict_reads_the_interval_undecided_holds_and_not_tested(tmp_path, mon
     assert "**Verdict: not tested" in text and "not shown to beat the untrained model" in text
 
 
+def test_claim_3_reads_its_groups_whatever_options_they_carry(tmp_path):
+    """DPS's group carries its option (dropout='released') in its id: the verdict finds both groups of each
+    setting by setting and method, and reads the intervals (3 seeds: undecided)."""
+    store = F.Store(tmp_path)
+    groups = {g.id: g for g in (F.group(setting, method, options=F.DPS_AS_RELEASED if method == "dps" else None,
+                                        fixed_lr=1e-4)
+                                for setting in ("dm-dps", "dm500-dps") for method in ("full", "dps"))}
+    assert {g.id for g in F.CLAIMS["3"].groups} == set(groups)  # the claim's own groups, an lr given
+    for g in groups.values():
+        for seed, score in enumerate((0.84, 0.85, 0.83) if g.method == "full" else (0.83, 0.87, 0.85)):
+            store.put(F.run_config(F.SETTINGS[g.setting], g, 1e-4, seed),
+                      _record(score, 0.8, metric="accuracy", zero=0.497, n_test=650))
+    V._CACHE.clear()
+    text = V.verdict_3(_stats(store, groups))
+    assert "not enough runs" not in text and "**Verdict: undecided" in text
+    assert "variance over 3 seeds DPS / full" in text and "500 examples: full" in text
+
+
 def test_claim_7_prints_delta_beside_every_epsilon(tmp_path):
     store = F.Store(tmp_path)
     lora = F.group("dm", "lora", fixed_lr=2e-3)

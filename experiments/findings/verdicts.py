@@ -137,7 +137,8 @@ def verdict_1(st: dict) -> str:
 def verdict_3(st: dict) -> str:
     parts = []
     for setting in ("dm-dps", "dm500-dps"):
-        full, dps = st.get(f"{setting}:full"), st.get(f"{setting}:dps")
+        # by setting and method: a group's id also carries its options (DPS's dropout='released')
+        full, dps = (next((s for k, s in st.items() if k.split(":")[:2] == [setting, m]), None) for m in ("full", "dps"))
         if not _complete(full, dps) or full["std"] is None or dps["std"] is None:
             parts.append((None, f"{setting}: not enough runs yet"))
             continue
