@@ -26,7 +26,8 @@ RUN_FILES = ("checkpoints", "best", "log.jsonl", "metrics.json", "run.json", *PR
 # What best/ and checkpoints/ hold (name pattern -> None for a file, the same for a folder): a run replaces them
 # whole (a better adapter, a newer checkpoint, --overwrite), so anything else in them is the user's, and refused.
 _ADAPTER = {r"adapter\.safetensors": None, r"adapter_config\.json": None}
-_REPLACED_WHOLE = {"best": _ADAPTER, "checkpoints": {r"step-\d+|\.step-\d+\.old": {"adapter": _ADAPTER, r"trainer\.(json|safetensors)": None}}}
+_CHECKPOINT = {"adapter": _ADAPTER, r"trainer\.(json|safetensors)": None}
+_REPLACED_WHOLE = {"best": _ADAPTER, "checkpoints": {r"step-\d+|\.step-\d+\.old": _CHECKPOINT}}
 
 
 def check_out_dir(folder: RunFolder, cfg: TrainConfig) -> tuple[Path | None, bool]:
