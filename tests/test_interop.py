@@ -362,6 +362,8 @@ BACKTRACKING = "(.|.)*\\d"  # catastrophic for a backtracking matcher on names l
     ("lora", "rank_pattern", {BACKTRACKING: 4}),
     ("lora", "alpha_pattern", {BACKTRACKING: 8}),
     ("ia3", "feedforward_modules", BACKTRACKING),
+    ("lora", "target_modules", BACKTRACKING),
+    ("lora", "exclude_modules", BACKTRACKING),
 ])
 def test_a_backtracking_pattern_in_a_peft_config_fails_fast_and_holds_no_lock(tmp_path, method, field, value):
     """A pattern that backtracks without end is matched under the time limit of re: sites (1 s for all

@@ -651,9 +651,9 @@ def to_deltatune(model, path) -> tuple[dict, dict]:
             head[k] = t
         else:
             rest[k] = t
-    if cls.peft_target_rule:
-        _check_selected(bridge, rest, config)
     try:
+        if cls.peft_target_rule:
+            _check_selected(bridge, rest, config)
         options, deltas = cls.from_peft(bridge, config, rest)
     except ConfigError as err:
         raise AdapterFileError(f"{path}: {err}") from None
