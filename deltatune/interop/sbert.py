@@ -20,6 +20,7 @@ import torch
 
 from ..formats import native as io
 from ..errors import ConfigError, StorageError
+from ..storage import user_path
 
 
 def _encoder(model):
@@ -82,14 +83,11 @@ def check_new(path, what: str = "the export folder") -> Path:
     """``path`` is a new folder to write, or an empty one (not a link); a one-line error otherwise."""
     if path is None or not str(path).strip():
         raise ConfigError(f"{what} is empty; name a new folder to export to")
-    path = Path(path)
-    try:
-        if os.path.islink(path):
-            raise ConfigError(f"{what} {path} is a symbolic link (to {os.readlink(path)}); export to a new folder")
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise ConfigError(f"{what} {path} exists and is not an empty folder; export to a new folder")
-    except OSError as err:
-        raise ConfigError(f"{what} {path} cannot be used ({err.strerror or err}); export to another folder") from None
+    path = user_path(path, what)  # no NUL, not too long, no loop of links
+    if os.path.islink(path):
+        raise ConfigError(f"{what} {path} is a symbolic link (to {os.readlink(path)}); export to a new folder")
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ConfigError(f"{what} {path} exists and is not an empty folder; export to a new folder")
     return path
 
 

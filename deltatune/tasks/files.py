@@ -225,7 +225,8 @@ def _encodable(text: str) -> bool:
 def _as_int(value) -> int | None:
     """An int for 3, True, 3.0 or "3"; None for anything else. A number of more than 30 digits stands for
     itself by 10**30 (more classes than any limit: Python refuses int() of over 4300 digits)."""
-    if isinstance(value, str) and len(value.strip().lstrip("-")) > 30 and value.strip().lstrip("-").isdecimal():
+    digits = value.strip().lstrip("-") if isinstance(value, str) else ""
+    if len(digits) > 30 and digits.isdecimal():
         return -(10**30) if value.strip().startswith("-") else 10**30
     if isinstance(value, bool):
         return int(value)

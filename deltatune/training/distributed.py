@@ -58,14 +58,14 @@ _TIMEOUT = datetime.timedelta(hours=2)  # the other ranks wait while rank 0 vali
 # ------------------------------------------------------------------------------------ who am I
 
 
-def _env_int(name: str, default: int, low: int, high: int, what: str) -> int:
+def _env_int(name: str, default: int, low: int, high: int, what: str,
+             fix: str = "torchrun sets it, or unset it to train in one process") -> int:
     """torchrun's variable ``name`` as a whole number in [low, high]: a one-line ConfigError otherwise."""
     text = os.environ.get(name, "").strip()
     if not text:
         return default
     if not (text.lstrip("-").isdigit() and len(text) < 12 and low <= int(text) <= high):
-        raise ConfigError(f"{name}={text!r} must be a whole number in [{low}, {high}] ({what}); torchrun sets it, or "
-                          f"unset it to train in one process")
+        raise ConfigError(f"{name}={text!r} must be a whole number in [{low}, {high}] ({what}); {fix}")
     return int(text)
 
 
@@ -213,13 +213,11 @@ def _check_rendezvous() -> None:
             raise ConfigError(f"WORLD_SIZE={size()} processes meet at MASTER_ADDR:MASTER_PORT, but {name} is not set; "
                               "start them with torchrun (which sets both), or set both (e.g. MASTER_ADDR=127.0.0.1 "
                               "MASTER_PORT=29500)")
-    port = os.environ.get("MASTER_PORT")
-    if port is not None and not (port.strip().isdigit() and len(port.strip()) < 6 and 1 <= int(port) <= 65535):
-        raise ConfigError(f"MASTER_PORT={port!r} is not a TCP port (1-65535); set it to a free port, e.g. "
-                          "torchrun --master-port 29500 (or --rdzv-endpoint HOST:29500)")
+    port = _env_int("MASTER_PORT", 0, 1, 65535, "the TCP port rank 0 listens on",
+                    "set it to a free port, e.g. torchrun --master-port 29500 (or --rdzv-endpoint HOST:29500)")
     addr = os.environ["MASTER_ADDR"].strip()
     try:
-        socket.getaddrinfo(addr, int(port), type=socket.SOCK_STREAM)
+        socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError, OSError) as err:
         raise ConfigError(f"MASTER_ADDR={addr!r} is not an address or a name this machine resolves ({err}); set it to "
                           "the host of rank 0 (torchrun --master-addr HOST)") from None
